@@ -1,0 +1,16 @@
+//! The OCI distribution vocabulary: digests, references, media types, `/v2/`
+//! routes, byte ranges and error codes. Pure: no I/O, no async.
+
+mod digest;
+mod error;
+pub mod manifest;
+mod range;
+mod reference;
+mod route;
+
+pub use digest::{Digest, DigestError, Hasher};
+pub use error::{ErrorCode, OciError};
+pub use manifest::{Descriptor, Document, Kind};
+pub use range::{ByteRange, RangeError, RangeRequest, parse_range_header};
+pub use reference::{DOCKER_HUB, Reference, ReferenceError, Registry, Repository, Tag};
+pub use route::{ManifestReference, Name, Route, parse_target};

@@ -1,0 +1,183 @@
+//! HTTP `Range` requests on blobs (RFC 9110 §14), single range only.
+//!
+//! containerd 2.1+ sends `Range: bytes=<offset>-` on every blob GET, so
+//! `bytes=0-` is an ordinary request for the whole blob.
+
+use std::ops::RangeInclusive;
+
+/// A syntactically valid single byte range, before it meets a blob size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    /// `bytes=a-b` (inclusive) or `bytes=a-` (`last` is `None`).
+    FromTo { first: u64, last: Option<u64> },
+    /// `bytes=-n`: the last `n` bytes.
+    Suffix { len: u64 },
+}
+
+/// What a `Range` header asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeRequest {
+    /// One range.
+    Single(ByteRange),
+    /// Several ranges. We do not build multipart responses; RFC 9110 lets a
+    /// server ignore a Range header, so the whole blob is sent with 200.
+    Multiple,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    #[error("malformed range header {input:?}")]
+    Malformed { input: String },
+    #[error("range not satisfiable for a blob of {size} bytes")]
+    Unsatisfiable { size: u64 },
+}
+
+impl ByteRange {
+    /// The inclusive byte offsets this range selects in a blob of `size`
+    /// bytes, or why it selects nothing.
+    pub fn resolve(self, size: u64) -> Result<RangeInclusive<u64>, RangeError> {
+        let unsatisfiable = RangeError::Unsatisfiable { size };
+        match self {
+            ByteRange::FromTo { first, last } => {
+                if first >= size {
+                    return Err(unsatisfiable);
+                }
+                let last = last.map_or(size - 1, |l| l.min(size - 1));
+                Ok(first..=last)
+            }
+            ByteRange::Suffix { len } => {
+                if len == 0 || size == 0 {
+                    return Err(unsatisfiable);
+                }
+                Ok(size.saturating_sub(len)..=size - 1)
+            }
+        }
+    }
+
+    /// Whether this range asks for the whole blob from its first byte, which
+    /// is what containerd 2.1+ sends for an ordinary download.
+    pub fn is_from_start(self) -> bool {
+        matches!(self, ByteRange::FromTo { first: 0, last: None })
+    }
+}
+
+/// Parses the value of a `Range` header.
+pub fn parse_range_header(value: &str) -> Result<RangeRequest, RangeError> {
+    let malformed = || RangeError::Malformed {
+        input: value.chars().take(100).collect(),
+    };
+    let spec = value.trim();
+    let Some((unit, set)) = spec.split_once('=') else {
+        return Err(malformed());
+    };
+    if !unit.trim().eq_ignore_ascii_case("bytes") {
+        return Err(malformed());
+    }
+    let parts: Vec<&str> = set.split(',').map(str::trim).collect();
+    let mut ranges = Vec::with_capacity(parts.len());
+    for part in parts {
+        ranges.push(parse_one(part).ok_or_else(malformed)?);
+    }
+    match ranges.as_slice() {
+        [one] => Ok(RangeRequest::Single(*one)),
+        [] => Err(malformed()),
+        _ => Ok(RangeRequest::Multiple),
+    }
+}
+
+fn parse_one(part: &str) -> Option<ByteRange> {
+    let (first, last) = part.split_once('-')?;
+    let number = |s: &str| -> Option<u64> {
+        if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse().ok()
+    };
+    match (first.is_empty(), last.is_empty()) {
+        (true, true) => None,
+        (true, false) => Some(ByteRange::Suffix { len: number(last)? }),
+        (false, true) => Some(ByteRange::FromTo {
+            first: number(first)?,
+            last: None,
+        }),
+        (false, false) => {
+            let (first, last) = (number(first)?, number(last)?);
+            (first <= last).then_some(ByteRange::FromTo {
+                first,
+                last: Some(last),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn single(v: &str) -> ByteRange {
+        match parse_range_header(v) {
+            Ok(RangeRequest::Single(r)) => r,
+            other => panic!("{v:?} gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_three_forms() {
+        assert_eq!(single("bytes=0-99").resolve(1000), Ok(0..=99));
+        assert_eq!(single("bytes=500-").resolve(1000), Ok(500..=999));
+        assert_eq!(single("bytes=-100").resolve(1000), Ok(900..=999));
+        assert_eq!(single(" bytes = 5-5 ").resolve(10), Ok(5..=5));
+        assert_eq!(single("BYTES=0-0").resolve(1), Ok(0..=0));
+    }
+
+    #[test]
+    fn clamps_and_rejects_against_size() {
+        // last beyond the end is clamped
+        assert_eq!(single("bytes=0-5000").resolve(1000), Ok(0..=999));
+        // suffix longer than the blob is the whole blob
+        assert_eq!(single("bytes=-5000").resolve(1000), Ok(0..=999));
+        // first at or beyond the end
+        assert!(single("bytes=1000-").resolve(1000).is_err());
+        assert!(single("bytes=1000-1001").resolve(1000).is_err());
+        assert!(single("bytes=-0").resolve(1000).is_err());
+        // nothing is satisfiable in an empty blob
+        assert!(single("bytes=0-").resolve(0).is_err());
+        assert!(single("bytes=-1").resolve(0).is_err());
+    }
+
+    #[test]
+    fn from_start_is_the_whole_blob() {
+        assert!(single("bytes=0-").is_from_start());
+        assert!(!single("bytes=0-10").is_from_start());
+        assert!(!single("bytes=1-").is_from_start());
+    }
+
+    #[test]
+    fn multiple_ranges_are_recognised() {
+        assert_eq!(parse_range_header("bytes=0-1,5-6"), Ok(RangeRequest::Multiple));
+    }
+
+    #[test]
+    fn malformed() {
+        for bad in [
+            "",
+            "bytes",
+            "bytes=",
+            "bytes=-",
+            "bytes=a-b",
+            "bytes=5-1",
+            "bytes=1-2-3",
+            "bytes=0-1,",
+            "items=0-1",
+            "bytes=+1-2",
+            "bytes=99999999999999999999-",
+            "bytes=18446744073709551616-",
+            "bytes=0x10-",
+        ] {
+            assert!(
+                matches!(parse_range_header(bad), Err(RangeError::Malformed { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+}
