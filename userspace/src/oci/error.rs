@@ -57,7 +57,11 @@ impl OciError {
     }
 
     pub fn manifest_unknown() -> OciError {
-        OciError::new(404, ErrorCode::ManifestUnknown, "manifest unknown to this node")
+        OciError::new(
+            404,
+            ErrorCode::ManifestUnknown,
+            "manifest unknown to this node",
+        )
     }
 
     pub fn name_invalid(message: impl Into<String>) -> OciError {

@@ -135,7 +135,10 @@ mod tests {
         let doc = parse_document(json.as_bytes()).expect("valid");
         assert_eq!(doc.media_type, None);
         assert_eq!(doc.children.len(), 1);
-        assert_eq!(sniff_media_type(json.as_bytes()).as_deref(), Some(OCI_INDEX));
+        assert_eq!(
+            sniff_media_type(json.as_bytes()).as_deref(),
+            Some(OCI_INDEX)
+        );
     }
 
     #[test]
@@ -144,7 +147,10 @@ mod tests {
             r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","config":{{"mediaType":"x","digest":"{}","size":1}},"layers":[]}}"#,
             d(1)
         );
-        assert_eq!(sniff_media_type(docker.as_bytes()).as_deref(), Some(DOCKER_MANIFEST));
+        assert_eq!(
+            sniff_media_type(docker.as_bytes()).as_deref(),
+            Some(DOCKER_MANIFEST)
+        );
         assert_eq!(sniff_media_type(b"{\"architecture\":\"amd64\"}"), None);
         assert_eq!(sniff_media_type(b"\x1f\x8b\x08garbage"), None);
         assert_eq!(sniff_media_type(b"{\"mediaType\":\"text/plain\"}"), None);
@@ -153,8 +159,14 @@ mod tests {
     #[test]
     fn bad_documents_are_errors() {
         assert!(parse_document(b"not json").is_err());
-        assert!(parse_document(br#"{"layers":[{"digest":"sha256:nope","size":1,"mediaType":"x"}]}"#).is_err());
-        assert!(parse_document(br#"{"layers":[{"digest":"sha256:00","size":-1,"mediaType":"x"}]}"#).is_err());
+        assert!(
+            parse_document(br#"{"layers":[{"digest":"sha256:nope","size":1,"mediaType":"x"}]}"#)
+                .is_err()
+        );
+        assert!(
+            parse_document(br#"{"layers":[{"digest":"sha256:00","size":-1,"mediaType":"x"}]}"#)
+                .is_err()
+        );
     }
 
     #[test]
@@ -163,6 +175,9 @@ mod tests {
         assert_eq!(kind_of(DOCKER_MANIFEST_LIST), Kind::Index);
         assert_eq!(kind_of(OCI_MANIFEST), Kind::Manifest);
         assert_eq!(kind_of(DOCKER_MANIFEST), Kind::Manifest);
-        assert_eq!(kind_of("application/vnd.oci.image.layer.v1.tar"), Kind::Blob);
+        assert_eq!(
+            kind_of("application/vnd.oci.image.layer.v1.tar"),
+            Kind::Blob
+        );
     }
 }

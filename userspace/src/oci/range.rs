@@ -57,7 +57,13 @@ impl ByteRange {
     /// Whether this range asks for the whole blob from its first byte, which
     /// is what containerd 2.1+ sends for an ordinary download.
     pub fn is_from_start(self) -> bool {
-        matches!(self, ByteRange::FromTo { first: 0, last: None })
+        matches!(
+            self,
+            ByteRange::FromTo {
+                first: 0,
+                last: None
+            }
+        )
     }
 }
 
@@ -154,7 +160,10 @@ mod tests {
 
     #[test]
     fn multiple_ranges_are_recognised() {
-        assert_eq!(parse_range_header("bytes=0-1,5-6"), Ok(RangeRequest::Multiple));
+        assert_eq!(
+            parse_range_header("bytes=0-1,5-6"),
+            Ok(RangeRequest::Multiple)
+        );
     }
 
     #[test]

@@ -76,7 +76,11 @@ impl FromStr for Registry {
         let (host, port) = if let Some(rest) = input.strip_prefix('[') {
             // [v6]:port or [v6]
             let (v6, after) = rest.split_once(']').ok_or_else(err)?;
-            if v6.is_empty() || !v6.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
+            if v6.is_empty()
+                || !v6
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            {
                 return Err(err());
             }
             match after {
@@ -356,23 +360,8 @@ mod tests {
             assert!(ok.parse::<Repository>().is_ok(), "{ok}");
         }
         for bad in [
-            "",
-            "/",
-            "a/",
-            "/a",
-            "a//b",
-            "..",
-            "a/../b",
-            "a/./b",
-            "Nginx",
-            "my___app",
-            "-app",
-            "app-",
-            "a%2fb",
-            "a b",
-            "a\0b",
-            "app_",
-            "a.-b",
+            "", "/", "a/", "/a", "a//b", "..", "a/../b", "a/./b", "Nginx", "my___app", "-app",
+            "app-", "a%2fb", "a b", "a\0b", "app_", "a.-b",
         ] {
             assert!(bad.parse::<Repository>().is_err(), "{bad:?}");
         }
@@ -393,10 +382,28 @@ mod tests {
 
     #[test]
     fn registry_grammar_and_docker_aliases() {
-        for ok in ["docker.io", "127.0.0.1:5000", "localhost", "[::1]:5000", "[fd00::1]", "ghcr.io"] {
+        for ok in [
+            "docker.io",
+            "127.0.0.1:5000",
+            "localhost",
+            "[::1]:5000",
+            "[fd00::1]",
+            "ghcr.io",
+        ] {
             assert!(ok.parse::<Registry>().is_ok(), "{ok}");
         }
-        for bad in ["", "a..b", "-a.io", "a.io:", "a.io:99999", "a.io:x", "[::1", "[]:1", "a/b", "a_b.io"] {
+        for bad in [
+            "",
+            "a..b",
+            "-a.io",
+            "a.io:",
+            "a.io:99999",
+            "a.io:x",
+            "[::1",
+            "[]:1",
+            "a/b",
+            "a_b.io",
+        ] {
             assert!(bad.parse::<Registry>().is_err(), "{bad:?}");
         }
         let r: Registry = "registry-1.docker.io".parse().expect("valid");
@@ -411,7 +418,10 @@ mod tests {
         assert_eq!(r.registry.as_str(), "docker.io");
         assert_eq!(r.repository.as_str(), "library/nginx");
         assert_eq!(r.tag.as_ref().map(Tag::as_str), Some("1.27"));
-        assert_eq!(r.tagged_name().as_deref(), Some("docker.io/library/nginx:1.27"));
+        assert_eq!(
+            r.tagged_name().as_deref(),
+            Some("docker.io/library/nginx:1.27")
+        );
 
         let r = Reference::parse("127.0.0.1:5000/team/app:v1").expect("valid");
         assert_eq!(r.registry.as_str(), "127.0.0.1:5000");
@@ -459,7 +469,10 @@ mod tests {
             "nginx".parse().expect("repo"),
             "1.27".parse().expect("tag"),
         );
-        assert_eq!(r.tagged_name().as_deref(), Some("docker.io/library/nginx:1.27"));
+        assert_eq!(
+            r.tagged_name().as_deref(),
+            Some("docker.io/library/nginx:1.27")
+        );
         let r = Reference::tagged(
             "ghcr.io".parse().expect("registry"),
             "nginx".parse().expect("repo"),

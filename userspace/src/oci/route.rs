@@ -51,7 +51,8 @@ pub fn parse_target(target: &str) -> Result<Route, OciError> {
         Some((p, q)) => (p, Some(q)),
         None => (origin, None),
     };
-    let not_found = || OciError::unsupported(404, "no such endpoint (this is an OCI registry: /v2/...)");
+    let not_found =
+        || OciError::unsupported(404, "no such endpoint (this is an OCI registry: /v2/...)");
     let rest = match path {
         "/v2" | "/v2/" => return Ok(Route::Base),
         p => p.strip_prefix("/v2/").ok_or_else(not_found)?,
@@ -80,10 +81,9 @@ pub fn parse_target(target: &str) -> Result<Route, OciError> {
                         .map_err(|e| OciError::digest_invalid(format!("{e}")))?,
                 )
             } else {
-                ManifestReference::Tag(
-                    last.parse()
-                        .map_err(|e| OciError::new(400, super::ErrorCode::ManifestInvalid, format!("{e}")))?,
-                )
+                ManifestReference::Tag(last.parse().map_err(|e| {
+                    OciError::new(400, super::ErrorCode::ManifestInvalid, format!("{e}"))
+                })?)
             };
             Ok(Route::Manifest { name, reference })
         }
@@ -188,9 +188,15 @@ mod tests {
         let Route::Manifest { name, reference } = route else {
             panic!("not a manifest route")
         };
-        assert_eq!(name.registry.as_ref().map(Registry::as_str), Some("docker.io"));
+        assert_eq!(
+            name.registry.as_ref().map(Registry::as_str),
+            Some("docker.io")
+        );
         assert_eq!(name.repository.as_str(), "library/nginx");
-        assert_eq!(reference, ManifestReference::Tag("1.27".parse().expect("tag")));
+        assert_eq!(
+            reference,
+            ManifestReference::Tag("1.27".parse().expect("tag"))
+        );
     }
 
     #[test]
@@ -199,7 +205,10 @@ mod tests {
         let Route::Manifest { name, .. } = route else {
             panic!("not a manifest route")
         };
-        assert_eq!(name.registry.as_ref().map(Registry::as_str), Some("127.0.0.1:5000"));
+        assert_eq!(
+            name.registry.as_ref().map(Registry::as_str),
+            Some("127.0.0.1:5000")
+        );
     }
 
     #[test]
@@ -208,20 +217,28 @@ mod tests {
         let Route::Manifest { name, .. } = route else {
             panic!("not a manifest route")
         };
-        assert_eq!(name.registry.as_ref().map(Registry::as_str), Some("docker.io"));
+        assert_eq!(
+            name.registry.as_ref().map(Registry::as_str),
+            Some("docker.io")
+        );
         assert_eq!(name.repository.as_str(), "library/nginx");
 
         let route = parse_target("/v2/127.0.0.1:5000/app/manifests/1").expect("valid");
         let Route::Manifest { name, .. } = route else {
             panic!("not a manifest route")
         };
-        assert_eq!(name.registry.as_ref().map(Registry::as_str), Some("127.0.0.1:5000"));
+        assert_eq!(
+            name.registry.as_ref().map(Registry::as_str),
+            Some("127.0.0.1:5000")
+        );
     }
 
     #[test]
     fn blob_and_manifest_by_digest() {
         let route = parse_target(&format!("/v2/a/b/c/blobs/{D}")).expect("valid");
-        assert!(matches!(route, Route::Blob { ref name, .. } if name.repository.as_str() == "a/b/c"));
+        assert!(
+            matches!(route, Route::Blob { ref name, .. } if name.repository.as_str() == "a/b/c")
+        );
         let route = parse_target(&format!("/v2/a/manifests/{D}?ns=ghcr.io&x=y")).expect("valid");
         assert!(matches!(
             route,
@@ -235,7 +252,9 @@ mod tests {
     #[test]
     fn names_may_contain_route_words() {
         let route = parse_target(&format!("/v2/blobs/manifests/blobs/{D}")).expect("valid");
-        assert!(matches!(route, Route::Blob { ref name, .. } if name.repository.as_str() == "blobs/manifests"));
+        assert!(
+            matches!(route, Route::Blob { ref name, .. } if name.repository.as_str() == "blobs/manifests")
+        );
     }
 
     #[test]
@@ -244,19 +263,46 @@ mod tests {
             (format!("/v2/../../etc/blobs/{D}"), ErrorCode::NameInvalid),
             (format!("/v2/a/%2e%2e/blobs/{D}"), ErrorCode::NameInvalid),
             (format!("/v2//blobs/{D}"), ErrorCode::NameInvalid),
-            ("/v2/a/blobs/sha256:../../../etc/passwd".to_string(), ErrorCode::Unsupported),
-            ("/v2/a/blobs/sha256:..%2f..%2fetc%2fpasswd".to_string(), ErrorCode::DigestInvalid),
-            ("/v2/a/blobs/../../passwd".to_string(), ErrorCode::Unsupported),
-            ("/v2/a/blobs/sha256%3a00".to_string(), ErrorCode::DigestInvalid),
+            (
+                "/v2/a/blobs/sha256:../../../etc/passwd".to_string(),
+                ErrorCode::Unsupported,
+            ),
+            (
+                "/v2/a/blobs/sha256:..%2f..%2fetc%2fpasswd".to_string(),
+                ErrorCode::DigestInvalid,
+            ),
+            (
+                "/v2/a/blobs/../../passwd".to_string(),
+                ErrorCode::Unsupported,
+            ),
+            (
+                "/v2/a/blobs/sha256%3a00".to_string(),
+                ErrorCode::DigestInvalid,
+            ),
             ("/v2/a/manifests/..".to_string(), ErrorCode::ManifestInvalid),
-            ("/v2/a/manifests/sha256:zz".to_string(), ErrorCode::DigestInvalid),
+            (
+                "/v2/a/manifests/sha256:zz".to_string(),
+                ErrorCode::DigestInvalid,
+            ),
             ("/v2/a/tags/list".to_string(), ErrorCode::Unsupported),
             ("/etc/passwd".to_string(), ErrorCode::Unsupported),
             ("/v2/blobs".to_string(), ErrorCode::Unsupported),
-            ("/v2/a/manifests/1?ns=../../x".to_string(), ErrorCode::NameInvalid),
-            ("/v2/a/manifests/1?ns=%zz".to_string(), ErrorCode::NameInvalid),
-            ("/v2/a/manifests/1?ns=%ff".to_string(), ErrorCode::NameInvalid),
-            (format!("/v2/{}/blobs/{D}", "a".repeat(5000)), ErrorCode::NameInvalid),
+            (
+                "/v2/a/manifests/1?ns=../../x".to_string(),
+                ErrorCode::NameInvalid,
+            ),
+            (
+                "/v2/a/manifests/1?ns=%zz".to_string(),
+                ErrorCode::NameInvalid,
+            ),
+            (
+                "/v2/a/manifests/1?ns=%ff".to_string(),
+                ErrorCode::NameInvalid,
+            ),
+            (
+                format!("/v2/{}/blobs/{D}", "a".repeat(5000)),
+                ErrorCode::NameInvalid,
+            ),
             (format!("/v2/a\u{0}b/blobs/{D}"), ErrorCode::NameInvalid),
         ];
         for (target, code) in cases {

@@ -1,0 +1,371 @@
+//! The real services the tests run: a private containerd, the CNCF
+//! distribution registry as upstream, and peermirror itself. Each lives in a
+//! directory of its own and listens only on loopback or a unix socket.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::http;
+use crate::image::{Layout, TestImage};
+use crate::process::{Proc, run, wait_for};
+
+/// Fails the test with a clear message when not running as root: these tests
+/// start containerd and create namespaces.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "these tests need root (they run containerd); run them with `cargo xtask test` as root"
+    );
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// The `peermirror` binary built next to this test binary.
+pub fn peermirror_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("PEERMIRROR_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/peermirror
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("peermirror"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p peermirror`, which `cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Options for a containerd instance.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerdOptions {
+    /// Enable the CRI plugin with `config_path` pointing at this certs.d.
+    pub cri_config_path: Option<PathBuf>,
+}
+
+/// A private containerd with its own root, state and socket.
+pub struct Containerd {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub namespace: String,
+    options: ContainerdOptions,
+    proc: Option<Proc>,
+}
+
+impl Containerd {
+    pub fn start(dir: &Path, namespace: &str, options: ContainerdOptions) -> Result<Containerd> {
+        std::fs::create_dir_all(dir)?;
+        let mut c = Containerd {
+            dir: dir.to_path_buf(),
+            socket: dir.join("containerd.sock"),
+            namespace: namespace.to_string(),
+            options,
+            proc: None,
+        };
+        c.write_config()?;
+        c.launch()?;
+        Ok(c)
+    }
+
+    pub fn content_root(&self) -> PathBuf {
+        self.dir.join("root/io.containerd.content.v1.content")
+    }
+
+    fn write_config(&self) -> Result<()> {
+        let d = self.dir.display();
+        let mut config = format!(
+            r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+{disabled}
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[debug]
+  level = "warn"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+"#,
+            disabled = if self.options.cri_config_path.is_some() {
+                "disabled_plugins = []"
+            } else {
+                r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]"#
+            }
+        );
+        if let Some(certs) = &self.options.cri_config_path {
+            config.push_str(&format!(
+                r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "registry.invalid/pause:3.6"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    discard_unpacked_layers = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{d}/cni/bin"
+    conf_dir = "{d}/cni/conf"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{}"
+"#,
+                certs.display()
+            ));
+        }
+        std::fs::write(self.dir.join("config.toml"), config)?;
+        Ok(())
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let _ = std::fs::remove_file(&self.socket);
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config").arg(self.dir.join("config.toml"));
+        let proc = Proc::spawn("containerd", cmd, &self.dir.join("containerd.log"))?;
+        self.proc = Some(proc);
+        wait_for("containerd to answer", Duration::from_secs(20), || {
+            self.ctr(&["version"]).ok()
+        })?;
+        Ok(())
+    }
+
+    /// Stops containerd (SIGTERM) and starts it again on the same state.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.launch()
+    }
+
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut p) = self.proc.take() {
+            p.terminate(Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
+    /// Runs `ctr` against this containerd, in its namespace.
+    pub fn ctr(&self, args: &[&str]) -> Result<String> {
+        run(Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .arg("--namespace")
+            .arg(&self.namespace)
+            .args(args))
+    }
+
+    /// Pulls an image over plain HTTP.
+    pub fn pull(&self, reference: &str) -> Result<()> {
+        self.ctr(&["images", "pull", "--plain-http", reference])
+            .map(drop)
+    }
+
+    /// The digests of all content in the namespace.
+    pub fn content_digests(&self) -> Result<Vec<String>> {
+        let out = self.ctr(&["content", "ls", "--quiet"])?;
+        Ok(out
+            .lines()
+            .map(str::to_string)
+            .filter(|l| l.starts_with("sha256:"))
+            .collect())
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+        // Unpacking may leave overlay mounts under the root; unmount them
+        // before the directory goes.
+        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+            let root = self.dir.to_string_lossy().to_string();
+            let mut targets: Vec<&str> = mounts
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .filter(|t| t.starts_with(root.as_str()))
+                .collect();
+            targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+            for t in targets {
+                let _ = Command::new("umount").arg("-l").arg(t).status();
+            }
+        }
+    }
+}
+
+/// The CNCF distribution registry (`docker-registry`) on 127.0.0.1.
+pub struct Upstream {
+    pub dir: PathBuf,
+    pub addr: SocketAddr,
+    proc: Option<Proc>,
+}
+
+impl Upstream {
+    pub fn start(dir: &Path) -> Result<Upstream> {
+        Self::start_on(dir, SocketAddr::from(([127, 0, 0, 1], free_port())))
+    }
+
+    pub fn start_on(dir: &Path, addr: SocketAddr) -> Result<Upstream> {
+        std::fs::create_dir_all(dir.join("data"))?;
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            dir.join("data").display()
+        );
+        std::fs::write(dir.join("config.yml"), config)?;
+        let mut u = Upstream {
+            dir: dir.to_path_buf(),
+            addr,
+            proc: None,
+        };
+        u.launch()?;
+        Ok(u)
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve").arg(self.dir.join("config.yml"));
+        self.proc = Some(Proc::spawn(
+            "docker-registry",
+            cmd,
+            &self.dir.join("registry.log"),
+        )?);
+        let addr = self.addr;
+        wait_for(
+            "the upstream registry to answer",
+            Duration::from_secs(20),
+            || {
+                http::get(addr, "/v2/", &[])
+                    .ok()
+                    .filter(|r| r.status == 200)
+            },
+        )?;
+        Ok(())
+    }
+
+    /// `127.0.0.1:<port>`, the registry host part of image names.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn reference(&self, image: &TestImage) -> String {
+        format!("{}/{}:{}", self.host(), image.repo, image.tag)
+    }
+
+    /// Pushes an image from a layout with skopeo.
+    pub fn push(&self, layout: &Layout, image: &TestImage) -> Result<()> {
+        let mut cmd = Command::new("skopeo");
+        // --preserve-digests: push the manifests as generated (skopeo would
+        // otherwise compress uncompressed layers, changing every digest).
+        cmd.args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--preserve-digests",
+        ]);
+        if image.is_index() {
+            cmd.arg("--all");
+        }
+        cmd.arg(format!("oci:{}:{}", layout.dir.display(), image.tag))
+            .arg(format!("docker://{}", self.reference(image)));
+        run(&mut cmd).map(drop)
+    }
+
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut p) = self.proc.take() {
+            p.terminate(Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.launch()
+    }
+
+    pub fn running(&self) -> bool {
+        self.proc.is_some()
+    }
+}
+
+/// A running peermirror daemon.
+pub struct Peermirror {
+    pub registry: SocketAddr,
+    pub metrics: SocketAddr,
+    pub proc: Proc,
+}
+
+impl Peermirror {
+    /// Starts `peermirror run` for `containerd` on free loopback ports, with
+    /// extra flags, and waits until it is ready.
+    pub fn start(dir: &Path, containerd: &Containerd, extra: &[&str]) -> Result<Peermirror> {
+        let p = Self::spawn(dir, containerd, extra)?;
+        p.wait_ready(Duration::from_secs(30))?;
+        Ok(p)
+    }
+
+    /// Starts it without waiting for readiness.
+    pub fn spawn(dir: &Path, containerd: &Containerd, extra: &[&str]) -> Result<Peermirror> {
+        std::fs::create_dir_all(dir)?;
+        let registry = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut cmd = Command::new(peermirror_bin());
+        cmd.arg("run")
+            .arg("--containerd-sock")
+            .arg(&containerd.socket)
+            .arg("--containerd-namespace")
+            .arg(&containerd.namespace)
+            .arg("--registry-addr")
+            .arg(registry.to_string())
+            .arg("--metrics-addr")
+            .arg(metrics.to_string())
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(["--log-level", "debug"])
+            .args(extra);
+        let proc = Proc::spawn("peermirror", cmd, &dir.join("peermirror.log"))?;
+        Ok(Peermirror {
+            registry,
+            metrics,
+            proc,
+        })
+    }
+
+    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let metrics = self.metrics;
+        wait_for("peermirror to be ready", timeout, || {
+            http::get(metrics, "/readyz", &[])
+                .ok()
+                .filter(|r| r.status == 200)
+        })
+        .map(drop)
+        .with_context(|| format!("peermirror log:\n{}", self.proc.log_tail(30)))
+    }
+
+    /// The value of a metric line (`name{labels}`), summed over every series
+    /// whose name and labels contain all of `parts`.
+    pub fn metric(&self, name: &str, parts: &[&str]) -> Result<f64> {
+        let r = http::get(self.metrics, "/metrics", &[])?;
+        if r.status != 200 {
+            bail!("/metrics answered {}", r.status);
+        }
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        let mut sum = 0.0;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let base = series.split('{').next().unwrap_or(series);
+            if base == name && parts.iter().all(|p| series.contains(p)) {
+                sum += value.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+        Ok(sum)
+    }
+}

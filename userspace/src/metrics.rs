@@ -1,0 +1,271 @@
+//! Every metric the daemon exports, registered once, and the small HTTP
+//! server for `/metrics`, `/healthz`, `/readyz` and the debug page.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: Route,
+    pub method: Method,
+    pub code: u16,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Route {
+    Base,
+    Manifest,
+    Blob,
+    Other,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Other,
+}
+
+/// Where served bytes were read from.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: Source,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Source {
+    /// The content-store file, sent with the serving path in use.
+    File,
+    /// containerd's gRPC `Content.Read` stream.
+    Grpc,
+    /// Bytes held in memory (manifests).
+    Memory,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServingPathLabels {
+    /// How file bodies leave the process: `sendfile`, `io_uring`, `buffered`.
+    pub path: String,
+}
+
+/// Label values are the lower-case names operators see in queries.
+macro_rules! label_values {
+    ($ty:ty { $($variant:ident => $name:literal),* $(,)? }) => {
+        impl $ty {
+            pub fn as_str(self) -> &'static str {
+                match self { $(<$ty>::$variant => $name),* }
+            }
+        }
+        impl EncodeLabelValue for $ty {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    };
+}
+
+label_values!(Route { Base => "base", Manifest => "manifest", Blob => "blob", Other => "other" });
+label_values!(Method { Get => "GET", Head => "HEAD", Other => "other" });
+label_values!(Source { File => "file", Grpc => "grpc", Memory => "memory" });
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// The daemon's metrics. Cheap to clone (`Arc` inside each metric).
+#[derive(Clone)]
+pub struct Metrics {
+    pub http_request_duration: HistogramFamily<RequestLabels>,
+    pub served_bytes: Family<SourceLabels, Counter>,
+    pub serving_path: Family<ServingPathLabels, Gauge>,
+    pub containerd_connected: Gauge,
+    pub catalog_tags: Gauge,
+    pub catalog_blobs: Gauge,
+    pub registry_connections: Gauge,
+}
+
+impl Metrics {
+    /// Creates every metric and registers it in `registry`.
+    pub fn new(registry: &mut Registry) -> Metrics {
+        let metrics = Metrics {
+            http_request_duration: HistogramFamily::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0001, 4.0, 10))
+            }),
+            served_bytes: Family::default(),
+            serving_path: Family::default(),
+            containerd_connected: Gauge::default(),
+            catalog_tags: Gauge::default(),
+            catalog_blobs: Gauge::default(),
+            registry_connections: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("peermirror");
+        r.register(
+            "http_request_duration_seconds",
+            "Registry requests by route, method and status code, from request head to last body byte",
+            metrics.http_request_duration.clone(),
+        );
+        r.register(
+            "served_bytes",
+            "Body bytes sent to registry clients, by where they were read from",
+            metrics.served_bytes.clone(),
+        );
+        r.register(
+            "serving_path",
+            "1 for the way file bodies leave the process on plain HTTP",
+            metrics.serving_path.clone(),
+        );
+        r.register(
+            "containerd_connected",
+            "1 when the last call to containerd succeeded",
+            metrics.containerd_connected.clone(),
+        );
+        r.register(
+            "catalog_tags",
+            "Tagged images in the served containerd namespace",
+            metrics.catalog_tags.clone(),
+        );
+        r.register(
+            "catalog_blobs",
+            "Blobs (manifests, configs, layers) reachable from the served images",
+            metrics.catalog_blobs.clone(),
+        );
+        r.register(
+            "registry_connections",
+            "Open connections on the registry port",
+            metrics.registry_connections.clone(),
+        );
+        metrics
+    }
+}
+
+/// The daemon's readiness, computed on each `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// Why the daemon is not ready; empty when it is.
+    pub waiting_for: Vec<String>,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.waiting_for.is_empty()
+    }
+}
+
+/// What the status server needs from the daemon.
+pub trait Status: Send + Sync + 'static {
+    fn readiness(&self) -> Readiness;
+    /// A plain-text page describing the daemon's state, for humans.
+    fn debug_page(&self) -> String;
+}
+
+/// Serves `/metrics`, `/healthz`, `/readyz` and `/debug` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    status: Arc<dyn Status>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, _peer): (_, SocketAddr) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let registry = registry.clone();
+        let status = status.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let response = respond(&req, &registry, status.as_ref());
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
+            }
+        });
+    }
+}
+
+fn respond(
+    req: &Request<Incoming>,
+    registry: &Registry,
+    status: &dyn Status,
+) -> Response<Full<Bytes>> {
+    let text = |code: StatusCode, content_type: &'static str, body: String| {
+        Response::builder()
+            .status(code)
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_default()
+    };
+    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET or HEAD only\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let mut out = String::new();
+            match prometheus_client::encoding::text::encode(&mut out, registry) {
+                Ok(()) => text(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    out,
+                ),
+                Err(_) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    "encoding failed\n".into(),
+                ),
+            }
+        }
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => {
+            let readiness = status.readiness();
+            if readiness.is_ready() {
+                text(StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                let mut body = String::from("not ready, waiting for:\n");
+                for reason in &readiness.waiting_for {
+                    body.push_str("- ");
+                    body.push_str(reason);
+                    body.push('\n');
+                }
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", body)
+            }
+        }
+        "/" | "/debug" => text(
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            status.debug_page(),
+        ),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}

@@ -1,0 +1,121 @@
+//! How a content-store file becomes response bytes.
+//!
+//! On plain TCP the kernel moves the bytes from the page cache to the socket
+//! (`sendfile`), so they never pass through this process. Over TLS, or when
+//! zero-copy is turned off, the file is read into a buffer and written.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The ways a file body can leave the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServingPath {
+    /// Non-blocking `sendfile(2)` from the file to the socket.
+    Sendfile,
+    /// `pread` into a buffer, then `write`: works on every transport.
+    Buffered,
+}
+
+impl ServingPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServingPath::Sendfile => "sendfile",
+            ServingPath::Buffered => "buffered",
+        }
+    }
+}
+
+impl std::fmt::Display for ServingPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Largest single `sendfile` call; the kernel returns early when the socket
+/// buffer is full anyway.
+const SENDFILE_CHUNK: u64 = 16 << 20;
+/// Buffer size of the buffered path.
+const BUFFERED_CHUNK: usize = 1 << 20;
+
+fn stalled(what: &str, stall: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("client made no progress reading the {what} for {stall:?}"),
+    )
+}
+
+fn file_ended(offset: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("content file ended early, at byte {offset}"),
+    )
+}
+
+/// Sends `len` bytes of `file` from `offset` with `sendfile(2)`. Fails when the
+/// client makes no progress for `stall`.
+pub async fn sendfile(
+    socket: &TcpStream,
+    file: &File,
+    offset: u64,
+    len: u64,
+    stall: Duration,
+) -> io::Result<()> {
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end {
+        let count = (end - pos).min(SENDFILE_CHUNK) as usize;
+        let sent = tokio::time::timeout(
+            stall,
+            socket.async_io(Interest::WRITABLE, || {
+                rustix::fs::sendfile(socket, file, Some(&mut pos), count).map_err(io::Error::from)
+            }),
+        )
+        .await
+        .map_err(|_| stalled("body", stall))??;
+        if sent == 0 {
+            return Err(file_ended(pos));
+        }
+    }
+    Ok(())
+}
+
+/// Copies `len` bytes of `file` from `offset` through a buffer. Reads run on
+/// the blocking pool so that a slow disk never stalls other connections.
+pub async fn buffered<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    file: File,
+    offset: u64,
+    len: u64,
+    stall: Duration,
+) -> io::Result<()> {
+    let file = std::sync::Arc::new(file);
+    let mut pos = offset;
+    let end = offset + len;
+    let mut buf = vec![0u8; BUFFERED_CHUNK.min(len as usize)];
+    while pos < end {
+        let want = ((end - pos) as usize).min(buf.len());
+        let f = file.clone();
+        let (b, read) = tokio::task::spawn_blocking(move || {
+            let r = f.read_at(&mut buf[..want], pos);
+            (buf, r)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        buf = b;
+        let read = read?;
+        if read == 0 {
+            return Err(file_ended(pos));
+        }
+        tokio::time::timeout(stall, writer.write_all(&buf[..read]))
+            .await
+            .map_err(|_| stalled("body", stall))??;
+        pos += read as u64;
+    }
+    Ok(())
+}

@@ -1,0 +1,608 @@
+//! What the registry answers: from a parsed request head to a status, headers
+//! and a body, with no socket in sight (unit-tested against `MemoryStore`).
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+use crate::metrics::{self, Source};
+use crate::oci::manifest::{self, Kind, MAX_MANIFEST_SIZE, OCTET_STREAM};
+use crate::oci::{
+    Descriptor, Digest, ManifestReference, Name, OciError, RangeRequest, Reference, Route,
+    parse_range_header, parse_target,
+};
+use crate::store::{self, BlobBody, ContentStore, StoreError};
+
+/// The header that marks a request sent by one peermirror to another: such a
+/// request is answered from the local store only, never forwarded again.
+pub const MIRRORED_HEADER: &str = "x-peermirror-mirrored";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Other,
+}
+
+/// The parts of a request the registry looks at.
+#[derive(Debug, Clone)]
+pub struct RequestHead {
+    pub method: Method,
+    pub target: String,
+    pub range: Option<String>,
+    /// Set when the request carries [`MIRRORED_HEADER`].
+    pub mirrored: bool,
+    pub client: SocketAddr,
+}
+
+/// A response body.
+pub enum Body {
+    Empty,
+    Bytes(Bytes),
+    /// `len` bytes of a content-store file from `offset`.
+    File {
+        file: File,
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+    },
+    /// Exactly `len` bytes, as a stream; an error mid-way aborts the response.
+    Stream {
+        stream: BoxStream<'static, Result<Bytes, StoreError>>,
+        len: u64,
+        source: Source,
+    },
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Body::Empty => f.write_str("Empty"),
+            Body::Bytes(b) => write!(f, "Bytes({})", b.len()),
+            Body::File {
+                path, offset, len, ..
+            } => write!(f, "File({}, {offset}+{len})", path.display()),
+            Body::Stream { len, source, .. } => write!(f, "Stream({len}, {source:?})"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    /// Headers other than `Content-Length`.
+    pub headers: Vec<(&'static str, String)>,
+    /// The value of `Content-Length` (also for HEAD, whose body is empty).
+    pub content_length: u64,
+    pub body: Body,
+    /// For metrics.
+    pub route: metrics::Route,
+}
+
+impl Response {
+    pub fn error(route: metrics::Route, err: &OciError) -> Response {
+        let body = Bytes::from(err.to_json());
+        let mut headers = vec![("content-type", "application/json".to_string())];
+        if err.status == 405 {
+            headers.push(("allow", "GET, HEAD".to_string()));
+        }
+        Response {
+            status: err.status,
+            headers,
+            content_length: body.len() as u64,
+            body: Body::Bytes(body),
+            route,
+        }
+    }
+
+    /// Drops the body of a HEAD response, keeping its length.
+    fn for_method(mut self, method: Method) -> Response {
+        if method == Method::Head {
+            self.body = Body::Empty;
+        }
+        self
+    }
+}
+
+/// Settings of the request handler.
+#[derive(Debug, Clone, Default)]
+pub struct HandlerConfig {}
+
+/// Answers registry requests from the local content store.
+pub struct Handler {
+    store: Arc<dyn ContentStore>,
+}
+
+impl Handler {
+    pub fn new(store: Arc<dyn ContentStore>, _config: HandlerConfig) -> Handler {
+        Handler { store }
+    }
+
+    pub async fn handle(&self, req: &RequestHead) -> Response {
+        if req.method == Method::Other {
+            return Response::error(
+                metrics::Route::Other,
+                &OciError::unsupported(405, "this registry is read-only: GET and HEAD only"),
+            );
+        }
+        let route = match parse_target(&req.target) {
+            Ok(route) => route,
+            Err(e) => return Response::error(metrics::Route::Other, &e),
+        };
+        let metric_route = match route {
+            Route::Base => metrics::Route::Base,
+            Route::Manifest { .. } => metrics::Route::Manifest,
+            Route::Blob { .. } => metrics::Route::Blob,
+        };
+        let result = match route {
+            Route::Base => Ok(Response {
+                status: 200,
+                headers: vec![
+                    ("content-type", "application/json".to_string()),
+                    (
+                        "docker-distribution-api-version",
+                        "registry/2.0".to_string(),
+                    ),
+                ],
+                content_length: 2,
+                body: Body::Bytes(Bytes::from_static(b"{}")),
+                route: metrics::Route::Base,
+            }),
+            Route::Manifest { name, reference } => self.manifest(&name, &reference).await,
+            Route::Blob { digest, .. } => self.blob(&digest, req.range.as_deref()).await,
+        };
+        match result {
+            Ok(response) => response.for_method(req.method),
+            Err(e) => Response::error(metric_route, &e).for_method(req.method),
+        }
+    }
+
+    async fn manifest(
+        &self,
+        name: &Name,
+        reference: &ManifestReference,
+    ) -> Result<Response, OciError> {
+        let (digest, media_type) = match reference {
+            ManifestReference::Digest(digest) => (*digest, None),
+            ManifestReference::Tag(tag) => {
+                let Some(registry) = name.registry.clone() else {
+                    return Err(OciError::new(
+                        404,
+                        crate::oci::ErrorCode::ManifestUnknown,
+                        "a tag needs its registry: add ?ns=<registry> or start the name with the registry host",
+                    ));
+                };
+                let reference = Reference::tagged(registry, name.repository.clone(), tag.clone());
+                let desc = self
+                    .store
+                    .resolve_tag(&reference)
+                    .await
+                    .map_err(|e| store_miss(e, OciError::manifest_unknown()))?
+                    .ok_or_else(OciError::manifest_unknown)?;
+                (desc.digest, Some(desc.media_type))
+            }
+        };
+        let info = self
+            .store
+            .stat(&digest)
+            .await
+            .map_err(|e| store_miss(e, OciError::manifest_unknown()))?
+            .ok_or_else(OciError::manifest_unknown)?;
+        if info.size > MAX_MANIFEST_SIZE {
+            return Err(OciError::manifest_unknown());
+        }
+        let bytes = store::read_small(self.store.as_ref(), &digest, info.size, MAX_MANIFEST_SIZE)
+            .await
+            .map_err(|e| store_miss(e, OciError::manifest_unknown()))?
+            .ok_or_else(OciError::manifest_unknown)?;
+        let known = media_type
+            .or(info.media_type)
+            .filter(|mt| manifest::kind_of(mt) != Kind::Blob);
+        let Some(media_type) = known.or_else(|| manifest::sniff_media_type(&bytes)) else {
+            // Present, but a layer or config: not a manifest.
+            return Err(OciError::manifest_unknown());
+        };
+        Ok(manifest_response(
+            &Descriptor {
+                media_type,
+                digest,
+                size: info.size,
+            },
+            bytes,
+        ))
+    }
+
+    async fn blob(&self, digest: &Digest, range: Option<&str>) -> Result<Response, OciError> {
+        let info = self
+            .store
+            .stat(digest)
+            .await
+            .map_err(|e| store_miss(e, OciError::blob_unknown()))?
+            .ok_or_else(OciError::blob_unknown)?;
+        let size = info.size;
+        let range = match range.map(parse_range_header).transpose() {
+            Ok(Some(RangeRequest::Single(r))) => Some(r),
+            Ok(Some(RangeRequest::Multiple)) | Ok(None) => None,
+            Err(e) => return Ok(range_not_satisfiable(e.to_string(), size)),
+        };
+        let (status, offset, len) = match range {
+            // An empty blob has no satisfiable range, but `bytes=0-` is how
+            // containerd 2.1+ asks for any whole blob: send it.
+            Some(r) if size == 0 && r.is_from_start() => (200, 0, 0),
+            Some(r) => {
+                let span = match r.resolve(size) {
+                    Ok(span) => span,
+                    Err(e) => return Ok(range_not_satisfiable(e.to_string(), size)),
+                };
+                (206, *span.start(), span.end() - span.start() + 1)
+            }
+            None => (200, 0, size),
+        };
+        let body = self
+            .store
+            .open(digest, offset, len)
+            .await
+            .map_err(|e| store_miss(e, OciError::blob_unknown()))?
+            .ok_or_else(OciError::blob_unknown)?;
+        let mut headers = vec![
+            ("content-type", OCTET_STREAM.to_string()),
+            ("docker-content-digest", digest.to_string()),
+            ("accept-ranges", "bytes".to_string()),
+            ("etag", format!("\"{digest}\"")),
+        ];
+        if status == 206 {
+            headers.push((
+                "content-range",
+                format!("bytes {}-{}/{}", offset, offset + len - 1, size),
+            ));
+        }
+        let body = match body {
+            BlobBody::File { file, path } => Body::File {
+                file,
+                path,
+                offset,
+                len,
+            },
+            BlobBody::Stream(stream) => Body::Stream {
+                stream,
+                len,
+                source: Source::Grpc,
+            },
+        };
+        Ok(Response {
+            status,
+            headers,
+            content_length: len,
+            body,
+            route: metrics::Route::Blob,
+        })
+    }
+}
+
+/// Any store failure is answered as a miss (404), so that containerd moves on
+/// to its next endpoint instead of failing the pull; the cause is logged.
+fn store_miss(e: StoreError, miss: OciError) -> OciError {
+    tracing::warn!(error = %e, "content store error, answering as a miss");
+    miss
+}
+
+/// 416, with the `Content-Range: bytes */<size>` RFC 9110 asks for.
+fn range_not_satisfiable(message: String, size: u64) -> Response {
+    let mut response = Response::error(metrics::Route::Blob, &OciError::range_invalid(message));
+    response
+        .headers
+        .push(("content-range", format!("bytes */{size}")));
+    response
+}
+
+fn manifest_response(desc: &Descriptor, bytes: Bytes) -> Response {
+    Response {
+        status: 200,
+        headers: vec![
+            ("content-type", desc.media_type.clone()),
+            ("docker-content-digest", desc.digest.to_string()),
+            ("etag", format!("\"{}\"", desc.digest)),
+        ],
+        content_length: bytes.len() as u64,
+        body: Body::Bytes(bytes),
+        route: metrics::Route::Manifest,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::manifest::{OCI_INDEX, OCI_MANIFEST};
+    use crate::store::MemoryStore;
+
+    const LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+
+    struct Fixture {
+        store: Arc<MemoryStore>,
+        handler: Handler,
+        layer: Bytes,
+        layer_desc: Descriptor,
+        manifest: Bytes,
+        manifest_desc: Descriptor,
+        index_desc: Descriptor,
+    }
+
+    async fn fixture() -> Fixture {
+        let store = Arc::new(MemoryStore::new());
+        let layer = Bytes::from((0..10_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+        let layer_desc = store.add_blob(LAYER, layer.clone()).await;
+        let config_desc = store
+            .add_blob("application/vnd.oci.image.config.v1+json", &b"{}"[..])
+            .await;
+        let manifest = Bytes::from(
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": config_desc, "layers": [layer_desc],
+            }))
+            .expect("json"),
+        );
+        let manifest_desc = store.add_blob(OCI_MANIFEST, manifest.clone()).await;
+        // An index without mediaType field: its type comes from the image.
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "manifests": [manifest_desc],
+        }))
+        .expect("json");
+        let index_desc = store.add_blob(OCI_INDEX, index).await;
+        store
+            .set_image("docker.io/library/app:1", index_desc.clone())
+            .await;
+        store
+            .set_image("example.com:5000/team/app:v2", manifest_desc.clone())
+            .await;
+        let handler = Handler::new(store.clone(), HandlerConfig::default());
+        Fixture {
+            store,
+            handler,
+            layer,
+            layer_desc,
+            manifest,
+            manifest_desc,
+            index_desc,
+        }
+    }
+
+    fn get(target: &str) -> RequestHead {
+        RequestHead {
+            method: Method::Get,
+            target: target.to_string(),
+            range: None,
+            mirrored: false,
+            client: "127.0.0.1:1".parse().expect("addr"),
+        }
+    }
+
+    fn ranged(target: &str, range: &str) -> RequestHead {
+        RequestHead {
+            range: Some(range.to_string()),
+            ..get(target)
+        }
+    }
+
+    fn header<'a>(r: &'a Response, name: &str) -> Option<&'a str> {
+        r.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    async fn body(r: Response) -> Bytes {
+        use futures::StreamExt;
+        match r.body {
+            Body::Empty => Bytes::new(),
+            Body::Bytes(b) => b,
+            Body::File { .. } => panic!("memory store has no files"),
+            Body::Stream { mut stream, .. } => {
+                let mut out = Vec::new();
+                while let Some(chunk) = stream.next().await {
+                    out.extend_from_slice(&chunk.expect("chunk"));
+                }
+                Bytes::from(out)
+            }
+        }
+    }
+
+    fn error_code(r: &Response) -> String {
+        let Body::Bytes(b) = &r.body else {
+            panic!("error without body")
+        };
+        let v: serde_json::Value = serde_json::from_slice(b).expect("json");
+        v["errors"][0]["code"].as_str().expect("code").to_string()
+    }
+
+    #[tokio::test]
+    async fn base_route() {
+        let f = fixture().await;
+        let r = f.handler.handle(&get("/v2/")).await;
+        assert_eq!(r.status, 200);
+    }
+
+    #[tokio::test]
+    async fn tag_resolves_with_ns_and_normalises_docker_hub() {
+        let f = fixture().await;
+        for target in [
+            "/v2/app/manifests/1?ns=docker.io",
+            "/v2/library/app/manifests/1?ns=docker.io",
+            "/v2/library/app/manifests/1?ns=registry-1.docker.io",
+            "/v2/docker.io/library/app/manifests/1",
+        ] {
+            let r = f.handler.handle(&get(target)).await;
+            assert_eq!(r.status, 200, "{target}");
+            assert_eq!(header(&r, "content-type"), Some(OCI_INDEX), "{target}");
+            assert_eq!(
+                header(&r, "docker-content-digest"),
+                Some(f.index_desc.digest.to_string().as_str())
+            );
+            assert_eq!(r.content_length, f.index_desc.size);
+        }
+        let r = f
+            .handler
+            .handle(&get("/v2/team/app/manifests/v2?ns=example.com%3A5000"))
+            .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(header(&r, "content-type"), Some(OCI_MANIFEST));
+        assert_eq!(body(r).await, f.manifest);
+    }
+
+    #[tokio::test]
+    async fn tag_misses() {
+        let f = fixture().await;
+        for target in [
+            "/v2/app/manifests/2?ns=docker.io",
+            "/v2/app/manifests/1?ns=ghcr.io",
+            "/v2/library/app/manifests/1",
+        ] {
+            let r = f.handler.handle(&get(target)).await;
+            assert_eq!(r.status, 404, "{target}");
+            assert_eq!(error_code(&r), "MANIFEST_UNKNOWN");
+        }
+    }
+
+    #[tokio::test]
+    async fn manifest_by_digest_and_not_for_layers() {
+        let f = fixture().await;
+        let r = f
+            .handler
+            .handle(&get(&format!("/v2/x/manifests/{}", f.manifest_desc.digest)))
+            .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(header(&r, "content-type"), Some(OCI_MANIFEST));
+        let r = f
+            .handler
+            .handle(&get(&format!("/v2/x/manifests/{}", f.layer_desc.digest)))
+            .await;
+        assert_eq!(r.status, 404);
+        assert_eq!(error_code(&r), "MANIFEST_UNKNOWN");
+    }
+
+    #[tokio::test]
+    async fn manifest_type_is_sniffed_when_not_in_any_image() {
+        let f = fixture().await;
+        f.store.remove_image("docker.io/library/app:1").await;
+        f.store.remove_image("example.com:5000/team/app:v2").await;
+        let r = f
+            .handler
+            .handle(&get(&format!("/v2/x/manifests/{}", f.manifest_desc.digest)))
+            .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(header(&r, "content-type"), Some(OCI_MANIFEST));
+    }
+
+    #[tokio::test]
+    async fn whole_blob_and_head() {
+        let f = fixture().await;
+        let target = format!("/v2/library/app/blobs/{}", f.layer_desc.digest);
+        let r = f.handler.handle(&get(&target)).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(header(&r, "accept-ranges"), Some("bytes"));
+        assert_eq!(
+            header(&r, "docker-content-digest"),
+            Some(f.layer_desc.digest.to_string().as_str())
+        );
+        assert_eq!(r.content_length, 10_000);
+        assert_eq!(body(r).await, f.layer);
+
+        let mut head = get(&target);
+        head.method = Method::Head;
+        let r = f.handler.handle(&head).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.content_length, 10_000);
+        assert!(matches!(r.body, Body::Empty));
+    }
+
+    #[tokio::test]
+    async fn ranges() {
+        let f = fixture().await;
+        let target = format!("/v2/a/blobs/{}", f.layer_desc.digest);
+        let cases = [
+            ("bytes=0-", 206, 0, 9_999),
+            ("bytes=0-99", 206, 0, 99),
+            ("bytes=9000-", 206, 9_000, 9_999),
+            ("bytes=-10", 206, 9_990, 9_999),
+            ("bytes=9999-20000", 206, 9_999, 9_999),
+        ];
+        for (range, status, first, last) in cases {
+            let r = f.handler.handle(&ranged(&target, range)).await;
+            assert_eq!(r.status, status, "{range}");
+            let expect = format!("bytes {first}-{last}/10000");
+            assert_eq!(
+                header(&r, "content-range"),
+                Some(expect.as_str()),
+                "{range}"
+            );
+            assert_eq!(r.content_length, last - first + 1);
+            assert_eq!(
+                body(r).await,
+                f.layer.slice(first as usize..=last as usize),
+                "{range}"
+            );
+        }
+        // Multiple ranges are ignored: the whole blob with 200.
+        let r = f.handler.handle(&ranged(&target, "bytes=0-1,5-6")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.content_length, 10_000);
+        for bad in [
+            "bytes=10000-",
+            "bytes=-0",
+            "bytes=5-1",
+            "bytes=x",
+            "lines=1-2",
+        ] {
+            let r = f.handler.handle(&ranged(&target, bad)).await;
+            assert_eq!(r.status, 416, "{bad}");
+            assert_eq!(error_code(&r), "RANGE_INVALID");
+            assert_eq!(header(&r, "content-range"), Some("bytes */10000"));
+        }
+    }
+
+    #[tokio::test]
+    async fn empty_blob_with_bytes_0_is_whole() {
+        let f = fixture().await;
+        let empty = f.store.add_blob(LAYER, Bytes::new()).await;
+        let target = format!("/v2/a/blobs/{}", empty.digest);
+        let r = f.handler.handle(&ranged(&target, "bytes=0-")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.content_length, 0);
+        let r = f.handler.handle(&ranged(&target, "bytes=0-0")).await;
+        assert_eq!(r.status, 416);
+    }
+
+    #[tokio::test]
+    async fn misses_and_bad_requests() {
+        let f = fixture().await;
+        let unknown = Digest::of(b"unknown");
+        let r = f
+            .handler
+            .handle(&get(&format!("/v2/a/blobs/{unknown}")))
+            .await;
+        assert_eq!((r.status, error_code(&r).as_str()), (404, "BLOB_UNKNOWN"));
+        let r = f.handler.handle(&get("/v2/a/blobs/sha256:1234")).await;
+        assert_eq!((r.status, error_code(&r).as_str()), (400, "DIGEST_INVALID"));
+        let r = f.handler.handle(&get("/v2/A/blobs/sha256:1234")).await;
+        assert_eq!((r.status, error_code(&r).as_str()), (400, "NAME_INVALID"));
+        let mut post = get("/v2/");
+        post.method = Method::Other;
+        let r = f.handler.handle(&post).await;
+        assert_eq!(r.status, 405);
+        assert_eq!(header(&r, "allow"), Some("GET, HEAD"));
+    }
+
+    #[tokio::test]
+    async fn removed_blob_is_a_miss_at_once() {
+        let f = fixture().await;
+        f.store.remove_blob(&f.layer_desc.digest).await;
+        let r = f
+            .handler
+            .handle(&get(&format!("/v2/a/blobs/{}", f.layer_desc.digest)))
+            .await;
+        assert_eq!(r.status, 404);
+    }
+}

@@ -1,0 +1,449 @@
+//! A small HTTP/1.1 server for the registry port.
+//!
+//! The registry only ever answers GET and HEAD, and its big answers are files:
+//! owning the socket lets a blob body go from the page cache to the socket
+//! with `sendfile` (hyper only writes from userspace buffers). Keep-alive and
+//! pipelining work because unconsumed bytes stay in the connection's buffer.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::body::{self, ServingPath};
+use super::handler::{Body, Handler, MIRRORED_HEADER, Method, RequestHead, Response};
+use crate::metrics::{self, Metrics, RequestLabels, Source, SourceLabels};
+use crate::oci::OciError;
+
+/// Largest request head accepted (request line plus headers).
+const MAX_HEAD: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// How file bodies are sent on plain TCP.
+    pub serving_path: ServingPath,
+    /// How long an idle keep-alive connection is kept.
+    pub idle_timeout: Duration,
+    /// How long a client may take to send a request head once it started.
+    pub header_timeout: Duration,
+    /// How long a client may make no progress reading a response.
+    pub write_timeout: Duration,
+    /// How long shutdown waits for responses in flight.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            serving_path: ServingPath::Sendfile,
+            idle_timeout: Duration::from_secs(90),
+            header_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A connection the server can speak HTTP on.
+pub trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The TCP socket, when what is written to it goes to the wire as is (so
+    /// that zero-copy sending is possible).
+    fn plain_tcp(&self) -> Option<&TcpStream>;
+}
+
+impl Conn for TcpStream {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
+
+pub struct Server {
+    handler: Arc<Handler>,
+    config: ServerConfig,
+    metrics: Metrics,
+}
+
+/// A request head that could not be read or parsed: answered, then closed.
+struct BadRequest(OciError);
+
+impl Server {
+    pub fn new(handler: Arc<Handler>, config: ServerConfig, metrics: Metrics) -> Arc<Server> {
+        Arc::new(Server {
+            handler,
+            config,
+            metrics,
+        })
+    }
+
+    /// Accepts connections until `shutdown`, then waits (up to the drain
+    /// timeout) for responses in flight.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "registry accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let server = self.clone();
+            let shutdown = shutdown.clone();
+            tracker.spawn(async move {
+                server.metrics.registry_connections.inc();
+                if let Err(e) = server.connection(stream, peer, shutdown).await {
+                    tracing::debug!(%peer, error = %e, "connection ended");
+                }
+                server.metrics.registry_connections.dec();
+            });
+        }
+        drop(listener);
+        tracker.close();
+        if tokio::time::timeout(self.config.drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = tracker.len(),
+                "drain timeout: closing registry connections in flight"
+            );
+        }
+    }
+
+    /// Serves requests on one connection until it closes.
+    pub async fn connection<C: Conn>(
+        &self,
+        mut conn: C,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> io::Result<()> {
+        let mut buf = BytesMut::with_capacity(4096);
+        loop {
+            let parsed = match self.read_head(&mut conn, &mut buf, &shutdown).await {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(()),
+                Err(BadRequest(e)) => {
+                    let response = Response::error(metrics::Route::Other, &e);
+                    self.write_response(&mut conn, response, Method::Other, true)
+                        .await?;
+                    return Ok(());
+                }
+            };
+            let started = Instant::now();
+            let head = RequestHead {
+                method: parsed.method,
+                target: parsed.target,
+                range: parsed.range,
+                mirrored: parsed.mirrored,
+                client: peer,
+            };
+            let mut response = self.handler.handle(&head).await;
+            // A request with a body is not something a registry client sends
+            // on GET/HEAD; answer it and close rather than parse the body.
+            let close = !parsed.keep_alive || parsed.has_body || shutdown.is_cancelled();
+            if parsed.has_body && response.status < 400 {
+                response = Response::error(
+                    response.route,
+                    &OciError::unsupported(400, "request bodies are not accepted"),
+                );
+            }
+            let (route, status) = (response.route, response.status);
+            tracing::debug!(%peer, method = ?head.method, target = %head.target, status, "request");
+            let result = self
+                .write_response(&mut conn, response, head.method, close)
+                .await;
+            self.metrics
+                .http_request_duration
+                .get_or_create(&RequestLabels {
+                    route,
+                    method: match head.method {
+                        Method::Get => metrics::Method::Get,
+                        Method::Head => metrics::Method::Head,
+                        Method::Other => metrics::Method::Other,
+                    },
+                    code: status,
+                })
+                .observe(started.elapsed().as_secs_f64());
+            result?;
+            if close {
+                let _ = conn.shutdown().await;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads one request head. `Ok(None)`: the connection ended (or we are
+    /// shutting down) between requests.
+    async fn read_head<C: Conn>(
+        &self,
+        conn: &mut C,
+        buf: &mut BytesMut,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<ParsedHead>, BadRequest> {
+        let mut deadline = None;
+        loop {
+            if !buf.is_empty() {
+                match parse_head(buf)? {
+                    Some(head) => return Ok(Some(head)),
+                    None if buf.len() >= MAX_HEAD => {
+                        return Err(BadRequest(OciError::unsupported(
+                            431,
+                            "request head too large",
+                        )));
+                    }
+                    None => {}
+                }
+                deadline.get_or_insert_with(|| {
+                    tokio::time::Instant::now() + self.config.header_timeout
+                });
+            }
+            let idle = buf.is_empty();
+            let until =
+                deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.config.idle_timeout);
+            let read = tokio::select! {
+                _ = shutdown.cancelled(), if idle => return Ok(None),
+                r = tokio::time::timeout_at(until, conn.read_buf(buf)) => r,
+            };
+            match read {
+                Err(_) if idle => return Ok(None),
+                Err(_) => {
+                    return Err(BadRequest(OciError::unsupported(
+                        408,
+                        "request head not received in time",
+                    )));
+                }
+                Ok(Ok(0)) if idle => return Ok(None),
+                Ok(Ok(0)) => {
+                    return Err(BadRequest(OciError::unsupported(
+                        400,
+                        "connection closed mid-request",
+                    )));
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return Ok(None),
+            }
+        }
+    }
+
+    async fn write_response<C: Conn>(
+        &self,
+        conn: &mut C,
+        response: Response,
+        method: Method,
+        close: bool,
+    ) -> io::Result<()> {
+        let mut head = String::with_capacity(256);
+        head.push_str("HTTP/1.1 ");
+        head.push_str(&response.status.to_string());
+        head.push(' ');
+        head.push_str(reason(response.status));
+        head.push_str("\r\ncontent-length: ");
+        head.push_str(&response.content_length.to_string());
+        head.push_str("\r\n");
+        for (name, value) in &response.headers {
+            head.push_str(name);
+            head.push_str(": ");
+            head.push_str(value);
+            head.push_str("\r\n");
+        }
+        if close {
+            head.push_str("connection: close\r\n");
+        }
+        head.push_str("\r\n");
+        let stall = self.config.write_timeout;
+        let timed = |what: &'static str| {
+            move |_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("client did not read the {what} for {stall:?}"),
+                )
+            }
+        };
+        let body = if method == Method::Head {
+            Body::Empty
+        } else {
+            response.body
+        };
+        match body {
+            Body::Empty => {
+                tokio::time::timeout(stall, conn.write_all(head.as_bytes()))
+                    .await
+                    .map_err(timed("head"))??;
+            }
+            Body::Bytes(bytes) => {
+                let mut out = Vec::with_capacity(head.len() + bytes.len());
+                out.extend_from_slice(head.as_bytes());
+                out.extend_from_slice(&bytes);
+                tokio::time::timeout(stall, conn.write_all(&out))
+                    .await
+                    .map_err(timed("response"))??;
+                self.count(Source::Memory, bytes.len() as u64);
+            }
+            Body::File {
+                file, offset, len, ..
+            } => {
+                tokio::time::timeout(stall, conn.write_all(head.as_bytes()))
+                    .await
+                    .map_err(timed("head"))??;
+                match (self.config.serving_path, conn.plain_tcp()) {
+                    (ServingPath::Sendfile, Some(tcp)) => {
+                        body::sendfile(tcp, &file, offset, len, stall).await?
+                    }
+                    _ => body::buffered(conn, file, offset, len, stall).await?,
+                }
+                self.count(Source::File, len);
+            }
+            Body::Stream {
+                mut stream,
+                len,
+                source,
+            } => {
+                tokio::time::timeout(stall, conn.write_all(head.as_bytes()))
+                    .await
+                    .map_err(timed("head"))??;
+                let mut sent = 0u64;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(io::Error::other)?;
+                    if sent + chunk.len() as u64 > len {
+                        return Err(io::Error::other(
+                            "body stream longer than its content length",
+                        ));
+                    }
+                    tokio::time::timeout(stall, conn.write_all(&chunk))
+                        .await
+                        .map_err(timed("body"))??;
+                    sent += chunk.len() as u64;
+                }
+                self.count(source, sent);
+                if sent != len {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("body stream ended after {sent} of {len} bytes"),
+                    ));
+                }
+            }
+        }
+        conn.flush().await
+    }
+
+    fn count(&self, source: Source, bytes: u64) {
+        self.metrics
+            .served_bytes
+            .get_or_create(&SourceLabels { source })
+            .inc_by(bytes);
+    }
+}
+
+/// The parts of a request head we use, copied out of the read buffer.
+struct ParsedHead {
+    method: Method,
+    target: String,
+    range: Option<String>,
+    mirrored: bool,
+    keep_alive: bool,
+    has_body: bool,
+}
+
+/// Parses a request head at the start of `buf` and consumes it.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<ParsedHead>, BadRequest> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let consumed = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(BadRequest(OciError::unsupported(
+                431,
+                "too many request headers",
+            )));
+        }
+        Err(e) => {
+            return Err(BadRequest(OciError::unsupported(
+                400,
+                format!("malformed request: {e}"),
+            )));
+        }
+    };
+    let method = match req.method {
+        Some("GET") => Method::Get,
+        Some("HEAD") => Method::Head,
+        _ => Method::Other,
+    };
+    let target = req.path.unwrap_or_default().to_string();
+    let version = req.version.unwrap_or(1);
+    let mut range = None;
+    let mut mirrored = false;
+    let mut keep_alive = version >= 1;
+    let mut has_body = false;
+    for h in req.headers.iter() {
+        let value = std::str::from_utf8(h.value).map_err(|_| {
+            BadRequest(OciError::unsupported(
+                400,
+                format!("header {} is not valid UTF-8", h.name),
+            ))
+        })?;
+        if h.name.eq_ignore_ascii_case("range") {
+            if range.is_some() {
+                return Err(BadRequest(OciError::range_invalid(
+                    "more than one Range header",
+                )));
+            }
+            range = Some(value.to_string());
+        } else if h.name.eq_ignore_ascii_case(MIRRORED_HEADER) {
+            mirrored = true;
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    keep_alive = true;
+                }
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding")
+            || (h.name.eq_ignore_ascii_case("content-length") && value.trim() != "0")
+        {
+            has_body = true;
+        }
+    }
+    buf.advance(consumed);
+    Ok(Some(ParsedHead {
+        method,
+        target,
+        range,
+        mirrored,
+        keep_alive,
+        has_body,
+    }))
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        206 => "Partial Content",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        416 => "Range Not Satisfiable",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}

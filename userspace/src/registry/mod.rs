@@ -1,0 +1,13 @@
+//! The registry port: OCI distribution's read API over HTTP/1.1.
+//!
+//! [`handler`] decides what to answer from the content store; [`http`] owns
+//! the sockets and sends bodies, zero-copy where the transport allows
+//! ([`body`]).
+
+pub mod body;
+pub mod handler;
+pub mod http;
+
+pub use body::ServingPath;
+pub use handler::{Body, Handler, HandlerConfig, MIRRORED_HEADER, Method, RequestHead, Response};
+pub use http::{Conn, Server, ServerConfig};

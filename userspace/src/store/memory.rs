@@ -1,0 +1,154 @@
+//! An in-memory [`ContentStore`], the twin of the containerd store for tests
+//! of the registry and mirror logic.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use super::catalog::{self, Catalog, DocumentCache, ImageRecord};
+use super::{BlobBody, BlobInfo, ContentStore, StoreError, StoreHealth};
+use crate::oci::{Descriptor, Digest, Reference};
+
+#[derive(Default)]
+struct Inner {
+    blobs: HashMap<Digest, Bytes>,
+    images: Vec<ImageRecord>,
+}
+
+/// Blobs and images held in memory. Every change rebuilds the catalog.
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+    catalog: watch::Sender<Arc<Catalog>>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new()
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> MemoryStore {
+        MemoryStore {
+            inner: Mutex::new(Inner::default()),
+            catalog: watch::Sender::new(Arc::new(Catalog::default())),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave `Inner` half-updated
+        // (every mutation is a single insert/remove), so poisoning is ignored.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a blob and returns its descriptor.
+    pub async fn add_blob(&self, media_type: &str, bytes: impl Into<Bytes>) -> Descriptor {
+        let bytes = bytes.into();
+        let desc = Descriptor {
+            media_type: media_type.to_string(),
+            digest: Digest::of(&bytes),
+            size: bytes.len() as u64,
+        };
+        self.lock().blobs.insert(desc.digest, bytes);
+        self.rebuild().await;
+        desc
+    }
+
+    pub async fn remove_blob(&self, digest: &Digest) {
+        self.lock().blobs.remove(digest);
+        self.rebuild().await;
+    }
+
+    /// Creates or moves an image (`name` as containerd names images).
+    pub async fn set_image(&self, name: &str, target: Descriptor) {
+        {
+            let mut inner = self.lock();
+            inner.images.retain(|i| i.name != name);
+            inner.images.push(ImageRecord {
+                name: name.to_string(),
+                target,
+            });
+        }
+        self.rebuild().await;
+    }
+
+    pub async fn remove_image(&self, name: &str) {
+        self.lock().images.retain(|i| i.name != name);
+        self.rebuild().await;
+    }
+
+    async fn rebuild(&self) {
+        let (images, blobs) = {
+            let inner = self.lock();
+            (inner.images.clone(), inner.blobs.clone())
+        };
+        let present = blobs.iter().map(|(d, b)| (*d, b.len() as u64)).collect();
+        let read = |d: Digest| std::future::ready(Ok::<_, Infallible>(blobs.get(&d).cloned()));
+        let mut cache = DocumentCache::new();
+        match catalog::build(&images, &present, &mut cache, &read).await {
+            Ok(catalog) => {
+                self.catalog.send_replace(Arc::new(catalog));
+            }
+            Err(e) => match e {},
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ContentStore for MemoryStore {
+    async fn resolve_tag(&self, reference: &Reference) -> Result<Option<Descriptor>, StoreError> {
+        let Some(name) = reference.tagged_name() else {
+            return Ok(None);
+        };
+        Ok(self.catalog.borrow().tag(&name).cloned())
+    }
+
+    async fn stat(&self, digest: &Digest) -> Result<Option<BlobInfo>, StoreError> {
+        let size = self.lock().blobs.get(digest).map(|b| b.len() as u64);
+        Ok(size.map(|size| BlobInfo {
+            size,
+            media_type: self
+                .catalog
+                .borrow()
+                .content(digest)
+                .map(|e| e.media_type.clone()),
+        }))
+    }
+
+    async fn open(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<BlobBody>, StoreError> {
+        let Some(bytes) = self.lock().blobs.get(digest).cloned() else {
+            return Ok(None);
+        };
+        let end = offset.saturating_add(len);
+        if end > bytes.len() as u64 {
+            return Err(StoreError::Truncated {
+                digest: *digest,
+                got: bytes.len() as u64,
+                expected: end,
+            });
+        }
+        let slice = bytes.slice(offset as usize..end as usize);
+        Ok(Some(BlobBody::Stream(Box::pin(futures::stream::once(
+            async move { Ok(slice) },
+        )))))
+    }
+
+    fn catalog(&self) -> watch::Receiver<Arc<Catalog>> {
+        self.catalog.subscribe()
+    }
+
+    fn health(&self) -> StoreHealth {
+        StoreHealth {
+            connected: true,
+            synced: true,
+        }
+    }
+}
