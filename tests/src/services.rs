@@ -305,7 +305,7 @@ impl Peermirror {
     /// Starts `peermirror run` for `containerd` on free loopback ports, with
     /// extra flags, and waits until it is ready.
     pub fn start(dir: &Path, containerd: &Containerd, extra: &[&str]) -> Result<Peermirror> {
-        let p = Self::spawn(dir, containerd, extra)?;
+        let mut p = Self::spawn(dir, containerd, extra)?;
         p.wait_ready(Duration::from_secs(30))?;
         Ok(p)
     }
@@ -327,8 +327,10 @@ impl Peermirror {
             .arg(metrics.to_string())
             .arg("--data-dir")
             .arg(dir.join("data"))
-            .args(["--log-level", "debug"])
             .args(extra);
+        if !extra.contains(&"--log-level") {
+            cmd.args(["--log-level", "debug"]);
+        }
         let proc = Proc::spawn("peermirror", cmd, &dir.join("peermirror.log"))?;
         Ok(Peermirror {
             registry,
@@ -337,14 +339,19 @@ impl Peermirror {
         })
     }
 
-    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let metrics = self.metrics;
+        let proc = &mut self.proc;
         wait_for("peermirror to be ready", timeout, || {
+            if !proc.alive() {
+                return Some(Err(anyhow::anyhow!("peermirror exited")));
+            }
             http::get(metrics, "/readyz", &[])
                 .ok()
                 .filter(|r| r.status == 200)
+                .map(|_| Ok(()))
         })
-        .map(drop)
+        .and_then(|r| r)
         .with_context(|| format!("peermirror log:\n{}", self.proc.log_tail(30)))
     }
 

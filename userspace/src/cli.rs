@@ -217,3 +217,44 @@ mod tests {
         assert!(Cli::try_parse_from(["peermirror", "run", "--resync-interval", "soon"]).is_err());
     }
 }
+
+#[cfg(test)]
+mod readme {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// The configuration reference in the README lists every flag of every
+    /// subcommand with its environment variable and default.
+    #[test]
+    fn readme_documents_every_flag() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+            .expect("README.md");
+        let cmd = Cli::command();
+        for sub in cmd.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if long == "help" || long == "version" {
+                    continue;
+                }
+                let flag = format!("| `--{long}` |");
+                let row = readme
+                    .lines()
+                    .find(|l| l.starts_with(&flag))
+                    .unwrap_or_else(|| panic!("README has no row for --{long}"));
+                if let Some(env) = arg.get_env().and_then(|e| e.to_str()) {
+                    assert!(
+                        row.contains(&format!("`{env}`")),
+                        "README row of --{long} lacks {env}"
+                    );
+                }
+                for default in arg.get_default_values() {
+                    let default = default.to_string_lossy();
+                    assert!(
+                        row.contains(&format!("`{default}`")),
+                        "README row of --{long} lacks default {default}"
+                    );
+                }
+            }
+        }
+    }
+}

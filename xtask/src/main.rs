@@ -1,1 +1,68 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's multi-step commands.
+//!
+//! - `test`: installs what the tests need, builds, runs the whole suite.
+//! - `demo`: runs peermirror against a private containerd and shows an image
+//!   served with the upstream registry gone.
+
+mod demo;
+mod deps;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the test dependencies (Debian packages), build, and run every test.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Run a local demo: a node with its own containerd and an upstream registry.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Cmd::Test { cargo_args } => test(&cargo_args),
+        Cmd::Demo => demo::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn test(cargo_args: &[String]) -> Result<()> {
+    deps::ensure(deps::TEST)?;
+    // The integration tests start the daemon binary: build it first.
+    run(cargo().args(["build", "--package", "peermirror", "--bins"]))?;
+    run(cargo()
+        .args(["test", "--workspace"])
+        .arg("--")
+        .args(cargo_args))
+}

@@ -1,0 +1,81 @@
+//! The Debian packages the tests and the demo use, installed when missing.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+/// A program and the Debian package that provides it.
+pub struct Need {
+    pub program: &'static str,
+    pub package: &'static str,
+}
+
+const fn need(program: &'static str, package: &'static str) -> Need {
+    Need { program, package }
+}
+
+/// What `cargo xtask test` needs.
+pub const TEST: &[Need] = &[
+    need("protoc", "protobuf-compiler"),
+    need("containerd", "containerd"),
+    need("ctr", "containerd"),
+    need("runc", "runc"),
+    need("skopeo", "skopeo"),
+    need("docker-registry", "docker-registry"),
+    need("ip", "iproute2"),
+];
+
+/// What `cargo xtask demo` needs.
+pub const DEMO: &[Need] = TEST;
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths).any(|dir| Path::new(&dir).join(program).is_file())
+        })
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Installs the packages of every missing program with apt-get (as root), or
+/// explains what to install.
+pub fn ensure(needs: &[Need]) -> Result<()> {
+    let mut missing: Vec<&str> = needs
+        .iter()
+        .filter(|n| !on_path(n.program))
+        .map(|n| n.package)
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages: {} (install them with `apt-get install {}` as root; the tests also need root)",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    crate::run(Command::new("apt-get").args(["update", "-q"]))?;
+    crate::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    if let Some(n) = needs.iter().find(|n| !on_path(n.program)) {
+        bail!(
+            "{} is still missing after installing {}",
+            n.program,
+            n.package
+        );
+    }
+    Ok(())
+}
