@@ -307,7 +307,7 @@ fn find<'a>(world: &'a World, tag: &str) -> &'a TestImage {
 #[test]
 fn speaks_the_distribution_api_and_refuses_hostile_requests() -> Result<()> {
     let world = World::new()?;
-    let pm = Peermirror::start(&world.path("pm"), &world.containerd, &[])?;
+    let mut pm = Peermirror::start(&world.path("pm"), &world.containerd, &[])?;
     let addr = pm.registry;
     let host = world.upstream.host();
     let ns = host.replace(':', "%3A");
@@ -567,7 +567,30 @@ fn speaks_the_distribution_api_and_refuses_hostile_requests() -> Result<()> {
         r.status
     );
 
-    ensure!(pm.proc.pid() > 0);
+    // SIGTERM while a big body is in flight: the response completes, then
+    // the daemon exits 0.
+    let mut conn = TcpStream::connect(addr)?;
+    conn.set_read_timeout(Some(Duration::from_secs(20)))?;
+    conn.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())?;
+    let mut first = [0u8; 65536];
+    let n = std::io::Read::read(&mut conn, &mut first)?;
+    ensure!(n > 0);
+    pm.proc.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut received = first[..n].to_vec();
+    std::io::Read::read_to_end(&mut conn, &mut received)?;
+    let head_end = received
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no head")?
+        + 4;
+    ensure!(
+        received[head_end..] == bytes[..],
+        "in-flight body cut by shutdown ({} bytes)",
+        received.len() - head_end
+    );
+    let (status, _) = pm.proc.terminate(Duration::from_secs(10))?;
+    ensure!(status.success(), "exit status {status}");
     Ok(())
 }
 
