@@ -9,4 +9,5 @@ pub mod daemon;
 pub mod metrics;
 pub mod oci;
 pub mod registry;
+pub mod routing;
 pub mod store;

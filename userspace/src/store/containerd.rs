@@ -111,11 +111,6 @@ impl ContainerdStore {
         events.abort();
     }
 
-    /// Health changes, for metrics.
-    pub fn watch_health(&self) -> watch::Receiver<StoreHealth> {
-        self.health.subscribe()
-    }
-
     fn set_connected(&self, connected: bool) {
         self.health
             .send_if_modified(|h| std::mem::replace(&mut h.connected, connected) != connected);
@@ -523,7 +518,7 @@ impl ContentStore for ContainerdStore {
         self.catalog.subscribe()
     }
 
-    fn health(&self) -> StoreHealth {
-        *self.health.borrow()
+    fn watch_health(&self) -> watch::Receiver<StoreHealth> {
+        self.health.subscribe()
     }
 }

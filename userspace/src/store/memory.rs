@@ -145,10 +145,11 @@ impl ContentStore for MemoryStore {
         self.catalog.subscribe()
     }
 
-    fn health(&self) -> StoreHealth {
-        StoreHealth {
+    fn watch_health(&self) -> watch::Receiver<StoreHealth> {
+        watch::Sender::new(StoreHealth {
             connected: true,
             synced: true,
-        }
+        })
+        .subscribe()
     }
 }

@@ -106,7 +106,12 @@ pub trait ContentStore: Send + Sync + 'static {
     /// The latest catalog; changes whenever the store's images do.
     fn catalog(&self) -> watch::Receiver<Arc<Catalog>>;
 
-    fn health(&self) -> StoreHealth;
+    /// Connection and sync state, and its changes.
+    fn watch_health(&self) -> watch::Receiver<StoreHealth>;
+
+    fn health(&self) -> StoreHealth {
+        *self.watch_health().borrow()
+    }
 }
 
 /// Reads a whole small blob (a manifest) into memory, refusing anything
