@@ -228,7 +228,7 @@ pub fn start(
     shutdown: CancellationToken,
 ) -> Result<(P2pRouter, tokio::task::JoinHandle<()>), P2pError> {
     let peer_id = config.keypair.public().to_peer_id();
-    let transport = build_transport(&config.keypair, config.psk.clone())?;
+    let transport = build_transport(&config.keypair, config.psk)?;
 
     let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
     kad_config
@@ -728,11 +728,7 @@ impl EventLoop {
                         self.query_finished(id);
                     }
                 }
-                QueryResult::GetProviders(_) => {
-                    if step.last {
-                        self.query_finished(id);
-                    }
-                }
+                QueryResult::GetProviders(_) if step.last => self.query_finished(id),
                 QueryResult::StartProviding(result) => {
                     if let Err(e) = result {
                         tracing::debug!(error = ?e, "announcement reached no peer");
