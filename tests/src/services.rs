@@ -50,6 +50,15 @@ pub fn peermirror_bin() -> PathBuf {
     bin
 }
 
+/// Writes a preshared key file in libp2p's swarm key format.
+pub fn write_psk(path: &Path, key: &[u8; 32]) -> Result<()> {
+    std::fs::write(
+        path,
+        format!("/key/swarm/psk/1.0.0/\n/base16/\n{}\n", hex::encode(key)),
+    )?;
+    Ok(())
+}
+
 /// Options for a containerd instance.
 #[derive(Debug, Clone, Default)]
 pub struct ContainerdOptions {
@@ -328,6 +337,15 @@ impl Peermirror {
             .arg("--data-dir")
             .arg(dir.join("data"))
             .args(extra);
+        if !extra.contains(&"--router-addr") {
+            cmd.arg("--router-addr")
+                .arg(format!("127.0.0.1:{}", free_port()));
+        }
+        if !extra.contains(&"--psk-file") && !extra.contains(&"--insecure-open-network") {
+            let key = dir.join("swarm.key");
+            write_psk(&key, &[0x5a; 32])?;
+            cmd.arg("--psk-file").arg(key);
+        }
         if !extra.contains(&"--log-level") {
             cmd.args(["--log-level", "debug"]);
         }

@@ -666,7 +666,25 @@ fn status_endpoints_logs_reconnection_and_clean_exit() -> Result<()> {
     for (args, expect) in [
         (vec!["run", "--registry-addr", "nonsense"], "registry-addr"),
         (vec!["run", "--resync-interval", "soon"], "resync-interval"),
-        (vec!["run", "--log-level", "info,[["], "log-level"),
+        (
+            vec!["run", "--log-level", "info,[[", "--insecure-open-network"],
+            "log-level",
+        ),
+        (vec!["run"], "preshared key"),
+        (
+            vec![
+                "run",
+                "--psk-file",
+                "/nonexistent/swarm.key",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--registry-addr",
+                "127.0.0.1:0",
+                "--router-addr",
+                "127.0.0.1:0",
+            ],
+            "/nonexistent/swarm.key",
+        ),
     ] {
         let out = Command::new(&bin).args(&args).output()?;
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -682,6 +700,9 @@ fn status_endpoints_logs_reconnection_and_clean_exit() -> Result<()> {
             "--registry-addr",
             &busy_addr,
             "--metrics-addr",
+            "127.0.0.1:0",
+            "--insecure-open-network",
+            "--router-addr",
             "127.0.0.1:0",
         ])
         .arg("--data-dir")

@@ -5,14 +5,20 @@
 //! Flag names follow Spegel's where Spegel has the same option, so that a
 //! deployment can switch by changing the image.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::daemon::DaemonConfig;
+use libp2p::Multiaddr;
+use libp2p::multiaddr::Protocol;
+
+use crate::daemon::{DaemonConfig, P2pSettings};
+use crate::mirror::MirrorConfig;
+use crate::oci::{ReferenceFilter, Registry};
 use crate::registry::{ServerConfig, ServingPath};
+use crate::routing::bootstrap::BootstrapConfig;
 use crate::store::ContainerdConfig;
 
 #[derive(Debug, Parser)]
@@ -30,6 +36,117 @@ pub struct Cli {
 pub enum Command {
     /// Run the node daemon: serve this node's containerd images to its peers.
     Run(Box<Run>),
+    /// Make containerd ask peermirror first: write `<config path>/<registry>/hosts.toml`
+    /// (the originals are backed up), and check containerd's own configuration.
+    ConfigureContainerd(ConfigureContainerd),
+    /// Restore the `hosts.toml` files `configure-containerd` replaced, exactly.
+    CleanupContainerd(CleanupContainerd),
+    /// Write a new random preshared key in libp2p's swarm key format.
+    GeneratePsk(GeneratePsk),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigureContainerd {
+    /// containerd's registry host configuration directory (the CRI plugin's
+    /// `config_path`).
+    #[arg(
+        long,
+        env = "PEERMIRROR_CONTAINERD_REGISTRY_CONFIG_PATH",
+        default_value = "/etc/containerd/certs.d"
+    )]
+    pub containerd_registry_config_path: PathBuf,
+
+    /// Registries to configure, comma-separated; empty configures `_default`
+    /// (every registry without a folder of its own).
+    #[arg(long, env = "PEERMIRROR_MIRRORED_REGISTRIES", value_delimiter = ',')]
+    pub mirrored_registries: Vec<String>,
+
+    /// Mirror URLs containerd tries first, in order, comma-separated.
+    #[arg(
+        long,
+        env = "PEERMIRROR_MIRROR_TARGETS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:5000"
+    )]
+    pub mirror_targets: Vec<String>,
+
+    /// Let the mirrors answer tag lookups. With `false` containerd resolves
+    /// tags at the registry itself and asks peermirror for digests only.
+    #[arg(long, env = "PEERMIRROR_RESOLVE_TAGS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub resolve_tags: bool,
+
+    /// Keep the mirrors the existing files list, after peermirror.
+    #[arg(long, env = "PEERMIRROR_PREPEND_EXISTING")]
+    pub prepend_existing: bool,
+
+    /// Never pull from the registry itself (air-gapped nodes).
+    #[arg(long, env = "PEERMIRROR_DISABLE_DEFAULT_ENDPOINT")]
+    pub disable_default_endpoint: bool,
+
+    /// containerd's configuration file, checked for settings that would make
+    /// the CRI plugin ignore these files.
+    #[arg(
+        long,
+        env = "PEERMIRROR_CONTAINERD_CONFIG",
+        default_value = "/etc/containerd/config.toml"
+    )]
+    pub containerd_config: PathBuf,
+
+    /// CA certificate of the mirror's TLS certificate (for https targets).
+    #[arg(long, env = "PEERMIRROR_MIRROR_TLS_CA", requires_all = ["mirror_tls_cert", "mirror_tls_key"])]
+    pub mirror_tls_ca: Option<PathBuf>,
+
+    /// Client certificate containerd presents to the mirror.
+    #[arg(long, env = "PEERMIRROR_MIRROR_TLS_CERT", requires = "mirror_tls_ca")]
+    pub mirror_tls_cert: Option<PathBuf>,
+
+    /// Key of the client certificate.
+    #[arg(long, env = "PEERMIRROR_MIRROR_TLS_KEY", requires = "mirror_tls_ca")]
+    pub mirror_tls_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupContainerd {
+    /// containerd's registry host configuration directory.
+    #[arg(
+        long,
+        env = "PEERMIRROR_CONTAINERD_REGISTRY_CONFIG_PATH",
+        default_value = "/etc/containerd/certs.d"
+    )]
+    pub containerd_registry_config_path: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct GeneratePsk {
+    /// Where to write the key (mode 0600); refuses to overwrite a file.
+    #[arg(long, env = "PEERMIRROR_PSK_FILE")]
+    pub psk_file: PathBuf,
+}
+
+impl ConfigureContainerd {
+    pub fn options(&self) -> crate::containerd_config::ConfigureOptions {
+        let tls = match (
+            &self.mirror_tls_ca,
+            &self.mirror_tls_cert,
+            &self.mirror_tls_key,
+        ) {
+            (Some(ca), Some(cert), Some(key)) => Some(crate::containerd_config::TargetTls {
+                ca: ca.clone(),
+                client_cert: cert.clone(),
+                client_key: key.clone(),
+            }),
+            _ => None,
+        };
+        crate::containerd_config::ConfigureOptions {
+            config_path: self.containerd_registry_config_path.clone(),
+            registries: self.mirrored_registries.clone(),
+            mirror_targets: self.mirror_targets.clone(),
+            resolve_tags: self.resolve_tags,
+            prepend_existing: self.prepend_existing,
+            disable_default_endpoint: self.disable_default_endpoint,
+            tls,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -122,6 +239,162 @@ pub struct Run {
     /// How long an idle keep-alive connection on the registry port is kept.
     #[arg(long, env = "PEERMIRROR_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+
+    /// Address of the P2P (libp2p) port (`:5001` listens on every IPv4 and
+    /// IPv6 address).
+    #[arg(long, env = "PEERMIRROR_ROUTER_ADDR", default_value = ":5001", value_parser = parse_listen_addr)]
+    pub router_addr: SocketAddr,
+
+    /// File holding the network's 32-byte preshared key in libp2p's swarm key
+    /// format (`/key/swarm/psk/1.0.0/`, `/base16/`, 64 hex characters). Nodes
+    /// with another key cannot connect.
+    #[arg(long, env = "PEERMIRROR_PSK_FILE")]
+    pub psk_file: Option<PathBuf>,
+
+    /// Run the P2P network without a preshared key: any host that reaches
+    /// the P2P port can join and learn what this node holds.
+    #[arg(
+        long,
+        env = "PEERMIRROR_INSECURE_OPEN_NETWORK",
+        conflicts_with = "psk_file"
+    )]
+    pub insecure_open_network: bool,
+
+    /// The address other nodes use to reach this node, instead of the
+    /// addresses it listens on.
+    #[arg(long, env = "PEERMIRROR_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<IpAddr>,
+
+    /// How long other nodes keep this node's announcements.
+    #[arg(long, env = "PEERMIRROR_PROVIDER_TTL", default_value = "20m", value_parser = parse_duration)]
+    pub provider_ttl: Duration,
+
+    /// How often this node re-announces what it holds (before the TTL runs
+    /// out).
+    #[arg(long, env = "PEERMIRROR_REANNOUNCE_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub reannounce_interval: Duration,
+
+    /// How long the answer of a DHT lookup is reused.
+    #[arg(long, env = "PEERMIRROR_LOOKUP_CACHE_TTL", default_value = "5s", value_parser = parse_duration)]
+    pub lookup_cache_ttl: Duration,
+
+    /// How long an unused P2P connection to a peer is kept open.
+    #[arg(long, env = "PEERMIRROR_ROUTER_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub router_idle_timeout: Duration,
+
+    /// How this node finds its first peers.
+    #[arg(long, env = "PEERMIRROR_BOOTSTRAP_KIND", value_enum, default_value_t = BootstrapKind::None)]
+    pub bootstrap_kind: BootstrapKind,
+
+    /// Peers to dial with `--bootstrap-kind static`, comma-separated
+    /// multiaddrs (`/ip4/10.0.0.1/tcp/5001[/p2p/<peer id>]`).
+    #[arg(long, env = "PEERMIRROR_STATIC_BOOTSTRAP_PEERS", value_delimiter = ',')]
+    pub static_bootstrap_peers: Vec<Multiaddr>,
+
+    /// With `--bootstrap-kind dns`: a name whose A/AAAA records are the peers
+    /// (a Kubernetes headless service); they are dialled on the P2P port.
+    #[arg(long, env = "PEERMIRROR_DNS_BOOTSTRAP_DOMAIN")]
+    pub dns_bootstrap_domain: Option<String>,
+
+    /// With `--bootstrap-kind http`: an `http://` URL answering a JSON array of
+    /// peer multiaddrs (see `--http-bootstrap-addr`).
+    #[arg(long, env = "PEERMIRROR_HTTP_BOOTSTRAP_URL")]
+    pub http_bootstrap_url: Option<String>,
+
+    /// Serve this node's own entry (a JSON array of its multiaddrs) on this
+    /// address, for other nodes' `--http-bootstrap-url`.
+    #[arg(long, env = "PEERMIRROR_HTTP_BOOTSTRAP_ADDR", value_parser = parse_listen_addr)]
+    pub http_bootstrap_addr: Option<SocketAddr>,
+
+    /// Registries served and mirrored, comma-separated (`docker.io,ghcr.io`);
+    /// empty means every registry.
+    #[arg(long, env = "PEERMIRROR_MIRRORED_REGISTRIES", value_delimiter = ',')]
+    pub mirrored_registries: Vec<Registry>,
+
+    /// Regular expressions on `<registry>/<repository>[:<tag>]`,
+    /// comma-separated; a reference that matches one is neither advertised
+    /// nor served (write a comma inside an expression as `\x2c`).
+    #[arg(long, env = "PEERMIRROR_REGISTRY_FILTERS", value_delimiter = ',')]
+    pub registry_filters: Vec<String>,
+
+    /// How long a local miss waits for a first peer that has the content
+    /// before answering 404.
+    #[arg(long, env = "PEERMIRROR_MIRROR_RESOLVE_TIMEOUT", default_value = "20ms", value_parser = parse_duration)]
+    pub mirror_resolve_timeout: Duration,
+
+    /// Time limit of a TCP connection to a peer.
+    #[arg(long, env = "PEERMIRROR_MIRROR_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub mirror_connect_timeout: Duration,
+
+    /// Time limit for a peer's response head.
+    #[arg(long, env = "PEERMIRROR_MIRROR_HEADER_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub mirror_header_timeout: Duration,
+
+    /// When the first peer has not answered within this time, a second one
+    /// is asked too and the first answer wins.
+    #[arg(long, env = "PEERMIRROR_MIRROR_HEDGE_DELAY", default_value = "300ms", value_parser = parse_duration)]
+    pub mirror_hedge_delay: Duration,
+
+    /// A peer that sends nothing for this long is replaced, and the transfer
+    /// resumes from another holder at the byte where it stopped.
+    #[arg(long, env = "PEERMIRROR_MIRROR_STALL_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub mirror_stall_timeout: Duration,
+
+    /// Bytes per second (suffixes K, M, G; binary) below which a peer is
+    /// replaced by another holder, measured over the stall timeout.
+    #[arg(long, env = "PEERMIRROR_MIRROR_MIN_SPEED", default_value = "1M", value_parser = parse_size)]
+    pub mirror_min_speed: u64,
+
+    /// Time limit of one mirrored request, body included.
+    #[arg(long, env = "PEERMIRROR_MIRROR_TOTAL_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub mirror_total_timeout: Duration,
+
+    /// Most peers tried for one request.
+    #[arg(long, env = "PEERMIRROR_MIRROR_MAX_ATTEMPTS", default_value_t = 5)]
+    pub mirror_max_attempts: usize,
+}
+
+/// Where the first peers come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BootstrapKind {
+    /// None: this node waits to be dialled.
+    None,
+    /// `--static-bootstrap-peers`.
+    Static,
+    /// `--dns-bootstrap-domain`.
+    Dns,
+    /// `--http-bootstrap-url`.
+    Http,
+}
+
+/// `512K`, `1M`, `2G` (binary multiples) or a plain number of bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (number, unit) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => (&s[..i], &s[i..]),
+        None => (s, ""),
+    };
+    let factor: u64 = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "unknown unit in {s:?} (examples: 512K, 1M, 1048576)"
+            ));
+        }
+    };
+    let n: u64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 512K, 1M)"))?;
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// `90s`, `2m`, `500ms`, `1h 30m`.
@@ -139,18 +412,79 @@ pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{s:?} is not an address (examples: :5000, 0.0.0.0:5000, [::1]:5000)"))
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "the P2P network needs a preshared key: pass --psk-file <file> (make one with `peermirror generate-psk`), or --insecure-open-network to run without one"
+    )]
+    NoPsk,
+    #[error("--bootstrap-kind {kind} needs {flag}")]
+    MissingBootstrap {
+        kind: &'static str,
+        flag: &'static str,
+    },
+    #[error(transparent)]
+    Filter(#[from] crate::oci::FilterError),
+}
+
+/// The P2P listen multiaddrs for an address: `[::]` or `0.0.0.0` listen on
+/// every address of both families.
+fn listen_multiaddrs(addr: SocketAddr) -> Vec<Multiaddr> {
+    let tcp = Protocol::Tcp(addr.port());
+    if addr.ip().is_unspecified() {
+        vec![
+            Multiaddr::from(std::net::Ipv4Addr::UNSPECIFIED).with(tcp.clone()),
+            Multiaddr::from(std::net::Ipv6Addr::UNSPECIFIED).with(tcp),
+        ]
+    } else {
+        vec![Multiaddr::from(addr.ip()).with(tcp)]
+    }
+}
+
 impl Run {
-    pub fn into_config(self) -> DaemonConfig {
+    pub fn into_config(self) -> Result<DaemonConfig, ConfigError> {
+        if self.psk_file.is_none() && !self.insecure_open_network {
+            return Err(ConfigError::NoPsk);
+        }
+        let bootstrap = match self.bootstrap_kind {
+            BootstrapKind::None => BootstrapConfig::None,
+            BootstrapKind::Static if self.static_bootstrap_peers.is_empty() => {
+                return Err(ConfigError::MissingBootstrap {
+                    kind: "static",
+                    flag: "--static-bootstrap-peers",
+                });
+            }
+            BootstrapKind::Static => BootstrapConfig::Static(self.static_bootstrap_peers),
+            BootstrapKind::Dns => BootstrapConfig::Dns {
+                domain: self
+                    .dns_bootstrap_domain
+                    .ok_or(ConfigError::MissingBootstrap {
+                        kind: "dns",
+                        flag: "--dns-bootstrap-domain",
+                    })?,
+                port: self.router_addr.port(),
+            },
+            BootstrapKind::Http => BootstrapConfig::Http {
+                url: self
+                    .http_bootstrap_url
+                    .ok_or(ConfigError::MissingBootstrap {
+                        kind: "http",
+                        flag: "--http-bootstrap-url",
+                    })?,
+            },
+        };
+        let filter = ReferenceFilter::new(self.mirrored_registries, &self.registry_filters)?;
         let serving_path = match self.serving_path {
             ServingPathArg::Auto | ServingPathArg::Sendfile => ServingPath::Sendfile,
             ServingPathArg::Buffered => ServingPath::Buffered,
         };
-        DaemonConfig {
+        Ok(DaemonConfig {
             containerd: ContainerdConfig {
                 socket: self.containerd_sock,
                 namespace: self.containerd_namespace,
                 content_path: self.containerd_content_path,
                 resync_interval: self.resync_interval,
+                filter: filter.clone(),
             },
             registry_addr: self.registry_addr,
             metrics_addr: self.metrics_addr,
@@ -161,7 +495,30 @@ impl Run {
                 idle_timeout: self.idle_timeout,
                 ..ServerConfig::default()
             },
-        }
+            filter,
+            p2p: P2pSettings {
+                listen: listen_multiaddrs(self.router_addr),
+                psk_file: self.psk_file,
+                advertise_addr: self.advertise_addr,
+                provider_ttl: self.provider_ttl,
+                reannounce_interval: self.reannounce_interval,
+                lookup_cache_ttl: self.lookup_cache_ttl,
+                idle_connection_timeout: self.router_idle_timeout,
+                bootstrap,
+                http_bootstrap_addr: self.http_bootstrap_addr,
+            },
+            mirror: MirrorConfig {
+                resolve_timeout: self.mirror_resolve_timeout,
+                connect_timeout: self.mirror_connect_timeout,
+                header_timeout: self.mirror_header_timeout,
+                hedge_delay: self.mirror_hedge_delay,
+                stall_timeout: self.mirror_stall_timeout,
+                min_speed: self.mirror_min_speed,
+                total_timeout: self.mirror_total_timeout,
+                max_attempts: self.mirror_max_attempts.max(1),
+                ..MirrorConfig::default()
+            },
+        })
     }
 }
 
@@ -209,12 +566,88 @@ mod tests {
 
     #[test]
     fn flags_and_defaults() {
-        let cli = Cli::try_parse_from(["peermirror", "run", "--registry-addr", "127.0.0.1:6000"])
-            .expect("parse");
-        let Command::Run(run) = cli.command;
+        let cli = Cli::try_parse_from([
+            "peermirror",
+            "run",
+            "--registry-addr",
+            "127.0.0.1:6000",
+            "--insecure-open-network",
+        ])
+        .expect("parse");
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
         assert_eq!(run.registry_addr, "127.0.0.1:6000".parse().expect("addr"));
         assert_eq!(run.containerd_namespace, "k8s.io");
         assert!(Cli::try_parse_from(["peermirror", "run", "--resync-interval", "soon"]).is_err());
+        assert!(run.into_config().is_ok());
+    }
+
+    fn config(args: &[&str]) -> Result<DaemonConfig, String> {
+        let mut all = vec!["peermirror", "run"];
+        all.extend_from_slice(args);
+        let cli = Cli::try_parse_from(all).map_err(|e| e.to_string())?;
+        let Command::Run(run) = cli.command else {
+            return Err("not run".into());
+        };
+        run.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_p2p_network_needs_a_key_or_an_explicit_choice() {
+        let err = config(&[]).expect_err("no key");
+        assert!(
+            err.contains("--psk-file") && err.contains("--insecure-open-network"),
+            "{err}"
+        );
+        assert!(config(&["--psk-file", "/k", "--insecure-open-network"]).is_err());
+        let c = config(&["--psk-file", "/k"]).expect("valid");
+        assert_eq!(c.p2p.listen.len(), 2, "dual-stack by default");
+    }
+
+    #[test]
+    fn bootstrap_and_filters_are_validated() {
+        assert!(config(&["--insecure-open-network", "--bootstrap-kind", "static"]).is_err());
+        assert!(config(&["--insecure-open-network", "--bootstrap-kind", "dns"]).is_err());
+        assert!(config(&["--insecure-open-network", "--bootstrap-kind", "http"]).is_err());
+        let c = config(&[
+            "--insecure-open-network",
+            "--bootstrap-kind",
+            "static",
+            "--static-bootstrap-peers",
+            "/ip4/10.0.0.1/tcp/5001,/ip4/10.0.0.2/tcp/5001",
+        ])
+        .expect("valid");
+        assert!(matches!(c.p2p.bootstrap, BootstrapConfig::Static(ref v) if v.len() == 2));
+        let err =
+            config(&["--insecure-open-network", "--registry-filters", "("]).expect_err("bad regex");
+        assert!(err.contains("--registry-filters"), "{err}");
+        assert!(
+            config(&[
+                "--insecure-open-network",
+                "--mirrored-registries",
+                "docker.io,not a host"
+            ])
+            .is_err()
+        );
+        assert!(
+            config(&[
+                "--insecure-open-network",
+                "--static-bootstrap-peers",
+                "nonsense"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("fast").is_err());
+        assert!(parse_size("1T").is_err());
     }
 }
 
@@ -236,14 +669,19 @@ mod readme {
                 if long == "help" || long == "version" {
                     continue;
                 }
-                let flag = format!("| `--{long}` |");
+                let flag = format!("`--{long}`");
                 let row = readme
                     .lines()
-                    .find(|l| l.starts_with(&flag))
+                    .find(|l| {
+                        l.starts_with("| `--")
+                            && l.split(" | ").next().is_some_and(|c| c.contains(&flag))
+                    })
                     .unwrap_or_else(|| panic!("README has no row for --{long}"));
                 if let Some(env) = arg.get_env().and_then(|e| e.to_str()) {
+                    // Rows that group flags abbreviate the shared prefix.
+                    let short = format!("`…_{}`", env.rsplit('_').next().unwrap_or(env));
                     assert!(
-                        row.contains(&format!("`{env}`")),
+                        row.contains(&format!("`{env}`")) || row.contains(&short),
                         "README row of --{long} lacks {env}"
                     );
                 }

@@ -1,19 +1,43 @@
 //! The composition root: builds every part from its configuration, runs the
 //! tasks, and shuts them down in order (stop accepting, drain responses in
-//! flight, stop following containerd, then the status server).
+//! flight, stop announcing and following containerd, then the status server).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use libp2p::{Multiaddr, PeerId};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{self, Metrics, Readiness, ServingPathLabels};
+use crate::metrics::{self, HandshakeLabels, Metrics, Readiness, ServingPathLabels};
+use crate::mirror::{Mirror, MirrorConfig};
+use crate::oci::ReferenceFilter;
 use crate::registry::{Handler, HandlerConfig, Server, ServerConfig};
+use crate::routing::bootstrap::{self, BootstrapConfig};
+use crate::routing::identity::{self, IdentityError};
+use crate::routing::p2p::{self, P2pConfig, P2pError, P2pObserver, P2pRouter};
+use crate::routing::{Router, sync};
 use crate::store::{ContainerdConfig, ContainerdStore, ContentStore};
+
+/// P2P settings, before the key files are read.
+#[derive(Debug, Clone)]
+pub struct P2pSettings {
+    pub listen: Vec<Multiaddr>,
+    /// `None` means the operator chose an open network.
+    pub psk_file: Option<PathBuf>,
+    pub advertise_addr: Option<IpAddr>,
+    pub provider_ttl: Duration,
+    pub reannounce_interval: Duration,
+    pub lookup_cache_ttl: Duration,
+    pub idle_connection_timeout: Duration,
+    pub bootstrap: BootstrapConfig,
+    pub http_bootstrap_addr: Option<SocketAddr>,
+}
 
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -22,6 +46,9 @@ pub struct DaemonConfig {
     pub metrics_addr: SocketAddr,
     pub data_dir: PathBuf,
     pub server: ServerConfig,
+    pub filter: ReferenceFilter,
+    pub p2p: P2pSettings,
+    pub mirror: MirrorConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +66,10 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    P2p(#[from] P2pError),
 }
 
 /// Binds `addr`; an unspecified IPv6 address that cannot be bound (IPv6
@@ -69,8 +100,19 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
         path: config.data_dir.clone(),
         source,
     })?;
+    let keypair = identity::load_or_create(&config.data_dir)?;
+    let psk = config
+        .p2p
+        .psk_file
+        .as_deref()
+        .map(identity::load_psk)
+        .transpose()?;
     let registry_listener = listen("registry", config.registry_addr).await?;
     let metrics_listener = listen("metrics", config.metrics_addr).await?;
+    let bootstrap_listener = match config.p2p.http_bootstrap_addr {
+        Some(addr) => Some(listen("HTTP bootstrap entry", addr).await?),
+        None => None,
+    };
 
     let mut prometheus = Registry::default();
     let metrics = Metrics::new(&mut prometheus);
@@ -80,21 +122,82 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
             path: config.server.serving_path.as_str().to_string(),
         })
         .set(1);
+    metrics.p2p_open_network.set(i64::from(psk.is_none()));
+    if psk.is_none() {
+        tracing::warn!(
+            "RUNNING AN OPEN P2P NETWORK (--insecure-open-network): any host that reaches the P2P port can join, \
+             learn what this node holds and have its announcements trusted. Use --psk-file in production."
+        );
+    }
+
+    // Routing first: the P2P port must be up before we announce anything.
+    let background = CancellationToken::new();
+    let observer = Arc::new(Observer {
+        metrics: metrics.clone(),
+        peers: Mutex::new(BTreeMap::new()),
+    });
+    let (router, router_task) = p2p::start(
+        P2pConfig {
+            keypair,
+            psk,
+            listen: config.p2p.listen.clone(),
+            registry_port: local_port(&registry_listener, config.registry_addr.port()),
+            advertise_addr: config.p2p.advertise_addr,
+            provider_ttl: config.p2p.provider_ttl,
+            reannounce_interval: config.p2p.reannounce_interval,
+            lookup_cache_ttl: config.p2p.lookup_cache_ttl,
+            idle_connection_timeout: config.p2p.idle_connection_timeout,
+            has_bootstrap: config.p2p.bootstrap.is_configured(),
+        },
+        observer.clone(),
+        background.clone(),
+    )?;
 
     let store = ContainerdStore::new(config.containerd.clone());
-    let store_shutdown = CancellationToken::new();
-    let store_task = tokio::spawn(store.clone().run(store_shutdown.clone()));
-    let gauges_task = tokio::spawn(update_store_gauges(
+    let mut tasks = vec![tokio::spawn(store.clone().run(background.clone()))];
+    tasks.push(tokio::spawn(update_gauges(
         store.clone(),
+        router.clone(),
         metrics.clone(),
-        store_shutdown.clone(),
-    ));
+        background.clone(),
+    )));
+    tasks.push(tokio::spawn(sync::run(
+        store.catalog(),
+        store.watch_health(),
+        Arc::new(router.clone()),
+        background.clone(),
+    )));
+    tasks.push(tokio::spawn(bootstrap::run(
+        config.p2p.bootstrap.clone(),
+        router.clone(),
+        background.clone(),
+    )));
+    if let Some(listener) = bootstrap_listener {
+        let status = router.watch_status();
+        let peer_id = router.peer_id();
+        let advertise = config.p2p.advertise_addr;
+        let entry = Arc::new(move || own_entry(&status.borrow().listen_addrs, advertise, peer_id));
+        tasks.push(tokio::spawn(bootstrap::serve_http(
+            listener,
+            entry,
+            background.clone(),
+        )));
+    }
 
-    let handler = Arc::new(Handler::new(store.clone(), HandlerConfig::default()));
+    let mirror = Mirror::new(Arc::new(router.clone()), config.mirror.clone());
+    let handler = Arc::new(Handler::new(
+        store.clone(),
+        Some(mirror),
+        HandlerConfig {
+            filter: config.filter.clone(),
+        },
+        metrics.clone(),
+    ));
     let server = Server::new(handler, config.server.clone(), metrics.clone());
     tracing::info!(
         registry = %local(&registry_listener),
         metrics = %local(&metrics_listener),
+        peer_id = %router.peer_id(),
         serving_path = %config.server.serving_path,
         containerd = %config.containerd.socket.display(),
         namespace = %config.containerd.namespace,
@@ -105,6 +208,8 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     let status_shutdown = CancellationToken::new();
     let status = Arc::new(DaemonStatus {
         store: store.clone(),
+        router: router.clone(),
+        observer,
         config: config.clone(),
     });
     let status_task = tokio::spawn(metrics::serve(
@@ -117,9 +222,11 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     shutdown.cancelled().await;
     tracing::info!("shutting down: draining registry connections");
     let _ = registry_task.await;
-    store_shutdown.cancel();
-    let _ = store_task.await;
-    let _ = gauges_task.await;
+    background.cancel();
+    for task in tasks {
+        let _ = task.await;
+    }
+    let _ = router_task.await;
     status_shutdown.cancel();
     let _ = status_task.await;
     tracing::info!("stopped");
@@ -133,13 +240,54 @@ fn local(listener: &TcpListener) -> String {
         .unwrap_or_else(|_| "?".to_string())
 }
 
-async fn update_store_gauges(
+fn local_port(listener: &TcpListener, fallback: u16) -> u16 {
+    listener.local_addr().map(|a| a.port()).unwrap_or(fallback)
+}
+
+/// This node's bootstrap entry: its reachable P2P addresses with its peer id.
+fn own_entry(listen_addrs: &[String], advertise: Option<IpAddr>, peer_id: PeerId) -> Vec<String> {
+    let addrs: Vec<Multiaddr> = listen_addrs.iter().filter_map(|a| a.parse().ok()).collect();
+    let port = addrs.iter().flat_map(|a| a.iter()).find_map(|p| match p {
+        libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+        _ => None,
+    });
+    let chosen: Vec<Multiaddr> = match (advertise, port) {
+        (Some(ip), Some(port)) => {
+            vec![Multiaddr::from(ip).with(libp2p::multiaddr::Protocol::Tcp(port))]
+        }
+        _ => addrs
+            .into_iter()
+            .filter(|a| {
+                a.iter().all(|p| match p {
+                    libp2p::multiaddr::Protocol::Ip4(ip) => {
+                        !ip.is_loopback() && !ip.is_unspecified()
+                    }
+                    libp2p::multiaddr::Protocol::Ip6(ip) => {
+                        !ip.is_loopback() && !ip.is_unspecified()
+                    }
+                    _ => true,
+                })
+            })
+            .collect(),
+    };
+    chosen
+        .into_iter()
+        .map(|a| {
+            a.with(libp2p::multiaddr::Protocol::P2p(peer_id))
+                .to_string()
+        })
+        .collect()
+}
+
+async fn update_gauges(
     store: Arc<ContainerdStore>,
+    router: P2pRouter,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
     let mut catalog = store.catalog();
     let mut health = store.watch_health();
+    let mut routing = router.watch_status();
     loop {
         {
             let c = catalog.borrow_and_update();
@@ -149,16 +297,55 @@ async fn update_store_gauges(
         metrics
             .containerd_connected
             .set(i64::from(health.borrow_and_update().connected));
+        {
+            let r = routing.borrow_and_update();
+            metrics
+                .routing_table_peers
+                .set(r.routing_table_peers as i64);
+            metrics.advertised_keys.set(r.advertised_keys as i64);
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             Ok(()) = catalog.changed() => {}
             Ok(()) = health.changed() => {}
+            Ok(()) = routing.changed() => {}
         }
+    }
+}
+
+/// Receives the router's peer events: metrics and the connected-peer list.
+struct Observer {
+    metrics: Metrics,
+    peers: Mutex<BTreeMap<String, IpAddr>>,
+}
+
+impl P2pObserver for Observer {
+    fn peer_connected(&self, peer: &PeerId, ip: IpAddr) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.insert(peer.to_string(), ip);
+        self.metrics.connected_peers.set(peers.len() as i64);
+    }
+
+    fn peer_disconnected(&self, peer: &PeerId, _ip: IpAddr) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.remove(&peer.to_string());
+        self.metrics.connected_peers.set(peers.len() as i64);
+    }
+
+    fn handshake_failed(&self, inbound: bool) {
+        self.metrics
+            .handshake_failures
+            .get_or_create(&HandshakeLabels {
+                direction: if inbound { "inbound" } else { "outbound" }.to_string(),
+            })
+            .inc();
     }
 }
 
 struct DaemonStatus {
     store: Arc<ContainerdStore>,
+    router: P2pRouter,
+    observer: Arc<Observer>,
     config: DaemonConfig,
 }
 
@@ -175,6 +362,7 @@ impl metrics::Status for DaemonStatus {
         if !health.synced {
             waiting_for.push("the first image list from containerd".to_string());
         }
+        waiting_for.extend(self.router.status().waiting_for());
         Readiness { waiting_for }
     }
 
@@ -182,7 +370,9 @@ impl metrics::Status for DaemonStatus {
         let mut out = String::new();
         let health = self.store.health();
         let catalog = self.store.catalog().borrow().clone();
+        let routing = self.router.status();
         let _ = writeln!(out, "peermirror {}", env!("CARGO_PKG_VERSION"));
+        let _ = writeln!(out, "peer id:       {}", self.router.peer_id());
         let _ = writeln!(out, "registry:      {}", self.config.registry_addr);
         let _ = writeln!(out, "serving path:  {}", self.config.server.serving_path);
         let _ = writeln!(
@@ -197,6 +387,22 @@ impl metrics::Status for DaemonStatus {
             }
         );
         let _ = writeln!(out, "readiness:     {:?}", self.readiness().waiting_for);
+        let _ = writeln!(out, "p2p listening: {:?}", routing.listen_addrs);
+        let _ = writeln!(
+            out,
+            "routing:       {} peers in the table, {} keys advertised",
+            routing.routing_table_peers, routing.advertised_keys
+        );
+        let peers = self
+            .observer
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let _ = writeln!(out, "connected peers: {}", peers.len());
+        for (id, ip) in &peers {
+            let _ = writeln!(out, "  {id} {ip}");
+        }
         let _ = writeln!(
             out,
             "catalog:       {} tags, {} blobs",

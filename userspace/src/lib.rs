@@ -5,8 +5,10 @@
 //! (the HTTP port), [`daemon`] (composition) and [`cli`] (flags).
 
 pub mod cli;
+pub mod containerd_config;
 pub mod daemon;
 pub mod metrics;
+pub mod mirror;
 pub mod oci;
 pub mod registry;
 pub mod routing;

@@ -37,11 +37,72 @@ async fn wait_for_signal(shutdown: CancellationToken) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn print_report(report: &peermirror::containerd_config::Report) {
+    for (what, paths) in [
+        ("wrote", &report.written),
+        ("unchanged", &report.unchanged),
+        ("restored", &report.restored),
+        ("removed", &report.removed),
+    ] {
+        for p in paths {
+            println!("{what} {}", p.display());
+        }
+    }
+}
+
+fn configure_containerd(args: &peermirror::cli::ConfigureContainerd) -> anyhow::Result<()> {
+    let report = peermirror::containerd_config::configure(&args.options())?;
+    print_report(&report);
+    for finding in peermirror::containerd_config::check_containerd_config(
+        &args.containerd_config,
+        &args.containerd_registry_config_path,
+    ) {
+        eprintln!("warning: {}", finding.0);
+    }
+    Ok(())
+}
+
+fn generate_psk(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; 32];
+    getrandom(&mut key)?;
+    let text = libp2p::pnet::PreSharedKey::new(key).to_key_file();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    println!(
+        "wrote a new preshared key to {}; copy it to every node",
+        path.display()
+    );
+    Ok(())
+}
+
+/// 32 bytes from the kernel's random source.
+fn getrandom(buf: &mut [u8]) -> anyhow::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(buf))
+        .context("reading /dev/urandom")
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::ConfigureContainerd(args) => configure_containerd(&args),
+        Command::CleanupContainerd(args) => {
+            peermirror::containerd_config::cleanup(&args.containerd_registry_config_path)
+                .map(|report| print_report(&report))
+                .map_err(Into::into)
+        }
+        Command::GeneratePsk(args) => generate_psk(&args.psk_file),
         Command::Run(run) => init_logging(&run.log).and_then(|()| {
-            let config = run.into_config();
+            let config = run.into_config()?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();

@@ -55,6 +55,24 @@ pub enum Source {
     Grpc,
     /// Bytes held in memory (manifests).
     Memory,
+    /// Relayed from a peer.
+    Mirror,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    /// The registry of the request (`ns`), or `unknown`.
+    pub registry: String,
+    /// `blob` or `manifest`.
+    pub kind: String,
+    /// `hit` (a peer answered) or `miss`.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `inbound` or `outbound`.
+    pub direction: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -81,7 +99,7 @@ macro_rules! label_values {
 
 label_values!(Route { Base => "base", Manifest => "manifest", Blob => "blob", Other => "other" });
 label_values!(Method { Get => "GET", Head => "HEAD", Other => "other" });
-label_values!(Source { File => "file", Grpc => "grpc", Memory => "memory" });
+label_values!(Source { File => "file", Grpc => "grpc", Memory => "memory", Mirror => "mirror" });
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
@@ -95,6 +113,13 @@ pub struct Metrics {
     pub catalog_tags: Gauge,
     pub catalog_blobs: Gauge,
     pub registry_connections: Gauge,
+    pub mirror_requests: Family<MirrorLabels, Counter>,
+    pub mirror_resolve_duration: Histogram,
+    pub handshake_failures: Family<HandshakeLabels, Counter>,
+    pub connected_peers: Gauge,
+    pub routing_table_peers: Gauge,
+    pub advertised_keys: Gauge,
+    pub p2p_open_network: Gauge,
 }
 
 impl Metrics {
@@ -110,6 +135,13 @@ impl Metrics {
             catalog_tags: Gauge::default(),
             catalog_blobs: Gauge::default(),
             registry_connections: Gauge::default(),
+            mirror_requests: Family::default(),
+            mirror_resolve_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            handshake_failures: Family::default(),
+            connected_peers: Gauge::default(),
+            routing_table_peers: Gauge::default(),
+            advertised_keys: Gauge::default(),
+            p2p_open_network: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("peermirror");
         r.register(
@@ -146,6 +178,41 @@ impl Metrics {
             "registry_connections",
             "Open connections on the registry port",
             metrics.registry_connections.clone(),
+        );
+        r.register(
+            "mirror_requests",
+            "Requests the local store could not answer, by registry, kind and whether a peer answered",
+            metrics.mirror_requests.clone(),
+        );
+        r.register(
+            "mirror_resolve_duration_seconds",
+            "Time from a local miss until a peer started answering",
+            metrics.mirror_resolve_duration.clone(),
+        );
+        r.register(
+            "p2p_handshake_failures",
+            "P2P connections that failed before the peer was authenticated (wrong preshared key, not a peer)",
+            metrics.handshake_failures.clone(),
+        );
+        r.register(
+            "p2p_connected_peers",
+            "Peers with an open P2P connection (they proved the preshared key)",
+            metrics.connected_peers.clone(),
+        );
+        r.register(
+            "p2p_routing_table_peers",
+            "Peers in the Kademlia routing table",
+            metrics.routing_table_peers.clone(),
+        );
+        r.register(
+            "advertised_keys",
+            "Keys (digests and tags) this node announces in the DHT",
+            metrics.advertised_keys.clone(),
+        );
+        r.register(
+            "p2p_open_network",
+            "1 when the P2P network runs without a preshared key (--insecure-open-network)",
+            metrics.p2p_open_network.clone(),
         );
         metrics
     }

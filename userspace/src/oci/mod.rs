@@ -3,6 +3,7 @@
 
 mod digest;
 mod error;
+mod filter;
 pub mod manifest;
 mod range;
 mod reference;
@@ -10,7 +11,12 @@ mod route;
 
 pub use digest::{Digest, DigestError, Hasher};
 pub use error::{ErrorCode, OciError};
+pub use filter::{FilterError, ReferenceFilter};
 pub use manifest::{Descriptor, Document, Kind};
 pub use range::{ByteRange, RangeError, RangeRequest, parse_range_header};
 pub use reference::{DOCKER_HUB, Reference, ReferenceError, Registry, Repository, Tag};
 pub use route::{ManifestReference, Name, Route, parse_target};
+
+/// The header that marks a request sent by one peermirror to another: such a
+/// request is answered from the local store only, never forwarded again.
+pub const MIRRORED_HEADER: &str = "x-peermirror-mirrored";

@@ -9,17 +9,16 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use crate::metrics::{self, Source};
+use futures::TryStreamExt;
+
+use crate::metrics::{self, Metrics, MirrorLabels, Source};
+use crate::mirror::{Mirror, MirrorMiss};
 use crate::oci::manifest::{self, Kind, MAX_MANIFEST_SIZE, OCTET_STREAM};
 use crate::oci::{
-    Descriptor, Digest, ManifestReference, Name, OciError, RangeRequest, Reference, Route,
-    parse_range_header, parse_target,
+    ByteRange, Descriptor, Digest, ManifestReference, Name, OciError, RangeRequest, Reference,
+    ReferenceFilter, Route, parse_range_header, parse_target,
 };
 use crate::store::{self, BlobBody, ContentStore, StoreError};
-
-/// The header that marks a request sent by one peermirror to another: such a
-/// request is answered from the local store only, never forwarded again.
-pub const MIRRORED_HEADER: &str = "x-peermirror-mirrored";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -52,7 +51,7 @@ pub enum Body {
     },
     /// Exactly `len` bytes, as a stream; an error mid-way aborts the response.
     Stream {
-        stream: BoxStream<'static, Result<Bytes, StoreError>>,
+        stream: BoxStream<'static, Result<Bytes, std::io::Error>>,
         len: u64,
         source: Source,
     },
@@ -110,16 +109,43 @@ impl Response {
 
 /// Settings of the request handler.
 #[derive(Debug, Clone, Default)]
-pub struct HandlerConfig {}
+pub struct HandlerConfig {
+    /// Which registries and references are served and mirrored.
+    pub filter: ReferenceFilter,
+}
 
-/// Answers registry requests from the local content store.
+/// Answers registry requests from the local content store, and from peers
+/// (through the mirror) for what the store lacks.
 pub struct Handler {
     store: Arc<dyn ContentStore>,
+    mirror: Option<Arc<Mirror>>,
+    config: HandlerConfig,
+    metrics: Metrics,
+}
+
+/// How a request's name may be used.
+enum Scope {
+    /// Excluded by configuration: a miss, without looking anywhere.
+    Excluded,
+    /// Served from the local store only.
+    LocalOnly,
+    /// Local store, then peers.
+    Mirrored,
 }
 
 impl Handler {
-    pub fn new(store: Arc<dyn ContentStore>, _config: HandlerConfig) -> Handler {
-        Handler { store }
+    pub fn new(
+        store: Arc<dyn ContentStore>,
+        mirror: Option<Arc<Mirror>>,
+        config: HandlerConfig,
+        metrics: Metrics,
+    ) -> Handler {
+        Handler {
+            store,
+            mirror,
+            config,
+            metrics,
+        }
     }
 
     pub async fn handle(&self, req: &RequestHead) -> Response {
@@ -152,8 +178,15 @@ impl Handler {
                 body: Body::Bytes(Bytes::from_static(b"{}")),
                 route: metrics::Route::Base,
             }),
-            Route::Manifest { name, reference } => self.manifest(&name, &reference).await,
-            Route::Blob { digest, .. } => self.blob(&digest, req.range.as_deref()).await,
+            Route::Manifest { name, reference } => {
+                let scope = self.scope(&name, Some(&reference), req.mirrored);
+                self.manifest(&name, &reference, scope).await
+            }
+            Route::Blob { name, digest } => {
+                let scope = self.scope(&name, None, req.mirrored);
+                self.blob(&name, &digest, req.range.as_deref(), req.method, scope)
+                    .await
+            }
         };
         match result {
             Ok(response) => response.for_method(req.method),
@@ -161,13 +194,73 @@ impl Handler {
         }
     }
 
+    /// Applies `--mirrored-registries`, `--registry-filters` and the rule that
+    /// a mirrored request is never forwarded again.
+    fn scope(&self, name: &Name, reference: Option<&ManifestReference>, mirrored: bool) -> Scope {
+        let filter = &self.config.filter;
+        let local_or = |s: Scope| {
+            if mirrored || self.mirror.is_none() {
+                Scope::LocalOnly
+            } else {
+                s
+            }
+        };
+        let Some(registry) = &name.registry else {
+            // Without a registry, only digests can be matched: served
+            // locally, mirrored only when every registry is.
+            return local_or(if filter.all_registries() {
+                Scope::Mirrored
+            } else {
+                Scope::LocalOnly
+            });
+        };
+        let repository = name.repository.clone().normalized_for(registry);
+        let text = match reference {
+            Some(ManifestReference::Tag(tag)) => format!("{registry}/{repository}:{tag}"),
+            _ => format!("{registry}/{repository}"),
+        };
+        if !filter.allows(registry, &text) {
+            return Scope::Excluded;
+        }
+        local_or(Scope::Mirrored)
+    }
+
+    fn count_mirror(
+        &self,
+        name: &Name,
+        kind: &'static str,
+        hit: bool,
+        resolve: Option<std::time::Duration>,
+    ) {
+        let registry = name
+            .registry
+            .as_ref()
+            .map_or_else(|| "unknown".to_string(), |r| r.to_string());
+        self.metrics
+            .mirror_requests
+            .get_or_create(&MirrorLabels {
+                registry,
+                kind: kind.to_string(),
+                result: if hit { "hit" } else { "miss" }.to_string(),
+            })
+            .inc();
+        if let Some(d) = resolve {
+            self.metrics
+                .mirror_resolve_duration
+                .observe(d.as_secs_f64());
+        }
+    }
+
     async fn manifest(
         &self,
         name: &Name,
         reference: &ManifestReference,
+        scope: Scope,
     ) -> Result<Response, OciError> {
-        let (digest, media_type) = match reference {
-            ManifestReference::Digest(digest) => (*digest, None),
+        if matches!(scope, Scope::Excluded) {
+            return Err(OciError::manifest_unknown());
+        }
+        let tagged = match reference {
             ManifestReference::Tag(tag) => {
                 let Some(registry) = name.registry.clone() else {
                     return Err(OciError::new(
@@ -176,29 +269,78 @@ impl Handler {
                         "a tag needs its registry: add ?ns=<registry> or start the name with the registry host",
                     ));
                 };
-                let reference = Reference::tagged(registry, name.repository.clone(), tag.clone());
-                let desc = self
-                    .store
-                    .resolve_tag(&reference)
-                    .await
-                    .map_err(|e| store_miss(e, OciError::manifest_unknown()))?
-                    .ok_or_else(OciError::manifest_unknown)?;
-                (desc.digest, Some(desc.media_type))
+                Some(Reference::tagged(
+                    registry,
+                    name.repository.clone(),
+                    tag.clone(),
+                ))
+            }
+            ManifestReference::Digest(_) => None,
+        };
+        match self.local_manifest(reference, tagged.as_ref()).await {
+            Ok(Some(response)) => return Ok(response),
+            Ok(None) => {}
+            Err(e) => return Err(e),
+        }
+        let (Scope::Mirrored, Some(mirror)) = (scope, &self.mirror) else {
+            return Err(OciError::manifest_unknown());
+        };
+        match mirror.manifest(name, tagged.as_ref(), reference).await {
+            Ok(m) => {
+                self.count_mirror(name, "manifest", true, Some(m.resolve_time));
+                tracing::debug!(peer = %m.peer.addr, digest = %m.descriptor.digest, "manifest mirrored");
+                Ok(manifest_response(&m.descriptor, m.bytes))
+            }
+            Err(miss) => {
+                self.count_mirror(name, "manifest", false, None);
+                tracing::debug!(?miss, "manifest not found on peers");
+                Err(OciError::manifest_unknown())
+            }
+        }
+    }
+
+    /// The manifest from the local store; `Ok(None)` when it is not there.
+    async fn local_manifest(
+        &self,
+        reference: &ManifestReference,
+        tagged: Option<&Reference>,
+    ) -> Result<Option<Response>, OciError> {
+        let (digest, media_type) = match (reference, tagged) {
+            (ManifestReference::Digest(digest), _) => (*digest, None),
+            (ManifestReference::Tag(_), Some(reference)) => {
+                match self.store.resolve_tag(reference).await {
+                    Ok(Some(desc)) => (desc.digest, Some(desc.media_type)),
+                    Ok(None) => return Ok(None),
+                    Err(e) => {
+                        log_store_error(&e);
+                        return Ok(None);
+                    }
+                }
+            }
+            (ManifestReference::Tag(_), None) => return Ok(None),
+        };
+        let info = match self.store.stat(&digest).await {
+            Ok(Some(info)) => info,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                log_store_error(&e);
+                return Ok(None);
             }
         };
-        let info = self
-            .store
-            .stat(&digest)
-            .await
-            .map_err(|e| store_miss(e, OciError::manifest_unknown()))?
-            .ok_or_else(OciError::manifest_unknown)?;
         if info.size > MAX_MANIFEST_SIZE {
             return Err(OciError::manifest_unknown());
         }
-        let bytes = store::read_small(self.store.as_ref(), &digest, info.size, MAX_MANIFEST_SIZE)
-            .await
-            .map_err(|e| store_miss(e, OciError::manifest_unknown()))?
-            .ok_or_else(OciError::manifest_unknown)?;
+        let bytes =
+            match store::read_small(self.store.as_ref(), &digest, info.size, MAX_MANIFEST_SIZE)
+                .await
+            {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    log_store_error(&e);
+                    return Ok(None);
+                }
+            };
         let known = media_type
             .or(info.media_type)
             .filter(|mt| manifest::kind_of(mt) != Kind::Blob);
@@ -206,29 +348,110 @@ impl Handler {
             // Present, but a layer or config: not a manifest.
             return Err(OciError::manifest_unknown());
         };
-        Ok(manifest_response(
+        Ok(Some(manifest_response(
             &Descriptor {
                 media_type,
                 digest,
                 size: info.size,
             },
             bytes,
-        ))
+        )))
     }
 
-    async fn blob(&self, digest: &Digest, range: Option<&str>) -> Result<Response, OciError> {
-        let info = self
-            .store
-            .stat(digest)
-            .await
-            .map_err(|e| store_miss(e, OciError::blob_unknown()))?
-            .ok_or_else(OciError::blob_unknown)?;
-        let size = info.size;
+    async fn blob(
+        &self,
+        name: &Name,
+        digest: &Digest,
+        range: Option<&str>,
+        method: Method,
+        scope: Scope,
+    ) -> Result<Response, OciError> {
+        if matches!(scope, Scope::Excluded) {
+            return Err(OciError::blob_unknown());
+        }
         let range = match range.map(parse_range_header).transpose() {
-            Ok(Some(RangeRequest::Single(r))) => Some(r),
-            Ok(Some(RangeRequest::Multiple)) | Ok(None) => None,
-            Err(e) => return Ok(range_not_satisfiable(e.to_string(), size)),
+            Ok(Some(RangeRequest::Single(r))) => Ok(Some(r)),
+            Ok(Some(RangeRequest::Multiple)) | Ok(None) => Ok(None),
+            Err(e) => Err(e.to_string()),
         };
+        let local = match self.store.stat(digest).await {
+            Ok(info) => info,
+            Err(e) => {
+                log_store_error(&e);
+                None
+            }
+        };
+        if let Some(info) = local {
+            let range = match range {
+                Ok(r) => r,
+                Err(message) => return Ok(range_not_satisfiable(message, Some(info.size))),
+            };
+            // `None`: gone between stat and open; look on peers.
+            if let Some(response) = self.local_blob(digest, info.size, range, method).await? {
+                return Ok(response);
+            }
+        }
+        let (Scope::Mirrored, Some(mirror)) = (scope, &self.mirror) else {
+            return Err(OciError::blob_unknown());
+        };
+        let range = match range {
+            Ok(r) => r,
+            Err(message) => return Ok(range_not_satisfiable(message, None)),
+        };
+        match mirror
+            .blob(name, digest, range, method == Method::Head)
+            .await
+        {
+            Ok(m) => {
+                self.count_mirror(name, "blob", true, Some(m.resolve_time));
+                tracing::debug!(peer = %m.peer.addr, %digest, offset = m.offset, len = m.len, "blob mirrored");
+                let partial = m.partial && m.len > 0;
+                let mut headers = blob_headers(digest);
+                if partial {
+                    headers.push((
+                        "content-range",
+                        format!("bytes {}-{}/{}", m.offset, m.offset + m.len - 1, m.size),
+                    ));
+                }
+                let body = match m.body {
+                    Some(stream) => Body::Stream {
+                        stream: Box::pin(stream.map_err(std::io::Error::other)),
+                        len: m.len,
+                        source: Source::Mirror,
+                    },
+                    None => Body::Empty,
+                };
+                Ok(Response {
+                    status: if partial { 206 } else { 200 },
+                    headers,
+                    content_length: m.len,
+                    body,
+                    route: metrics::Route::Blob,
+                })
+            }
+            Err(MirrorMiss::Unsatisfiable { size }) => {
+                self.count_mirror(name, "blob", true, None);
+                Ok(range_not_satisfiable(
+                    "range outside the blob".to_string(),
+                    Some(size),
+                ))
+            }
+            Err(miss) => {
+                self.count_mirror(name, "blob", false, None);
+                tracing::debug!(?miss, %digest, "blob not found on peers");
+                Err(OciError::blob_unknown())
+            }
+        }
+    }
+
+    /// A blob from the local store; `Ok(None)` if it vanished since `stat`.
+    async fn local_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        range: Option<ByteRange>,
+        method: Method,
+    ) -> Result<Option<Response>, OciError> {
         let (status, offset, len) = match range {
             // An empty blob has no satisfiable range, but `bytes=0-` is how
             // containerd 2.1+ asks for any whole blob: send it.
@@ -236,66 +459,75 @@ impl Handler {
             Some(r) => {
                 let span = match r.resolve(size) {
                     Ok(span) => span,
-                    Err(e) => return Ok(range_not_satisfiable(e.to_string(), size)),
+                    Err(e) => return Ok(Some(range_not_satisfiable(e.to_string(), Some(size)))),
                 };
                 (206, *span.start(), span.end() - span.start() + 1)
             }
             None => (200, 0, size),
         };
-        let body = self
-            .store
-            .open(digest, offset, len)
-            .await
-            .map_err(|e| store_miss(e, OciError::blob_unknown()))?
-            .ok_or_else(OciError::blob_unknown)?;
-        let mut headers = vec![
-            ("content-type", OCTET_STREAM.to_string()),
-            ("docker-content-digest", digest.to_string()),
-            ("accept-ranges", "bytes".to_string()),
-            ("etag", format!("\"{digest}\"")),
-        ];
+        let mut headers = blob_headers(digest);
         if status == 206 {
             headers.push((
                 "content-range",
                 format!("bytes {}-{}/{}", offset, offset + len - 1, size),
             ));
         }
-        let body = match body {
-            BlobBody::File { file, path } => Body::File {
-                file,
-                path,
-                offset,
-                len,
-            },
-            BlobBody::Stream(stream) => Body::Stream {
-                stream,
-                len,
-                source: Source::Grpc,
-            },
+        let body = if method == Method::Head {
+            Body::Empty
+        } else {
+            match self.store.open(digest, offset, len).await {
+                Ok(Some(BlobBody::File { file, path })) => Body::File {
+                    file,
+                    path,
+                    offset,
+                    len,
+                },
+                Ok(Some(BlobBody::Stream(stream))) => Body::Stream {
+                    stream: Box::pin(stream.map_err(std::io::Error::other)),
+                    len,
+                    source: Source::Grpc,
+                },
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    log_store_error(&e);
+                    return Ok(None);
+                }
+            }
         };
-        Ok(Response {
+        Ok(Some(Response {
             status,
             headers,
             content_length: len,
             body,
             route: metrics::Route::Blob,
-        })
+        }))
     }
 }
 
-/// Any store failure is answered as a miss (404), so that containerd moves on
-/// to its next endpoint instead of failing the pull; the cause is logged.
-fn store_miss(e: StoreError, miss: OciError) -> OciError {
-    tracing::warn!(error = %e, "content store error, answering as a miss");
-    miss
+fn blob_headers(digest: &Digest) -> Vec<(&'static str, String)> {
+    vec![
+        ("content-type", OCTET_STREAM.to_string()),
+        ("docker-content-digest", digest.to_string()),
+        ("accept-ranges", "bytes".to_string()),
+        ("etag", format!("\"{digest}\"")),
+    ]
 }
 
-/// 416, with the `Content-Range: bytes */<size>` RFC 9110 asks for.
-fn range_not_satisfiable(message: String, size: u64) -> Response {
+/// A store failure is answered as a miss (so that containerd moves on to its
+/// next endpoint instead of failing the pull); the cause is logged.
+fn log_store_error(e: &StoreError) {
+    tracing::warn!(error = %e, "content store error, answering as a miss");
+}
+
+/// 416, with the `Content-Range: bytes */<size>` RFC 9110 asks for when
+/// the size is known.
+fn range_not_satisfiable(message: String, size: Option<u64>) -> Response {
     let mut response = Response::error(metrics::Route::Blob, &OciError::range_invalid(message));
-    response
-        .headers
-        .push(("content-range", format!("bytes */{size}")));
+    if let Some(size) = size {
+        response
+            .headers
+            .push(("content-range", format!("bytes */{size}")));
+    }
     response
 }
 
@@ -358,7 +590,8 @@ mod tests {
         store
             .set_image("example.com:5000/team/app:v2", manifest_desc.clone())
             .await;
-        let handler = Handler::new(store.clone(), HandlerConfig::default());
+        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+        let handler = Handler::new(store.clone(), None, HandlerConfig::default(), metrics);
         Fixture {
             store,
             handler,

@@ -18,9 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::body::{self, ServingPath};
-use super::handler::{Body, Handler, MIRRORED_HEADER, Method, RequestHead, Response};
+use super::handler::{Body, Handler, Method, RequestHead, Response};
 use crate::metrics::{self, Metrics, RequestLabels, Source, SourceLabels};
-use crate::oci::OciError;
+use crate::oci::{MIRRORED_HEADER, OciError};
 
 /// Largest request head accepted (request line plus headers).
 const MAX_HEAD: usize = 16 * 1024;

@@ -9,5 +9,5 @@ pub mod handler;
 pub mod http;
 
 pub use body::ServingPath;
-pub use handler::{Body, Handler, HandlerConfig, MIRRORED_HEADER, Method, RequestHead, Response};
+pub use handler::{Body, Handler, HandlerConfig, Method, RequestHead, Response};
 pub use http::{Conn, Server, ServerConfig};

@@ -25,7 +25,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, Swarm, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, identify, noise, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, identify, noise, ping, tcp, yamux};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -85,6 +85,9 @@ pub enum P2pError {
 struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
     identify: identify::Behaviour,
+    /// Finds dead connections (a peer whose link went silent) in seconds
+    /// rather than at the end of TCP's retransmission timeout.
+    ping: ping::Behaviour,
 }
 
 /// A summary of one connected peer, for the debug page.
@@ -256,6 +259,11 @@ pub fn start(
     let behaviour = Behaviour {
         kad,
         identify: identify::Behaviour::new(identify_config),
+        ping: ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(Duration::from_secs(5))
+                .with_timeout(Duration::from_secs(5)),
+        ),
     };
     let mut swarm = Swarm::new(
         transport,
@@ -614,6 +622,15 @@ impl EventLoop {
                 self.publish_status();
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(_)) => {}
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(e),
+            })) => {
+                tracing::debug!(%peer, error = %e, "ping failed; closing the connection");
+                self.swarm.close_connection(connection);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(_)) => {}
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "P2P listening");
                 if let Some(ip) = ip_of(&address) {

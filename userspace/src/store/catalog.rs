@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::oci::{self, Descriptor, Digest, Kind, Reference, manifest};
+use crate::oci::{self, Descriptor, Digest, Kind, Reference, ReferenceFilter, manifest};
 
 /// One image as the store names it, with the descriptor of its root
 /// (a manifest or an index).
@@ -84,6 +84,7 @@ pub type DocumentCache = HashMap<Digest, Arc<oci::Document>>;
 pub async fn build<E, F, Fut>(
     images: &[ImageRecord],
     present: &HashMap<Digest, u64>,
+    filter: &ReferenceFilter,
     cache: &mut DocumentCache,
     read: F,
 ) -> Result<Catalog, E>
@@ -97,10 +98,19 @@ where
         if !present.contains_key(&image.target.digest) {
             continue;
         }
-        if let Ok(reference) = Reference::parse(&image.name)
-            && let Some(name) = reference.tagged_name()
-        {
-            catalog.tags.insert(name, image.target.clone());
+        match Reference::parse(&image.name) {
+            Ok(reference) => {
+                let text = reference.tagged_name().unwrap_or_else(|| reference.name());
+                if !filter.allows(&reference.registry, &text) {
+                    continue;
+                }
+                if let Some(name) = reference.tagged_name() {
+                    catalog.tags.insert(name, image.target.clone());
+                }
+            }
+            // A name that is no reference cannot be matched by a filter.
+            Err(_) if !filter.is_open() => continue,
+            Err(_) => {}
         }
         let mut stack = vec![image.target.clone()];
         while let Some(desc) = stack.pop() {
@@ -218,7 +228,8 @@ mod tests {
             async move { Ok::<_, std::convert::Infallible>(found) }
         };
         let mut cache = DocumentCache::new();
-        let catalog = build(&images, &present, &mut cache, &read)
+        let open = ReferenceFilter::default();
+        let catalog = build(&images, &present, &open, &mut cache, &read)
             .await
             .expect("build");
 
@@ -238,9 +249,24 @@ mod tests {
         assert_eq!(reads.get(), 2);
 
         // A second build reads nothing: documents are cached.
-        build(&images, &present, &mut cache, &read)
+        build(&images, &present, &open, &mut cache, &read)
             .await
             .expect("build");
         assert_eq!(reads.get(), 2);
+
+        // Filtered images contribute nothing.
+        let only_ghcr =
+            ReferenceFilter::new(vec!["ghcr.io".parse().expect("registry")], &[]).expect("filter");
+        let filtered = build(&images, &present, &only_ghcr, &mut cache, &read)
+            .await
+            .expect("build");
+        assert_eq!(filtered.content_count(), 0);
+        let no_app_tag = ReferenceFilter::new(vec![], &["/app:1$".to_string()]).expect("filter");
+        let filtered = build(&images, &present, &no_app_tag, &mut cache, &read)
+            .await
+            .expect("build");
+        assert_eq!(filtered.tag_count(), 0);
+        // Still reachable through the digest-named image of the same index.
+        assert_eq!(filtered.content_count(), 4);
     }
 }

@@ -35,7 +35,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::catalog::{self, Catalog, DocumentCache, ImageRecord};
 use super::{BlobBody, BlobInfo, ContentStore, StoreError, StoreHealth};
-use crate::oci::{Descriptor, Digest, Reference};
+use crate::oci::{Descriptor, Digest, Reference, ReferenceFilter};
 
 /// How to reach containerd and what to read from it.
 #[derive(Debug, Clone)]
@@ -49,6 +49,8 @@ pub struct ContainerdConfig {
     pub content_path: Option<PathBuf>,
     /// How often the catalog is rebuilt even without events.
     pub resync_interval: Duration,
+    /// Images left out of the catalog (and so never advertised).
+    pub filter: ReferenceFilter,
 }
 
 /// The plugin that owns the content store, as introspection names it.
@@ -257,7 +259,7 @@ impl ContainerdStore {
                     .await
             }
         };
-        let catalog = catalog::build(&images, &present, cache, &read).await?;
+        let catalog = catalog::build(&images, &present, &self.config.filter, cache, &read).await?;
         let (tags, blobs) = (catalog.tag_count(), catalog.content_count());
         let changed = self.catalog.send_if_modified(|current| {
             if **current == catalog {

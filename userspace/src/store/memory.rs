@@ -88,7 +88,15 @@ impl MemoryStore {
         let present = blobs.iter().map(|(d, b)| (*d, b.len() as u64)).collect();
         let read = |d: Digest| std::future::ready(Ok::<_, Infallible>(blobs.get(&d).cloned()));
         let mut cache = DocumentCache::new();
-        match catalog::build(&images, &present, &mut cache, &read).await {
+        match catalog::build(
+            &images,
+            &present,
+            &crate::oci::ReferenceFilter::default(),
+            &mut cache,
+            &read,
+        )
+        .await
+        {
             Ok(catalog) => {
                 self.catalog.send_replace(Arc::new(catalog));
             }

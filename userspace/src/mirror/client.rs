@@ -1,0 +1,102 @@
+//! One HTTP request to a peer's registry port, with its time bounded.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::oci::MIRRORED_HEADER;
+
+/// Why a request to a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    #[error("connect to {addr} timed out after {after:?}")]
+    ConnectTimeout { addr: SocketAddr, after: Duration },
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{addr} sent no response head within {after:?}")]
+    HeaderTimeout { addr: SocketAddr, after: Duration },
+    #[error("HTTP with {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("{addr} answered {status}")]
+    Status { addr: SocketAddr, status: u16 },
+    #[error("{addr} answered an unusable response: {reason}")]
+    Invalid { addr: SocketAddr, reason: String },
+}
+
+/// Time limits of one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub header: Duration,
+}
+
+/// Sends `method path` to the peer at `addr`, marked as mirrored so that the
+/// peer answers from its own store only. Dropping the response (or its body)
+/// closes the connection.
+pub async fn request(
+    addr: SocketAddr,
+    method: Method,
+    path_and_query: &str,
+    headers: &[(&str, String)],
+    timeouts: Timeouts,
+) -> Result<Response<Incoming>, AttemptError> {
+    let stream = tokio::time::timeout(timeouts.connect, TcpStream::connect(addr))
+        .await
+        .map_err(|_| AttemptError::ConnectTimeout {
+            addr,
+            after: timeouts.connect,
+        })?
+        .map_err(|source| AttemptError::Connect { addr, source })?;
+    let _ = stream.set_nodelay(true);
+    let exchange = async {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| AttemptError::Http { addr, source })?;
+        tokio::spawn(async move {
+            // Ends when the response body is finished or dropped.
+            let _ = conn.await;
+        });
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path_and_query)
+            .header("host", addr.to_string())
+            .header(MIRRORED_HEADER, "1")
+            .header(
+                "user-agent",
+                concat!("peermirror/", env!("CARGO_PKG_VERSION")),
+            );
+        for (name, value) in headers {
+            builder = builder.header(*name, value.as_str());
+        }
+        let request = builder
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| AttemptError::Invalid {
+                addr,
+                reason: e.to_string(),
+            })?;
+        sender
+            .send_request(request)
+            .await
+            .map_err(|source| AttemptError::Http { addr, source })
+    };
+    tokio::time::timeout(timeouts.header, exchange)
+        .await
+        .map_err(|_| AttemptError::HeaderTimeout {
+            addr,
+            after: timeouts.header,
+        })?
+}

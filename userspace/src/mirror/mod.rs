@@ -1,0 +1,560 @@
+//! Fetching content this node lacks from the peers that hold it.
+//!
+//! - Peers come from the router as a stream; no provider within the resolve
+//!   timeout means a miss at once (containerd then tries its next endpoint).
+//! - Every step has a time limit: connect, response head, stall (no byte for
+//!   a while), and a total budget per request.
+//! - Hedging: when the first peer has not answered its response head within
+//!   the hedge delay, the next one is raced against it. During the body, a
+//!   peer that delivers less than the minimum speed is replaced when another
+//!   holder exists.
+//! - A peer that fails mid-body is replaced and the transfer resumes with
+//!   `Range: bytes=<next byte>-`: the client sees one uninterrupted response.
+//! - Whole-blob responses are hashed on the way through and their last chunk
+//!   is held back until the digest is confirmed; on a mismatch the client gets
+//!   a short body and the peers that sent the bytes are not used again for
+//!   that digest. Manifests are verified before any header is sent.
+
+mod client;
+mod transfer;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::{BoxStream, FuturesUnordered};
+use http_body_util::{BodyExt, Limited};
+use hyper::Method;
+use hyper::body::Incoming;
+
+pub use client::{AttemptError, Timeouts};
+pub use transfer::TransferError;
+
+use crate::oci::manifest::{
+    self, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Kind, MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST,
+};
+use crate::oci::{ByteRange, Descriptor, Digest, ManifestReference, Name, Reference};
+use crate::routing::{Peer, Router};
+
+/// Time limits and policies of mirroring.
+#[derive(Debug, Clone)]
+pub struct MirrorConfig {
+    /// How long to wait for the first provider before answering a miss.
+    pub resolve_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// How long a peer may take to send its response head.
+    pub header_timeout: Duration,
+    /// When the first peer has not answered its head by then, race the next.
+    pub hedge_delay: Duration,
+    /// A peer that sends no byte for this long is replaced.
+    pub stall_timeout: Duration,
+    /// Bytes per second below which a peer is replaced (measured over
+    /// `stall_timeout`), when another holder exists.
+    pub min_speed: u64,
+    /// The whole request, body included.
+    pub total_timeout: Duration,
+    /// Most peers tried for one request.
+    pub max_attempts: usize,
+    /// How long a peer that sent corrupt bytes is avoided for that digest.
+    pub bad_peer_ttl: Duration,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            resolve_timeout: Duration::from_millis(20),
+            connect_timeout: Duration::from_secs(1),
+            header_timeout: Duration::from_secs(3),
+            hedge_delay: Duration::from_millis(300),
+            stall_timeout: Duration::from_secs(3),
+            min_speed: 1 << 20,
+            total_timeout: Duration::from_secs(600),
+            max_attempts: 5,
+            bad_peer_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Why the mirror has nothing to answer with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MirrorMiss {
+    /// No peer holds the key (as far as the DHT knows within the timeout).
+    NoProvider,
+    /// Peers were found but none delivered.
+    AllFailed { tried: usize },
+    /// A peer holds the blob, and the requested range is outside it.
+    Unsatisfiable { size: u64 },
+}
+
+/// A blob response from a peer, ready to be relayed.
+pub struct MirroredBlob {
+    pub peer: Peer,
+    /// Size of the whole blob.
+    pub size: u64,
+    /// First byte and length of what `body` carries.
+    pub offset: u64,
+    pub len: u64,
+    /// Whether the client asked for a range (answer 206).
+    pub partial: bool,
+    /// `None` for HEAD.
+    pub body: Option<BoxStream<'static, Result<Bytes, TransferError>>>,
+    /// Time until the first provider was known.
+    pub resolve_time: Duration,
+}
+
+/// A manifest fetched from a peer and verified.
+#[derive(Debug, Clone)]
+pub struct MirroredManifest {
+    pub peer: Peer,
+    pub descriptor: Descriptor,
+    pub bytes: Bytes,
+    pub resolve_time: Duration,
+}
+
+/// Peers that sent bytes that did not match their digest, per digest.
+#[derive(Default)]
+struct BadPeers {
+    entries: Mutex<HashMap<(Digest, String), Instant>>,
+}
+
+/// Upper bound of remembered bad (digest, peer) pairs.
+const MAX_BAD_ENTRIES: usize = 10_000;
+
+impl BadPeers {
+    fn is_bad(&self, digest: &Digest, peer: &str, ttl: Duration) -> bool {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .get(&(*digest, peer.to_string()))
+            .is_some_and(|at| at.elapsed() < ttl)
+    }
+
+    fn mark(&self, digest: &Digest, peer: &str, ttl: Duration) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= MAX_BAD_ENTRIES {
+            entries.retain(|_, at| at.elapsed() < ttl);
+        }
+        if entries.len() < MAX_BAD_ENTRIES {
+            entries.insert((*digest, peer.to_string()), Instant::now());
+        }
+    }
+}
+
+/// Fetches content from peers. Shared by all requests.
+pub struct Mirror {
+    router: Arc<dyn Router>,
+    config: MirrorConfig,
+    bad: BadPeers,
+}
+
+/// The peers a request may still try, in the order the lookup found them.
+pub(crate) struct Candidates {
+    lookup: Option<BoxStream<'static, Peer>>,
+    queue: VecDeque<Peer>,
+    seen: HashSet<String>,
+    skip: Box<dyn Fn(&Peer) -> bool + Send>,
+}
+
+impl Candidates {
+    fn new(
+        lookup: BoxStream<'static, Peer>,
+        skip: Box<dyn Fn(&Peer) -> bool + Send>,
+    ) -> Candidates {
+        Candidates {
+            lookup: Some(lookup),
+            queue: VecDeque::new(),
+            seen: HashSet::new(),
+            skip,
+        }
+    }
+
+    /// The next peer not tried yet, waiting up to `wait` for the lookup to
+    /// find one.
+    pub(crate) async fn next(&mut self, wait: Duration) -> Option<Peer> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(p) = self.queue.pop_front() {
+                return Some(p);
+            }
+            let lookup = self.lookup.as_mut()?;
+            match tokio::time::timeout_at(deadline, lookup.next()).await {
+                Ok(Some(p)) => {
+                    if self.seen.insert(p.id.clone()) && !(self.skip)(&p) {
+                        return Some(p);
+                    }
+                }
+                Ok(None) => {
+                    self.lookup = None;
+                    return None;
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+/// The media types a manifest request accepts.
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+impl Mirror {
+    pub fn new(router: Arc<dyn Router>, config: MirrorConfig) -> Arc<Mirror> {
+        Arc::new(Mirror {
+            router,
+            config,
+            bad: BadPeers::default(),
+        })
+    }
+
+    pub fn config(&self) -> &MirrorConfig {
+        &self.config
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            connect: self.config.connect_timeout,
+            header: self.config.header_timeout,
+        }
+    }
+
+    fn candidates(self: &Arc<Self>, key: &str, digest: Option<Digest>) -> Candidates {
+        let me = self.clone();
+        let skip: Box<dyn Fn(&Peer) -> bool + Send> = match digest {
+            Some(d) => Box::new(move |p: &Peer| me.bad.is_bad(&d, &p.id, me.config.bad_peer_ttl)),
+            None => Box::new(|_| false),
+        };
+        Candidates::new(self.router.lookup(key), skip)
+    }
+
+    /// Tries peers until one answers a response head that `accept` takes,
+    /// racing a second peer when the first is slow to answer.
+    async fn first_answer<T>(
+        &self,
+        candidates: &mut Candidates,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        accept: impl Fn(&Peer, hyper::Response<Incoming>) -> Result<T, Answer>,
+    ) -> Result<(Peer, T), MirrorMiss> {
+        let Some(first) = candidates.next(self.config.resolve_timeout).await else {
+            return Err(MirrorMiss::NoProvider);
+        };
+        let timeouts = self.timeouts();
+        let attempt = |peer: Peer| {
+            let method = method.clone();
+            let headers: Vec<(&str, String)> = headers.to_vec();
+            let path = path.to_string();
+            async move {
+                let result = client::request(peer.addr, method, &path, &headers, timeouts).await;
+                (peer, result)
+            }
+        };
+        let mut inflight = FuturesUnordered::new();
+        inflight.push(attempt(first));
+        let mut tried = 1;
+        let hedge = tokio::time::sleep(self.config.hedge_delay);
+        tokio::pin!(hedge);
+        let mut hedged = false;
+        loop {
+            tokio::select! {
+                Some((peer, result)) = inflight.next() => {
+                    match result {
+                        Ok(response) => match accept(&peer, response) {
+                            Ok(v) => return Ok((peer, v)),
+                            Err(Answer::Final(miss)) => return Err(miss),
+                            Err(Answer::Retry(reason)) => {
+                                tracing::debug!(peer = %peer.addr, %reason, "peer cannot serve this request");
+                            }
+                        },
+                        Err(e) => tracing::debug!(peer = %peer.addr, error = %e, "peer request failed"),
+                    }
+                    if tried < self.config.max_attempts
+                        && let Some(next) = candidates.next(self.config.resolve_timeout).await
+                    {
+                        inflight.push(attempt(next));
+                        tried += 1;
+                    }
+                    if inflight.is_empty() {
+                        return Err(MirrorMiss::AllFailed { tried });
+                    }
+                }
+                _ = &mut hedge, if !hedged => {
+                    hedged = true;
+                    if tried < self.config.max_attempts
+                        && let Some(next) = candidates.next(Duration::ZERO).await
+                    {
+                        tracing::debug!(peer = %next.addr, "first peer is slow to answer; racing another");
+                        inflight.push(attempt(next));
+                        tried += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fetches a blob (or the requested range of it) from a peer.
+    pub async fn blob(
+        self: &Arc<Self>,
+        name: &Name,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        head: bool,
+    ) -> Result<MirroredBlob, MirrorMiss> {
+        let started = Instant::now();
+        let mut candidates = self.candidates(&digest.to_string(), Some(*digest));
+        let path = peer_path(name, "blobs", &digest.to_string());
+        let mut headers = Vec::new();
+        if let Some(r) = range {
+            headers.push(("range", range_header(r)));
+        }
+        let method = if head { Method::HEAD } else { Method::GET };
+        let digest_text = digest.to_string();
+        let accept = |peer: &Peer, response: hyper::Response<Incoming>| {
+            blob_answer(peer, response, &digest_text, range)
+        };
+        let (peer, answer) = self
+            .first_answer(&mut candidates, method, &path, &headers, accept)
+            .await?;
+        let resolve_time = started.elapsed();
+        let BlobAnswer {
+            size,
+            offset,
+            len,
+            body,
+        } = answer;
+        let body = match (head, body) {
+            (true, _) | (_, None) => None,
+            (false, Some(body)) => {
+                // `bytes=0-` is how containerd 2.1+ asks for a whole blob:
+                // verify it like one.
+                let verify = offset == 0 && len == size;
+                Some(transfer::start(transfer::Transfer {
+                    mirror: self.clone(),
+                    digest: *digest,
+                    path,
+                    verify,
+                    end: offset + len,
+                    pos: offset,
+                    peer: peer.clone(),
+                    body,
+                    candidates,
+                    deadline: tokio::time::Instant::now() + self.config.total_timeout,
+                }))
+            }
+        };
+        Ok(MirroredBlob {
+            peer,
+            size,
+            offset,
+            len,
+            partial: range.is_some(),
+            body,
+            resolve_time,
+        })
+    }
+
+    /// Fetches a manifest by tag or digest and verifies it before returning.
+    pub async fn manifest(
+        self: &Arc<Self>,
+        name: &Name,
+        registry_reference: Option<&Reference>,
+        reference: &ManifestReference,
+    ) -> Result<MirroredManifest, MirrorMiss> {
+        let started = Instant::now();
+        let (key, wanted, reference_text) = match reference {
+            ManifestReference::Digest(d) => (d.to_string(), Some(*d), d.to_string()),
+            ManifestReference::Tag(tag) => {
+                let Some(key) = registry_reference.and_then(Reference::tagged_name) else {
+                    return Err(MirrorMiss::NoProvider);
+                };
+                (key, None, tag.to_string())
+            }
+        };
+        let mut candidates = self.candidates(&key, wanted);
+        let path = peer_path(name, "manifests", &reference_text);
+        let headers = [("accept", MANIFEST_ACCEPT.to_string())];
+        let deadline = tokio::time::Instant::now() + self.config.total_timeout;
+        let mut tried = 0;
+        while tried < self.config.max_attempts {
+            let accept = |_: &Peer, response: hyper::Response<Incoming>| manifest_head(response);
+            let (peer, (media_type, header_digest, body)) = self
+                .first_answer(&mut candidates, Method::GET, &path, &headers, accept)
+                .await?;
+            tried += 1;
+            let resolve_time = started.elapsed();
+            let collected = tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + self.config.stall_timeout * 2),
+                Limited::new(body, MAX_MANIFEST_SIZE as usize).collect(),
+            )
+            .await;
+            let bytes = match collected {
+                Ok(Ok(b)) => b.to_bytes(),
+                _ => {
+                    tracing::debug!(peer = %peer.addr, "manifest body not received");
+                    continue;
+                }
+            };
+            let actual = Digest::of(&bytes);
+            if wanted.is_some_and(|w| w != actual) || header_digest.is_some_and(|h| h != actual) {
+                tracing::warn!(peer = %peer.addr, %actual, expected = ?wanted.or(header_digest), "peer sent a manifest that does not match its digest");
+                self.bad.mark(&actual, &peer.id, self.config.bad_peer_ttl);
+                if let Some(w) = wanted {
+                    self.bad.mark(&w, &peer.id, self.config.bad_peer_ttl);
+                }
+                continue;
+            }
+            let media_type = media_type
+                .filter(|mt| manifest::kind_of(mt) != Kind::Blob)
+                .or_else(|| manifest::sniff_media_type(&bytes));
+            let Some(media_type) = media_type else {
+                continue;
+            };
+            return Ok(MirroredManifest {
+                peer,
+                descriptor: Descriptor {
+                    media_type,
+                    digest: actual,
+                    size: bytes.len() as u64,
+                },
+                bytes,
+                resolve_time,
+            });
+        }
+        Err(MirrorMiss::AllFailed { tried })
+    }
+
+    pub(crate) fn mark_bad(&self, digest: &Digest, peer: &Peer) {
+        self.bad.mark(digest, &peer.id, self.config.bad_peer_ttl);
+    }
+}
+
+/// How a peer's answer is judged.
+enum Answer {
+    /// Try another peer.
+    Retry(String),
+    /// This answer settles the request.
+    Final(MirrorMiss),
+}
+
+struct BlobAnswer {
+    size: u64,
+    offset: u64,
+    len: u64,
+    body: Option<Incoming>,
+}
+
+fn header<'a>(response: &'a hyper::Response<Incoming>, name: &str) -> Option<&'a str> {
+    response.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Parses `bytes a-b/size`.
+fn parse_content_range(value: &str) -> Option<(u64, u64, u64)> {
+    let rest = value.trim().strip_prefix("bytes ")?;
+    let (span, size) = rest.split_once('/')?;
+    let (a, b) = span.split_once('-')?;
+    let (a, b, size) = (a.parse().ok()?, b.parse().ok()?, size.parse().ok()?);
+    (a <= b && b < size).then_some((a, b, size))
+}
+
+fn blob_answer(
+    peer: &Peer,
+    response: hyper::Response<Incoming>,
+    digest: &str,
+    range: Option<ByteRange>,
+) -> Result<BlobAnswer, Answer> {
+    let status = response.status().as_u16();
+    if status == 416 {
+        let size = header(&response, "content-range")
+            .and_then(|v| v.strip_prefix("bytes */"))
+            .and_then(|s| s.parse().ok());
+        return match size {
+            Some(size) => Err(Answer::Final(MirrorMiss::Unsatisfiable { size })),
+            None => Err(Answer::Retry(format!("{} answered 416", peer.addr))),
+        };
+    }
+    if status != 200 && status != 206 {
+        return Err(Answer::Retry(format!("status {status}")));
+    }
+    if header(&response, "docker-content-digest").is_some_and(|d| d != digest) {
+        return Err(Answer::Retry("answered for another digest".into()));
+    }
+    let len: u64 = header(&response, "content-length")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Answer::Retry("no content-length".into()))?;
+    let (offset, size) = if status == 206 {
+        let (a, b, size) = header(&response, "content-range")
+            .and_then(parse_content_range)
+            .ok_or_else(|| Answer::Retry("206 without a valid content-range".into()))?;
+        if b - a + 1 != len {
+            return Err(Answer::Retry(
+                "content-range and content-length disagree".into(),
+            ));
+        }
+        (a, size)
+    } else {
+        if range.is_some_and(|r| !r.is_from_start()) {
+            return Err(Answer::Retry("range ignored".into()));
+        }
+        (0, len)
+    };
+    if let Some(r) = range
+        && r.resolve(size).ok().map(|span| *span.start()) != Some(offset)
+    {
+        return Err(Answer::Retry("answered another range".into()));
+    }
+    Ok(BlobAnswer {
+        size,
+        offset,
+        len,
+        body: Some(response.into_body()),
+    })
+}
+
+type ManifestHead = (Option<String>, Option<Digest>, Incoming);
+
+fn manifest_head(response: hyper::Response<Incoming>) -> Result<ManifestHead, Answer> {
+    if response.status().as_u16() != 200 {
+        return Err(Answer::Retry(format!("status {}", response.status())));
+    }
+    if header(&response, "content-length")
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|len| len > MAX_MANIFEST_SIZE)
+    {
+        return Err(Answer::Retry("manifest too large".into()));
+    }
+    let media_type = header(&response, "content-type")
+        .map(|v| v.split(';').next().unwrap_or(v).trim().to_string())
+        .filter(|mt| {
+            [
+                OCI_INDEX,
+                OCI_MANIFEST,
+                DOCKER_MANIFEST_LIST,
+                DOCKER_MANIFEST,
+            ]
+            .contains(&mt.as_str())
+        });
+    let digest = header(&response, "docker-content-digest").and_then(|d| d.parse().ok());
+    Ok((media_type, digest, response.into_body()))
+}
+
+/// `/v2/<repository>/<kind>/<reference>[?ns=<registry>]`.
+fn peer_path(name: &Name, kind: &str, reference: &str) -> String {
+    match &name.registry {
+        Some(registry) => format!("/v2/{}/{kind}/{reference}?ns={registry}", name.repository),
+        None => format!("/v2/{}/{kind}/{reference}", name.repository),
+    }
+}
+
+fn range_header(range: ByteRange) -> String {
+    match range {
+        ByteRange::FromTo {
+            first,
+            last: Some(last),
+        } => format!("bytes={first}-{last}"),
+        ByteRange::FromTo { first, last: None } => format!("bytes={first}-"),
+        ByteRange::Suffix { len } => format!("bytes=-{len}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,513 @@
+//! The mirror against real peers over real sockets: peermirror's own registry
+//! server on a `MemoryStore`, and scripted misbehaving peers.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::metrics::Metrics;
+use crate::oci::manifest::OCI_MANIFEST;
+use crate::registry::{Handler, HandlerConfig, Server, ServerConfig};
+use crate::routing::MemoryRouter;
+use crate::store::MemoryStore;
+
+const LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+
+fn random_blob(len: usize) -> Bytes {
+    let mut state = 0x2545_f491_4f6c_dd1du64 ^ len as u64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+/// peermirror's registry server over a memory store.
+async fn real_peer(store: Arc<MemoryStore>) -> (SocketAddr, Metrics, CancellationToken) {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let handler = Arc::new(Handler::new(
+        store,
+        None,
+        HandlerConfig::default(),
+        metrics.clone(),
+    ));
+    let server = Server::new(
+        handler,
+        ServerConfig {
+            serving_path: crate::registry::ServingPath::Buffered,
+            ..ServerConfig::default()
+        },
+        metrics.clone(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(server.serve(listener, shutdown.clone()));
+    (addr, metrics, shutdown)
+}
+
+#[derive(Clone)]
+enum Behaviour {
+    /// Correct head for the whole blob, then `after` bytes, then close.
+    Truncate { body: Bytes, after: usize },
+    /// The whole blob with one byte flipped.
+    Corrupt { body: Bytes },
+    /// Reads the request and never answers.
+    Silent,
+    /// Correct head, `after` bytes, then silence.
+    Stall { body: Bytes, after: usize },
+    /// Correct head, then `chunk` bytes every 100 ms.
+    Slow { body: Bytes, chunk: usize },
+    /// A fixed response (head and body).
+    Raw(Bytes),
+}
+
+struct Fake {
+    addr: SocketAddr,
+    requests: Arc<Mutex<Vec<String>>>,
+    /// Set when a write to a client failed (the client went away).
+    client_gone: Arc<Mutex<Option<Instant>>>,
+}
+
+async fn fake_peer(behaviour: Behaviour) -> Fake {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let client_gone = Arc::new(Mutex::new(None));
+    let (reqs, gone) = (requests.clone(), client_gone.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let behaviour = behaviour.clone();
+            let (reqs, gone) = (reqs.clone(), gone.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                reqs.lock()
+                    .expect("lock")
+                    .push(String::from_utf8_lossy(&head).into_owned());
+                let ok_head =
+                    |len: usize| format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+                let result: std::io::Result<()> = async {
+                    match behaviour {
+                        Behaviour::Truncate { body, after } => {
+                            socket.write_all(ok_head(body.len()).as_bytes()).await?;
+                            socket.write_all(&body[..after]).await?;
+                        }
+                        Behaviour::Corrupt { body } => {
+                            let mut bad = body.to_vec();
+                            let mid = bad.len() / 2;
+                            bad[mid] ^= 0xff;
+                            socket.write_all(ok_head(bad.len()).as_bytes()).await?;
+                            socket.write_all(&bad).await?;
+                        }
+                        Behaviour::Silent => tokio::time::sleep(Duration::from_secs(30)).await,
+                        Behaviour::Stall { body, after } => {
+                            socket.write_all(ok_head(body.len()).as_bytes()).await?;
+                            socket.write_all(&body[..after]).await?;
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                        }
+                        Behaviour::Slow { body, chunk } => {
+                            socket.write_all(ok_head(body.len()).as_bytes()).await?;
+                            for part in body.chunks(chunk) {
+                                socket.write_all(part).await?;
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                        Behaviour::Raw(bytes) => socket.write_all(&bytes).await?,
+                    }
+                    Ok(())
+                }
+                .await;
+                if result.is_err() {
+                    *gone.lock().expect("lock") = Some(Instant::now());
+                }
+            });
+        }
+    });
+    Fake {
+        addr,
+        requests,
+        client_gone,
+    }
+}
+
+fn peer(id: &str, addr: SocketAddr) -> Peer {
+    Peer {
+        id: id.to_string(),
+        addr,
+    }
+}
+
+fn name() -> Name {
+    Name {
+        registry: Some("docker.io".parse().expect("registry")),
+        repository: "library/app".parse().expect("repo"),
+    }
+}
+
+fn fast_config() -> MirrorConfig {
+    MirrorConfig {
+        resolve_timeout: Duration::from_millis(50),
+        connect_timeout: Duration::from_millis(500),
+        header_timeout: Duration::from_secs(5),
+        hedge_delay: Duration::from_millis(100),
+        stall_timeout: Duration::from_millis(400),
+        min_speed: 1 << 20,
+        total_timeout: Duration::from_secs(20),
+        max_attempts: 4,
+        bad_peer_ttl: Duration::from_secs(60),
+    }
+}
+
+/// Reads a relayed body: the bytes, and whether it ended with an error.
+async fn drain(
+    mut body: BoxStream<'static, Result<Bytes, TransferError>>,
+) -> (Vec<u8>, Option<TransferError>) {
+    let mut out = Vec::new();
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(c) => out.extend_from_slice(&c),
+            Err(e) => return (out, Some(e)),
+        }
+    }
+    (out, None)
+}
+
+struct Setup {
+    blob: Bytes,
+    digest: Digest,
+    real: SocketAddr,
+    real_metrics: Metrics,
+    router: Arc<MemoryRouter>,
+    _stop: CancellationToken,
+}
+
+async fn setup(size: usize) -> Setup {
+    let blob = random_blob(size);
+    let store = Arc::new(MemoryStore::new());
+    let desc = store.add_blob(LAYER, blob.clone()).await;
+    let (real, real_metrics, stop) = real_peer(store).await;
+    Setup {
+        blob,
+        digest: desc.digest,
+        real,
+        real_metrics,
+        router: MemoryRouter::new(),
+        _stop: stop,
+    }
+}
+
+fn requests_with_status(metrics: &Metrics, code: u16) -> u64 {
+    let mut text = String::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register("h", "h", metrics.http_request_duration.clone());
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    text.lines()
+        .filter(|l| l.starts_with("h_count") && l.contains(&format!("code=\"{code}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn whole_blob_from_a_peer_is_verified_and_relayed() {
+    let s = setup(3 << 20).await;
+    s.router.add(&s.digest.to_string(), peer("real", s.real));
+    let mirror = Mirror::new(s.router.clone(), fast_config());
+    let m = mirror
+        .blob(&name(), &s.digest, None, false)
+        .await
+        .expect("hit");
+    assert_eq!(
+        (m.size, m.offset, m.len, m.partial),
+        (3 << 20, 0, 3 << 20, false)
+    );
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(Bytes::from(bytes), s.blob);
+}
+
+#[tokio::test]
+async fn ranges_pass_through() {
+    let s = setup(10_000).await;
+    s.router.add(&s.digest.to_string(), peer("real", s.real));
+    let mirror = Mirror::new(s.router.clone(), fast_config());
+    let range = ByteRange::FromTo {
+        first: 1000,
+        last: Some(1999),
+    };
+    let m = mirror
+        .blob(&name(), &s.digest, Some(range), false)
+        .await
+        .expect("hit");
+    assert_eq!(
+        (m.size, m.offset, m.len, m.partial),
+        (10_000, 1000, 1000, true)
+    );
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(err.is_none());
+    assert_eq!(bytes, s.blob[1000..2000]);
+    let head = mirror
+        .blob(&name(), &s.digest, None, true)
+        .await
+        .expect("hit");
+    assert!(head.body.is_none());
+    assert_eq!(head.len, 10_000);
+}
+
+#[tokio::test]
+async fn no_provider_is_a_fast_miss() {
+    let s = setup(10).await;
+    let mirror = Mirror::new(s.router.clone(), MirrorConfig::default());
+    let started = Instant::now();
+    let miss = mirror.blob(&name(), &s.digest, None, false).await.err();
+    assert_eq!(miss, Some(MirrorMiss::NoProvider));
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_peer_dying_mid_body_is_replaced_and_the_transfer_resumes() {
+    let s = setup(1 << 20).await;
+    let fake = fake_peer(Behaviour::Truncate {
+        body: s.blob.clone(),
+        after: 300_000,
+    })
+    .await;
+    s.router.add(&s.digest.to_string(), peer("dies", fake.addr));
+    s.router.add(&s.digest.to_string(), peer("real", s.real));
+    let mirror = Mirror::new(s.router.clone(), fast_config());
+    let m = mirror
+        .blob(&name(), &s.digest, None, false)
+        .await
+        .expect("hit");
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(Bytes::from(bytes), s.blob);
+    // The second holder was asked for the rest only.
+    assert_eq!(requests_with_status(&s.real_metrics, 206), 1);
+    assert_eq!(requests_with_status(&s.real_metrics, 200), 0);
+}
+
+#[tokio::test]
+async fn a_stalled_peer_is_replaced() {
+    let s = setup(1 << 20).await;
+    let fake = fake_peer(Behaviour::Stall {
+        body: s.blob.clone(),
+        after: 100_000,
+    })
+    .await;
+    s.router
+        .add(&s.digest.to_string(), peer("stalls", fake.addr));
+    s.router.add(&s.digest.to_string(), peer("real", s.real));
+    let mirror = Mirror::new(s.router.clone(), fast_config());
+    let started = Instant::now();
+    let m = mirror
+        .blob(&name(), &s.digest, None, false)
+        .await
+        .expect("hit");
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(Bytes::from(bytes), s.blob);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_raced_by_another() {
+    let s = setup(100_000).await;
+    let fake = fake_peer(Behaviour::Silent).await;
+    s.router
+        .add(&s.digest.to_string(), peer("silent", fake.addr));
+    s.router.add(&s.digest.to_string(), peer("real", s.real));
+    let mirror = Mirror::new(s.router.clone(), fast_config());
+    let started = Instant::now();
+    let m = mirror
+        .blob(&name(), &s.digest, None, false)
+        .await
+        .expect("hit");
+    assert_eq!(m.peer.id, "real");
+    // Far below the 5 s header timeout: the hedge answered.
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let (bytes, _) = drain(m.body.expect("body")).await;
+    assert_eq!(Bytes::from(bytes), s.blob);
+}
+
+#[tokio::test]
+async fn a_slow_peer_is_replaced_by_a_faster_one() {
+    let s = setup(2 << 20).await;
+    let fake = fake_peer(Behaviour::Slow {
+        body: s.blob.clone(),
+        chunk: 8 << 10,
+    })
+    .await;
+    s.router.add(&s.digest.to_string(), peer("slow", fake.addr));
+    s.router.add(&s.digest.to_string(), peer("real", s.real));
+    let mirror = Mirror::new(s.router.clone(), fast_config());
+    let started = Instant::now();
+    let m = mirror
+        .blob(&name(), &s.digest, None, false)
+        .await
+        .expect("hit");
+    assert_eq!(m.peer.id, "slow");
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(Bytes::from(bytes), s.blob);
+    // At 80 KiB/s the slow peer alone would take ~25 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_copy_is_cut_short_and_its_peer_avoided() {
+    let s = setup(500_000).await;
+    let fake = fake_peer(Behaviour::Corrupt {
+        body: s.blob.clone(),
+    })
+    .await;
+    s.router
+        .add(&s.digest.to_string(), peer("corrupt", fake.addr));
+    let mirror = Mirror::new(s.router.clone(), fast_config());
+    let m = mirror
+        .blob(&name(), &s.digest, None, false)
+        .await
+        .expect("answered");
+    assert_eq!(m.len, 500_000);
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(
+        matches!(err, Some(TransferError::DigestMismatch { .. })),
+        "{err:?}"
+    );
+    assert!(bytes.len() < 500_000, "a complete corrupt body was relayed");
+    // Never asked again for this digest.
+    let again = mirror.blob(&name(), &s.digest, None, false).await.err();
+    assert_eq!(again, Some(MirrorMiss::NoProvider));
+    assert_eq!(fake.requests.lock().expect("lock").len(), 1);
+    // A range of a corrupt copy is not something the mirror can check; it is
+    // not asked either.
+    let range = Some(ByteRange::FromTo {
+        first: 10,
+        last: None,
+    });
+    assert!(mirror.blob(&name(), &s.digest, range, false).await.is_err());
+}
+
+#[tokio::test]
+async fn the_transfer_stops_when_the_client_goes_away() {
+    let s = setup(4 << 20).await;
+    let fake = fake_peer(Behaviour::Slow {
+        body: s.blob.clone(),
+        chunk: 64 << 10,
+    })
+    .await;
+    s.router.add(&s.digest.to_string(), peer("slow", fake.addr));
+    let mirror = Mirror::new(s.router.clone(), fast_config());
+    let m = mirror
+        .blob(&name(), &s.digest, None, false)
+        .await
+        .expect("hit");
+    let mut body = m.body.expect("body");
+    let first = body.next().await.expect("a chunk").expect("data");
+    assert!(!first.is_empty());
+    let dropped = Instant::now();
+    drop(body);
+    for _ in 0..40 {
+        if fake.client_gone.lock().expect("lock").is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let gone = fake
+        .client_gone
+        .lock()
+        .expect("lock")
+        .expect("the peer kept sending to nobody");
+    assert!(gone.duration_since(dropped) < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn manifests_are_verified_before_use() {
+    let store = Arc::new(MemoryStore::new());
+    let layer = store.add_blob(LAYER, random_blob(100)).await;
+    let manifest = Bytes::from(
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": layer, "layers": [layer],
+        }))
+        .expect("json"),
+    );
+    let desc = store.add_blob(OCI_MANIFEST, manifest.clone()).await;
+    store
+        .set_image("docker.io/library/app:1", desc.clone())
+        .await;
+    let (real, _, _stop) = real_peer(store).await;
+    // A peer that answers the tag with other bytes under the right digest.
+    let forged = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: {OCI_MANIFEST}\r\ndocker-content-digest: {}\r\ncontent-length: 2\r\n\r\n{{}}",
+        desc.digest
+    );
+    let fake = fake_peer(Behaviour::Raw(Bytes::from(forged))).await;
+    let router = MemoryRouter::new();
+    for key in [
+        "docker.io/library/app:1".to_string(),
+        desc.digest.to_string(),
+    ] {
+        router.add(&key, peer("forger", fake.addr));
+        router.add(&key, peer("real", real));
+    }
+    let mirror = Mirror::new(router, fast_config());
+    let reference = Reference::tagged(
+        "docker.io".parse().expect("registry"),
+        "app".parse().expect("repo"),
+        "1".parse().expect("tag"),
+    );
+    let by_tag = mirror
+        .manifest(
+            &name(),
+            Some(&reference),
+            &ManifestReference::Tag("1".parse().expect("tag")),
+        )
+        .await
+        .expect("hit");
+    assert_eq!(by_tag.descriptor.digest, desc.digest);
+    assert_eq!(by_tag.descriptor.media_type, OCI_MANIFEST);
+    assert_eq!(by_tag.bytes, manifest);
+    assert_eq!(by_tag.peer.id, "real");
+    let by_digest = mirror
+        .manifest(&name(), None, &ManifestReference::Digest(desc.digest))
+        .await
+        .expect("hit");
+    assert_eq!(by_digest.bytes, manifest);
+}

@@ -1,0 +1,250 @@
+//! Relaying a blob body from peers to the client: stall and speed checks,
+//! resume from another peer, and the digest check of whole blobs.
+//!
+//! The transfer runs in its own task and hands chunks to the client's
+//! response through a small channel. When the client goes away the channel
+//! closes, the task stops, and dropping the peer's body closes that
+//! connection: work done on a client's behalf stops with the client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use http_body_util::BodyExt;
+use hyper::Method;
+use hyper::body::Incoming;
+use tokio::sync::mpsc;
+
+use super::{Candidates, Mirror, client, parse_content_range};
+use crate::oci::{Digest, Hasher};
+use crate::routing::Peer;
+
+/// Why a relayed body ended early. The client's response is cut short.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransferError {
+    #[error("no peer could deliver bytes {pos}..{end} of {digest}")]
+    Exhausted { digest: Digest, pos: u64, end: u64 },
+    #[error("{digest} from peers hashed to {actual}: corrupt copy, withheld the tail")]
+    DigestMismatch { digest: Digest, actual: Digest },
+    #[error("transfer of {digest} exceeded its time budget")]
+    Deadline { digest: Digest },
+}
+
+pub(super) struct Transfer {
+    pub mirror: Arc<Mirror>,
+    pub digest: Digest,
+    /// The request path on peers.
+    pub path: String,
+    /// Whether this is the whole blob (then it is hashed and verified).
+    pub verify: bool,
+    /// Absolute offset one past the last byte wanted.
+    pub end: u64,
+    /// Absolute offset of the next byte to receive.
+    pub pos: u64,
+    pub peer: Peer,
+    pub body: Incoming,
+    pub candidates: Candidates,
+    pub deadline: tokio::time::Instant,
+}
+
+/// Chunks buffered between the peer and the client.
+const CHANNEL_CHUNKS: usize = 8;
+
+pub(super) fn start(transfer: Transfer) -> BoxStream<'static, Result<Bytes, TransferError>> {
+    let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+    tokio::spawn(transfer.run(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+enum Next {
+    Data(Bytes),
+    End,
+    /// The current peer failed or is too slow; try another.
+    Switch(String),
+    ClientGone,
+}
+
+impl Transfer {
+    async fn run(mut self, tx: mpsc::Sender<Result<Bytes, TransferError>>) {
+        let stall = self.mirror.config.stall_timeout;
+        let min_window_bytes = (self.mirror.config.min_speed as f64 * stall.as_secs_f64()) as u64;
+        let mut hasher = self.verify.then(Hasher::new);
+        let mut held: Option<Bytes> = None;
+        let mut contributors = vec![self.peer.clone()];
+        let mut window_start = tokio::time::Instant::now();
+        let mut window_bytes = 0u64;
+        loop {
+            let next = tokio::select! {
+                _ = tx.closed() => Next::ClientGone,
+                _ = tokio::time::sleep_until(self.deadline) => {
+                    let _ = tx.send(Err(TransferError::Deadline { digest: self.digest })).await;
+                    return;
+                }
+                frame = tokio::time::timeout(stall, self.body.frame()) => match frame {
+                    Err(_) => Next::Switch(format!("no byte for {stall:?}")),
+                    Ok(None) => Next::End,
+                    Ok(Some(Err(e))) => Next::Switch(e.to_string()),
+                    Ok(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) => Next::Data(data),
+                        Err(_) => continue, // trailers
+                    },
+                },
+            };
+            match next {
+                Next::ClientGone => {
+                    tracing::debug!(digest = %self.digest, pos = self.pos, "client went away; stopping the transfer");
+                    return;
+                }
+                Next::Data(data) if data.is_empty() => {}
+                Next::Data(data) => {
+                    let room = self.end - self.pos;
+                    if data.len() as u64 > room {
+                        // Nothing of this chunk is used; another peer resumes.
+                        if !self
+                            .switch(&mut contributors, "peer sent more than asked")
+                            .await
+                        {
+                            let _ = tx.send(Err(self.exhausted())).await;
+                            return;
+                        }
+                        continue;
+                    }
+                    self.pos += data.len() as u64;
+                    window_bytes += data.len() as u64;
+                    let to_send = match &mut hasher {
+                        Some(h) => {
+                            h.update(&data);
+                            held.replace(data)
+                        }
+                        None => Some(data),
+                    };
+                    if let Some(chunk) = to_send
+                        && tx.send(Ok(chunk)).await.is_err()
+                    {
+                        return;
+                    }
+                    // Too slow while someone else may be faster: switch.
+                    if window_start.elapsed() >= stall {
+                        if window_bytes < min_window_bytes && self.pos < self.end {
+                            let reason = format!(
+                                "{window_bytes} bytes in {stall:?}, below the minimum speed"
+                            );
+                            if let Some(next) = self.candidates.next(Duration::ZERO).await {
+                                tracing::info!(digest = %self.digest, peer = %self.peer.addr, %reason, "trying a faster peer");
+                                // If it cannot take over, the slow peer goes on.
+                                self.resume_from(next, &mut contributors).await;
+                            }
+                        }
+                        window_start = tokio::time::Instant::now();
+                        window_bytes = 0;
+                    }
+                }
+                Next::End if self.pos == self.end => {
+                    if let Some(h) = hasher.take() {
+                        let actual = h.finish();
+                        if actual != self.digest {
+                            tracing::warn!(digest = %self.digest, %actual, peers = ?contributors.iter().map(|p| p.addr).collect::<Vec<_>>(), "corrupt blob from peer; withholding the end of the body");
+                            for p in &contributors {
+                                self.mirror.mark_bad(&self.digest, p);
+                            }
+                            let _ = tx
+                                .send(Err(TransferError::DigestMismatch {
+                                    digest: self.digest,
+                                    actual,
+                                }))
+                                .await;
+                            return;
+                        }
+                    }
+                    if let Some(chunk) = held.take() {
+                        let _ = tx.send(Ok(chunk)).await;
+                    }
+                    return;
+                }
+                Next::End => {
+                    if !self.switch(&mut contributors, "body ended early").await {
+                        let _ = tx.send(Err(self.exhausted())).await;
+                        return;
+                    }
+                    window_start = tokio::time::Instant::now();
+                    window_bytes = 0;
+                }
+                Next::Switch(reason) => {
+                    if !self.switch(&mut contributors, &reason).await {
+                        let _ = tx.send(Err(self.exhausted())).await;
+                        return;
+                    }
+                    window_start = tokio::time::Instant::now();
+                    window_bytes = 0;
+                }
+            }
+        }
+    }
+
+    fn exhausted(&self) -> TransferError {
+        TransferError::Exhausted {
+            digest: self.digest,
+            pos: self.pos,
+            end: self.end,
+        }
+    }
+
+    /// Replaces the failed current peer with the next one that resumes.
+    async fn switch(&mut self, contributors: &mut Vec<Peer>, reason: &str) -> bool {
+        tracing::info!(digest = %self.digest, peer = %self.peer.addr, pos = self.pos, reason, "peer failed mid-body; resuming from another");
+        let wait = self
+            .mirror
+            .config
+            .resolve_timeout
+            .max(Duration::from_millis(100));
+        for _ in 0..self.mirror.config.max_attempts {
+            let Some(next) = self.candidates.next(wait).await else {
+                return false;
+            };
+            if self.resume_from(next, contributors).await {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Asks `peer` for the rest (`Range: bytes=<pos>-<end-1>`) and makes it
+    /// the current peer if it answers correctly.
+    async fn resume_from(&mut self, peer: Peer, contributors: &mut Vec<Peer>) -> bool {
+        let timeouts = self.mirror.timeouts();
+        let range = format!("bytes={}-{}", self.pos, self.end - 1);
+        let response = match client::request(
+            peer.addr,
+            Method::GET,
+            &self.path,
+            &[("range", range)],
+            timeouts,
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(peer = %peer.addr, error = %e, "resume request failed");
+                return false;
+            }
+        };
+        let expected = (self.pos, self.end - 1);
+        let range_ok = response.status().as_u16() == 206
+            && response
+                .headers()
+                .get("content-range")
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_content_range)
+                .is_some_and(|(a, b, _)| (a, b) == expected);
+        if !range_ok {
+            tracing::debug!(peer = %peer.addr, status = %response.status(), "peer did not resume at the right byte");
+            return false;
+        }
+        tracing::debug!(peer = %peer.addr, from = self.pos, "resumed");
+        self.body = response.into_body();
+        self.peer = peer.clone();
+        contributors.push(peer);
+        true
+    }
+}
