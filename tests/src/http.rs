@@ -33,31 +33,78 @@ impl Response {
     }
 }
 
+/// Where connections are made from: this process's network namespace, or
+/// another one (a test node's), entered by a short-lived thread so that the
+/// socket belongs to that namespace.
+#[derive(Debug, Clone, Default)]
+pub struct Via {
+    netns: Option<std::path::PathBuf>,
+}
+
+impl Via {
+    pub fn root() -> Via {
+        Via { netns: None }
+    }
+
+    /// Connections from the network namespace at `path` (`/run/netns/<name>`).
+    pub fn netns(path: &std::path::Path) -> Via {
+        Via {
+            netns: Some(path.to_path_buf()),
+        }
+    }
+
+    pub fn connect(&self, addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+        let Some(path) = self.netns.clone() else {
+            return TcpStream::connect_timeout(&addr, timeout);
+        };
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let ns = std::fs::File::open(&path)?;
+            // SAFETY: setns on a valid namespace fd; it only affects this
+            // thread, which ends right after connecting.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            TcpStream::connect_timeout(&addr, timeout)
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("connect thread panicked"))?
+    }
+
+    /// Sends `raw` bytes as a request and reads one response.
+    pub fn raw(&self, addr: SocketAddr, raw: &[u8], head_only: bool) -> Result<Response> {
+        let mut stream = self.connect(addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.write_all(raw)?;
+        read_response(&mut stream, head_only, &mut Vec::new())
+    }
+
+    pub fn get(&self, addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<Response> {
+        self.request(addr, "GET", path, headers)
+    }
+
+    pub fn request(&self, addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Result<Response> {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        for (n, v) in headers {
+            req.push_str(&format!("{n}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        self.raw(addr, req.as_bytes(), method == "HEAD")
+    }
+}
+
 /// Sends `raw` bytes as a request and reads one response.
 pub fn raw(addr: SocketAddr, raw: &[u8], head_only: bool) -> Result<Response> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    stream.write_all(raw)?;
-    read_response(&mut stream, head_only, &mut Vec::new())
+    Via::root().raw(addr, raw, head_only)
 }
 
 /// `GET path` with extra headers.
 pub fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<Response> {
-    request(addr, "GET", path, headers)
+    Via::root().get(addr, path, headers)
 }
 
-pub fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> Result<Response> {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (n, v) in headers {
-        req.push_str(&format!("{n}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    raw(addr, req.as_bytes(), method == "HEAD")
+pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Result<Response> {
+    Via::root().request(addr, method, path, headers)
 }
 
 /// Reads one response from a stream; bytes read past it stay in `buffer`

@@ -2,7 +2,10 @@
 //! and torn down by the tests themselves.
 
 pub mod http;
+pub mod cluster;
+pub mod cri;
 pub mod image;
+pub mod netns;
 pub mod process;
 pub mod services;
 

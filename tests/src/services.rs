@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::http;
+use crate::http::Via;
 use crate::image::{Layout, TestImage};
 use crate::process::{Proc, run, wait_for};
 
@@ -64,6 +64,8 @@ pub fn write_psk(path: &Path, key: &[u8; 32]) -> Result<()> {
 pub struct ContainerdOptions {
     /// Enable the CRI plugin with `config_path` pointing at this certs.d.
     pub cri_config_path: Option<PathBuf>,
+    /// Run containerd (and `ctr`) inside this network namespace.
+    pub netns: Option<crate::netns::Netns>,
 }
 
 /// A private containerd with its own root, state and socket.
@@ -135,9 +137,16 @@ state = "{d}/state"
         Ok(())
     }
 
+    fn command(&self, program: &str) -> Command {
+        match &self.options.netns {
+            Some(ns) => ns.command(program),
+            None => Command::new(program),
+        }
+    }
+
     fn launch(&mut self) -> Result<()> {
         let _ = std::fs::remove_file(&self.socket);
-        let mut cmd = Command::new("containerd");
+        let mut cmd = self.command("containerd");
         cmd.arg("--config").arg(self.dir.join("config.toml"));
         let proc = Proc::spawn("containerd", cmd, &self.dir.join("containerd.log"))?;
         self.proc = Some(proc);
@@ -162,7 +171,8 @@ state = "{d}/state"
 
     /// Runs `ctr` against this containerd, in its namespace.
     pub fn ctr(&self, args: &[&str]) -> Result<String> {
-        run(Command::new("ctr")
+        run(self
+            .command("ctr")
             .arg("--address")
             .arg(&self.socket)
             .arg("--namespace")
@@ -214,6 +224,7 @@ pub struct Upstream {
     pub dir: PathBuf,
     pub addr: SocketAddr,
     proc: Option<Proc>,
+    netns: Option<crate::netns::Netns>,
 }
 
 impl Upstream {
@@ -222,6 +233,11 @@ impl Upstream {
     }
 
     pub fn start_on(dir: &Path, addr: SocketAddr) -> Result<Upstream> {
+        Self::start_in(dir, addr, None)
+    }
+
+    /// Starts the registry inside a network namespace, listening on `addr`.
+    pub fn start_in(dir: &Path, addr: SocketAddr, netns: Option<crate::netns::Netns>) -> Result<Upstream> {
         std::fs::create_dir_all(dir.join("data"))?;
         let config = format!(
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
@@ -232,13 +248,21 @@ impl Upstream {
             dir: dir.to_path_buf(),
             addr,
             proc: None,
+            netns,
         };
         u.launch()?;
         Ok(u)
     }
 
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => ns.command(program),
+            None => Command::new(program),
+        }
+    }
+
     fn launch(&mut self) -> Result<()> {
-        let mut cmd = Command::new("docker-registry");
+        let mut cmd = self.command("docker-registry");
         cmd.arg("serve").arg(self.dir.join("config.yml"));
         self.proc = Some(Proc::spawn(
             "docker-registry",
@@ -246,11 +270,12 @@ impl Upstream {
             &self.dir.join("registry.log"),
         )?);
         let addr = self.addr;
+        let via = self.netns.as_ref().map(|n| n.via()).unwrap_or_default();
         wait_for(
             "the upstream registry to answer",
             Duration::from_secs(20),
             || {
-                http::get(addr, "/v2/", &[])
+                via.get(addr, "/v2/", &[])
                     .ok()
                     .filter(|r| r.status == 200)
             },
@@ -269,7 +294,7 @@ impl Upstream {
 
     /// Pushes an image from a layout with skopeo.
     pub fn push(&self, layout: &Layout, image: &TestImage) -> Result<()> {
-        let mut cmd = Command::new("skopeo");
+        let mut cmd = self.command("skopeo");
         // --preserve-digests: push the manifests as generated (skopeo would
         // otherwise compress uncompressed layers, changing every digest).
         cmd.args([
@@ -308,6 +333,17 @@ pub struct Peermirror {
     pub registry: SocketAddr,
     pub metrics: SocketAddr,
     pub proc: Proc,
+    /// Where its ports are reached from.
+    pub via: Via,
+}
+
+/// Where a peermirror runs and listens.
+pub struct PeermirrorOptions<'a> {
+    pub netns: Option<&'a crate::netns::Netns>,
+    pub registry: SocketAddr,
+    pub metrics: SocketAddr,
+    pub router: SocketAddr,
+    pub extra: &'a [&'a str],
 }
 
 impl Peermirror {
@@ -319,52 +355,69 @@ impl Peermirror {
         Ok(p)
     }
 
-    /// Starts it without waiting for readiness.
+    /// Starts it on loopback without waiting for readiness.
     pub fn spawn(dir: &Path, containerd: &Containerd, extra: &[&str]) -> Result<Peermirror> {
+        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        Self::spawn_with(
+            dir,
+            containerd,
+            PeermirrorOptions {
+                netns: None,
+                registry: loopback(free_port()),
+                metrics: loopback(free_port()),
+                router: loopback(free_port()),
+                extra,
+            },
+        )
+    }
+
+    pub fn spawn_with(dir: &Path, containerd: &Containerd, options: PeermirrorOptions<'_>) -> Result<Peermirror> {
         std::fs::create_dir_all(dir)?;
-        let registry = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut cmd = Command::new(peermirror_bin());
+        let extra = options.extra;
+        let mut cmd = match options.netns {
+            Some(ns) => ns.command(&peermirror_bin().to_string_lossy()),
+            None => Command::new(peermirror_bin()),
+        };
         cmd.arg("run")
             .arg("--containerd-sock")
             .arg(&containerd.socket)
             .arg("--containerd-namespace")
             .arg(&containerd.namespace)
             .arg("--registry-addr")
-            .arg(registry.to_string())
+            .arg(options.registry.to_string())
             .arg("--metrics-addr")
-            .arg(metrics.to_string())
+            .arg(options.metrics.to_string())
+            .arg("--router-addr")
+            .arg(options.router.to_string())
             .arg("--data-dir")
             .arg(dir.join("data"))
             .args(extra);
-        if !extra.contains(&"--router-addr") {
-            cmd.arg("--router-addr")
-                .arg(format!("127.0.0.1:{}", free_port()));
+        if !extra.contains(&"--log-level") {
+            cmd.args(["--log-level", "debug"]);
         }
         if !extra.contains(&"--psk-file") && !extra.contains(&"--insecure-open-network") {
             let key = dir.join("swarm.key");
             write_psk(&key, &[0x5a; 32])?;
             cmd.arg("--psk-file").arg(key);
         }
-        if !extra.contains(&"--log-level") {
-            cmd.args(["--log-level", "debug"]);
-        }
         let proc = Proc::spawn("peermirror", cmd, &dir.join("peermirror.log"))?;
         Ok(Peermirror {
-            registry,
-            metrics,
+            registry: options.registry,
+            metrics: options.metrics,
             proc,
+            via: options.netns.map(|n| n.via()).unwrap_or_default(),
         })
     }
 
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let metrics = self.metrics;
         let proc = &mut self.proc;
+        let via = self.via.clone();
         wait_for("peermirror to be ready", timeout, || {
             if !proc.alive() {
                 return Some(Err(anyhow::anyhow!("peermirror exited")));
             }
-            http::get(metrics, "/readyz", &[])
+            via.get(metrics, "/readyz", &[])
                 .ok()
                 .filter(|r| r.status == 200)
                 .map(|_| Ok(()))
@@ -376,7 +429,7 @@ impl Peermirror {
     /// The value of a metric line (`name{labels}`), summed over every series
     /// whose name and labels contain all of `parts`.
     pub fn metric(&self, name: &str, parts: &[&str]) -> Result<f64> {
-        let r = http::get(self.metrics, "/metrics", &[])?;
+        let r = self.via.get(self.metrics, "/metrics", &[])?;
         if r.status != 200 {
             bail!("/metrics answered {}", r.status);
         }

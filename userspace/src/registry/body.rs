@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 
 /// The ways a file body can leave the process.
@@ -65,6 +66,7 @@ pub async fn sendfile(
     offset: u64,
     len: u64,
     stall: Duration,
+    sent_bytes: &Counter,
 ) -> io::Result<()> {
     let end = offset + len;
     let mut pos = offset;
@@ -81,6 +83,7 @@ pub async fn sendfile(
         if sent == 0 {
             return Err(file_ended(pos));
         }
+        sent_bytes.inc_by(sent as u64);
     }
     Ok(())
 }
@@ -93,6 +96,7 @@ pub async fn buffered<W: AsyncWrite + Unpin>(
     offset: u64,
     len: u64,
     stall: Duration,
+    sent_bytes: &Counter,
 ) -> io::Result<()> {
     let file = std::sync::Arc::new(file);
     let mut pos = offset;
@@ -116,6 +120,7 @@ pub async fn buffered<W: AsyncWrite + Unpin>(
             .await
             .map_err(|_| stalled("body", stall))??;
         pos += read as u64;
+        sent_bytes.inc_by(read as u64);
     }
     Ok(())
 }

@@ -19,6 +19,8 @@ use tokio_util::task::TaskTracker;
 
 use super::body::{self, ServingPath};
 use super::handler::{Body, Handler, Method, RequestHead, Response};
+use prometheus_client::metrics::counter::Counter;
+
 use crate::metrics::{self, Metrics, RequestLabels, Source, SourceLabels};
 use crate::oci::{MIRRORED_HEADER, OciError};
 
@@ -162,7 +164,7 @@ impl Server {
                 );
             }
             let (route, status) = (response.route, response.status);
-            tracing::debug!(%peer, method = ?head.method, target = %head.target, status, "request");
+            tracing::debug!(%peer, method = ?head.method, target = %head.target, range = ?head.range, mirrored = head.mirrored, status, "request");
             let result = self
                 .write_response(&mut conn, response, head.method, close)
                 .await;
@@ -299,13 +301,14 @@ impl Server {
                 tokio::time::timeout(stall, conn.write_all(head.as_bytes()))
                     .await
                     .map_err(timed("head"))??;
+                // Counted as the bytes go, so that a transfer in progress shows.
+                let counter = self.counter(Source::File);
                 match (self.config.serving_path, conn.plain_tcp()) {
                     (ServingPath::Sendfile, Some(tcp)) => {
-                        body::sendfile(tcp, &file, offset, len, stall).await?
+                        body::sendfile(tcp, &file, offset, len, stall, &counter).await?
                     }
-                    _ => body::buffered(conn, file, offset, len, stall).await?,
+                    _ => body::buffered(conn, file, offset, len, stall, &counter).await?,
                 }
-                self.count(Source::File, len);
             }
             Body::Stream {
                 mut stream,
@@ -315,6 +318,7 @@ impl Server {
                 tokio::time::timeout(stall, conn.write_all(head.as_bytes()))
                     .await
                     .map_err(timed("head"))??;
+                let counter = self.counter(source);
                 let mut sent = 0u64;
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk.map_err(io::Error::other)?;
@@ -327,8 +331,8 @@ impl Server {
                         .await
                         .map_err(timed("body"))??;
                     sent += chunk.len() as u64;
+                    counter.inc_by(chunk.len() as u64);
                 }
-                self.count(source, sent);
                 if sent != len {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -341,10 +345,11 @@ impl Server {
     }
 
     fn count(&self, source: Source, bytes: u64) {
-        self.metrics
-            .served_bytes
-            .get_or_create(&SourceLabels { source })
-            .inc_by(bytes);
+        self.counter(source).inc_by(bytes);
+    }
+
+    fn counter(&self, source: Source) -> Counter {
+        self.metrics.served_bytes.get_or_create(&SourceLabels { source }).clone()
     }
 }
 
