@@ -14,7 +14,10 @@ use anyhow::{Context, Result, ensure};
 use crate::image::{Layout, TestImage};
 use crate::netns::{Host, Network};
 use crate::process::run;
-use crate::services::{Containerd, ContainerdOptions, Peermirror, PeermirrorOptions, Upstream, peermirror_bin, write_psk};
+use crate::services::{
+    Containerd, ContainerdOptions, Peermirror, PeermirrorOptions, Upstream, peermirror_bin,
+    write_psk,
+};
 
 pub const REGISTRY_PORT: u16 = 5000;
 pub const ROUTER_PORT: u16 = 5001;
@@ -60,7 +63,13 @@ impl ClusterNode {
     /// the resolver runs in the ctr process, with the node's hosts.toml.
     pub fn ctr_pull(&self, reference: &str) -> Result<()> {
         self.containerd
-            .ctr(&["images", "pull", "--hosts-dir", &self.certs_d.to_string_lossy(), reference])
+            .ctr(&[
+                "images",
+                "pull",
+                "--hosts-dir",
+                &self.certs_d.to_string_lossy(),
+                reference,
+            ])
             .map(drop)
     }
 
@@ -75,7 +84,12 @@ impl ClusterNode {
         write_psk(&psk, &self.spec.psk)?;
         let mut extra: Vec<String> = vec!["--psk-file".into(), psk.to_string_lossy().into_owned()];
         if let Some(b) = &self.bootstrap {
-            extra.extend(["--bootstrap-kind".into(), "static".into(), "--static-bootstrap-peers".into(), b.clone()]);
+            extra.extend([
+                "--bootstrap-kind".into(),
+                "static".into(),
+                "--static-bootstrap-peers".into(),
+                b.clone(),
+            ]);
         }
         extra.extend(self.spec.extra.iter().cloned());
         let extra_refs: Vec<&str> = extra.iter().map(String::as_str).collect();
@@ -107,9 +121,19 @@ impl ClusterNode {
     /// node's content store with the source bytes.
     pub fn assert_has(&self, layout: &Layout, image: &TestImage) -> Result<()> {
         for blob in &image.default_platform_blobs {
-            let path = self.containerd.content_root().join("blobs/sha256").join(blob.hex());
-            let bytes = std::fs::read(&path).with_context(|| format!("{} lacks {}", self.name, blob.digest))?;
-            ensure!(bytes == layout.read_blob(&blob.digest)?, "{}: {} differs", self.name, blob.digest);
+            let path = self
+                .containerd
+                .content_root()
+                .join("blobs/sha256")
+                .join(blob.hex());
+            let bytes = std::fs::read(&path)
+                .with_context(|| format!("{} lacks {}", self.name, blob.digest))?;
+            ensure!(
+                bytes == layout.read_blob(&blob.digest)?,
+                "{}: {} differs",
+                self.name,
+                blob.digest
+            );
         }
         Ok(())
     }
@@ -168,12 +192,19 @@ impl Cluster {
                 .arg("--containerd-registry-config-path")
                 .arg(&certs_d)
                 .args(["--mirrored-registries", &upstream.host()])
-                .args(["--mirror-targets", &format!("http://127.0.0.1:{REGISTRY_PORT}")])
+                .args([
+                    "--mirror-targets",
+                    &format!("http://127.0.0.1:{REGISTRY_PORT}"),
+                ])
                 .arg("--prepend-existing")
                 .arg("--containerd-config")
                 .arg(containerd.dir.join("config.toml")))?;
-            ensure!(out.contains("wrote"), "configure-containerd wrote nothing: {out}");
-            let bootstrap = (i > 0).then(|| format!("/ip4/{}/tcp/{ROUTER_PORT}", Ipv4Addr::new(10, 88, 0, 1)));
+            ensure!(
+                out.contains("wrote"),
+                "configure-containerd wrote nothing: {out}"
+            );
+            let bootstrap =
+                (i > 0).then(|| format!("/ip4/{}/tcp/{ROUTER_PORT}", Ipv4Addr::new(10, 88, 0, 1)));
             let mut node = ClusterNode {
                 name: spec.name.clone(),
                 host,
@@ -198,11 +229,17 @@ impl Cluster {
     }
 
     pub fn node(&self, name: &str) -> &ClusterNode {
-        self.nodes.iter().find(|n| n.name == name).expect("node exists")
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .expect("node exists")
     }
 
     pub fn node_mut(&mut self, name: &str) -> &mut ClusterNode {
-        self.nodes.iter_mut().find(|n| n.name == name).expect("node exists")
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .expect("node exists")
     }
 
     /// Waits until the named nodes are ready (containerd, first

@@ -13,14 +13,20 @@ use tonic::transport::{Endpoint, Uri};
 /// Pulls `image` through containerd's CRI plugin and returns the image
 /// reference the runtime reports.
 pub fn pull_image(socket: &Path, image: &str) -> Result<String> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let socket = socket.to_path_buf();
     runtime.block_on(async move {
         let channel = Endpoint::from_static("http://cri.sock")
             .connect_timeout(Duration::from_secs(5))
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let socket = socket.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(socket).await?,
+                    ))
+                }
             }))
             .await
             .context("connecting to containerd's CRI socket")?;

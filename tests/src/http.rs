@@ -83,7 +83,13 @@ impl Via {
         self.request(addr, "GET", path, headers)
     }
 
-    pub fn request(&self, addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Result<Response> {
+    pub fn request(
+        &self,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Response> {
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
         for (n, v) in headers {
             req.push_str(&format!("{n}: {v}\r\n"));
@@ -103,7 +109,12 @@ pub fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<Res
     Via::root().get(addr, path, headers)
 }
 
-pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Result<Response> {
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Response> {
     Via::root().request(addr, method, path, headers)
 }
 

@@ -1,9 +1,9 @@
 //! Test harness: real containerd, the CNCF registry, skopeo and ctr, started
 //! and torn down by the tests themselves.
 
-pub mod http;
 pub mod cluster;
 pub mod cri;
+pub mod http;
 pub mod image;
 pub mod netns;
 pub mod process;

@@ -35,7 +35,9 @@ impl Netns {
     /// cgroup and bpf filesystems).
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
+        cmd.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
         cmd
     }
 
@@ -103,17 +105,24 @@ impl Network {
         ip(&["netns", "add", &ns.name])?;
         let hub_port = format!("{}p{index}", self.prefix);
         let inner = format!("{}i{index}", self.prefix);
-        ip(&["link", "add", &hub_port, "type", "veth", "peer", "name", &inner])
-            .with_context(|| format!("creating veth {hub_port}"))?;
+        ip(&[
+            "link", "add", &hub_port, "type", "veth", "peer", "name", &inner,
+        ])
+        .with_context(|| format!("creating veth {hub_port}"))?;
         ip(&["link", "set", &hub_port, "netns", &self.hub.name])?;
         ip(&["link", "set", &inner, "netns", &ns.name])?;
-        self.hub.ip(&["link", "set", &hub_port, "master", "br0", "up"])?;
+        self.hub
+            .ip(&["link", "set", &hub_port, "master", "br0", "up"])?;
         let addr = Ipv4Addr::new(self.subnet[0], self.subnet[1], self.subnet[2], index);
         ns.ip(&["link", "set", &inner, "name", "eth0"])?;
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["link", "set", "lo", "up"])?;
-        let host = Host { ns, ip: addr, hub_port };
+        let host = Host {
+            ns,
+            ip: addr,
+            hub_port,
+        };
         self.hosts.push(host.clone());
         Ok(host)
     }

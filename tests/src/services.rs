@@ -237,7 +237,11 @@ impl Upstream {
     }
 
     /// Starts the registry inside a network namespace, listening on `addr`.
-    pub fn start_in(dir: &Path, addr: SocketAddr, netns: Option<crate::netns::Netns>) -> Result<Upstream> {
+    pub fn start_in(
+        dir: &Path,
+        addr: SocketAddr,
+        netns: Option<crate::netns::Netns>,
+    ) -> Result<Upstream> {
         std::fs::create_dir_all(dir.join("data"))?;
         let config = format!(
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
@@ -274,11 +278,7 @@ impl Upstream {
         wait_for(
             "the upstream registry to answer",
             Duration::from_secs(20),
-            || {
-                via.get(addr, "/v2/", &[])
-                    .ok()
-                    .filter(|r| r.status == 200)
-            },
+            || via.get(addr, "/v2/", &[]).ok().filter(|r| r.status == 200),
         )?;
         Ok(())
     }
@@ -371,7 +371,11 @@ impl Peermirror {
         )
     }
 
-    pub fn spawn_with(dir: &Path, containerd: &Containerd, options: PeermirrorOptions<'_>) -> Result<Peermirror> {
+    pub fn spawn_with(
+        dir: &Path,
+        containerd: &Containerd,
+        options: PeermirrorOptions<'_>,
+    ) -> Result<Peermirror> {
         std::fs::create_dir_all(dir)?;
         let extra = options.extra;
         let mut cmd = match options.netns {

@@ -109,15 +109,20 @@ fn log_lines(node: &ClusterNode, needle: &str) -> Vec<String> {
 fn rate_limit(node: &ClusterNode, rate: Option<&str>) -> Result<()> {
     let _ = node.host.ns.tc(&["qdisc", "del", "dev", "eth0", "root"]);
     if let Some(rate) = rate {
-        node.host
-            .ns
-            .tc(&["qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "128kb", "latency", "200ms"])?;
+        node.host.ns.tc(&[
+            "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "128kb",
+            "latency", "200ms",
+        ])?;
     }
     Ok(())
 }
 
 /// Runs a pull on another thread; the main thread watches.
-fn pull_in_background(node: &ClusterNode, reference: &str, cri: bool) -> std::thread::JoinHandle<Result<()>> {
+fn pull_in_background(
+    node: &ClusterNode,
+    reference: &str,
+    cri: bool,
+) -> std::thread::JoinHandle<Result<()>> {
     let socket = node.containerd.socket.clone();
     let certs = node.certs_d.clone();
     let ns = node.host.ns.clone();
@@ -145,13 +150,34 @@ fn layer_of(image: &TestImage) -> &Descriptor {
 
 #[test]
 fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
-    let mut cluster = Cluster::start(&[spec("a", KEY), spec("b", KEY), spec("c", KEY), spec("d", OTHER_KEY)])?;
+    let mut cluster = Cluster::start(&[
+        spec("a", KEY),
+        spec("b", KEY),
+        spec("c", KEY),
+        spec("d", OTHER_KEY),
+    ])?;
     cluster.wait_ready(&["a", "b", "c"], Duration::from_secs(60))?;
 
     let l = &mut cluster.layout;
-    let multi = l.add_image("app/multi", "v1", &[layer(3 << 20, true), layer(5 << 20, false), layer(10_000, true)])?;
-    let index = l.add_index("app/index", "v2", &[layer(2 << 20, true), layer(300_000, false)])?;
-    let big = l.add_image("app/big", "v3", &[layer(256 << 20, false), layer(1000, true)])?;
+    let multi = l.add_image(
+        "app/multi",
+        "v1",
+        &[
+            layer(3 << 20, true),
+            layer(5 << 20, false),
+            layer(10_000, true),
+        ],
+    )?;
+    let index = l.add_index(
+        "app/index",
+        "v2",
+        &[layer(2 << 20, true), layer(300_000, false)],
+    )?;
+    let big = l.add_image(
+        "app/big",
+        "v3",
+        &[layer(256 << 20, false), layer(1000, true)],
+    )?;
     let big2 = l.add_image("app/big2", "v4", &[layer(64 << 20, false)])?;
     let medium = l.add_image("app/medium", "v5", &[layer(16 << 20, false)])?;
     let victim = l.add_image("app/victim", "v6", &[layer(8 << 20, false)])?;
@@ -162,7 +188,9 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     l.finish()?;
     let upstream_host = cluster.upstream.host();
     let up = |image: &TestImage| format!("{upstream_host}/{}:{}", image.repo, image.tag);
-    for image in [&multi, &index, &big, &big2, &medium, &victim, &gone, &patterns, &fresh, &fresh2] {
+    for image in [
+        &multi, &index, &big, &big2, &medium, &victim, &gone, &patterns, &fresh, &fresh2,
+    ] {
         cluster.upstream.push(&cluster.layout, image)?;
     }
 
@@ -180,23 +208,40 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     // 3. B (CRI PullImage, what kubelet calls) and C (ctr --hosts-dir) pull
     //    by tag and by digest through their local peermirror.
     wait_for("A to advertise its images", Duration::from_secs(30), || {
-        (cluster.node("a").pm().metric("peermirror_advertised_keys", &[]).ok()? >= 30.0).then_some(())
+        (cluster
+            .node("a")
+            .pm()
+            .metric("peermirror_advertised_keys", &[])
+            .ok()?
+            >= 30.0)
+            .then_some(())
     })?;
-    let index_by_digest = format!("{}/{}@{}", cluster.upstream.host(), index.repo, index.root.digest);
+    let index_by_digest = format!(
+        "{}/{}@{}",
+        cluster.upstream.host(),
+        index.repo,
+        index.root.digest
+    );
     {
         let b = cluster.node("b");
         b.cri_pull(&up(&multi)).context("B: CRI pull by tag")?;
-        b.cri_pull(&index_by_digest).context("B: CRI pull by digest")?;
+        b.cri_pull(&index_by_digest)
+            .context("B: CRI pull by digest")?;
         b.assert_has(&cluster.layout, &multi)?;
         b.assert_has(&cluster.layout, &index)?;
-        ensure!(mirror_bytes(b) >= (8 * MIB) as f64, "B's pulls did not come through peermirror");
+        ensure!(
+            mirror_bytes(b) >= (8 * MIB) as f64,
+            "B's pulls did not come through peermirror"
+        );
         let c = cluster.node("c");
         c.ctr_pull(&up(&multi)).context("C: ctr pull by tag")?;
-        c.ctr_pull(&index_by_digest).context("C: ctr pull by digest")?;
-        for image in [&big, &big2, &medium] {
-            c.ctr_pull(&up(image)).with_context(|| format!("C: ctr pull {}", image.repo))?;
+        c.ctr_pull(&index_by_digest)
+            .context("C: ctr pull by digest")?;
+        for image in [&big, &big2] {
+            c.ctr_pull(&up(image))
+                .with_context(|| format!("C: ctr pull {}", image.repo))?;
         }
-        for image in [&multi, &index, &big, &big2, &medium] {
+        for image in [&multi, &index, &big, &big2] {
             c.assert_has(&cluster.layout, image)?;
         }
     }
@@ -205,9 +250,17 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     // 4. D's key differs: it dials A, but never gets in.
     {
         let (a, d) = (cluster.node("a"), cluster.node("d"));
-        wait_for("A to count D's failed handshakes", Duration::from_secs(30), || {
-            (a.pm().metric("peermirror_p2p_handshake_failures_total", &[]).ok()? > 0.0).then_some(())
-        })?;
+        wait_for(
+            "A to count D's failed handshakes",
+            Duration::from_secs(30),
+            || {
+                (a.pm()
+                    .metric("peermirror_p2p_handshake_failures_total", &[])
+                    .ok()?
+                    > 0.0)
+                    .then_some(())
+            },
+        )?;
         ensure!(d.ctr_pull(&up(&multi)).is_err(), "D pulled without the key");
         ensure!(d.pm().metric("peermirror_p2p_routing_table_peers", &[])? == 0.0);
         let ready = d.pm().via.get(d.pm().metrics, "/readyz", &[])?;
@@ -231,27 +284,50 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     let b_mirror_before = mirror_bytes(cluster.node("b"));
     let (outcome, peak) = peak_rss_during(b_pid, || -> Result<(String, Result<()>)> {
         let handle = pull_in_background(cluster.node("b"), &up(&big), true);
-        wait_for("B to be part-way through the big layer", Duration::from_secs(60), || {
-            (mirror_bytes(cluster.node("b")) - b_mirror_before > (40 * MIB) as f64).then_some(())
-        })?;
+        wait_for(
+            "B to be part-way through the big layer",
+            Duration::from_secs(60),
+            || {
+                (mirror_bytes(cluster.node("b")) - b_mirror_before > (40 * MIB) as f64)
+                    .then_some(())
+            },
+        )?;
         let a_sent = file_bytes(cluster.node("a")) - a_before;
         let c_sent = file_bytes(cluster.node("c")) - c_before;
         let serving = if a_sent > c_sent { "a" } else { "c" };
-        cluster.node_mut(serving).peermirror.as_mut().context("pm")?.proc.kill();
-        let pull = handle.join().map_err(|_| anyhow::anyhow!("pull thread panicked"))?;
+        cluster
+            .node_mut(serving)
+            .peermirror
+            .as_mut()
+            .context("pm")?
+            .proc
+            .kill();
+        let pull = handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("pull thread panicked"))?;
         Ok((serving.to_string(), pull))
     });
     let (victim_name, pull) = outcome?;
     pull.context("B's pull after the holder died")?;
     cluster.node("b").assert_has(&cluster.layout, &big)?;
-    ensure!(peak < 64 * MIB, "B's peermirror peaked at {} MiB", peak / MIB);
+    ensure!(
+        peak < 64 * MIB,
+        "B's peermirror peaked at {} MiB",
+        peak / MIB
+    );
     let other = if victim_name == "a" { "c" } else { "a" };
     let resumed = log_lines(cluster.node(other), &big_layer.digest)
         .into_iter()
         .filter(|l| l.contains("bytes=") && !l.contains("bytes=0-"))
         .count();
-    ensure!(resumed >= 1, "{other} never saw a Range: bytes=N- request with N > 0");
-    println!("step 5: holder {victim_name} killed mid-layer, {other} resumed it; B peaked at {} MiB", peak / MIB);
+    ensure!(
+        resumed >= 1,
+        "{other} never saw a Range: bytes=N- request with N > 0"
+    );
+    println!(
+        "step 5: holder {victim_name} killed mid-layer, {other} resumed it; B peaked at {} MiB",
+        peak / MIB
+    );
     cluster.node_mut(&victim_name).start_peermirror()?;
     cluster.wait_ready(&[&victim_name], Duration::from_secs(60))?;
 
@@ -260,65 +336,123 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     let (a_before, c_before) = (file_bytes(cluster.node("a")), file_bytes(cluster.node("c")));
     let b_mirror_before = mirror_bytes(cluster.node("b"));
     let handle = pull_in_background(cluster.node("b"), &up(&big2), false);
-    wait_for("B to be part-way through big2", Duration::from_secs(60), || {
-        (mirror_bytes(cluster.node("b")) - b_mirror_before > (10 * MIB) as f64).then_some(())
-    })?;
+    wait_for(
+        "B to be part-way through big2",
+        Duration::from_secs(60),
+        || (mirror_bytes(cluster.node("b")) - b_mirror_before > (10 * MIB) as f64).then_some(()),
+    )?;
     let a_sent = file_bytes(cluster.node("a")) - a_before;
     let c_sent = file_bytes(cluster.node("c")) - c_before;
     let silent = if a_sent > c_sent { "a" } else { "c" };
     let silenced_at = Instant::now();
     cluster.network.blackhole(&cluster.node(silent).host)?;
-    let pull = handle.join().map_err(|_| anyhow::anyhow!("pull thread panicked"))?;
+    let pull = handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("pull thread panicked"))?;
     let took = silenced_at.elapsed();
     cluster.network.restore(&cluster.node(silent).host)?;
     pull.context("B's pull with a blackholed holder")?;
     cluster.node("b").assert_has(&cluster.layout, &big2)?;
-    ensure!(took < Duration::from_secs(15), "took {took:?} after the holder went silent");
+    ensure!(
+        took < Duration::from_secs(15),
+        "took {took:?} after the holder went silent"
+    );
     println!("step 6: holder {silent} blackholed, pull finished {took:?} later");
     rate_limit(cluster.node("a"), None)?;
     rate_limit(cluster.node("c"), None)?;
 
-    // 7. Hedging: one holder is very slow; the pull uses the other.
+    // 7. A slow holder: while B streams `medium` from A, whose link is
+    //    throttled to 2 Mbit/s, C gets the image too (straight from the
+    //    restarted upstream). B's transfer notices it is too slow, looks
+    //    again, and finishes from C.
+    cluster.upstream.restart()?;
+    let medium_layer = layer_of(&medium).clone();
     rate_limit(cluster.node("a"), Some("2mbit"))?;
+    let b_mirror_before = mirror_bytes(cluster.node("b"));
     let started = Instant::now();
-    cluster.node("b").cri_pull(&up(&medium))?;
+    let handle = pull_in_background(cluster.node("b"), &up(&medium), true);
+    wait_for(
+        "B to start streaming medium from A",
+        Duration::from_secs(30),
+        || (mirror_bytes(cluster.node("b")) - b_mirror_before > (64 << 10) as f64).then_some(()),
+    )?;
+    cluster
+        .node("c")
+        .containerd
+        .ctr(&["images", "pull", "--plain-http", &up(&medium)])?;
+    let pull = handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("pull thread panicked"))?;
     let took = started.elapsed();
     rate_limit(cluster.node("a"), None)?;
+    pull.context("B's pull with a slow holder")?;
     cluster.node("b").assert_has(&cluster.layout, &medium)?;
     // 16 MiB at 2 Mbit/s alone would take over a minute.
-    ensure!(took < Duration::from_secs(20), "pull with a slow holder took {took:?}");
-    println!("step 7: with a slow holder the pull took {took:?}");
+    ensure!(
+        took < Duration::from_secs(25),
+        "pull with a slow holder took {took:?}"
+    );
+    let took_over = log_lines(cluster.node("c"), &medium_layer.digest)
+        .into_iter()
+        .any(|l| l.contains("bytes=") && !l.contains("bytes=0-"));
+    ensure!(took_over, "C never resumed medium's layer for B");
+    println!("step 7: a slow holder was replaced mid-layer; the pull took {took:?}");
 
     // 8. A holder's copy is corrupt: a client asking for it gets fewer bytes
     //    than Content-Length; the corrupt peer is not asked again, and
-    //    containerd's pull succeeds through upstream.
+    //    containerd's pull succeeds through upstream (running again since 7).
     let victim_layer = layer_of(&victim).clone();
     {
         let c = cluster.node("c");
-        let path = c.containerd.content_root().join("blobs/sha256").join(victim_layer.hex());
+        let path = c
+            .containerd
+            .content_root()
+            .join("blobs/sha256")
+            .join(victim_layer.hex());
         let mut bytes = std::fs::read(&path)?;
         let middle = bytes.len() / 2;
         bytes[middle] ^= 0x5a;
         std::fs::write(&path, &bytes)?;
         let b = cluster.node("b");
-        let mut conn = b.host.ns.via().connect(b.registry_addr(), Duration::from_secs(5))?;
+        let mut conn = b
+            .host
+            .ns
+            .via()
+            .connect(b.registry_addr(), Duration::from_secs(5))?;
         conn.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let path = format!("/v2/{}/blobs/{}?ns={}", victim.repo, victim_layer.digest, cluster.upstream.host());
+        let path = format!(
+            "/v2/{}/blobs/{}?ns={}",
+            victim.repo,
+            victim_layer.digest,
+            cluster.upstream.host()
+        );
         conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: b\r\n\r\n").as_bytes())?;
         let mut received = Vec::new();
         let _ = conn.read_to_end(&mut received);
-        let head_end = received.windows(4).position(|w| w == b"\r\n\r\n").context("no response head")? + 4;
+        let head_end = received
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .context("no response head")?
+            + 4;
         let head = String::from_utf8_lossy(&received[..head_end]).to_lowercase();
-        ensure!(head.contains(&format!("content-length: {}", victim_layer.size)), "{head}");
+        ensure!(
+            head.contains(&format!("content-length: {}", victim_layer.size)),
+            "{head}"
+        );
         let body = received.len() - head_end;
-        ensure!((body as u64) < victim_layer.size, "the corrupt blob arrived whole ({body} bytes)");
+        ensure!(
+            (body as u64) < victim_layer.size,
+            "the corrupt blob arrived whole ({body} bytes)"
+        );
     }
     let asked_before = log_lines(cluster.node("c"), &victim_layer.digest).len();
-    cluster.upstream.restart()?;
     cluster.node("b").cri_pull(&up(&victim))?;
     cluster.node("b").assert_has(&cluster.layout, &victim)?;
     let asked_after = log_lines(cluster.node("c"), &victim_layer.digest).len();
-    ensure!(asked_after == asked_before, "the corrupt holder was asked again ({asked_before} -> {asked_after})");
+    ensure!(
+        asked_after == asked_before,
+        "the corrupt holder was asked again ({asked_before} -> {asked_after})"
+    );
     println!("step 8: corrupt copy cut short and avoided; pull succeeded through upstream");
 
     // 9. An image deleted on its only holder: misses stay fast while the
@@ -335,7 +469,12 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     let deleted_at = Instant::now();
     let b = cluster.node("b");
     let via = b.host.ns.via();
-    let target = format!("/v2/{}/blobs/{}?ns={}", gone.repo, gone_layer.digest, cluster.upstream.host());
+    let target = format!(
+        "/v2/{}/blobs/{}?ns={}",
+        gone.repo,
+        gone_layer.digest,
+        cluster.upstream.host()
+    );
     let mut latencies = Vec::new();
     for _ in 0..200 {
         let started = Instant::now();
@@ -346,23 +485,33 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     latencies.sort();
     let p50 = latencies[100];
     let p99 = latencies[197];
-    ensure!(p99 < Duration::from_millis(50), "miss p99 {p99:?} (p50 {p50:?})");
+    ensure!(
+        p99 < Duration::from_millis(50),
+        "miss p99 {p99:?} (p50 {p50:?})"
+    );
     let stale_hits = log_lines(cluster.node("a"), &gone_layer.digest).len();
-    ensure!(stale_hits > 0, "the stale provider was never asked: the test did not test staleness");
+    ensure!(
+        stale_hits > 0,
+        "the stale provider was never asked: the test did not test staleness"
+    );
     let wait = (PROVIDER_TTL + Duration::from_secs(3)).saturating_sub(deleted_at.elapsed());
     std::thread::sleep(wait);
     for _ in 0..20 {
         ensure!(via.get(b.registry_addr(), &target, &[])?.status == 404);
     }
     let after_ttl = log_lines(cluster.node("a"), &gone_layer.digest).len();
-    ensure!(after_ttl == stale_hits, "A is still asked after the TTL ({stale_hits} -> {after_ttl})");
+    ensure!(
+        after_ttl == stale_hits,
+        "A is still asked after the TTL ({stale_hits} -> {after_ttl})"
+    );
     println!("step 9: misses p50 {p50:?} p99 {p99:?}; record gone after the TTL");
 
     // 10. An image no node has falls through to upstream with little delay.
     let c = cluster.node("c");
     let started = Instant::now();
     // Straight to the registry: no hosts directory, so no peermirror.
-    c.containerd.ctr(&["images", "pull", "--plain-http", &up(&fresh2)])?;
+    c.containerd
+        .ctr(&["images", "pull", "--plain-http", &up(&fresh2)])?;
     let direct_time = started.elapsed();
     let started = Instant::now();
     cluster.node("b").ctr_pull(&up(&fresh))?;
@@ -381,9 +530,19 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     let b = cluster.node("b");
     let a = cluster.node("a");
     let via = b.host.ns.via();
-    let target = format!("/v2/{}/blobs/{}?ns={}", patterns.repo, p_layer.digest, cluster.upstream.host());
+    let target = format!(
+        "/v2/{}/blobs/{}?ns={}",
+        patterns.repo,
+        p_layer.digest,
+        cluster.upstream.host()
+    );
     let r = via.get(b.registry_addr(), &target, &[("Range", "bytes=0-")])?;
-    ensure!(r.status == 206 && r.body == expected, "bytes=0- answered {} with {} bytes", r.status, r.body.len());
+    ensure!(
+        r.status == 206 && r.body == expected,
+        "bytes=0- answered {} with {} bytes",
+        r.status,
+        r.body.len()
+    );
     let baseline = a.pm().metric("peermirror_registry_connections", &[])?;
     let mut handles = Vec::new();
     for n in 0..4u64 {
@@ -393,10 +552,17 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
         handles.push(std::thread::spawn(move || -> Result<()> {
             let mut conn = via.connect(addr, Duration::from_secs(5))?;
             conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-            conn.write_all(format!("GET {target} HTTP/1.1\r\nHost: b\r\nRange: bytes={offset}-\r\n\r\n").as_bytes())?;
+            conn.write_all(
+                format!("GET {target} HTTP/1.1\r\nHost: b\r\nRange: bytes={offset}-\r\n\r\n")
+                    .as_bytes(),
+            )?;
             let mut buffer = Vec::new();
             let head = read_response(&mut conn, true, &mut buffer)?;
-            ensure!(head.status == 206, "bytes={offset}- answered {}", head.status);
+            ensure!(
+                head.status == 206,
+                "bytes={offset}- answered {}",
+                head.status
+            );
             while buffer.len() < MIB as usize {
                 let mut chunk = vec![0u8; 256 << 10];
                 let n = conn.read(&mut chunk)?;
@@ -405,18 +571,24 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
                 }
                 buffer.extend_from_slice(&chunk[..n]);
             }
-            ensure!(buffer[..MIB as usize] == want[..], "wrong bytes at {offset}");
+            ensure!(
+                buffer[..MIB as usize] == want[..],
+                "wrong bytes at {offset}"
+            );
             // Abandon the rest, as containerd does after one chunk.
             drop(conn);
             Ok(())
         }));
     }
     for h in handles {
-        h.join().map_err(|_| anyhow::anyhow!("chunk thread panicked"))??;
+        h.join()
+            .map_err(|_| anyhow::anyhow!("chunk thread panicked"))??;
     }
-    wait_for("the abandoned fetches from A to stop", Duration::from_secs(5), || {
-        (a.pm().metric("peermirror_registry_connections", &[]).ok()? <= baseline).then_some(())
-    })?;
+    wait_for(
+        "the abandoned fetches from A to stop",
+        Duration::from_secs(5),
+        || (a.pm().metric("peermirror_registry_connections", &[]).ok()? <= baseline).then_some(()),
+    )?;
     println!("step 11: bytes=0- verified; abandoned chunk fetches stopped");
     Ok(())
 }

@@ -149,20 +149,33 @@ pub struct Mirror {
 }
 
 /// The peers a request may still try, in the order the lookup found them.
+/// When the lookup is over, a long transfer may look again (at most once per
+/// [`RELOOKUP_INTERVAL`]): holders that appeared since can take over.
 pub(crate) struct Candidates {
+    router: Arc<dyn Router>,
+    key: String,
     lookup: Option<BoxStream<'static, Peer>>,
+    looked_up: Instant,
     queue: VecDeque<Peer>,
     seen: HashSet<String>,
     skip: Box<dyn Fn(&Peer) -> bool + Send>,
 }
 
+/// Shortest time between two lookups of one request.
+const RELOOKUP_INTERVAL: Duration = Duration::from_secs(1);
+
 impl Candidates {
     fn new(
-        lookup: BoxStream<'static, Peer>,
+        router: Arc<dyn Router>,
+        key: String,
         skip: Box<dyn Fn(&Peer) -> bool + Send>,
     ) -> Candidates {
+        let lookup = router.lookup(&key);
         Candidates {
+            router,
+            key,
             lookup: Some(lookup),
+            looked_up: Instant::now(),
             queue: VecDeque::new(),
             seen: HashSet::new(),
             skip,
@@ -191,6 +204,19 @@ impl Candidates {
                 Err(_) => return None,
             }
         }
+    }
+
+    /// Like [`Candidates::next`], but when the lookup is over, looks again
+    /// for holders that appeared since (peers already tried stay skipped).
+    pub(crate) async fn next_or_relookup(&mut self, wait: Duration) -> Option<Peer> {
+        if self.lookup.is_none()
+            && self.queue.is_empty()
+            && self.looked_up.elapsed() >= RELOOKUP_INTERVAL
+        {
+            self.lookup = Some(self.router.lookup(&self.key));
+            self.looked_up = Instant::now();
+        }
+        self.next(wait).await
     }
 }
 
@@ -223,7 +249,7 @@ impl Mirror {
             Some(d) => Box::new(move |p: &Peer| me.bad.is_bad(&d, &p.id, me.config.bad_peer_ttl)),
             None => Box::new(|_| false),
         };
-        Candidates::new(self.router.lookup(key), skip)
+        Candidates::new(self.router.clone(), key.to_string(), skip)
     }
 
     /// Tries peers until one answers a response head that `accept` takes,

@@ -511,3 +511,36 @@ async fn manifests_are_verified_before_use() {
         .expect("hit");
     assert_eq!(by_digest.bytes, manifest);
 }
+
+#[tokio::test]
+async fn a_holder_that_appears_mid_transfer_takes_over_from_a_slow_one() {
+    let s = setup(2 << 20).await;
+    let fake = fake_peer(Behaviour::Slow {
+        body: s.blob.clone(),
+        chunk: 8 << 10,
+    })
+    .await;
+    // At first the slow peer is the only holder.
+    s.router.add(&s.digest.to_string(), peer("slow", fake.addr));
+    let mirror = Mirror::new(s.router.clone(), fast_config());
+    let started = Instant::now();
+    let m = mirror
+        .blob(&name(), &s.digest, None, false)
+        .await
+        .expect("hit");
+    let router = s.router.clone();
+    let (key, real) = (s.digest.to_string(), s.real);
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        router.add(&key, peer("real", real));
+    });
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(Bytes::from(bytes), s.blob);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(requests_with_status(&s.real_metrics, 206), 1);
+}

@@ -130,7 +130,9 @@ impl Transfer {
                             let reason = format!(
                                 "{window_bytes} bytes in {stall:?}, below the minimum speed"
                             );
-                            if let Some(next) = self.candidates.next(Duration::ZERO).await {
+                            if let Some(next) =
+                                self.candidates.next_or_relookup(Duration::ZERO).await
+                            {
                                 tracing::info!(digest = %self.digest, peer = %self.peer.addr, %reason, "trying a faster peer");
                                 // If it cannot take over, the slow peer goes on.
                                 self.resume_from(next, &mut contributors).await;
@@ -199,7 +201,7 @@ impl Transfer {
             .resolve_timeout
             .max(Duration::from_millis(100));
         for _ in 0..self.mirror.config.max_attempts {
-            let Some(next) = self.candidates.next(wait).await else {
+            let Some(next) = self.candidates.next_or_relookup(wait).await else {
                 return false;
             };
             if self.resume_from(next, contributors).await {

@@ -9,9 +9,9 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::Interest;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 
 /// The ways a file body can leave the process.

@@ -349,7 +349,10 @@ impl Server {
     }
 
     fn counter(&self, source: Source) -> Counter {
-        self.metrics.served_bytes.get_or_create(&SourceLabels { source }).clone()
+        self.metrics
+            .served_bytes
+            .get_or_create(&SourceLabels { source })
+            .clone()
     }
 }
 
