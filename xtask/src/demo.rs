@@ -1,13 +1,14 @@
-//! `cargo xtask demo`: an air-gapped pull served by peermirror, on this
-//! machine, with real containerd, skopeo and the CNCF registry.
+//! `cargo xtask demo`: a three-node cluster on this machine (network
+//! namespaces joined by a bridge, each node with its own containerd and
+//! peermirror, the CNCF registry as upstream), and an air-gapped pull served
+//! by a peer.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use peermirror_tests::image::{Layout, layer};
-use peermirror_tests::services::{
-    Containerd, ContainerdOptions, Peermirror, Upstream, require_root,
-};
+use peermirror_tests::cluster::{Cluster, NodeSpec};
+use peermirror_tests::image::layer;
+use peermirror_tests::services::require_root;
 
 fn step(n: u32, text: &str) {
     println!("\n[{n}/6] {text}");
@@ -24,121 +25,140 @@ pub fn run() -> Result<()> {
     // SAFETY: set before any thread is started.
     unsafe { std::env::set_var("PEERMIRROR_BIN", target.join("debug/peermirror")) };
 
-    let dir = tempfile::Builder::new()
-        .prefix("peermirror-demo-")
-        .tempdir()?;
-    println!(
-        "peermirror demo (working directory {})",
-        dir.path().display()
-    );
-
     step(
         1,
-        "starting an upstream registry (docker-registry, CNCF distribution)",
+        "starting a 3-node cluster: network namespaces, containerd with CRI, peermirror, an upstream registry",
     );
-    let mut upstream = Upstream::start(&dir.path().join("upstream"))?;
-    println!("      upstream at http://{}", upstream.addr);
+    let key = [0x42; 32];
+    let spec = |name: &str| NodeSpec {
+        name: name.to_string(),
+        psk: key,
+        extra: vec!["--log-level".into(), "info".into()],
+    };
+    let mut cluster = Cluster::start(&[spec("node-a"), spec("node-b"), spec("node-c")])?;
+    cluster.wait_ready(&["node-a", "node-b", "node-c"], Duration::from_secs(60))?;
+    for node in &cluster.nodes {
+        println!(
+            "      {} at {}: registry :5000, P2P :5001, metrics :9090",
+            node.name,
+            node.ip()
+        );
+    }
+    println!("      upstream registry at {}", cluster.upstream.addr);
+    let hosts = std::fs::read_to_string(
+        cluster
+            .node("node-b")
+            .certs_d
+            .join(cluster.upstream.host())
+            .join("hosts.toml"),
+    )?;
+    println!("      node-b's hosts.toml, written by `peermirror configure-containerd`:");
+    for line in hosts.lines() {
+        println!("        {line}");
+    }
 
     step(
         2,
         "generating an image with random layers and pushing it with skopeo",
     );
-    let mut layout = Layout::create(&dir.path().join("layout"))?;
-    let image = layout.add_image(
+    let image = cluster.layout.add_image(
         "demo/app",
         "1.0",
         &[
-            layer(20 << 20, false),
-            layer(5 << 20, true),
+            layer(48 << 20, false),
+            layer(8 << 20, true),
             layer(64 << 10, true),
         ],
     )?;
-    layout.finish()?;
-    upstream.push(&layout, &image)?;
-    let reference = upstream.reference(&image);
-    println!("      pushed {reference} ({})", image.root.digest);
+    cluster.layout.finish()?;
+    cluster.upstream.push(&cluster.layout, &image)?;
+    let reference = cluster.upstream.reference(&image);
+    println!("      pushed {reference}");
 
-    step(3, "node A: its containerd pulls the image from upstream");
-    let node_a = Containerd::start(
-        &dir.path().join("node-a"),
-        "k8s.io",
-        ContainerdOptions::default(),
-    )?;
-    node_a.pull(&reference)?;
-    println!(
-        "      node A holds {} blobs",
-        node_a.content_digests()?.len()
+    step(
+        3,
+        "node-a pulls it from the upstream registry (CRI PullImage, as kubelet does)",
     );
-
-    step(4, "node A: peermirror serves node A's containerd content");
-    let pm = Peermirror::start(&dir.path().join("pm-a"), &node_a, &["--log-level", "info"])?;
+    cluster.node("node-a").cri_pull(&reference)?;
+    let a = cluster.node("node-a");
+    let advertised = || {
+        a.pm()
+            .metric("peermirror_advertised_keys", &[])
+            .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while advertised() < (image.blobs.len() + 1) as f64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     println!(
-        "      registry http://{}   metrics http://{}/metrics",
-        pm.registry, pm.metrics
+        "      node-a advertises {} keys (digests and the tag) in the DHT",
+        advertised()
     );
 
     step(
-        5,
-        "upstream stopped; node B pulls through peermirror (hosts.toml lists it as mirror)",
+        4,
+        "the upstream registry is stopped: the cluster is air-gapped",
     );
-    upstream.stop()?;
-    let hosts = dir.path().join("certs.d");
-    let host_dir = hosts.join(upstream.host());
-    std::fs::create_dir_all(&host_dir)?;
-    std::fs::write(
-        host_dir.join("hosts.toml"),
-        format!(
-            "server = \"http://{}\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            upstream.host(),
-            pm.registry
-        ),
-    )?;
-    println!("      {}:", host_dir.join("hosts.toml").display());
-    for line in std::fs::read_to_string(host_dir.join("hosts.toml"))?.lines() {
-        println!("        {line}");
-    }
-    let node_b = Containerd::start(
-        &dir.path().join("node-b"),
-        "k8s.io",
-        ContainerdOptions::default(),
-    )?;
+    cluster.upstream.stop()?;
+
+    step(
+        5,
+        "node-b (CRI PullImage) and node-c (ctr image pull) pull the image through their peermirror",
+    );
     let started = Instant::now();
-    node_b
-        .ctr(&[
-            "images",
-            "pull",
-            "--hosts-dir",
-            &hosts.to_string_lossy(),
-            &reference,
-        ])
-        .context("node B's pull through peermirror")?;
+    cluster
+        .node("node-b")
+        .cri_pull(&reference)
+        .context("node-b's pull")?;
     println!(
-        "      node B pulled {reference} in {:.2?} with the upstream registry down",
+        "      node-b pulled {reference} in {:.2?}",
         started.elapsed()
     );
-
-    step(6, "what peermirror reports");
-    let on_b = node_b.content_digests()?;
-    ensure!(
-        image.blobs.iter().all(|b| on_b.contains(&b.digest)),
-        "node B is missing blobs"
-    );
-    let served = pm.metric("peermirror_served_bytes_total", &[])?;
+    let started = Instant::now();
+    cluster
+        .node("node-c")
+        .ctr_pull(&reference)
+        .context("node-c's pull")?;
     println!(
-        "      served {:.1} MiB; node B has all {} blobs of the image",
-        served / 1048576.0,
-        image.blobs.len()
+        "      node-c pulled {reference} in {:.2?}",
+        started.elapsed()
     );
-    let metrics = peermirror_tests::http::get(pm.metrics, "/metrics", &[])?;
-    for line in String::from_utf8_lossy(&metrics.body)
-        .lines()
-        .filter(|l| l.starts_with("peermirror_served_bytes") || l.starts_with("peermirror_catalog"))
-    {
+    for name in ["node-b", "node-c"] {
+        cluster.node(name).assert_has(&cluster.layout, &image)?;
+    }
+
+    step(6, "what the nodes report");
+    for node in &cluster.nodes {
+        let pm = node.pm();
+        let served = pm.metric("peermirror_served_bytes_total", &["source=\"file\""])?;
+        let mirrored = pm.metric("peermirror_served_bytes_total", &["source=\"mirror\""])?;
+        let hits = pm.metric("peermirror_mirror_requests_total", &["result=\"hit\""])?;
+        let peers = pm.metric("peermirror_p2p_connected_peers", &[])?;
+        println!(
+            "      {}: served to peers {:>6.1} MiB from its content store; relayed from peers {:>6.1} MiB; {hits} mirror hits; {peers} peers",
+            node.name,
+            served / 1048576.0,
+            mirrored / 1048576.0
+        );
+    }
+    let b = cluster.node("node-b");
+    let metrics = b.pm().via.get(b.pm().metrics, "/metrics", &[])?;
+    println!("      node-b /metrics (mirror lines):");
+    for line in String::from_utf8_lossy(&metrics.body).lines().filter(|l| {
+        l.starts_with("peermirror_mirror_requests_total")
+            || l.starts_with("peermirror_served_bytes_total")
+    }) {
         println!("        {line}");
     }
+    ensure!(
+        b.pm()
+            .metric("peermirror_served_bytes_total", &["source=\"mirror\""])?
+            > 0.0,
+        "node-b's bytes did not come from a peer"
+    );
     println!(
-        "\ncleaning up (processes stopped, {} removed)",
-        dir.path().display()
+        "\ncleaning up: processes stopped, namespaces and {} removed",
+        cluster.dir.path().display()
     );
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! `cargo xtask <command>`: the project's multi-step commands.
 //!
 //! - `test`: installs what the tests need, builds, runs the whole suite.
-//! - `demo`: runs peermirror against a private containerd and shows an image
-//!   served with the upstream registry gone.
+//! - `demo`: a three-node cluster in network namespaces on this machine and
+//!   an air-gapped pull served by a peer.
 
 mod demo;
 mod deps;
@@ -27,7 +27,7 @@ enum Cmd {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
-    /// Run a local demo: a node with its own containerd and an upstream registry.
+    /// Run a local demo: a 3-node cluster in network namespaces, real containerd, an air-gapped pull.
     Demo,
 }
 
