@@ -696,3 +696,63 @@ mod readme {
         }
     }
 }
+
+#[cfg(test)]
+mod deploy_files {
+    use super::*;
+
+    /// `command: ["peermirror", "<sub>"]` blocks of a manifest and their args.
+    fn manifest_invocations(text: &str) -> Vec<Vec<String>> {
+        let mut out = Vec::new();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let Some(rest) = line.trim().strip_prefix("command: [\"peermirror\", \"") else {
+                continue;
+            };
+            let sub = rest.trim_end_matches("\"]").to_string();
+            let mut argv = vec!["peermirror".to_string(), sub];
+            let mut j = i + 1;
+            while j < lines.len() && !lines[j].trim().starts_with("args:") {
+                j += 1;
+            }
+            for arg in lines.iter().skip(j + 1) {
+                let Some(a) = arg.trim().strip_prefix("- ") else {
+                    break;
+                };
+                if !a.starts_with("--") {
+                    break;
+                }
+                argv.push(a.replace("$(NODE_IP)", "10.0.0.5"));
+            }
+            out.push(argv);
+        }
+        out
+    }
+
+    #[test]
+    fn the_kubernetes_manifest_uses_real_flags() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/kubernetes/peermirror.yaml"
+        ))
+        .expect("manifest");
+        let invocations = manifest_invocations(&text);
+        assert_eq!(invocations.len(), 2, "{invocations:?}");
+        for argv in invocations {
+            let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            if let Command::Run(run) = cli.command {
+                let config = run
+                    .into_config()
+                    .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+                assert!(matches!(
+                    config.p2p.bootstrap,
+                    BootstrapConfig::Dns { port: 5001, .. }
+                ));
+                assert_eq!(
+                    config.p2p.advertise_addr,
+                    Some("10.0.0.5".parse().expect("ip"))
+                );
+            }
+        }
+    }
+}

@@ -24,6 +24,9 @@ pub const TEST: &[Need] = &[
     need("skopeo", "skopeo"),
     need("docker-registry", "docker-registry"),
     need("ip", "iproute2"),
+    need("tc", "iproute2"),
+    need("nsenter", "util-linux"),
+    need("systemd-analyze", "systemd"),
 ];
 
 /// What `cargo xtask demo` needs.
