@@ -423,3 +423,30 @@ impl metrics::Status for DaemonStatus {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_entry_lists_reachable_addresses_with_the_peer_id() {
+        let id = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let listening = vec![
+            "/ip4/127.0.0.1/tcp/5001".to_string(),
+            "/ip4/10.0.0.7/tcp/5001".to_string(),
+            "/ip6/::1/tcp/5001".to_string(),
+        ];
+        assert_eq!(
+            own_entry(&listening, None, id),
+            vec![format!("/ip4/10.0.0.7/tcp/5001/p2p/{id}")]
+        );
+        let advertised = own_entry(&listening, Some("192.0.2.9".parse().expect("ip")), id);
+        assert_eq!(
+            advertised,
+            vec![format!("/ip4/192.0.2.9/tcp/5001/p2p/{id}")]
+        );
+        assert!(own_entry(&[], None, id).is_empty());
+    }
+}
