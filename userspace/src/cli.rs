@@ -158,8 +158,10 @@ pub enum LogFormat {
 /// How blob bodies are sent on plain HTTP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ServingPathArg {
-    /// The fastest path this kernel supports.
+    /// io_uring when this kernel allows it, else sendfile.
     Auto,
+    /// io_uring splice file → pipe → socket; refuses to start without it.
+    IoUring,
     /// sendfile(2): the kernel copies from the page cache to the socket.
     Sendfile,
     /// Read into a buffer and write it (no zero-copy).
@@ -474,9 +476,11 @@ impl Run {
             },
         };
         let filter = ReferenceFilter::new(self.mirrored_registries, &self.registry_filters)?;
-        let serving_path = match self.serving_path {
-            ServingPathArg::Auto | ServingPathArg::Sendfile => ServingPath::Sendfile,
-            ServingPathArg::Buffered => ServingPath::Buffered,
+        let (serving_path, serving_path_auto) = match self.serving_path {
+            ServingPathArg::Auto => (ServingPath::IoUring, true),
+            ServingPathArg::IoUring => (ServingPath::IoUring, false),
+            ServingPathArg::Sendfile => (ServingPath::Sendfile, false),
+            ServingPathArg::Buffered => (ServingPath::Buffered, false),
         };
         Ok(DaemonConfig {
             containerd: ContainerdConfig {
@@ -489,6 +493,7 @@ impl Run {
             registry_addr: self.registry_addr,
             metrics_addr: self.metrics_addr,
             data_dir: self.data_dir,
+            serving_path_auto,
             server: ServerConfig {
                 serving_path,
                 write_timeout: self.write_timeout,

@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::{self, HandshakeLabels, Metrics, Readiness, ServingPathLabels};
 use crate::mirror::{Mirror, MirrorConfig};
 use crate::oci::ReferenceFilter;
-use crate::registry::{Handler, HandlerConfig, Server, ServerConfig};
+use crate::registry::uring::Uring;
+use crate::registry::{Handler, HandlerConfig, Server, ServerConfig, ServingPath};
 use crate::routing::bootstrap::{self, BootstrapConfig};
 use crate::routing::identity::{self, IdentityError};
 use crate::routing::p2p::{self, P2pConfig, P2pError, P2pObserver, P2pRouter};
@@ -42,6 +43,9 @@ pub struct P2pSettings {
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
     pub containerd: ContainerdConfig,
+    /// `server.serving_path` is a preference: fall back when it is not
+    /// available here.
+    pub serving_path_auto: bool,
     pub registry_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub data_dir: PathBuf,
@@ -70,6 +74,10 @@ pub enum DaemonError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     P2p(#[from] P2pError),
+    #[error(
+        "--serving-path io-uring: io_uring is not usable here ({0}); use --serving-path sendfile or auto"
+    )]
+    IoUring(std::io::Error),
 }
 
 /// Binds `addr`; an unspecified IPv6 address that cannot be bound (IPv6
@@ -95,7 +103,7 @@ async fn listen(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Dae
 }
 
 /// Runs the daemon until `shutdown` is cancelled.
-pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<(), DaemonError> {
+pub async fn run(mut config: DaemonConfig, shutdown: CancellationToken) -> Result<(), DaemonError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|source| DaemonError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -114,6 +122,7 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
         None => None,
     };
 
+    let uring = choose_serving_path(&mut config).await?;
     let mut prometheus = Registry::default();
     let metrics = Metrics::new(&mut prometheus);
     metrics
@@ -193,7 +202,7 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
         },
         metrics.clone(),
     ));
-    let server = Server::new(handler, config.server.clone(), metrics.clone());
+    let server = Server::with_uring(handler, config.server.clone(), metrics.clone(), uring);
     tracing::info!(
         registry = %local(&registry_listener),
         metrics = %local(&metrics_listener),
@@ -231,6 +240,27 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     let _ = status_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Sets up io_uring when it is the serving path; with `auto`, falls back to
+/// sendfile when the kernel does not allow it. Says once which path is used.
+async fn choose_serving_path(config: &mut DaemonConfig) -> Result<Option<Uring>, DaemonError> {
+    let mut uring = None;
+    if config.server.serving_path == ServingPath::IoUring {
+        let setup = tokio::task::spawn_blocking(Uring::new)
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match setup {
+            Ok(u) => uring = Some(u),
+            Err(e) if config.serving_path_auto => {
+                tracing::info!(error = %e, "io_uring is not usable here; blob bodies go through sendfile");
+                config.server.serving_path = ServingPath::Sendfile;
+            }
+            Err(e) => return Err(DaemonError::IoUring(e)),
+        }
+    }
+    tracing::info!(serving_path = %config.server.serving_path, "blob bodies on plain HTTP are sent with {}", config.server.serving_path);
+    Ok(uring)
 }
 
 fn local(listener: &TcpListener) -> String {

@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 /// The ways a file body can leave the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ServingPath {
+    /// io_uring `splice` file → pipe → socket (see [`super::uring`]).
+    IoUring,
     /// Non-blocking `sendfile(2)` from the file to the socket.
     Sendfile,
     /// `pread` into a buffer, then `write`: works on every transport.
@@ -26,6 +28,7 @@ pub enum ServingPath {
 impl ServingPath {
     pub fn as_str(self) -> &'static str {
         match self {
+            ServingPath::IoUring => "io_uring",
             ServingPath::Sendfile => "sendfile",
             ServingPath::Buffered => "buffered",
         }

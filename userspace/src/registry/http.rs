@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use super::body::{self, ServingPath};
 use super::handler::{Body, Handler, Method, RequestHead, Response};
+use super::uring::Uring;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::metrics::{self, Metrics, RequestLabels, Source, SourceLabels};
@@ -71,6 +72,8 @@ pub struct Server {
     handler: Arc<Handler>,
     config: ServerConfig,
     metrics: Metrics,
+    /// The io_uring engine, when the serving path is io_uring.
+    uring: Option<Uring>,
 }
 
 /// A request head that could not be read or parsed: answered, then closed.
@@ -78,10 +81,21 @@ struct BadRequest(OciError);
 
 impl Server {
     pub fn new(handler: Arc<Handler>, config: ServerConfig, metrics: Metrics) -> Arc<Server> {
+        Self::with_uring(handler, config, metrics, None)
+    }
+
+    /// A server whose file bodies go through `uring` (serving path io_uring).
+    pub fn with_uring(
+        handler: Arc<Handler>,
+        config: ServerConfig,
+        metrics: Metrics,
+        uring: Option<Uring>,
+    ) -> Arc<Server> {
         Arc::new(Server {
             handler,
             config,
             metrics,
+            uring,
         })
     }
 
@@ -303,8 +317,11 @@ impl Server {
                     .map_err(timed("head"))??;
                 // Counted as the bytes go, so that a transfer in progress shows.
                 let counter = self.counter(Source::File);
-                match (self.config.serving_path, conn.plain_tcp()) {
-                    (ServingPath::Sendfile, Some(tcp)) => {
+                match (self.config.serving_path, conn.plain_tcp(), &self.uring) {
+                    (ServingPath::IoUring, Some(tcp), Some(uring)) => {
+                        uring.send(&file, tcp, offset, len, stall, &counter).await?
+                    }
+                    (ServingPath::Sendfile, Some(tcp), _) => {
                         body::sendfile(tcp, &file, offset, len, stall, &counter).await?
                     }
                     _ => body::buffered(conn, file, offset, len, stall, &counter).await?,

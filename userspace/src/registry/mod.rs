@@ -7,6 +7,7 @@
 pub mod body;
 pub mod handler;
 pub mod http;
+pub mod uring;
 
 pub use body::ServingPath;
 pub use handler::{Body, Handler, HandlerConfig, Method, RequestHead, Response};
