@@ -238,6 +238,15 @@ pub struct Run {
     #[arg(long, env = "PEERMIRROR_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub write_timeout: Duration,
 
+    /// Blob bodies sent to other hosts at once (0: no limit); beyond it the
+    /// answer is 503 and containerd tries its next endpoint.
+    #[arg(long, env = "PEERMIRROR_MAX_UPLOADS", default_value_t = 64)]
+    pub max_uploads: usize,
+
+    /// Blob bodies sent to one client address at once (0: no limit).
+    #[arg(long, env = "PEERMIRROR_MAX_UPLOADS_PER_CLIENT", default_value_t = 8)]
+    pub max_uploads_per_client: usize,
+
     /// How long an idle keep-alive connection on the registry port is kept.
     #[arg(long, env = "PEERMIRROR_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
@@ -494,6 +503,10 @@ impl Run {
             metrics_addr: self.metrics_addr,
             data_dir: self.data_dir,
             serving_path_auto,
+            uploads: crate::registry::UploadLimits {
+                total: self.max_uploads,
+                per_client: self.max_uploads_per_client,
+            },
             server: ServerConfig {
                 serving_path,
                 write_timeout: self.write_timeout,

@@ -46,6 +46,7 @@ pub struct DaemonConfig {
     /// `server.serving_path` is a preference: fall back when it is not
     /// available here.
     pub serving_path_auto: bool,
+    pub uploads: crate::registry::UploadLimits,
     pub registry_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub data_dir: PathBuf,
@@ -122,9 +123,9 @@ pub async fn run(mut config: DaemonConfig, shutdown: CancellationToken) -> Resul
         None => None,
     };
 
-    let uring = choose_serving_path(&mut config).await?;
     let mut prometheus = Registry::default();
     let metrics = Metrics::new(&mut prometheus);
+    let uring = choose_serving_path(&mut config, &metrics).await?;
     metrics
         .serving_path
         .get_or_create(&ServingPathLabels {
@@ -199,6 +200,7 @@ pub async fn run(mut config: DaemonConfig, shutdown: CancellationToken) -> Resul
         Some(mirror),
         HandlerConfig {
             filter: config.filter.clone(),
+            uploads: config.uploads,
         },
         metrics.clone(),
     ));
@@ -244,10 +246,18 @@ pub async fn run(mut config: DaemonConfig, shutdown: CancellationToken) -> Resul
 
 /// Sets up io_uring when it is the serving path; with `auto`, falls back to
 /// sendfile when the kernel does not allow it. Says once which path is used.
-async fn choose_serving_path(config: &mut DaemonConfig) -> Result<Option<Uring>, DaemonError> {
+async fn choose_serving_path(
+    config: &mut DaemonConfig,
+    metrics: &Metrics,
+) -> Result<Option<Uring>, DaemonError> {
     let mut uring = None;
     if config.server.serving_path == ServingPath::IoUring {
-        let setup = tokio::task::spawn_blocking(Uring::new)
+        let in_flight = metrics.uring_in_flight.clone();
+        // Enough kernel workers for every upload the limits allow.
+        let workers = u32::try_from(config.uploads.total)
+            .unwrap_or(u32::MAX)
+            .clamp(16, 1024);
+        let setup = tokio::task::spawn_blocking(move || Uring::new(in_flight, workers))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match setup {

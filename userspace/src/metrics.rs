@@ -120,6 +120,8 @@ pub struct Metrics {
     pub routing_table_peers: Gauge,
     pub advertised_keys: Gauge,
     pub p2p_open_network: Gauge,
+    pub uring_in_flight: Gauge,
+    pub upload_rejections: Counter,
 }
 
 impl Metrics {
@@ -142,6 +144,8 @@ impl Metrics {
             routing_table_peers: Gauge::default(),
             advertised_keys: Gauge::default(),
             p2p_open_network: Gauge::default(),
+            uring_in_flight: Gauge::default(),
+            upload_rejections: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("peermirror");
         r.register(
@@ -213,6 +217,16 @@ impl Metrics {
             "p2p_open_network",
             "1 when the P2P network runs without a preshared key (--insecure-open-network)",
             metrics.p2p_open_network.clone(),
+        );
+        r.register(
+            "uring_transfers_in_flight",
+            "Blob bodies the io_uring serving path is sending",
+            metrics.uring_in_flight.clone(),
+        );
+        r.register(
+            "upload_rejections",
+            "Blob requests answered 503 because the upload limits were reached",
+            metrics.upload_rejections.clone(),
         );
         metrics
     }

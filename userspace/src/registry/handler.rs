@@ -11,6 +11,7 @@ use futures::stream::BoxStream;
 
 use futures::TryStreamExt;
 
+use super::limits::{UploadLimits, UploadPermit, Uploads};
 use crate::metrics::{self, Metrics, MirrorLabels, Source};
 use crate::mirror::{Mirror, MirrorMiss};
 use crate::oci::manifest::{self, Kind, MAX_MANIFEST_SIZE, OCTET_STREAM};
@@ -80,6 +81,8 @@ pub struct Response {
     pub body: Body,
     /// For metrics.
     pub route: metrics::Route,
+    /// Held while a blob body is sent (the upload limits).
+    pub permit: Option<UploadPermit>,
 }
 
 impl Response {
@@ -95,6 +98,7 @@ impl Response {
             content_length: body.len() as u64,
             body: Body::Bytes(body),
             route,
+            permit: None,
         }
     }
 
@@ -112,6 +116,7 @@ impl Response {
 pub struct HandlerConfig {
     /// Which registries and references are served and mirrored.
     pub filter: ReferenceFilter,
+    pub uploads: UploadLimits,
 }
 
 /// Answers registry requests from the local content store, and from peers
@@ -121,6 +126,7 @@ pub struct Handler {
     mirror: Option<Arc<Mirror>>,
     config: HandlerConfig,
     metrics: Metrics,
+    uploads: Uploads,
 }
 
 /// How a request's name may be used.
@@ -141,6 +147,7 @@ impl Handler {
         metrics: Metrics,
     ) -> Handler {
         Handler {
+            uploads: Uploads::new(config.uploads),
             store,
             mirror,
             config,
@@ -177,6 +184,7 @@ impl Handler {
                 content_length: 2,
                 body: Body::Bytes(Bytes::from_static(b"{}")),
                 route: metrics::Route::Base,
+                permit: None,
             }),
             Route::Manifest { name, reference } => {
                 let scope = self.scope(&name, Some(&reference), req.mirrored);
@@ -184,8 +192,31 @@ impl Handler {
             }
             Route::Blob { name, digest } => {
                 let scope = self.scope(&name, None, req.mirrored);
+                let permit = match req.method {
+                    Method::Get => match self.uploads.acquire(req.client.ip()) {
+                        Ok(permit) => permit,
+                        Err(()) => {
+                            self.metrics.upload_rejections.inc();
+                            let mut busy = Response::error(
+                                metrics::Route::Blob,
+                                &OciError::new(
+                                    503,
+                                    crate::oci::ErrorCode::TooManyRequests,
+                                    "upload limit reached; try another endpoint",
+                                ),
+                            );
+                            busy.headers.push(("retry-after", "1".to_string()));
+                            return busy;
+                        }
+                    },
+                    _ => None,
+                };
                 self.blob(&name, &digest, req.range.as_deref(), req.method, scope)
                     .await
+                    .map(|mut response| {
+                        response.permit = permit;
+                        response
+                    })
             }
         };
         match result {
@@ -427,6 +458,7 @@ impl Handler {
                     content_length: m.len,
                     body,
                     route: metrics::Route::Blob,
+                    permit: None,
                 })
             }
             Err(MirrorMiss::Unsatisfiable { size }) => {
@@ -500,6 +532,7 @@ impl Handler {
             content_length: len,
             body,
             route: metrics::Route::Blob,
+            permit: None,
         }))
     }
 }
@@ -542,6 +575,7 @@ fn manifest_response(desc: &Descriptor, bytes: Bytes) -> Response {
         content_length: bytes.len() as u64,
         body: Body::Bytes(bytes),
         route: metrics::Route::Manifest,
+        permit: None,
     }
 }
 

@@ -7,8 +7,10 @@
 pub mod body;
 pub mod handler;
 pub mod http;
+pub mod limits;
 pub mod uring;
 
 pub use body::ServingPath;
 pub use handler::{Body, Handler, HandlerConfig, Method, RequestHead, Response};
 pub use http::{Conn, Server, ServerConfig};
+pub use limits::{UploadLimits, UploadPermit, Uploads};

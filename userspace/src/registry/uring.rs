@@ -1,6 +1,7 @@
-//! File bodies through io_uring: `splice(file → pipe)` linked to
-//! `splice(pipe → socket)` linked to a timeout, so the bytes never enter
-//! userspace and one submission moves a pipe-full of data.
+//! File bodies through io_uring: `splice(file → pipe)`, then
+//! `splice(pipe → socket)` whenever a poll says the socket takes more, so
+//! the bytes never enter userspace and each round moves up to a pipe-full
+//! (1 MiB) of data.
 //!
 //! One reactor thread owns the ring (tokio cannot drive io_uring
 //! completions, and tokio-uring cannot drive tokio's sockets). Transfers are
@@ -10,9 +11,15 @@
 //! Safety of file descriptors: the reactor works on `dup`ed descriptors it
 //! owns until the last operation that names them has completed, so a client
 //! connection dropped mid-transfer can never make the ring touch a reused
-//! descriptor number. Every socket operation carries a linked timeout, so a
-//! client that stops reading frees its transfer after the write timeout, and
-//! the kernel's io-wq worker pool that runs the splices is capped.
+//! descriptor number.
+//!
+//! Time limits: every operation has a deadline (the write timeout) that the
+//! reactor enforces with `IORING_OP_ASYNC_CANCEL`, which interrupts a splice
+//! waiting in an io-wq worker. (A linked timeout is not armed for a splice
+//! that io_uring runs in io-wq, so it cannot be used here.) The socket stays
+//! non-blocking and is written only after a poll says it has room, so no
+//! worker ever waits on a slow client; the io-wq worker pool that runs the
+//! file reads is capped.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -20,7 +27,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, opcode, squeue, types};
 use prometheus_client::metrics::counter::Counter;
@@ -31,8 +38,8 @@ use tokio::sync::oneshot;
 const PIPE_SIZE: usize = 1 << 20;
 /// Ring size: room for many chains of three entries.
 const RING_ENTRIES: u32 = 256;
-/// Kernel workers that may run splices at once (bounded, unbounded).
-const IOWQ_MAX_WORKERS: [u32; 2] = [4, 16];
+/// Kernel workers that may read files at once (io-wq's bounded class).
+const IOWQ_FILE_WORKERS: u32 = 4;
 /// Idle pipes kept for reuse.
 const PIPE_POOL: usize = 32;
 
@@ -61,6 +68,10 @@ struct Inner {
     wake: OwnedFd,
 }
 
+/// Transfers the reactor holds (for metrics and tests: it returns to zero
+/// when every client has finished, left or timed out).
+pub type InFlight = prometheus_client::metrics::gauge::Gauge;
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // Closing the channel (when `jobs` drops) and waking the reactor
@@ -73,16 +84,18 @@ impl Uring {
     /// Sets up the ring and its reactor thread, and checks that splices
     /// through it work here (kernels can disable io_uring). Blocks: call it
     /// outside async code (e.g. in `spawn_blocking`).
-    pub fn new() -> io::Result<Uring> {
+    /// `socket_workers` caps the kernel workers that may wait on sockets
+    /// (io-wq's unbounded class): splices beyond it queue in the kernel.
+    pub fn new(in_flight: InFlight, socket_workers: u32) -> io::Result<Uring> {
         let ring: IoUring = IoUring::builder().setup_clamp().build(RING_ENTRIES)?;
-        let mut max = IOWQ_MAX_WORKERS;
+        let mut max = [IOWQ_FILE_WORKERS, socket_workers];
         ring.submitter().register_iowq_max_workers(&mut max)?;
         let wake = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
         let wake_reactor = wake.try_clone()?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("peermirror-uring".into())
-            .spawn(move || Reactor::new(ring, wake_reactor, rx).run())?;
+            .spawn(move || Reactor::new(ring, wake_reactor, rx, in_flight).run())?;
         let uring = Uring {
             inner: Arc::new(Inner {
                 jobs: Mutex::new(tx),
@@ -106,10 +119,6 @@ impl Uring {
         if len == 0 {
             return Ok(());
         }
-        // The splices run as blocking work on io-wq workers: the socket is
-        // made blocking for the transfer (the connection task does not touch
-        // it meanwhile) and non-blocking again afterwards, whatever happens.
-        let _blocking = BlockingGuard::new(socket)?;
         let (reply, done) = oneshot::channel();
         let job = Job {
             file: file.as_fd().try_clone_to_owned()?,
@@ -175,26 +184,6 @@ impl Uring {
     }
 }
 
-/// Clears `O_NONBLOCK` on a socket until dropped.
-struct BlockingGuard<'a> {
-    socket: &'a TcpStream,
-    flags: rustix::fs::OFlags,
-}
-
-impl<'a> BlockingGuard<'a> {
-    fn new(socket: &'a TcpStream) -> io::Result<Self> {
-        let flags = rustix::fs::fcntl_getfl(socket)?;
-        rustix::fs::fcntl_setfl(socket, flags - rustix::fs::OFlags::NONBLOCK)?;
-        Ok(BlockingGuard { socket, flags })
-    }
-}
-
-impl Drop for BlockingGuard<'_> {
-    fn drop(&mut self) {
-        let _ = rustix::fs::fcntl_setfl(self.socket, self.flags);
-    }
-}
-
 fn tempfile_in_dev_shm() -> io::Result<File> {
     // An unnamed file that vanishes when closed.
     let dir = if std::path::Path::new("/dev/shm").is_dir() {
@@ -210,12 +199,14 @@ fn tempfile_in_dev_shm() -> io::Result<File> {
     Ok(File::from(fd))
 }
 
-/// What a transfer waits for.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// What a transfer's operation in flight does.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Stage {
-    /// splice in → splice out → timeout (3 completions).
-    Full,
-    /// splice out → timeout, to empty the pipe (2 completions).
+    /// splice file → pipe.
+    Fill,
+    /// wait until the socket can take more.
+    Poll,
+    /// splice pipe → socket (non-blocking: as much as fits).
     Drain,
 }
 
@@ -227,13 +218,10 @@ struct Transfer {
     end: u64,
     in_pipe: u64,
     stage: Stage,
-    outstanding: u8,
-    /// Results of the round in flight.
-    r_in: Option<i32>,
-    r_out: Option<i32>,
-    timed_out: bool,
-    /// Kept at a stable address while the kernel may read it.
-    timespec: Box<types::Timespec>,
+    /// When the operation in flight must have completed.
+    deadline: Instant,
+    /// A cancel was sent because the deadline passed.
+    expired: bool,
 }
 
 struct Reactor {
@@ -245,19 +233,28 @@ struct Reactor {
     next_id: u64,
     pipes: Vec<(OwnedFd, OwnedFd)>,
     closed: bool,
+    in_flight: InFlight,
 }
 
 /// user_data: transfer id in the high bits, operation in the low two.
-const OP_IN: u64 = 0;
-const OP_OUT: u64 = 1;
-const OP_TIMEOUT: u64 = 2;
+const OP_FILL: u64 = 0;
+const OP_DRAIN: u64 = 1;
+const OP_POLL: u64 = 2;
+const OP_CANCEL: u64 = 3;
+/// How often the reactor looks for expired operations at the least.
+const TICK: Duration = Duration::from_millis(250);
 
 fn errno(res: i32) -> io::Error {
     io::Error::from_raw_os_error(-res)
 }
 
 impl Reactor {
-    fn new(ring: IoUring, wake: OwnedFd, jobs: mpsc::Receiver<Job>) -> Reactor {
+    fn new(
+        ring: IoUring,
+        wake: OwnedFd,
+        jobs: mpsc::Receiver<Job>,
+        in_flight: InFlight,
+    ) -> Reactor {
         Reactor {
             ring,
             wake,
@@ -267,6 +264,7 @@ impl Reactor {
             next_id: 1,
             pipes: Vec::new(),
             closed: false,
+            in_flight,
         }
     }
 
@@ -278,15 +276,16 @@ impl Reactor {
         )
         .build()
         .user_data(EVENTFD_TOKEN);
-        self.push(&[read]);
+        self.push(&read);
     }
 
-    /// Pushes entries, submitting first when the queue is full.
-    fn push(&mut self, entries: &[squeue::Entry]) {
+    /// Pushes an entry, submitting first when the queue is full.
+    fn push(&mut self, entry: &squeue::Entry) {
         loop {
-            // SAFETY: every pointer in the entries (buffers, timespecs) lives
-            // in the reactor or in a transfer until its completion is reaped.
-            let pushed = unsafe { self.ring.submission().push_multiple(entries) };
+            // SAFETY: every pointer in an entry (the eventfd buffer) lives in
+            // the reactor until its completion is reaped; descriptors are
+            // owned by the transfer until then.
+            let pushed = unsafe { self.ring.submission().push(entry) };
             if pushed.is_ok() {
                 return;
             }
@@ -300,8 +299,25 @@ impl Reactor {
             if self.closed && self.transfers.is_empty() {
                 return;
             }
-            if let Err(e) = self.ring.submit_and_wait(1)
-                && e.raw_os_error() != Some(libc::EINTR)
+            // Wait for a completion, or until the nearest deadline.
+            let now = Instant::now();
+            let wait = self
+                .transfers
+                .values()
+                .filter(|t| !t.expired)
+                .map(|t| t.deadline.saturating_duration_since(now))
+                .min()
+                .unwrap_or(TICK)
+                .min(TICK);
+            let ts = types::Timespec::new()
+                .sec(wait.as_secs())
+                .nsec(wait.subsec_nanos());
+            let args = types::SubmitArgs::new().timespec(&ts);
+            if let Err(e) = self.ring.submitter().submit_with_args(1, &args)
+                && !matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+                )
             {
                 tracing::error!(error = %e, "io_uring submit failed; stopping the io_uring serving path");
                 for (_, t) in self.transfers.drain() {
@@ -320,10 +336,39 @@ impl Reactor {
                     if !self.closed {
                         self.arm_wake();
                     }
-                } else {
-                    self.complete(data >> 2, data & 3, res);
+                } else if data & 3 != OP_CANCEL {
+                    self.complete(data >> 2, res);
                 }
             }
+            self.expire();
+        }
+    }
+
+    /// Cancels the operations whose deadline passed (a client that stopped
+    /// reading, a disk that stalled). A cancelled splice that waits in an
+    /// io-wq worker is interrupted.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<(u64, Stage)> = self
+            .transfers
+            .iter_mut()
+            .filter(|(_, t)| !t.expired && t.deadline <= now)
+            .map(|(id, t)| {
+                t.expired = true;
+                (*id, t.stage)
+            })
+            .collect();
+        for (id, stage) in expired {
+            let target = id << 2
+                | match stage {
+                    Stage::Fill => OP_FILL,
+                    Stage::Drain => OP_DRAIN,
+                    Stage::Poll => OP_POLL,
+                };
+            let cancel = opcode::AsyncCancel::new(target)
+                .build()
+                .user_data(id << 2 | OP_CANCEL);
+            self.push(&cancel);
         }
     }
 
@@ -360,44 +405,48 @@ impl Reactor {
         };
         let id = self.next_id;
         self.next_id += 1;
-        let timespec = Box::new(
-            types::Timespec::new()
-                .sec(job.timeout.as_secs())
-                .nsec(job.timeout.subsec_nanos()),
-        );
         let transfer = Transfer {
             pos: job.offset,
             end: job.offset + job.len,
+            deadline: Instant::now() + job.timeout,
             job,
             pipe_r,
             pipe_w,
             in_pipe: 0,
-            stage: Stage::Full,
-            outstanding: 0,
-            r_in: None,
-            r_out: None,
-            timed_out: false,
-            timespec,
+            stage: Stage::Fill,
+            expired: false,
         };
         self.transfers.insert(id, transfer);
-        self.submit_round(id);
+        self.in_flight.set(self.transfers.len() as i64);
+        self.submit(id, Stage::Fill);
     }
 
-    /// Queues the next round of a transfer.
-    fn submit_round(&mut self, id: u64) {
+    /// Queues a transfer's next operation.
+    fn submit(&mut self, id: u64, stage: Stage) {
         let Some(t) = self.transfers.get_mut(&id) else {
             return;
         };
-        t.r_in = None;
-        t.r_out = None;
-        t.timed_out = false;
-        let timeout = opcode::LinkTimeout::new(&*t.timespec as *const types::Timespec)
-            .build()
-            .user_data(id << 2 | OP_TIMEOUT);
-        let entries: Vec<squeue::Entry> = if t.in_pipe > 0 {
-            t.stage = Stage::Drain;
-            t.outstanding = 2;
-            let out = opcode::Splice::new(
+        t.stage = stage;
+        t.deadline = Instant::now() + t.job.timeout;
+        let entry = match stage {
+            Stage::Fill => {
+                let n = (t.end - t.pos).min(PIPE_SIZE as u64) as u32;
+                opcode::Splice::new(
+                    types::Fd(t.job.file.as_raw_fd()),
+                    t.pos as i64,
+                    types::Fd(t.pipe_w.as_raw_fd()),
+                    -1,
+                    n,
+                )
+                .build()
+                .user_data(id << 2 | OP_FILL)
+            }
+            Stage::Poll => {
+                opcode::PollAdd::new(types::Fd(t.job.socket.as_raw_fd()), libc::POLLOUT as u32)
+                    .build()
+                    .user_data(id << 2 | OP_POLL)
+            }
+            Stage::Drain => opcode::Splice::new(
                 types::Fd(t.pipe_r.as_raw_fd()),
                 -1,
                 types::Fd(t.job.socket.as_raw_fd()),
@@ -405,113 +454,178 @@ impl Reactor {
                 t.in_pipe as u32,
             )
             .build()
-            .flags(squeue::Flags::IO_LINK)
-            .user_data(id << 2 | OP_OUT);
-            vec![out, timeout]
-        } else {
-            t.stage = Stage::Full;
-            t.outstanding = 3;
-            let n = (t.end - t.pos).min(PIPE_SIZE as u64) as u32;
-            let fill = opcode::Splice::new(
-                types::Fd(t.job.file.as_raw_fd()),
-                t.pos as i64,
-                types::Fd(t.pipe_w.as_raw_fd()),
-                -1,
-                n,
-            )
-            .build()
-            .flags(squeue::Flags::IO_LINK)
-            .user_data(id << 2 | OP_IN);
-            let out = opcode::Splice::new(
-                types::Fd(t.pipe_r.as_raw_fd()),
-                -1,
-                types::Fd(t.job.socket.as_raw_fd()),
-                -1,
-                n,
-            )
-            .build()
-            .flags(squeue::Flags::IO_LINK)
-            .user_data(id << 2 | OP_OUT);
-            vec![fill, out, timeout]
+            .user_data(id << 2 | OP_DRAIN),
         };
-        self.push(&entries);
+        self.push(&entry);
     }
 
-    fn complete(&mut self, id: u64, op: u64, res: i32) {
+    fn complete(&mut self, id: u64, res: i32) {
         let Some(t) = self.transfers.get_mut(&id) else {
             return;
         };
-        match op {
-            OP_IN => t.r_in = Some(res),
-            OP_OUT => t.r_out = Some(res),
-            _ => t.timed_out = res == -libc::ETIME,
-        }
-        t.outstanding -= 1;
-        if t.outstanding > 0 {
-            return;
-        }
-        let outcome = Self::settle(t);
-        match outcome {
-            Some(Ok(())) => self.finish(id, Ok(())),
-            Some(Err(e)) => self.finish(id, Err(e)),
-            None => self.submit_round(id),
+        let next = Self::next_stage(t, res);
+        match next {
+            Ok(Some(stage)) => self.submit(id, stage),
+            Ok(None) => self.finish(id, Ok(())),
+            Err(e) => self.finish(id, Err(e)),
         }
     }
 
-    /// Accounts a finished round; `None` means "go on".
-    fn settle(t: &mut Transfer) -> Option<io::Result<()>> {
-        if t.stage == Stage::Full {
-            match t.r_in {
-                Some(n) if n >= 0 => {
-                    t.pos += n as u64;
-                    t.in_pipe += n as u64;
-                    if n == 0 && t.pos < t.end {
-                        return Some(Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            format!("content file ended early, at byte {}", t.pos),
-                        )));
-                    }
-                }
-                Some(e) => return Some(Err(errno(e))),
-                None => return Some(Err(io::Error::other("missing completion"))),
-            }
-        }
-        match t.r_out {
-            Some(n) if n >= 0 => {
-                t.in_pipe -= (n as u64).min(t.in_pipe);
-                t.job.counter.inc_by(n as u64);
-            }
-            // Cancelled because the fill was short: the pipe is drained next.
-            Some(e) if e == -libc::ECANCELED && !t.timed_out => {}
-            Some(e) if e == -libc::ECANCELED || e == -libc::EINTR => {
-                return Some(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("client did not read for {:?}", t.job.timeout),
-                )));
-            }
-            Some(e) => return Some(Err(errno(e))),
-            None => return Some(Err(io::Error::other("missing completion"))),
-        }
-        if t.timed_out {
-            return Some(Err(io::Error::new(
+    /// Accounts an operation's result and says what comes next (`None`:
+    /// the transfer is complete).
+    fn next_stage(t: &mut Transfer, res: i32) -> io::Result<Option<Stage>> {
+        if res < 0 && t.expired {
+            return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("client did not read for {:?}", t.job.timeout),
-            )));
+                format!(
+                    "no progress for {:?} (client not reading, or disk stalled)",
+                    t.job.timeout
+                ),
+            ));
         }
-        if t.pos >= t.end && t.in_pipe == 0 {
-            return Some(Ok(()));
+        match t.stage {
+            Stage::Fill => {
+                if res < 0 {
+                    return Err(errno(res));
+                }
+                if res == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("content file ended early, at byte {}", t.pos),
+                    ));
+                }
+                t.pos += res as u64;
+                t.in_pipe += res as u64;
+                Ok(Some(Stage::Drain))
+            }
+            Stage::Poll => {
+                if res < 0 {
+                    return Err(errno(res));
+                }
+                Ok(Some(Stage::Drain))
+            }
+            Stage::Drain => {
+                if res == -libc::EAGAIN {
+                    return Ok(Some(Stage::Poll));
+                }
+                if res < 0 {
+                    return Err(errno(res));
+                }
+                if res == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "socket took no bytes",
+                    ));
+                }
+                let n = res as u64;
+                t.in_pipe -= n.min(t.in_pipe);
+                t.job.counter.inc_by(n);
+                if t.in_pipe > 0 {
+                    // The socket is full: wait until it takes more.
+                    Ok(Some(Stage::Poll))
+                } else if t.pos < t.end {
+                    Ok(Some(Stage::Fill))
+                } else {
+                    Ok(None)
+                }
+            }
         }
-        None
     }
 
     fn finish(&mut self, id: u64, result: io::Result<()>) {
         let Some(t) = self.transfers.remove(&id) else {
             return;
         };
+        self.in_flight.set(self.transfers.len() as i64);
         // A pipe with bytes left in it is not reused.
         if result.is_ok() && t.in_pipe == 0 && self.pipes.len() < PIPE_POOL {
             self.pipes.push((t.pipe_r, t.pipe_w));
         }
         let _ = t.job.reply.send(result);
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn big_file(len: usize) -> File {
+        let mut f = tempfile_in_dev_shm().expect("tmpfile");
+        let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+        for _ in 0..len / chunk.len() {
+            io::Write::write_all(&mut f, &chunk).expect("write");
+        }
+        f
+    }
+
+    async fn pair() -> (TcpStream, std::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = std::net::TcpStream::connect(addr).expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (server, client)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sends_a_file_and_gives_up_on_a_client_that_stops_reading() {
+        let uring = tokio::task::spawn_blocking(|| Uring::new(InFlight::default(), 16))
+            .await
+            .expect("join")
+            .expect("io_uring");
+        let file = big_file(32 << 20);
+        let counter = Counter::default();
+
+        // A reading client gets every byte.
+        let (server, client) = pair().await;
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            io::Read::read_to_end(&mut &client, &mut got).expect("read");
+            got
+        });
+        uring
+            .send(
+                &file,
+                &server,
+                1000,
+                20 << 20,
+                Duration::from_secs(5),
+                &counter,
+            )
+            .await
+            .expect("send");
+        drop(server);
+        let got = reader.join().expect("reader");
+        assert_eq!(got.len(), 20 << 20);
+        assert!(
+            got.iter()
+                .enumerate()
+                .all(|(i, b)| *b == ((i + 1000) % (1 << 20) % 251) as u8)
+        );
+        assert_eq!(counter.get(), 20 << 20);
+
+        // A client that never reads is given up after the timeout.
+        let (server, _client) = pair().await;
+        let started = std::time::Instant::now();
+        let err = uring
+            .send(
+                &file,
+                &server,
+                0,
+                32 << 20,
+                Duration::from_millis(500),
+                &counter,
+            )
+            .await
+            .expect_err("must time out");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        // The socket is non-blocking again for tokio.
+        let flags = rustix::fs::fcntl_getfl(&server).expect("flags");
+        assert!(flags.contains(rustix::fs::OFlags::NONBLOCK));
     }
 }

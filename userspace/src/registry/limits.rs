@@ -1,0 +1,136 @@
+//! Upload limits: how many blob bodies this node sends at once to other
+//! hosts, in total and per client address. Beyond them the answer is 503,
+//! which containerd treats like any failed endpoint: it moves on to the next
+//! one, and a node that everybody pulls from stays usable.
+//!
+//! Loopback clients (the node's own containerd) are not counted: their
+//! requests are this node's own pulls, not uploads.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadLimits {
+    /// Concurrent uploads of the whole node (0: no limit).
+    pub total: usize,
+    /// Concurrent uploads to one client address (0: no limit).
+    pub per_client: usize,
+}
+
+impl Default for UploadLimits {
+    fn default() -> Self {
+        UploadLimits {
+            total: 64,
+            per_client: 8,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+/// Hands out [`UploadPermit`]s.
+#[derive(Clone)]
+pub struct Uploads {
+    limits: UploadLimits,
+    counts: Arc<Mutex<Counts>>,
+}
+
+/// One upload in progress; dropping it frees the slot.
+pub struct UploadPermit {
+    counts: Arc<Mutex<Counts>>,
+    client: IpAddr,
+}
+
+impl std::fmt::Debug for UploadPermit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UploadPermit({})", self.client)
+    }
+}
+
+impl Uploads {
+    pub fn new(limits: UploadLimits) -> Uploads {
+        Uploads {
+            limits,
+            counts: Arc::default(),
+        }
+    }
+
+    /// A permit for an upload to `client`: `Ok(None)` when the client is not
+    /// counted, `Err(())` when a limit is reached.
+    #[allow(clippy::result_unit_err)]
+    pub fn acquire(&self, client: IpAddr) -> Result<Option<UploadPermit>, ()> {
+        if client.is_loopback() || client.to_canonical().is_loopback() {
+            return Ok(None);
+        }
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = counts.per_client.get(&client).copied().unwrap_or(0);
+        if (self.limits.total > 0 && counts.total >= self.limits.total)
+            || (self.limits.per_client > 0 && mine >= self.limits.per_client)
+        {
+            return Err(());
+        }
+        counts.total += 1;
+        *counts.per_client.entry(client).or_default() += 1;
+        Ok(Some(UploadPermit {
+            counts: self.counts.clone(),
+            client,
+        }))
+    }
+
+    /// Uploads in progress.
+    pub fn in_progress(&self) -> usize {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).total
+    }
+}
+
+impl Drop for UploadPermit {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.total = counts.total.saturating_sub(1);
+        if let Some(n) = counts.per_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                counts.per_client.remove(&self.client);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_per_node_and_per_client() {
+        let uploads = Uploads::new(UploadLimits {
+            total: 3,
+            per_client: 2,
+        });
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        let a1 = uploads.acquire(a).expect("free").expect("counted");
+        let _a2 = uploads.acquire(a).expect("free").expect("counted");
+        assert!(uploads.acquire(a).is_err(), "per-client limit");
+        let _b1 = uploads.acquire(b).expect("free").expect("counted");
+        assert!(uploads.acquire(b).is_err(), "node limit");
+        drop(a1);
+        assert!(uploads.acquire(b).is_ok());
+        assert!(
+            uploads
+                .acquire("127.0.0.1".parse().expect("ip"))
+                .expect("loopback")
+                .is_none()
+        );
+        assert!(
+            uploads
+                .acquire("::ffff:127.0.0.1".parse().expect("ip"))
+                .expect("loopback")
+                .is_none()
+        );
+    }
+}
