@@ -112,6 +112,16 @@ impl ClusterNode {
         Ok(())
     }
 
+    /// Stops this node's peermirror (SIGTERM) and starts it again with
+    /// `extra` flags added.
+    pub fn restart_peermirror(&mut self, extra: &[&str]) -> Result<()> {
+        if let Some(mut pm) = self.peermirror.take() {
+            pm.proc.terminate(Duration::from_secs(15))?;
+        }
+        self.spec.extra.extend(extra.iter().map(|s| s.to_string()));
+        self.start_peermirror()
+    }
+
     /// The content digests this node's containerd holds.
     pub fn content(&self) -> Result<Vec<String>> {
         self.containerd.content_digests()

@@ -590,5 +590,60 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
         || (a.pm().metric("peermirror_registry_connections", &[]).ok()? <= baseline).then_some(()),
     )?;
     println!("step 11: bytes=0- verified; abandoned chunk fetches stopped");
+
+    // 12. Upload limits: A sends one blob body at a time; a client that
+    //     holds the slot makes A answer 503, and containerd, asking A
+    //     directly as its mirror, moves on to upstream.
+    cluster
+        .node_mut("a")
+        .restart_peermirror(&["--max-uploads", "1", "--write-timeout", "20s"])?;
+    cluster.wait_ready(&["a"], Duration::from_secs(60))?;
+    let (a, c) = (cluster.node("a"), cluster.node("c"));
+    let big2_layer = layer_of(&big2).clone();
+    let held = format!("/v2/{}/blobs/{}", big2.repo, big2_layer.digest);
+    let via = c.host.ns.via();
+    let mut hog = via.connect(a.registry_addr(), Duration::from_secs(5))?;
+    hog.write_all(format!("GET {held} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())?;
+    wait_for(
+        "A to be sending to the slow client",
+        Duration::from_secs(10),
+        || (a.pm().metric("peermirror_registry_connections", &[]).ok()? >= 1.0).then_some(()),
+    )?;
+    let busy = via.get(a.registry_addr(), &held, &[])?;
+    ensure!(
+        busy.status == 503,
+        "a second upload answered {}",
+        busy.status
+    );
+    ensure!(busy.error_code().as_deref() == Some("TOOMANYREQUESTS"));
+    ensure!(busy.header("retry-after").is_some());
+    let direct = c.dir.join("via-a.d");
+    let host_dir = direct.join(cluster.upstream.host());
+    std::fs::create_dir_all(&host_dir)?;
+    std::fs::write(
+        host_dir.join("hosts.toml"),
+        format!(
+            "server = \"http://{}\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            cluster.upstream.host(),
+            a.registry_addr()
+        ),
+    )?;
+    let rejected_before = a.pm().metric("peermirror_upload_rejections_total", &[])?;
+    c.containerd
+        .ctr(&[
+            "images",
+            "pull",
+            "--hosts-dir",
+            &direct.to_string_lossy(),
+            &up(&patterns),
+        ])
+        .context("C's pull while A is at its upload limit")?;
+    c.assert_has(&cluster.layout, &patterns)?;
+    let rejected = a.pm().metric("peermirror_upload_rejections_total", &[])? - rejected_before;
+    ensure!(rejected >= 1.0, "containerd's request never met the limit");
+    drop(hog);
+    println!(
+        "step 12: A at its upload limit answered 503 ({rejected} times to containerd); the pull went on to upstream"
+    );
     Ok(())
 }
