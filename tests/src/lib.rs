@@ -6,6 +6,7 @@ pub mod cri;
 pub mod http;
 pub mod image;
 pub mod netns;
+pub mod pki;
 pub mod process;
 pub mod services;
 

@@ -251,6 +251,23 @@ pub struct Run {
     #[arg(long, env = "PEERMIRROR_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
+    /// The node certificate (PEM). With `--tls-key` and `--tls-client-ca`,
+    /// the registry port speaks only TLS and requires client certificates;
+    /// the same certificate authenticates this node to its peers. It must
+    /// carry IP SANs (the node's address and 127.0.0.1) and both the
+    /// serverAuth and clientAuth usages.
+    #[arg(long, env = "PEERMIRROR_TLS_CERT", requires_all = ["tls_key", "tls_client_ca"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The node certificate's private key (PEM).
+    #[arg(long, env = "PEERMIRROR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The CA that signs every node's certificate (PEM); clients must
+    /// present a certificate it signed.
+    #[arg(long, env = "PEERMIRROR_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Address of the P2P (libp2p) port (`:5001` listens on every IPv4 and
     /// IPv6 address).
     #[arg(long, env = "PEERMIRROR_ROUTER_ADDR", default_value = ":5001", value_parser = parse_listen_addr)]
@@ -503,6 +520,14 @@ impl Run {
             metrics_addr: self.metrics_addr,
             data_dir: self.data_dir,
             serving_path_auto,
+            tls: match (self.tls_cert, self.tls_key, self.tls_client_ca) {
+                (Some(cert), Some(key), Some(client_ca)) => Some(crate::tls::TlsFiles {
+                    cert,
+                    key,
+                    client_ca,
+                }),
+                _ => None,
+            },
             uploads: crate::registry::UploadLimits {
                 total: self.max_uploads,
                 per_client: self.max_uploads_per_client,

@@ -24,6 +24,7 @@ use crate::routing::identity::{self, IdentityError};
 use crate::routing::p2p::{self, P2pConfig, P2pError, P2pObserver, P2pRouter};
 use crate::routing::{Router, sync};
 use crate::store::{ContainerdConfig, ContainerdStore, ContentStore};
+use crate::tls::{TlsFiles, TlsState};
 
 /// P2P settings, before the key files are read.
 #[derive(Debug, Clone)]
@@ -47,6 +48,8 @@ pub struct DaemonConfig {
     /// available here.
     pub serving_path_auto: bool,
     pub uploads: crate::registry::UploadLimits,
+    /// mTLS on the registry port and towards peers.
+    pub tls: Option<TlsFiles>,
     pub registry_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub data_dir: PathBuf,
@@ -79,6 +82,8 @@ pub enum DaemonError {
         "--serving-path io-uring: io_uring is not usable here ({0}); use --serving-path sendfile or auto"
     )]
     IoUring(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Binds `addr`; an unspecified IPv6 address that cannot be bound (IPv6
@@ -110,6 +115,7 @@ pub async fn run(mut config: DaemonConfig, shutdown: CancellationToken) -> Resul
         source,
     })?;
     let keypair = identity::load_or_create(&config.data_dir)?;
+    let tls = config.tls.clone().map(TlsState::load).transpose()?;
     let psk = config
         .p2p
         .psk_file
@@ -194,7 +200,20 @@ pub async fn run(mut config: DaemonConfig, shutdown: CancellationToken) -> Resul
         )));
     }
 
-    let mirror = Mirror::new(Arc::new(router.clone()), config.mirror.clone());
+    if let Some(tls) = &tls {
+        tasks.push(tokio::spawn(
+            tls.clone()
+                .watch(Duration::from_secs(10), background.clone()),
+        ));
+    } else {
+        tracing::warn!(
+            registry = %config.registry_addr,
+            namespace = %config.containerd.namespace,
+            "the registry port is open: any host that can reach it can read every image of this containerd namespace. \
+             Protect it with mTLS (--tls-cert, --tls-key, --tls-client-ca) or a firewall."
+        );
+    }
+    let mirror = Mirror::with_tls(Arc::new(router.clone()), config.mirror.clone(), tls.clone());
     let handler = Arc::new(Handler::new(
         store.clone(),
         Some(mirror),
@@ -204,7 +223,7 @@ pub async fn run(mut config: DaemonConfig, shutdown: CancellationToken) -> Resul
         },
         metrics.clone(),
     ));
-    let server = Server::with_uring(handler, config.server.clone(), metrics.clone(), uring);
+    let server = Server::build(handler, config.server.clone(), metrics.clone(), uring, tls);
     tracing::info!(
         registry = %local(&registry_listener),
         metrics = %local(&metrics_listener),

@@ -13,3 +13,4 @@ pub mod oci;
 pub mod registry;
 pub mod routing;
 pub mod store;
+pub mod tls;

@@ -122,6 +122,7 @@ pub struct Metrics {
     pub p2p_open_network: Gauge,
     pub uring_in_flight: Gauge,
     pub upload_rejections: Counter,
+    pub tls_handshake_failures: Counter,
 }
 
 impl Metrics {
@@ -146,6 +147,7 @@ impl Metrics {
             p2p_open_network: Gauge::default(),
             uring_in_flight: Gauge::default(),
             upload_rejections: Counter::default(),
+            tls_handshake_failures: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("peermirror");
         r.register(
@@ -227,6 +229,11 @@ impl Metrics {
             "upload_rejections",
             "Blob requests answered 503 because the upload limits were reached",
             metrics.upload_rejections.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "TLS handshakes refused on the registry port (no client certificate, another CA, not TLS)",
+            metrics.tls_handshake_failures.clone(),
         );
         metrics
     }

@@ -1,6 +1,7 @@
 //! One HTTP request to a peer's registry port, with its time bounded.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,6 +26,12 @@ pub enum AttemptError {
     },
     #[error("{addr} sent no response head within {after:?}")]
     HeaderTimeout { addr: SocketAddr, after: Duration },
+    #[error("TLS with {addr}: {source}")]
+    Tls {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("HTTP with {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -44,26 +51,79 @@ pub struct Timeouts {
     pub header: Duration,
 }
 
-/// Sends `method path` to the peer at `addr`, marked as mirrored so that the
-/// peer answers from its own store only. Dropping the response (or its body)
-/// closes the connection.
+/// Sends `method path` to the peer at `addr` (over mTLS when `tls` is set),
+/// marked as mirrored so that the peer answers from its own store only.
+/// Dropping the response (or its body) closes the connection.
 pub async fn request(
     addr: SocketAddr,
     method: Method,
     path_and_query: &str,
     headers: &[(&str, String)],
     timeouts: Timeouts,
+    tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<Response<Incoming>, AttemptError> {
-    let stream = tokio::time::timeout(timeouts.connect, TcpStream::connect(addr))
+    let connect = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| AttemptError::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        Ok::<_, AttemptError>(stream)
+    };
+    let stream = tokio::time::timeout(timeouts.connect, connect)
         .await
         .map_err(|_| AttemptError::ConnectTimeout {
             addr,
             after: timeouts.connect,
-        })?
-        .map_err(|source| AttemptError::Connect { addr, source })?;
-    let _ = stream.set_nodelay(true);
+        })??;
+    match tls {
+        None => {
+            exchange(
+                TokioIo::new(stream),
+                addr,
+                method,
+                path_and_query,
+                headers,
+                timeouts,
+            )
+            .await
+        }
+        Some(config) => {
+            // Peers are dialled by IP: their certificate carries IP SANs.
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let handshake = tokio_rustls::TlsConnector::from(config).connect(name, stream);
+            let tls_stream = tokio::time::timeout(timeouts.connect, handshake)
+                .await
+                .map_err(|_| AttemptError::ConnectTimeout {
+                    addr,
+                    after: timeouts.connect,
+                })?
+                .map_err(|source| AttemptError::Tls { addr, source })?;
+            exchange(
+                TokioIo::new(tls_stream),
+                addr,
+                method,
+                path_and_query,
+                headers,
+                timeouts,
+            )
+            .await
+        }
+    }
+}
+
+async fn exchange<IO>(
+    io: IO,
+    addr: SocketAddr,
+    method: Method,
+    path_and_query: &str,
+    headers: &[(&str, String)],
+    timeouts: Timeouts,
+) -> Result<Response<Incoming>, AttemptError>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let exchange = async {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(|source| AttemptError::Http { addr, source })?;
         tokio::spawn(async move {

@@ -37,6 +37,7 @@ use crate::oci::manifest::{
 };
 use crate::oci::{ByteRange, Descriptor, Digest, ManifestReference, Name, Reference};
 use crate::routing::{Peer, Router};
+use crate::tls::TlsState;
 
 /// Time limits and policies of mirroring.
 #[derive(Debug, Clone)]
@@ -146,6 +147,8 @@ pub struct Mirror {
     router: Arc<dyn Router>,
     config: MirrorConfig,
     bad: BadPeers,
+    /// When set, peers are reached over mTLS with this node's certificate.
+    tls: Option<Arc<TlsState>>,
 }
 
 /// The peers a request may still try, in the order the lookup found them.
@@ -225,11 +228,26 @@ const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, applicat
 
 impl Mirror {
     pub fn new(router: Arc<dyn Router>, config: MirrorConfig) -> Arc<Mirror> {
+        Self::with_tls(router, config, None)
+    }
+
+    pub fn with_tls(
+        router: Arc<dyn Router>,
+        config: MirrorConfig,
+        tls: Option<Arc<TlsState>>,
+    ) -> Arc<Mirror> {
         Arc::new(Mirror {
             router,
             config,
             bad: BadPeers::default(),
+            tls,
         })
+    }
+
+    /// The client TLS configuration for the next connection (it follows
+    /// certificate rotations).
+    pub(crate) fn client_tls(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.tls.as_ref().map(|t| t.client_config())
     }
 
     pub fn config(&self) -> &MirrorConfig {
@@ -270,8 +288,10 @@ impl Mirror {
             let method = method.clone();
             let headers: Vec<(&str, String)> = headers.to_vec();
             let path = path.to_string();
+            let tls = self.client_tls();
             async move {
-                let result = client::request(peer.addr, method, &path, &headers, timeouts).await;
+                let result =
+                    client::request(peer.addr, method, &path, &headers, timeouts, tls).await;
                 (peer, result)
             }
         };

@@ -216,12 +216,14 @@ impl Transfer {
     async fn resume_from(&mut self, peer: Peer, contributors: &mut Vec<Peer>) -> bool {
         let timeouts = self.mirror.timeouts();
         let range = format!("bytes={}-{}", self.pos, self.end - 1);
+        let tls = self.mirror.client_tls();
         let response = match client::request(
             peer.addr,
             Method::GET,
             &self.path,
             &[("range", range)],
             timeouts,
+            tls,
         )
         .await
         {

@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use super::body::{self, ServingPath};
 use super::handler::{Body, Handler, Method, RequestHead, Response};
 use super::uring::Uring;
+use crate::tls::TlsState;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::metrics::{self, Metrics, RequestLabels, Source, SourceLabels};
@@ -68,12 +69,22 @@ impl Conn for TcpStream {
     }
 }
 
+/// Over TLS the bytes are encrypted in userspace (no kTLS on this kernel):
+/// file bodies take the buffered path.
+impl Conn for tokio_rustls::server::TlsStream<TcpStream> {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
 pub struct Server {
     handler: Arc<Handler>,
     config: ServerConfig,
     metrics: Metrics,
     /// The io_uring engine, when the serving path is io_uring.
     uring: Option<Uring>,
+    /// mTLS; when set, the port speaks only TLS.
+    tls: Option<Arc<TlsState>>,
 }
 
 /// A request head that could not be read or parsed: answered, then closed.
@@ -91,11 +102,24 @@ impl Server {
         metrics: Metrics,
         uring: Option<Uring>,
     ) -> Arc<Server> {
+        Self::build(handler, config, metrics, uring, None)
+    }
+
+    /// A server with every option: the io_uring engine for plain-HTTP file
+    /// bodies, and mTLS (then the port speaks only TLS).
+    pub fn build(
+        handler: Arc<Handler>,
+        config: ServerConfig,
+        metrics: Metrics,
+        uring: Option<Uring>,
+        tls: Option<Arc<TlsState>>,
+    ) -> Arc<Server> {
         Arc::new(Server {
             handler,
             config,
             metrics,
             uring,
+            tls,
         })
     }
 
@@ -121,7 +145,34 @@ impl Server {
             let shutdown = shutdown.clone();
             tracker.spawn(async move {
                 server.metrics.registry_connections.inc();
-                if let Err(e) = server.connection(stream, peer, shutdown).await {
+                let result = match &server.tls {
+                    None => server.connection(stream, peer, shutdown).await,
+                    Some(tls) => {
+                        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+                        match tokio::time::timeout(
+                            server.config.header_timeout,
+                            acceptor.accept(stream),
+                        )
+                        .await
+                        {
+                            Ok(Ok(tls_stream)) => {
+                                server.connection(tls_stream, peer, shutdown).await
+                            }
+                            Ok(Err(e)) => {
+                                server.metrics.tls_handshake_failures.inc();
+                                Err(e)
+                            }
+                            Err(_) => {
+                                server.metrics.tls_handshake_failures.inc();
+                                Err(io::Error::new(
+                                    io::ErrorKind::TimedOut,
+                                    "TLS handshake timed out",
+                                ))
+                            }
+                        }
+                    }
+                };
+                if let Err(e) = result {
                     tracing::debug!(%peer, error = %e, "connection ended");
                 }
                 server.metrics.registry_connections.dec();
