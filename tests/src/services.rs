@@ -323,6 +323,10 @@ impl Upstream {
         self.launch()
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     pub fn running(&self) -> bool {
         self.proc.is_some()
     }

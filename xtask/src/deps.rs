@@ -32,6 +32,19 @@ pub const TEST: &[Need] = &[
 /// What `cargo xtask demo` needs.
 pub const DEMO: &[Need] = TEST;
 
+/// What `cargo xtask bench` needs.
+pub const BENCH: &[Need] = &[
+    need("protoc", "protobuf-compiler"),
+    need("containerd", "containerd"),
+    need("ctr", "containerd"),
+    need("runc", "runc"),
+    need("skopeo", "skopeo"),
+    need("docker-registry", "docker-registry"),
+    need("ip", "iproute2"),
+    need("nsenter", "util-linux"),
+    need("nginx", "nginx"),
+];
+
 fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")
         .map(|paths| {

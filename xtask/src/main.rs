@@ -29,12 +29,18 @@ enum Cmd {
     },
     /// Run a local demo: a 3-node cluster in network namespaces, real containerd, an air-gapped pull.
     Demo,
+    /// Benchmarks: peermirror side by side with nginx and the CNCF registry (release build).
+    Bench {
+        /// `serving` or `cluster` to run only that part.
+        part: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Cmd::Test { cargo_args } => test(&cargo_args),
         Cmd::Demo => demo::run(),
+        Cmd::Bench { part } => bench(part.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,6 +61,21 @@ pub fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+fn bench(part: Option<&str>) -> Result<()> {
+    deps::ensure(deps::BENCH)?;
+    run(cargo().args(["build", "--release", "--package", "peermirror", "--package", "peermirror-bench", "--bins"]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        std::path::PathBuf::from,
+    );
+    let mut cmd = Command::new(target.join("release/peermirror-bench"));
+    cmd.env("PEERMIRROR_BIN", target.join("release/peermirror"));
+    if let Some(p) = part {
+        cmd.arg(p);
+    }
+    run(&mut cmd)
 }
 
 fn test(cargo_args: &[String]) -> Result<()> {

@@ -1,0 +1,216 @@
+//! What the benchmark reads off the system: CPU time of a server's
+//! processes, peak resident memory, and an efficient HTTP client.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use peermirror_tests::http::Via;
+
+/// Clock ticks per second of `/proc/<pid>/stat`.
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// User + system CPU seconds of one process (all its threads, io_uring's
+/// kernel workers included: they belong to its thread group).
+fn cpu_of(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 (1-based); `rest` starts at 3.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks())
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `pid` and every process descending from it (nginx's workers).
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut all: Vec<u32> = vec![pid];
+    let procs: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for p in &procs {
+            if !all.contains(p) && parent_of(*p).is_some_and(|pp| all.contains(&pp)) {
+                all.push(*p);
+                grew = true;
+            }
+        }
+    }
+    all
+}
+
+/// CPU seconds used so far by a server (its whole process tree).
+pub fn server_cpu(pid: u32) -> f64 {
+    process_tree(pid).into_iter().filter_map(cpu_of).sum()
+}
+
+/// Peak resident set size (VmHWM) of a process, in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// How a client reaches the server.
+#[derive(Clone)]
+pub enum Transport {
+    /// Plain TCP; the body is spliced to /dev/null without being copied to
+    /// userspace, so the client costs as little as possible.
+    Plain,
+    /// TLS: the client must decrypt in userspace (large reads).
+    Tls(Arc<rustls::ClientConfig>),
+}
+
+fn content_length(head: &str) -> Option<u64> {
+    head.lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")))
+        .and_then(|(_, v)| v.trim().parse().ok())
+}
+
+/// Reads a response head from `stream`; returns the head and the body
+/// bytes read past it.
+fn read_head(stream: &mut impl Read) -> Result<(String, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(8192);
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let body = buf.split_off(end + 4);
+            return Ok((String::from_utf8_lossy(&buf).into_owned(), body));
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            bail!("connection closed before the response head");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Downloads `path` once and throws the body away; returns its length.
+pub fn download(via: &Via, addr: SocketAddr, path: &str, transport: &Transport) -> Result<u64> {
+    let tcp = via.connect(addr, Duration::from_secs(5))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    match transport {
+        Transport::Plain => {
+            let mut tcp = tcp;
+            tcp.write_all(request.as_bytes())?;
+            let (head, early) = read_head(&mut tcp)?;
+            if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.1 206") {
+                bail!("{addr}{path}: {}", head.lines().next().unwrap_or(""));
+            }
+            let total = content_length(&head).context("no content-length")?;
+            let mut remaining = total - early.len() as u64;
+            let null = File::options().write(true).open("/dev/null")?;
+            let (pipe_r, pipe_w) = rustix::pipe::pipe()?;
+            let _ = rustix::pipe::fcntl_setpipe_size(&pipe_w, 1 << 20);
+            while remaining > 0 {
+                let want = remaining.min(1 << 20) as usize;
+                let n = rustix::pipe::splice(tcp.as_fd(), None, &pipe_w, None, want, rustix::pipe::SpliceFlags::MOVE)?;
+                if n == 0 {
+                    bail!("body ended {remaining} bytes early");
+                }
+                let mut left = n;
+                while left > 0 {
+                    left -= rustix::pipe::splice(&pipe_r, None, &null, None, left, rustix::pipe::SpliceFlags::MOVE)?;
+                }
+                remaining -= n as u64;
+            }
+            Ok(total)
+        }
+        Transport::Tls(config) => {
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let conn = rustls::ClientConnection::new(config.clone(), name)?;
+            let mut stream = rustls::StreamOwned::new(conn, tcp);
+            stream.write_all(request.as_bytes())?;
+            let (head, early) = read_head(&mut stream)?;
+            if !head.starts_with("HTTP/1.1 200") {
+                bail!("{addr}{path}: {}", head.lines().next().unwrap_or(""));
+            }
+            let total = content_length(&head).context("no content-length")?;
+            let mut remaining = total - early.len() as u64;
+            let mut buf = vec![0u8; 1 << 20];
+            while remaining > 0 {
+                let n = stream.read(&mut buf)?;
+                if n == 0 {
+                    bail!("body ended {remaining} bytes early");
+                }
+                remaining = remaining.saturating_sub(n as u64);
+            }
+            Ok(total)
+        }
+    }
+}
+
+/// One measured run: `clients` downloads at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    pub bytes: u64,
+    pub seconds: f64,
+    pub cpu_seconds: f64,
+}
+
+impl Run {
+    pub fn gib_per_s(&self) -> f64 {
+        self.bytes as f64 / (1u64 << 30) as f64 / self.seconds
+    }
+
+    pub fn cpu_per_gib(&self) -> f64 {
+        self.cpu_seconds / (self.bytes as f64 / (1u64 << 30) as f64)
+    }
+}
+
+/// Runs `clients` concurrent downloads and measures the server's CPU.
+pub fn measure(server_pid: u32, clients: usize, download_one: Arc<dyn Fn() -> Result<u64> + Send + Sync>) -> Result<Run> {
+    let cpu_before = server_cpu(server_pid);
+    let started = Instant::now();
+    let handles: Vec<_> = (0..clients)
+        .map(|_| {
+            let d = download_one.clone();
+            std::thread::spawn(move || d())
+        })
+        .collect();
+    let mut bytes = 0;
+    for h in handles {
+        bytes += h.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = server_cpu(server_pid) - cpu_before;
+    Ok(Run {
+        bytes,
+        seconds,
+        cpu_seconds,
+    })
+}
+
+/// Median and range of a metric over runs.
+pub fn summary(values: &mut [f64]) -> (f64, f64, f64) {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let median = values[values.len() / 2];
+    (median, values[0], values[values.len() - 1])
+}
