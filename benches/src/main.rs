@@ -55,7 +55,9 @@ fn runs(
     clients: usize,
     download_one: Arc<dyn Fn() -> Result<u64> + Send + Sync>,
 ) -> Result<Vec<Run>> {
-    (0..RUNS).map(|_| measure(pid, clients, download_one.clone())).collect()
+    (0..RUNS)
+        .map(|_| measure(pid, clients, download_one.clone()))
+        .collect()
 }
 
 /// Measures a server for 1 and 8 clients (after one warm-up download).
@@ -68,7 +70,10 @@ fn bench_server(
 ) -> Result<()> {
     println!("  {name}");
     let warm = download_one()?;
-    ensure!(warm == GIB as u64 || warm > (GIB as u64) - 4096, "{name}: warm-up got {warm} bytes");
+    ensure!(
+        warm == GIB as u64 || warm > (GIB as u64) - 4096,
+        "{name}: warm-up got {warm} bytes"
+    );
     for clients in CLIENTS {
         let measured = runs(pid, clients, download_one.clone())?;
         let row = Row {
@@ -102,20 +107,33 @@ fn nginx(dir: &Path, blobs_dir: &Path, port: u16) -> Result<Proc> {
     cmd.arg("-c").arg(dir.join("nginx.conf")).arg("-p").arg(dir);
     let proc = Proc::spawn("nginx", cmd, &dir.join("nginx.out"))?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    wait_for("nginx", Duration::from_secs(10), || std::net::TcpStream::connect(addr).ok())?;
+    wait_for("nginx", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(addr).ok()
+    })?;
     Ok(proc)
 }
 
 fn serving(rows: &mut Vec<Row>, root: &Path) -> Result<()> {
-    println!("serving a 1 GiB blob (setting up: generating, pushing with skopeo, fetching into containerd)");
+    println!(
+        "serving a 1 GiB blob (setting up: generating, pushing with skopeo, fetching into containerd)"
+    );
     let mut layout = Layout::create(&root.join("layout"))?;
     let image = layout.add_image("bench/blob", "1g", &[layer(GIB, false)])?;
     layout.finish()?;
     let upstream = Upstream::start(&root.join("registry"))?;
     upstream.push(&layout, &image)?;
     drop(layout);
-    let containerd = Containerd::start(&root.join("containerd"), "k8s.io", ContainerdOptions::default())?;
-    containerd.ctr(&["content", "fetch", "--plain-http", &upstream.reference(&image)])?;
+    let containerd = Containerd::start(
+        &root.join("containerd"),
+        "k8s.io",
+        ContainerdOptions::default(),
+    )?;
+    containerd.ctr(&[
+        "content",
+        "fetch",
+        "--plain-http",
+        &upstream.reference(&image),
+    ])?;
     let blob = image.biggest_layer().clone();
     let v2_path = format!("/v2/{}/blobs/{}", image.repo, blob.digest);
 
@@ -127,8 +145,15 @@ fn serving(rows: &mut Vec<Row>, root: &Path) -> Result<()> {
             &["--serving-path", path, "--log-level", "warn"],
         )?;
         let (addr, p) = (pm.registry, v2_path.clone());
-        let d: Arc<dyn Fn() -> Result<u64> + Send + Sync> = Arc::new(move || download(&Via::root(), addr, &p, &Transport::Plain));
-        bench_server(rows, &format!("peermirror {path}"), pm.proc.pid(), d, Some(pm.proc.pid()))?;
+        let d: Arc<dyn Fn() -> Result<u64> + Send + Sync> =
+            Arc::new(move || download(&Via::root(), addr, &p, &Transport::Plain));
+        bench_server(
+            rows,
+            &format!("peermirror {path}"),
+            pm.proc.pid(),
+            d,
+            Some(pm.proc.pid()),
+        )?;
     }
 
     // peermirror over mTLS.
@@ -154,27 +179,53 @@ fn serving(rows: &mut Vec<Row>, root: &Path) -> Result<()> {
     )?;
     let tls = Transport::Tls(pki::client_config(&ca.pem, Some(&node))?);
     let (addr, p) = (pm.registry, v2_path.clone());
-    let d: Arc<dyn Fn() -> Result<u64> + Send + Sync> = Arc::new(move || download(&Via::root(), addr, &p, &tls));
-    bench_server(rows, "peermirror mTLS", pm.proc.pid(), d, Some(pm.proc.pid()))?;
+    let d: Arc<dyn Fn() -> Result<u64> + Send + Sync> =
+        Arc::new(move || download(&Via::root(), addr, &p, &tls));
+    bench_server(
+        rows,
+        "peermirror mTLS",
+        pm.proc.pid(),
+        d,
+        Some(pm.proc.pid()),
+    )?;
     drop(pm);
 
     // nginx on the same content-store file.
     let port = free_port();
-    let ngx = nginx(&root.join("nginx"), &containerd.content_root().join("blobs/sha256"), port)?;
-    let (addr, p) = (SocketAddr::from(([127, 0, 0, 1], port)), format!("/blobs/{}", blob.hex()));
-    let d: Arc<dyn Fn() -> Result<u64> + Send + Sync> = Arc::new(move || download(&Via::root(), addr, &p, &Transport::Plain));
+    let ngx = nginx(
+        &root.join("nginx"),
+        &containerd.content_root().join("blobs/sha256"),
+        port,
+    )?;
+    let (addr, p) = (
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        format!("/blobs/{}", blob.hex()),
+    );
+    let d: Arc<dyn Fn() -> Result<u64> + Send + Sync> =
+        Arc::new(move || download(&Via::root(), addr, &p, &Transport::Plain));
     bench_server(rows, "nginx (sendfile on, 2 workers)", ngx.pid(), d, None)?;
     drop(ngx);
 
     // The CNCF registry, serving the pushed copy.
     let (addr, p) = (upstream.addr, v2_path);
-    let d: Arc<dyn Fn() -> Result<u64> + Send + Sync> = Arc::new(move || download(&Via::root(), addr, &p, &Transport::Plain));
-    bench_server(rows, "CNCF registry (docker-registry)", upstream.pid().context("registry pid")?, d, None)?;
+    let d: Arc<dyn Fn() -> Result<u64> + Send + Sync> =
+        Arc::new(move || download(&Via::root(), addr, &p, &Transport::Plain));
+    bench_server(
+        rows,
+        "CNCF registry (docker-registry)",
+        upstream.pid().context("registry pid")?,
+        d,
+        None,
+    )?;
     Ok(())
 }
 
 /// Times a command; runs `reset` before each run.
-fn timed(runs: usize, mut reset: impl FnMut() -> Result<()>, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+fn timed(
+    runs: usize,
+    mut reset: impl FnMut() -> Result<()>,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Vec<f64>> {
     let mut out = Vec::new();
     for _ in 0..runs {
         reset()?;
@@ -200,17 +251,22 @@ fn cluster_benches(rows: &mut Vec<Row>, pulls: &mut Vec<PullRow>) -> Result<()> 
     };
     let mut cluster = Cluster::start(&[spec("a"), spec("b")])?;
     cluster.wait_ready(&["a", "b"], Duration::from_secs(60))?;
-    let blob_image = cluster.layout.add_image("bench/blob", "1g", &[layer(GIB, false)])?;
-    let pull_image = cluster
+    let blob_image = cluster
         .layout
-        .add_image("bench/pull", "4x256m", &(0..4).map(|_| layer(GIB / 4, false)).collect::<Vec<_>>())?;
+        .add_image("bench/blob", "1g", &[layer(GIB, false)])?;
+    let pull_image = cluster.layout.add_image(
+        "bench/pull",
+        "4x256m",
+        &(0..4).map(|_| layer(GIB / 4, false)).collect::<Vec<_>>(),
+    )?;
     cluster.layout.finish()?;
     for image in [&blob_image, &pull_image] {
         cluster.upstream.push(&cluster.layout, image)?;
     }
     let reference = |image: &TestImage| cluster.upstream.reference(image);
     let a = cluster.node("a");
-    a.containerd.ctr(&["content", "fetch", "--plain-http", &reference(&blob_image)])?;
+    a.containerd
+        .ctr(&["content", "fetch", "--plain-http", &reference(&blob_image)])?;
     a.ctr_pull(&reference(&pull_image))?;
     let advertised = pull_image.blobs.len() + blob_image.blobs.len();
     wait_for("A to advertise", Duration::from_secs(60), || {
@@ -220,9 +276,15 @@ fn cluster_benches(rows: &mut Vec<Row>, pulls: &mut Vec<PullRow>) -> Result<()> 
     // Mirror path: a client on B asks B, which streams from A (verifying).
     let b = cluster.node("b");
     let blob = blob_image.biggest_layer().clone();
-    let path = format!("/v2/{}/blobs/{}?ns={}", blob_image.repo, blob.digest, cluster.upstream.host());
+    let path = format!(
+        "/v2/{}/blobs/{}?ns={}",
+        blob_image.repo,
+        blob.digest,
+        cluster.upstream.host()
+    );
     let (via, addr) = (b.host.ns.via(), b.registry_addr());
-    let d: Arc<dyn Fn() -> Result<u64> + Send + Sync> = Arc::new(move || download(&via, addr, &path, &Transport::Plain));
+    let d: Arc<dyn Fn() -> Result<u64> + Send + Sync> =
+        Arc::new(move || download(&via, addr, &path, &Transport::Plain));
     println!("  mirror path");
     let pid = b.pm().proc.pid();
     let measured = runs(pid, 1, d)?;
@@ -232,7 +294,11 @@ fn cluster_benches(rows: &mut Vec<Row>, pulls: &mut Vec<PullRow>) -> Result<()> 
         runs: measured,
         peak_rss: Some(peak_rss(pid)),
     };
-    println!("    {:.2} GiB/s, {:.3} CPU-s/GiB", row.gibs().0, row.cpu().0);
+    println!(
+        "    {:.2} GiB/s, {:.3} CPU-s/GiB",
+        row.gibs().0,
+        row.cpu().0
+    );
     rows.push(row);
 
     // ctr content fetch and ctr image pull: through peermirror from A, or
@@ -240,10 +306,37 @@ fn cluster_benches(rows: &mut Vec<Row>, pulls: &mut Vec<PullRow>) -> Result<()> 
     let r = reference(&pull_image);
     let certs = b.certs_d.to_string_lossy().into_owned();
     let digests: Vec<String> = pull_image.blobs.iter().map(|d| d.digest.clone()).collect();
+    // Removed content keeps its file until the garbage collector runs, and
+    // a fetch finds the file and skips the download: collect synchronously
+    // (deleting a lease with --sync runs the collector).
+    let collect_garbage = || -> Result<()> {
+        let lease = b.containerd.ctr(&["leases", "create"])?;
+        let id = lease
+            .split_whitespace()
+            .next()
+            .context("lease id")?
+            .to_string();
+        b.containerd.ctr(&["leases", "delete", "--sync", &id])?;
+        Ok(())
+    };
     let forget_content = || -> Result<()> {
         let mut args = vec!["content", "rm"];
         args.extend(digests.iter().map(String::as_str));
         let _ = b.containerd.ctr(&args);
+        collect_garbage()?;
+        let left = b.containerd.content_digests()?;
+        ensure!(
+            !digests.iter().any(|d| left.contains(d)),
+            "content still on B after removal"
+        );
+        let blob_dir = b.containerd.content_root().join("blobs/sha256");
+        ensure!(
+            pull_image
+                .blobs
+                .iter()
+                .all(|d| !blob_dir.join(d.hex()).exists()),
+            "content files still on B after garbage collection"
+        );
         Ok(())
     };
     let forget_image = || -> Result<()> {
@@ -255,10 +348,14 @@ fn cluster_benches(rows: &mut Vec<Row>, pulls: &mut Vec<PullRow>) -> Result<()> 
     let mut direct = Vec::new();
     for _ in 0..RUNS {
         via_peer.extend(timed(1, forget_content, || {
-            b.containerd.ctr(&["content", "fetch", "--hosts-dir", &certs, &r]).map(drop)
+            b.containerd
+                .ctr(&["content", "fetch", "--hosts-dir", &certs, &r])
+                .map(drop)
         })?);
         direct.extend(timed(1, forget_content, || {
-            b.containerd.ctr(&["content", "fetch", "--plain-http", &r]).map(drop)
+            b.containerd
+                .ctr(&["content", "fetch", "--plain-http", &r])
+                .map(drop)
         })?);
     }
     pulls.push(PullRow {
@@ -271,10 +368,14 @@ fn cluster_benches(rows: &mut Vec<Row>, pulls: &mut Vec<PullRow>) -> Result<()> 
     let mut direct = Vec::new();
     for _ in 0..RUNS {
         via_peer.extend(timed(1, forget_image, || {
-            b.containerd.ctr(&["images", "pull", "--hosts-dir", &certs, &r]).map(drop)
+            b.containerd
+                .ctr(&["images", "pull", "--hosts-dir", &certs, &r])
+                .map(drop)
         })?);
         direct.extend(timed(1, forget_image, || {
-            b.containerd.ctr(&["images", "pull", "--plain-http", &r]).map(drop)
+            b.containerd
+                .ctr(&["images", "pull", "--plain-http", &r])
+                .map(drop)
         })?);
     }
     pulls.push(PullRow {
@@ -282,74 +383,145 @@ fn cluster_benches(rows: &mut Vec<Row>, pulls: &mut Vec<PullRow>) -> Result<()> 
         via_peer,
         direct,
     });
-    let served = a.pm().metric("peermirror_served_bytes_total", &["source=\"file\""])?;
-    ensure!(served > (4 * GIB) as f64, "A served only {served} bytes: the pulls did not go through the peer");
+    let served = a
+        .pm()
+        .metric("peermirror_served_bytes_total", &["source=\"file\""])?;
+    ensure!(
+        served > (4 * GIB) as f64,
+        "A served only {served} bytes: the pulls did not go through the peer"
+    );
     Ok(())
 }
 
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
         .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) >> 20))
+        .and_then(|s| {
+            s.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    >> 20
+            })
+        })
         .unwrap_or(0);
     let kernel = run(Command::new("uname").arg("-r")).unwrap_or_default();
-    format!("{cores} cores ({cpu}), {mem} GiB RAM, Linux {}", kernel.trim())
+    format!(
+        "{cores} cores ({cpu}), {mem} GiB RAM, Linux {}",
+        kernel.trim()
+    )
 }
 
 fn report(rows: &[Row], pulls: &[PullRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "Machine: {}\n", machine());
-    let _ = writeln!(out, "| server | clients | GiB/s median (min–max) | server CPU-s per GiB median (min–max) | peak RSS |");
+    let _ = writeln!(
+        out,
+        "| server | clients | GiB/s median (min–max) | server CPU-s per GiB median (min–max) | peak RSS |"
+    );
     let _ = writeln!(out, "| --- | ---: | --- | --- | ---: |");
     for r in rows {
         let (g, gl, gh) = r.gibs();
         let (c, cl, ch) = r.cpu();
-        let rss = r.peak_rss.map_or("–".to_string(), |b| format!("{} MiB", b >> 20));
+        let rss = r
+            .peak_rss
+            .map_or("–".to_string(), |b| format!("{} MiB", b >> 20));
         let _ = writeln!(
             out,
             "| {} | {} | {g:.2} ({gl:.2}–{gh:.2}) | {c:.3} ({cl:.3}–{ch:.3}) | {rss} |",
             r.scenario, r.clients
         );
     }
-    let find = |name: &str, clients: usize| rows.iter().find(|r| r.scenario.starts_with(name) && r.clients == clients);
+    let find = |name: &str, clients: usize| {
+        rows.iter()
+            .find(|r| r.scenario.starts_with(name) && r.clients == clients)
+    };
     let _ = writeln!(out, "\nRatios (same clients, same run):\n");
     let _ = writeln!(out, "| comparison | clients | value | target | |");
     let _ = writeln!(out, "| --- | ---: | ---: | --- | --- |");
     let mut verdict = |what: &str, clients: usize, value: f64, target: &str, ok: bool| {
-        let _ = writeln!(out, "| {what} | {clients} | {value:.2} | {target} | {} |", if ok { "met" } else { "**missed**" });
+        let _ = writeln!(
+            out,
+            "| {what} | {clients} | {value:.2} | {target} | {} |",
+            if ok { "met" } else { "**missed**" }
+        );
     };
     let best = ["peermirror io-uring", "peermirror sendfile"];
     for clients in CLIENTS {
-        let (Some(nginx), Some(registry)) = (find("nginx", clients), find("CNCF", clients)) else { continue };
+        let (Some(nginx), Some(registry)) = (find("nginx", clients), find("CNCF", clients)) else {
+            continue;
+        };
         for name in best {
-            let Some(pm) = find(name, clients) else { continue };
+            let Some(pm) = find(name, clients) else {
+                continue;
+            };
             let cpu = pm.cpu().0 / nginx.cpu().0;
-            verdict(&format!("{name} CPU-s/GiB ÷ nginx"), clients, cpu, "≤ 1", cpu <= 1.0);
+            verdict(
+                &format!("{name} CPU-s/GiB ÷ nginx"),
+                clients,
+                cpu,
+                "≤ 1",
+                cpu <= 1.0,
+            );
             let vs_registry = pm.cpu().0 / registry.cpu().0;
-            verdict(&format!("{name} CPU-s/GiB ÷ CNCF registry"), clients, vs_registry, "≤ 0.20", vs_registry <= 0.2);
+            verdict(
+                &format!("{name} CPU-s/GiB ÷ CNCF registry"),
+                clients,
+                vs_registry,
+                "≤ 0.20",
+                vs_registry <= 0.2,
+            );
             let thr = pm.gibs().0 / nginx.gibs().0;
-            verdict(&format!("{name} GiB/s ÷ nginx"), clients, thr, "≥ 1", thr >= 1.0);
+            verdict(
+                &format!("{name} GiB/s ÷ nginx"),
+                clients,
+                thr,
+                "≥ 1",
+                thr >= 1.0,
+            );
         }
     }
     for name in best {
         if let Some(pm) = find(name, 8) {
             let rss = pm.peak_rss.unwrap_or(0) as f64 / (1 << 20) as f64;
-            verdict(&format!("{name} peak RSS, MiB (8 clients)"), 8, rss, "< 64", rss < 64.0);
+            verdict(
+                &format!("{name} peak RSS, MiB (8 clients)"),
+                8,
+                rss,
+                "< 64",
+                rss < 64.0,
+            );
         }
     }
     if !pulls.is_empty() {
-        let _ = writeln!(out, "\n| pull of a 1 GiB, 4-layer image on node B | through peermirror from node A, s median (min–max) | straight from the registry, s median (min–max) | ratio | target | |");
+        let _ = writeln!(
+            out,
+            "\n| pull of a 1 GiB, 4-layer image on node B | through peermirror from node A, s median (min–max) | straight from the registry, s median (min–max) | ratio | target | |"
+        );
         let _ = writeln!(out, "| --- | --- | --- | ---: | --- | --- |");
         for p in pulls {
             let (v, vl, vh) = summary(&mut p.via_peer.clone());
             let (d, dl, dh) = summary(&mut p.direct.clone());
             let ratio = v / d;
-            let target = if p.what.contains("image pull") { "≤ 1.1" } else { "(the fair comparison)" };
+            let target = if p.what.contains("image pull") {
+                "≤ 1.1"
+            } else {
+                "(the fair comparison)"
+            };
             let ok = !p.what.contains("image pull") || ratio <= 1.1;
             let _ = writeln!(
                 out,

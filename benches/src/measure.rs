@@ -89,7 +89,10 @@ pub enum Transport {
 
 fn content_length(head: &str) -> Option<u64> {
     head.lines()
-        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")))
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        })
         .and_then(|(_, v)| v.trim().parse().ok())
 }
 
@@ -131,13 +134,27 @@ pub fn download(via: &Via, addr: SocketAddr, path: &str, transport: &Transport) 
             let _ = rustix::pipe::fcntl_setpipe_size(&pipe_w, 1 << 20);
             while remaining > 0 {
                 let want = remaining.min(1 << 20) as usize;
-                let n = rustix::pipe::splice(tcp.as_fd(), None, &pipe_w, None, want, rustix::pipe::SpliceFlags::MOVE)?;
+                let n = rustix::pipe::splice(
+                    tcp.as_fd(),
+                    None,
+                    &pipe_w,
+                    None,
+                    want,
+                    rustix::pipe::SpliceFlags::MOVE,
+                )?;
                 if n == 0 {
                     bail!("body ended {remaining} bytes early");
                 }
                 let mut left = n;
                 while left > 0 {
-                    left -= rustix::pipe::splice(&pipe_r, None, &null, None, left, rustix::pipe::SpliceFlags::MOVE)?;
+                    left -= rustix::pipe::splice(
+                        &pipe_r,
+                        None,
+                        &null,
+                        None,
+                        left,
+                        rustix::pipe::SpliceFlags::MOVE,
+                    )?;
                 }
                 remaining -= n as u64;
             }
@@ -186,7 +203,11 @@ impl Run {
 }
 
 /// Runs `clients` concurrent downloads and measures the server's CPU.
-pub fn measure(server_pid: u32, clients: usize, download_one: Arc<dyn Fn() -> Result<u64> + Send + Sync>) -> Result<Run> {
+pub fn measure(
+    server_pid: u32,
+    clients: usize,
+    download_one: Arc<dyn Fn() -> Result<u64> + Send + Sync>,
+) -> Result<Run> {
     let cpu_before = server_cpu(server_pid);
     let started = Instant::now();
     let handles: Vec<_> = (0..clients)

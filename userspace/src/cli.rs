@@ -158,7 +158,7 @@ pub enum LogFormat {
 /// How blob bodies are sent on plain HTTP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ServingPathArg {
-    /// io_uring when this kernel allows it, else sendfile.
+    /// The path that measured cheapest here (sendfile; see benches/README.md).
     Auto,
     /// io_uring splice file → pipe → socket; refuses to start without it.
     IoUring,
@@ -503,7 +503,9 @@ impl Run {
         };
         let filter = ReferenceFilter::new(self.mirrored_registries, &self.registry_filters)?;
         let (serving_path, serving_path_auto) = match self.serving_path {
-            ServingPathArg::Auto => (ServingPath::IoUring, true),
+            // sendfile measured cheaper than io_uring on this kind of machine
+            // (benches/README.md); io_uring stays available explicitly.
+            ServingPathArg::Auto => (ServingPath::Sendfile, true),
             ServingPathArg::IoUring => (ServingPath::IoUring, false),
             ServingPathArg::Sendfile => (ServingPath::Sendfile, false),
             ServingPathArg::Buffered => (ServingPath::Buffered, false),

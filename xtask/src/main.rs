@@ -65,7 +65,15 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 fn bench(part: Option<&str>) -> Result<()> {
     deps::ensure(deps::BENCH)?;
-    run(cargo().args(["build", "--release", "--package", "peermirror", "--package", "peermirror-bench", "--bins"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "peermirror",
+        "--package",
+        "peermirror-bench",
+        "--bins",
+    ]))?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
         || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
         std::path::PathBuf::from,

@@ -44,6 +44,9 @@ pub enum AttemptError {
     Invalid { addr: SocketAddr, reason: String },
 }
 
+/// Bytes read from a peer's socket at a time.
+const READ_BUFFER: usize = 512 << 10;
+
 /// Time limits of one request.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -123,7 +126,11 @@ where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let exchange = async {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        // Large reads: blob bodies arrive in few, big frames (fewer wakeups,
+        // hash updates and writes per gigabyte).
+        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+            .read_buf_exact_size(Some(READ_BUFFER))
+            .handshake(io)
             .await
             .map_err(|source| AttemptError::Http { addr, source })?;
         tokio::spawn(async move {

@@ -34,8 +34,10 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-/// Bytes moved per round (and the pipe's capacity).
-const PIPE_SIZE: usize = 1 << 20;
+/// Bytes moved per round (and the pipe's capacity) when the kernel allows
+/// it; root may exceed `/proc/sys/fs/pipe-max-size`. The size a pipe really
+/// got is what its rounds use.
+const PIPE_SIZE: usize = 4 << 20;
 /// Ring size: room for many chains of three entries.
 const RING_ENTRIES: u32 = 256;
 /// Kernel workers that may read files at once (io-wq's bounded class).
@@ -199,11 +201,12 @@ fn tempfile_in_dev_shm() -> io::Result<File> {
     Ok(File::from(fd))
 }
 
-/// What a transfer's operation in flight does.
+/// What a transfer's round in flight does.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Stage {
-    /// splice file → pipe.
-    Fill,
+    /// splice file → pipe, linked to splice pipe → socket: one submission
+    /// moves a pipe-full when the socket has room (two completions).
+    FillDrain,
     /// wait until the socket can take more.
     Poll,
     /// splice pipe → socket (non-blocking: as much as fits).
@@ -214,11 +217,17 @@ struct Transfer {
     job: Job,
     pipe_r: OwnedFd,
     pipe_w: OwnedFd,
+    pipe_size: u64,
     pos: u64,
     end: u64,
     in_pipe: u64,
     stage: Stage,
-    /// When the operation in flight must have completed.
+    /// Completions the round still waits for; descriptors stay open until
+    /// the last one, since a linked operation resolves them when it starts.
+    outstanding: u8,
+    fill: Option<i32>,
+    drain: Option<i32>,
+    /// When the round must have completed.
     deadline: Instant,
     /// A cancel was sent because the deadline passed.
     expired: bool,
@@ -231,7 +240,7 @@ struct Reactor {
     jobs: mpsc::Receiver<Job>,
     transfers: HashMap<u64, Transfer>,
     next_id: u64,
-    pipes: Vec<(OwnedFd, OwnedFd)>,
+    pipes: Vec<(OwnedFd, OwnedFd, u64)>,
     closed: bool,
     in_flight: InFlight,
 }
@@ -276,16 +285,17 @@ impl Reactor {
         )
         .build()
         .user_data(EVENTFD_TOKEN);
-        self.push(&read);
+        self.push(&[read]);
     }
 
-    /// Pushes an entry, submitting first when the queue is full.
-    fn push(&mut self, entry: &squeue::Entry) {
+    /// Pushes entries (a linked chain stays together), submitting first when
+    /// the queue is full.
+    fn push(&mut self, entries: &[squeue::Entry]) {
         loop {
             // SAFETY: every pointer in an entry (the eventfd buffer) lives in
             // the reactor until its completion is reaped; descriptors are
             // owned by the transfer until then.
-            let pushed = unsafe { self.ring.submission().push(entry) };
+            let pushed = unsafe { self.ring.submission().push_multiple(entries) };
             if pushed.is_ok() {
                 return;
             }
@@ -295,6 +305,7 @@ impl Reactor {
 
     fn run(mut self) {
         self.arm_wake();
+        let mut completions: Vec<(u64, i32)> = Vec::with_capacity(64);
         loop {
             if self.closed && self.transfers.is_empty() {
                 return;
@@ -325,26 +336,23 @@ impl Reactor {
                 }
                 return;
             }
-            let completions: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            for (data, res) in completions {
+            completions.clear();
+            completions.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            for &(data, res) in &completions {
                 if data == EVENTFD_TOKEN {
                     self.take_jobs();
                     if !self.closed {
                         self.arm_wake();
                     }
                 } else if data & 3 != OP_CANCEL {
-                    self.complete(data >> 2, res);
+                    self.complete(data >> 2, data & 3, res);
                 }
             }
             self.expire();
         }
     }
 
-    /// Cancels the operations whose deadline passed (a client that stopped
+    /// Cancels the rounds whose deadline passed (a client that stopped
     /// reading, a disk that stalled). A cancelled splice that waits in an
     /// io-wq worker is interrupted.
     fn expire(&mut self) {
@@ -359,16 +367,17 @@ impl Reactor {
             })
             .collect();
         for (id, stage) in expired {
-            let target = id << 2
-                | match stage {
-                    Stage::Fill => OP_FILL,
-                    Stage::Drain => OP_DRAIN,
-                    Stage::Poll => OP_POLL,
-                };
-            let cancel = opcode::AsyncCancel::new(target)
-                .build()
-                .user_data(id << 2 | OP_CANCEL);
-            self.push(&cancel);
+            let ops: &[u64] = match stage {
+                Stage::FillDrain => &[OP_FILL, OP_DRAIN],
+                Stage::Drain => &[OP_DRAIN],
+                Stage::Poll => &[OP_POLL],
+            };
+            for op in ops {
+                let cancel = opcode::AsyncCancel::new(id << 2 | op)
+                    .build()
+                    .user_data(id << 2 | OP_CANCEL);
+                self.push(&[cancel]);
+            }
         }
     }
 
@@ -385,18 +394,20 @@ impl Reactor {
         }
     }
 
-    fn pipe(&mut self) -> io::Result<(OwnedFd, OwnedFd)> {
+    fn pipe(&mut self) -> io::Result<(OwnedFd, OwnedFd, u64)> {
         if let Some(p) = self.pipes.pop() {
             return Ok(p);
         }
         let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         // Best effort: a smaller pipe only means more rounds.
-        let _ = rustix::pipe::fcntl_setpipe_size(&w, PIPE_SIZE);
-        Ok((r, w))
+        let size = rustix::pipe::fcntl_setpipe_size(&w, PIPE_SIZE)
+            .or_else(|_| rustix::pipe::fcntl_setpipe_size(&w, 1 << 20))
+            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&w))?;
+        Ok((r, w, size as u64))
     }
 
     fn start(&mut self, job: Job) {
-        let (pipe_r, pipe_w) = match self.pipe() {
+        let (pipe_r, pipe_w, pipe_size) = match self.pipe() {
             Ok(p) => p,
             Err(e) => {
                 let _ = job.reply.send(Err(e));
@@ -412,69 +423,103 @@ impl Reactor {
             job,
             pipe_r,
             pipe_w,
+            pipe_size,
             in_pipe: 0,
-            stage: Stage::Fill,
+            stage: Stage::FillDrain,
+            outstanding: 0,
+            fill: None,
+            drain: None,
             expired: false,
         };
         self.transfers.insert(id, transfer);
         self.in_flight.set(self.transfers.len() as i64);
-        self.submit(id, Stage::Fill);
+        self.submit(id, Stage::FillDrain);
     }
 
-    /// Queues a transfer's next operation.
+    /// Queues a transfer's next round.
     fn submit(&mut self, id: u64, stage: Stage) {
         let Some(t) = self.transfers.get_mut(&id) else {
             return;
         };
         t.stage = stage;
         t.deadline = Instant::now() + t.job.timeout;
-        let entry = match stage {
-            Stage::Fill => {
-                let n = (t.end - t.pos).min(PIPE_SIZE as u64) as u32;
-                opcode::Splice::new(
-                    types::Fd(t.job.file.as_raw_fd()),
-                    t.pos as i64,
-                    types::Fd(t.pipe_w.as_raw_fd()),
-                    -1,
-                    n,
-                )
-                .build()
-                .user_data(id << 2 | OP_FILL)
-            }
-            Stage::Poll => {
-                opcode::PollAdd::new(types::Fd(t.job.socket.as_raw_fd()), libc::POLLOUT as u32)
-                    .build()
-                    .user_data(id << 2 | OP_POLL)
-            }
-            Stage::Drain => opcode::Splice::new(
+        t.fill = None;
+        t.drain = None;
+        let drain = |t: &Transfer, len: u64| {
+            opcode::Splice::new(
                 types::Fd(t.pipe_r.as_raw_fd()),
                 -1,
                 types::Fd(t.job.socket.as_raw_fd()),
                 -1,
-                t.in_pipe as u32,
+                len as u32,
             )
             .build()
-            .user_data(id << 2 | OP_DRAIN),
+            .user_data(id << 2 | OP_DRAIN)
         };
-        self.push(&entry);
+        match stage {
+            Stage::FillDrain => {
+                t.outstanding = 2;
+                let n = (t.end - t.pos).min(t.pipe_size);
+                let fill = opcode::Splice::new(
+                    types::Fd(t.job.file.as_raw_fd()),
+                    t.pos as i64,
+                    types::Fd(t.pipe_w.as_raw_fd()),
+                    -1,
+                    n as u32,
+                )
+                .build()
+                .flags(squeue::Flags::IO_LINK)
+                .user_data(id << 2 | OP_FILL);
+                // A short fill breaks the link: the drain is cancelled and
+                // the bytes in the pipe are drained by the next round.
+                let entries = [fill, drain(t, t.in_pipe + n)];
+                self.push(&entries);
+            }
+            Stage::Poll => {
+                t.outstanding = 1;
+                let poll =
+                    opcode::PollAdd::new(types::Fd(t.job.socket.as_raw_fd()), libc::POLLOUT as u32)
+                        .build()
+                        .user_data(id << 2 | OP_POLL);
+                self.push(&[poll]);
+            }
+            Stage::Drain => {
+                t.outstanding = 1;
+                let entry = drain(t, t.in_pipe);
+                self.push(&[entry]);
+            }
+        }
     }
 
-    fn complete(&mut self, id: u64, res: i32) {
+    fn complete(&mut self, id: u64, op: u64, res: i32) {
         let Some(t) = self.transfers.get_mut(&id) else {
             return;
         };
-        let next = Self::next_stage(t, res);
-        match next {
+        match op {
+            OP_FILL => t.fill = Some(res),
+            OP_DRAIN => t.drain = Some(res),
+            _ => {}
+        }
+        t.outstanding = t.outstanding.saturating_sub(1);
+        if t.outstanding > 0 {
+            return;
+        }
+        let poll_result = (op == OP_POLL).then_some(res);
+        match Self::next_stage(t, poll_result) {
             Ok(Some(stage)) => self.submit(id, stage),
             Ok(None) => self.finish(id, Ok(())),
             Err(e) => self.finish(id, Err(e)),
         }
     }
 
-    /// Accounts an operation's result and says what comes next (`None`:
-    /// the transfer is complete).
-    fn next_stage(t: &mut Transfer, res: i32) -> io::Result<Option<Stage>> {
-        if res < 0 && t.expired {
+    /// Accounts a finished round and says what comes next (`None`: the
+    /// transfer is complete).
+    fn next_stage(t: &mut Transfer, poll: Option<i32>) -> io::Result<Option<Stage>> {
+        let failed = t.fill.is_some_and(|r| r < 0)
+            || t.drain
+                .is_some_and(|r| r < 0 && r != -libc::EAGAIN && r != -libc::ECANCELED)
+            || poll.is_some_and(|r| r < 0);
+        if t.expired && (failed || t.drain == Some(-libc::ECANCELED)) {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
@@ -483,52 +528,55 @@ impl Reactor {
                 ),
             ));
         }
-        match t.stage {
-            Stage::Fill => {
-                if res < 0 {
-                    return Err(errno(res));
-                }
-                if res == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("content file ended early, at byte {}", t.pos),
-                    ));
-                }
-                t.pos += res as u64;
-                t.in_pipe += res as u64;
+        if let Some(r) = poll {
+            return if r < 0 {
+                Err(errno(r))
+            } else {
                 Ok(Some(Stage::Drain))
+            };
+        }
+        if let Some(r) = t.fill {
+            if r < 0 {
+                return Err(errno(r));
             }
-            Stage::Poll => {
-                if res < 0 {
-                    return Err(errno(res));
-                }
-                Ok(Some(Stage::Drain))
+            if r == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("content file ended early, at byte {}", t.pos),
+                ));
             }
-            Stage::Drain => {
-                if res == -libc::EAGAIN {
-                    return Ok(Some(Stage::Poll));
-                }
-                if res < 0 {
-                    return Err(errno(res));
-                }
-                if res == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "socket took no bytes",
-                    ));
-                }
-                let n = res as u64;
+            t.pos += r as u64;
+            t.in_pipe += r as u64;
+        }
+        let mut socket_full = false;
+        match t.drain {
+            Some(r) if r > 0 => {
+                let n = r as u64;
                 t.in_pipe -= n.min(t.in_pipe);
                 t.job.counter.inc_by(n);
-                if t.in_pipe > 0 {
-                    // The socket is full: wait until it takes more.
-                    Ok(Some(Stage::Poll))
-                } else if t.pos < t.end {
-                    Ok(Some(Stage::Fill))
-                } else {
-                    Ok(None)
-                }
             }
+            Some(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "socket took no bytes",
+                ));
+            }
+            Some(r) if r == -libc::EAGAIN => socket_full = true,
+            // Cancelled because the fill was short: drained next round.
+            Some(r) if r == -libc::ECANCELED => {}
+            Some(r) => return Err(errno(r)),
+            None => {}
+        }
+        if t.in_pipe > 0 {
+            Ok(Some(if socket_full {
+                Stage::Poll
+            } else {
+                Stage::Drain
+            }))
+        } else if t.pos < t.end {
+            Ok(Some(Stage::FillDrain))
+        } else {
+            Ok(None)
         }
     }
 
@@ -539,11 +587,12 @@ impl Reactor {
         self.in_flight.set(self.transfers.len() as i64);
         // A pipe with bytes left in it is not reused.
         if result.is_ok() && t.in_pipe == 0 && self.pipes.len() < PIPE_POOL {
-            self.pipes.push((t.pipe_r, t.pipe_w));
+            self.pipes.push((t.pipe_r, t.pipe_w, t.pipe_size));
         }
         let _ = t.job.reply.send(result);
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
