@@ -90,7 +90,9 @@ pub const OBJECT: &str = "peermirror.bpf.o";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("cannot run {clang} ({source}); install Debian's clang and libbpf-dev to build the eBPF programs")]
+    #[error(
+        "cannot run {clang} ({source}); install Debian's clang and libbpf-dev to build the eBPF programs"
+    )]
     Clang {
         clang: String,
         #[source]
@@ -117,7 +119,10 @@ pub fn build(out_dir: &Path) -> Result<PathBuf, BuildError> {
         .arg("-o")
         .arg(&out)
         .output()
-        .map_err(|source| BuildError::Clang { clang: clang.clone(), source })?;
+        .map_err(|source| BuildError::Clang {
+            clang: clang.clone(),
+            source,
+        })?;
     if !output.status.success() {
         return Err(BuildError::Compile {
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -184,11 +189,17 @@ int main(void) {
             ("pm_peer_value", size_of::<PeerValue>()),
             ("pm_peer_value.bytes", offset_of!(PeerValue, bytes)),
             ("pm_peer_value.packets", offset_of!(PeerValue, packets)),
-            ("pm_peer_value.last_seen_ns", offset_of!(PeerValue, last_seen_ns)),
+            (
+                "pm_peer_value.last_seen_ns",
+                offset_of!(PeerValue, last_seen_ns),
+            ),
             ("pm_config", size_of::<Config>()),
             ("pm_config.registry_port", offset_of!(Config, registry_port)),
             ("pm_config.p2p_port", offset_of!(Config, p2p_port)),
-            ("pm_config.enforce_registry", offset_of!(Config, enforce_registry)),
+            (
+                "pm_config.enforce_registry",
+                offset_of!(Config, enforce_registry),
+            ),
             ("pm_config.enforce_p2p", offset_of!(Config, enforce_p2p)),
             ("pm_config.pad", offset_of!(Config, pad)),
             ("pm_lpm_key", size_of::<LpmKey>()),
@@ -198,12 +209,20 @@ int main(void) {
             ("PM_DIR_OUT", DIR_OUT as usize),
             ("PM_PORT_REGISTRY", KIND_REGISTRY as usize),
             ("PM_PORT_P2P", KIND_P2P as usize),
-            ("PM_DROP_REGISTRY_NOT_ADMITTED", DROP_REGISTRY_NOT_ADMITTED as usize),
+            (
+                "PM_DROP_REGISTRY_NOT_ADMITTED",
+                DROP_REGISTRY_NOT_ADMITTED as usize,
+            ),
             ("PM_DROP_P2P_NOT_ALLOWED", DROP_P2P_NOT_ALLOWED as usize),
             ("PM_DROP_REASONS", DROP_REASONS as usize),
         ];
         for (name, value) in rust {
-            assert_eq!(c.get(name), Some(&value), "{name}: C says {:?}, Rust {value}", c.get(name));
+            assert_eq!(
+                c.get(name),
+                Some(&value),
+                "{name}: C says {:?}, Rust {value}",
+                c.get(name)
+            );
         }
         // No implicit padding: every struct's size is the sum of its fields.
         assert_eq!(size_of::<PeerKey>(), 16 + 1 + 1 + 2);

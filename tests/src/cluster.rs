@@ -15,8 +15,8 @@ use crate::image::{Layout, TestImage};
 use crate::netns::{Host, Network};
 use crate::process::run;
 use crate::services::{
-    Containerd, ContainerdOptions, Peermirror, PeermirrorOptions, Upstream, peermirror_bin,
-    write_psk,
+    Containerd, ContainerdOptions, DataplaneSlot, Peermirror, PeermirrorOptions, Upstream,
+    peermirror_bin, write_psk,
 };
 
 pub const REGISTRY_PORT: u16 = 5000;
@@ -42,6 +42,8 @@ pub struct ClusterNode {
     pub certs_d: PathBuf,
     pub containerd: Containerd,
     pub peermirror: Option<Peermirror>,
+    /// The eBPF dataplane's cgroup and pins, kept across restarts.
+    pub dataplane: DataplaneSlot,
     spec: NodeSpec,
     bootstrap: Option<String>,
 }
@@ -91,6 +93,7 @@ impl ClusterNode {
                 b.clone(),
             ]);
         }
+        extra.extend(self.dataplane.flags());
         extra.extend(self.spec.extra.iter().cloned());
         let extra_refs: Vec<&str> = extra.iter().map(String::as_str).collect();
         let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
@@ -222,6 +225,7 @@ impl Cluster {
                 certs_d,
                 containerd,
                 peermirror: None,
+                dataplane: DataplaneSlot::new()?,
                 spec: spec.clone(),
                 bootstrap,
             };

@@ -50,6 +50,78 @@ pub fn peermirror_bin() -> PathBuf {
     bin
 }
 
+/// Mounts the bpf filesystem at /sys/fs/bpf if nothing is mounted there.
+pub fn ensure_bpffs() -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let mounted = rustix::fs::statfs("/sys/fs/bpf")
+        .map(|s| s.f_type as i64 == BPF_FS_MAGIC)
+        .unwrap_or(false);
+    if !mounted {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+/// Where the cgroup v2 hierarchy is mounted.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let (before, after) = l.split_once(" - ")?;
+            after
+                .starts_with("cgroup2 ")
+                .then(|| before.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .context("no cgroup v2 hierarchy is mounted")
+}
+
+/// A cgroup and a bpffs directory of one daemon's dataplane, removed when
+/// dropped (after the daemon is gone).
+#[derive(Debug)]
+pub struct DataplaneSlot {
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+}
+
+impl DataplaneSlot {
+    pub fn new() -> Result<DataplaneSlot> {
+        ensure_bpffs()?;
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("pm-test-{}-{n}", std::process::id());
+        Ok(DataplaneSlot {
+            cgroup: cgroup2_root()?.join(&name),
+            bpffs: PathBuf::from("/sys/fs/bpf").join(&name),
+        })
+    }
+
+    /// The daemon flags that use this slot.
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--dataplane".into(),
+            "required".into(),
+            "--dataplane-cgroup".into(),
+            self.cgroup.to_string_lossy().into_owned(),
+            "--bpffs-path".into(),
+            self.bpffs.to_string_lossy().into_owned(),
+        ]
+    }
+}
+
+impl Drop for DataplaneSlot {
+    fn drop(&mut self) {
+        // Pins first (links keep programs attached), then the empty cgroup.
+        if let Ok(entries) = std::fs::read_dir(&self.bpffs) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.bpffs);
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
 /// Writes a preshared key file in libp2p's swarm key format.
 pub fn write_psk(path: &Path, key: &[u8; 32]) -> Result<()> {
     std::fs::write(

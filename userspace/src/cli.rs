@@ -268,6 +268,51 @@ pub struct Run {
     #[arg(long, env = "PEERMIRROR_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// The eBPF dataplane (per-peer traffic counters and the kernel boundary
+    /// of the registry and P2P ports): `required` refuses to start without
+    /// it, `optional` says once why it is missing and runs without, `off`
+    /// does not load it.
+    #[arg(long, env = "PEERMIRROR_DATAPLANE", value_enum, default_value_t = DataplaneArg::Optional)]
+    pub dataplane: DataplaneArg,
+
+    /// Directory on a bpf filesystem for the dataplane's pinned maps,
+    /// programs and links (one per daemon).
+    #[arg(
+        long,
+        env = "PEERMIRROR_BPFFS_PATH",
+        default_value = "/sys/fs/bpf/peermirror"
+    )]
+    pub bpffs_path: PathBuf,
+
+    /// cgroup v2 directory the daemon joins and the programs attach to
+    /// (created if missing); by default the cgroup the daemon runs in.
+    #[arg(long, env = "PEERMIRROR_DATAPLANE_CGROUP")]
+    pub dataplane_cgroup: Option<PathBuf>,
+
+    /// Networks allowed to reach the P2P port, comma-separated CIDRs (the
+    /// node network); empty: everyone (the preshared key is the gate).
+    #[arg(long, env = "PEERMIRROR_ALLOWED_CIDRS", value_delimiter = ',')]
+    pub allowed_cidrs: Vec<ipnet::IpNet>,
+
+    /// Networks admitted to the registry port besides loopback, this node's
+    /// addresses and the peers that proved the preshared key.
+    #[arg(long, env = "PEERMIRROR_REGISTRY_CLIENT_CIDRS", value_delimiter = ',')]
+    pub registry_client_cidrs: Vec<ipnet::IpNet>,
+
+    /// How long a peer stays admitted to the registry port after its last
+    /// P2P connection closed.
+    #[arg(long, env = "PEERMIRROR_ADMISSION_TTL", default_value = "10m", value_parser = parse_duration)]
+    pub admission_ttl: Duration,
+
+    /// Remote addresses the per-peer counter map holds (the oldest are
+    /// evicted beyond it).
+    #[arg(
+        long,
+        env = "PEERMIRROR_DATAPLANE_PEER_MAP_SIZE",
+        default_value_t = 4096
+    )]
+    pub dataplane_peer_map_size: u32,
+
     /// Address of the P2P (libp2p) port (`:5001` listens on every IPv4 and
     /// IPv6 address).
     #[arg(long, env = "PEERMIRROR_ROUTER_ADDR", default_value = ":5001", value_parser = parse_listen_addr)]
@@ -380,6 +425,14 @@ pub struct Run {
     /// Most peers tried for one request.
     #[arg(long, env = "PEERMIRROR_MIRROR_MAX_ATTEMPTS", default_value_t = 5)]
     pub mirror_max_attempts: usize,
+}
+
+/// Whether the eBPF dataplane must, may or must not load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DataplaneArg {
+    Required,
+    Optional,
+    Off,
 }
 
 /// Where the first peers come from.
@@ -522,6 +575,21 @@ impl Run {
             metrics_addr: self.metrics_addr,
             data_dir: self.data_dir,
             serving_path_auto,
+            dataplane: crate::dataplane::DataplaneConfig {
+                mode: match self.dataplane {
+                    DataplaneArg::Required => crate::dataplane::DataplaneMode::Required,
+                    DataplaneArg::Optional => crate::dataplane::DataplaneMode::Optional,
+                    DataplaneArg::Off => crate::dataplane::DataplaneMode::Off,
+                },
+                bpffs: self.bpffs_path,
+                cgroup: self.dataplane_cgroup,
+                registry_port: self.registry_addr.port(),
+                p2p_port: self.router_addr.port(),
+                p2p_cidrs: self.allowed_cidrs,
+                registry_client_cidrs: self.registry_client_cidrs,
+                peer_map_size: self.dataplane_peer_map_size,
+            },
+            admission_ttl: self.admission_ttl,
             tls: match (self.tls_cert, self.tls_key, self.tls_client_ca) {
                 (Some(cert), Some(key), Some(client_ca)) => Some(crate::tls::TlsFiles {
                     cert,

@@ -2,7 +2,7 @@
 //! tasks, and shuts them down in order (stop accepting, drain responses in
 //! flight, stop announcing and following containerd, then the status server).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -14,7 +14,10 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{self, HandshakeLabels, Metrics, Readiness, ServingPathLabels};
+use crate::dataplane::{Dataplane, DataplaneConfig, DataplaneMode};
+use crate::metrics::{
+    self, DataplaneLabels, HandshakeLabels, Metrics, Readiness, ServingPathLabels,
+};
 use crate::mirror::{Mirror, MirrorConfig};
 use crate::oci::ReferenceFilter;
 use crate::registry::uring::Uring;
@@ -48,6 +51,10 @@ pub struct DaemonConfig {
     /// available here.
     pub serving_path_auto: bool,
     pub uploads: crate::registry::UploadLimits,
+    pub dataplane: DataplaneConfig,
+    /// How long a peer stays admitted to the registry port after its last
+    /// P2P connection closed.
+    pub admission_ttl: Duration,
     /// mTLS on the registry port and towards peers.
     pub tls: Option<TlsFiles>,
     pub registry_addr: SocketAddr,
@@ -84,6 +91,8 @@ pub enum DaemonError {
     IoUring(std::io::Error),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error("--dataplane required: {0}")]
+    Dataplane(#[from] crate::dataplane::DataplaneError),
 }
 
 /// Binds `addr`; an unspecified IPv6 address that cannot be bound (IPv6
@@ -122,6 +131,9 @@ pub async fn run(mut config: DaemonConfig, shutdown: CancellationToken) -> Resul
         .as_deref()
         .map(identity::load_psk)
         .transpose()?;
+    // The dataplane first: a socket's cgroup is fixed when it is created, so
+    // the daemon joins its cgroup before opening any.
+    let dataplane = start_dataplane(&config.dataplane)?;
     let registry_listener = listen("registry", config.registry_addr).await?;
     let metrics_listener = listen("metrics", config.metrics_addr).await?;
     let bootstrap_listener = match config.p2p.http_bootstrap_addr {
@@ -139,6 +151,12 @@ pub async fn run(mut config: DaemonConfig, shutdown: CancellationToken) -> Resul
         })
         .set(1);
     metrics.p2p_open_network.set(i64::from(psk.is_none()));
+    metrics
+        .dataplane_active
+        .get_or_create(&DataplaneLabels {
+            mode: config.dataplane.mode.as_str().to_string(),
+        })
+        .set(i64::from(dataplane.is_some()));
     if psk.is_none() {
         tracing::warn!(
             "RUNNING AN OPEN P2P NETWORK (--insecure-open-network): any host that reaches the P2P port can join, \
@@ -151,7 +169,17 @@ pub async fn run(mut config: DaemonConfig, shutdown: CancellationToken) -> Resul
     let observer = Arc::new(Observer {
         metrics: metrics.clone(),
         peers: Mutex::new(BTreeMap::new()),
+        dataplane: dataplane.clone(),
+        disconnected: Mutex::new(HashMap::new()),
     });
+    if let Some(dp) = &dataplane {
+        prometheus
+            .sub_registry_with_prefix("peermirror")
+            .register_collector(Box::new(PeerCollector {
+                dataplane: dp.clone(),
+                observer: observer.clone(),
+            }));
+    }
     let (router, router_task) = p2p::start(
         P2pConfig {
             keypair,
@@ -200,17 +228,25 @@ pub async fn run(mut config: DaemonConfig, shutdown: CancellationToken) -> Resul
         )));
     }
 
+    if dataplane.is_some() {
+        tasks.push(tokio::spawn(dataplane_upkeep(
+            observer.clone(),
+            config.admission_ttl,
+            background.clone(),
+        )));
+    }
     if let Some(tls) = &tls {
         tasks.push(tokio::spawn(
             tls.clone()
                 .watch(Duration::from_secs(10), background.clone()),
         ));
-    } else {
+    }
+    if tls.is_none() && dataplane.is_none() {
         tracing::warn!(
             registry = %config.registry_addr,
             namespace = %config.containerd.namespace,
             "the registry port is open: any host that can reach it can read every image of this containerd namespace. \
-             Protect it with mTLS (--tls-cert, --tls-key, --tls-client-ca) or a firewall."
+             Protect it with mTLS (--tls-cert, --tls-key, --tls-client-ca) or the kernel boundary (--dataplane)."
         );
     }
     let mirror = Mirror::with_tls(Arc::new(router.clone()), config.mirror.clone(), tls.clone());
@@ -259,8 +295,163 @@ pub async fn run(mut config: DaemonConfig, shutdown: CancellationToken) -> Resul
     let _ = router_task.await;
     status_shutdown.cancel();
     let _ = status_task.await;
+    if let Some(dp) = &dataplane {
+        dp.shutdown();
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Loads the dataplane as its mode says: `required` fails the start,
+/// `optional` says once why it is missing.
+fn start_dataplane(config: &DataplaneConfig) -> Result<Option<Arc<Dataplane>>, DaemonError> {
+    match config.mode {
+        DataplaneMode::Off => Ok(None),
+        DataplaneMode::Required => Ok(Some(Arc::new(Dataplane::start(config)?))),
+        DataplaneMode::Optional => match Dataplane::start(config) {
+            Ok(dp) => Ok(Some(Arc::new(dp))),
+            Err(e) => {
+                tracing::warn!(
+                    "eBPF dataplane not loaded, running without per-peer counters and the kernel boundary: {e}"
+                );
+                Ok(None)
+            }
+        },
+    }
+}
+
+/// Admits this node's addresses as they change, revokes peers whose
+/// admission ran out, and forgets counters of long-gone addresses.
+async fn dataplane_upkeep(
+    observer: Arc<Observer>,
+    admission_ttl: Duration,
+    shutdown: CancellationToken,
+) {
+    let Some(dp) = observer.dataplane.clone() else {
+        return;
+    };
+    let mut own = std::collections::HashSet::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = crate::dataplane::interface_addresses();
+        if now != own {
+            match dp.set_own_addresses(&own, &now) {
+                Ok(()) => own = now,
+                Err(e) => tracing::warn!(error = %e, "cannot admit this node's addresses"),
+            }
+        }
+        let expired: Vec<IpAddr> = {
+            let mut gone = observer
+                .disconnected
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let expired: Vec<IpAddr> = gone
+                .iter()
+                .filter(|(_, since)| since.elapsed() >= admission_ttl)
+                .map(|(ip, _)| *ip)
+                .collect();
+            for ip in &expired {
+                gone.remove(ip);
+            }
+            expired
+        };
+        for ip in expired {
+            match dp.revoke(ip) {
+                Ok(()) => tracing::debug!(%ip, "admission expired"),
+                Err(e) => tracing::warn!(%ip, error = %e, "cannot revoke an admission"),
+            }
+        }
+        if let Err(e) = dp.forget_stale(PEER_COUNTERS_STALE) {
+            tracing::debug!(error = %e, "cannot age out peer counters");
+        }
+    }
+}
+
+/// Counters of addresses not seen for this long are removed (and their
+/// metric series with them).
+const PEER_COUNTERS_STALE: Duration = Duration::from_secs(3600);
+
+/// Encodes the per-peer counters and drops from the kernel's maps at each
+/// scrape (so that series of forgotten peers disappear).
+#[derive(Debug)]
+struct PeerCollector {
+    dataplane: Arc<Dataplane>,
+    observer: Arc<Observer>,
+}
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
+}
+
+impl prometheus_client::collector::Collector for PeerCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        let ids: BTreeMap<IpAddr, String> = self
+            .observer
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, ip)| (*ip, id.clone()))
+            .collect();
+        let counters = self.dataplane.counters().unwrap_or_default();
+        let label = |c: &crate::dataplane::PeerCounter| PeerLabels {
+            peer: c.addr.to_string(),
+            peer_id: ids.get(&c.addr).cloned().unwrap_or_default(),
+            direction: if c.inbound { "in" } else { "out" }.to_string(),
+            port: if c.registry { "registry" } else { "p2p" }.to_string(),
+        };
+        let mut bytes = encoder.encode_descriptor(
+            "peer_bytes",
+            "Bytes exchanged with each remote address on the registry and P2P ports, counted in the kernel (eBPF), by direction",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for c in &counters {
+            ConstCounter::new(c.bytes).encode(bytes.encode_family(&label(c))?)?;
+        }
+        let mut packets = encoder.encode_descriptor(
+            "peer_packets",
+            "Packets exchanged with each remote address, as the kernel's skbs: a segmentation-offload batch counts once",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for c in &counters {
+            ConstCounter::new(c.packets).encode(packets.encode_family(&label(c))?)?;
+        }
+        let drops = self.dataplane.drops().unwrap_or_default();
+        let mut dropped = encoder.encode_descriptor(
+            "dataplane_dropped_packets",
+            "Packets (skbs) dropped in the kernel at the boundary, by reason",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (reason, n) in [
+            ("registry_not_admitted", drops.registry_not_admitted),
+            ("p2p_not_allowed", drops.p2p_not_allowed),
+        ] {
+            ConstCounter::new(n).encode(dropped.encode_family(&[("reason", reason)])?)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+    peer_id: String,
+    direction: String,
+    port: String,
 }
 
 /// Sets up io_uring when it is the serving path; with `auto`, falls back to
@@ -372,10 +563,14 @@ async fn update_gauges(
     }
 }
 
-/// Receives the router's peer events: metrics and the connected-peer list.
+/// Receives the router's peer events: metrics, the connected-peer list,
+/// and the dataplane's admissions of peers that proved the preshared key.
 struct Observer {
     metrics: Metrics,
     peers: Mutex<BTreeMap<String, IpAddr>>,
+    dataplane: Option<Arc<Dataplane>>,
+    /// Addresses whose last peer disconnected, and since when.
+    disconnected: Mutex<HashMap<IpAddr, std::time::Instant>>,
 }
 
 impl P2pObserver for Observer {
@@ -383,12 +578,32 @@ impl P2pObserver for Observer {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         peers.insert(peer.to_string(), ip);
         self.metrics.connected_peers.set(peers.len() as i64);
+        drop(peers);
+        self.disconnected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ip);
+        if let Some(dp) = &self.dataplane
+            && let Err(e) = dp.admit(ip)
+        {
+            tracing::warn!(%ip, error = %e, "cannot admit a peer to the registry port");
+        }
     }
 
-    fn peer_disconnected(&self, peer: &PeerId, _ip: IpAddr) {
+    fn peer_disconnected(&self, peer: &PeerId, ip: IpAddr) {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         peers.remove(&peer.to_string());
         self.metrics.connected_peers.set(peers.len() as i64);
+        let still_there = peers.values().any(|p| *p == ip);
+        drop(peers);
+        if !still_there {
+            // Revoked once the admission TTL has passed without a new
+            // connection (the dataplane upkeep task).
+            self.disconnected
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(ip, std::time::Instant::now());
+        }
     }
 
     fn handshake_failed(&self, inbound: bool) {

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod containerd_config;
 pub mod daemon;
+pub mod dataplane;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;

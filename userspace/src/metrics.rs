@@ -70,6 +70,12 @@ pub struct MirrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DataplaneLabels {
+    /// The configured mode: `required`, `optional` or `off`.
+    pub mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
     /// `inbound` or `outbound`.
     pub direction: String,
@@ -123,6 +129,7 @@ pub struct Metrics {
     pub uring_in_flight: Gauge,
     pub upload_rejections: Counter,
     pub tls_handshake_failures: Counter,
+    pub dataplane_active: Family<DataplaneLabels, Gauge>,
 }
 
 impl Metrics {
@@ -148,6 +155,7 @@ impl Metrics {
             uring_in_flight: Gauge::default(),
             upload_rejections: Counter::default(),
             tls_handshake_failures: Counter::default(),
+            dataplane_active: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("peermirror");
         r.register(
@@ -234,6 +242,11 @@ impl Metrics {
             "tls_handshake_failures",
             "TLS handshakes refused on the registry port (no client certificate, another CA, not TLS)",
             metrics.tls_handshake_failures.clone(),
+        );
+        r.register(
+            "dataplane_active",
+            "1 when the eBPF dataplane (per-peer counters, kernel boundary) is attached; the label says the configured mode",
+            metrics.dataplane_active.clone(),
         );
         metrics
     }

@@ -156,6 +156,18 @@ pub fn run() -> Result<()> {
             > 0.0,
         "node-b's bytes did not come from a peer"
     );
+    let a = cluster.node("node-a");
+    let metrics = a.pm().via.get(a.pm().metrics, "/metrics", &[])?;
+    println!(
+        "      node-a, bytes sent per peer on the registry port, counted in the kernel (eBPF):"
+    );
+    for line in String::from_utf8_lossy(&metrics.body).lines().filter(|l| {
+        l.starts_with("peermirror_peer_bytes_total")
+            && l.contains("port=\"registry\"")
+            && l.contains("direction=\"out\"")
+    }) {
+        println!("        {line}");
+    }
     println!(
         "\ncleaning up: processes stopped, namespaces and {} removed",
         cluster.dir.path().display()
