@@ -54,7 +54,7 @@ pub fn peermirror_bin() -> PathBuf {
 pub fn ensure_bpffs() -> Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let mounted = rustix::fs::statfs("/sys/fs/bpf")
-        .map(|s| s.f_type as i64 == BPF_FS_MAGIC)
+        .map(|s| s.f_type == BPF_FS_MAGIC)
         .unwrap_or(false);
     if !mounted {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;

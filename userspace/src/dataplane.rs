@@ -210,7 +210,7 @@ fn lpm_key(net: &IpNet) -> Key<[u8; 16]> {
 }
 
 fn statfs_type(path: &Path) -> Option<i64> {
-    rustix::fs::statfs(path).ok().map(|s| s.f_type as i64)
+    rustix::fs::statfs(path).ok().map(|s| s.f_type)
 }
 
 /// The cgroup v2 directory this process is in.
