@@ -5,7 +5,9 @@ use std::process::Command;
 
 use anyhow::{Result, bail};
 
-/// A program and the Debian package that provides it.
+/// A program (or, when it starts with `/`, a file) and the Debian package
+/// that provides it.
+#[derive(Clone, Copy)]
 pub struct Need {
     pub program: &'static str,
     pub package: &'static str,
@@ -14,6 +16,12 @@ pub struct Need {
 const fn need(program: &'static str, package: &'static str) -> Need {
     Need { program, package }
 }
+
+/// The eBPF programs are built with clang against libbpf's headers.
+const EBPF: [Need; 2] = [
+    need("clang", "clang"),
+    need("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
+];
 
 /// What `cargo xtask test` needs.
 pub const TEST: &[Need] = &[
@@ -27,6 +35,10 @@ pub const TEST: &[Need] = &[
     need("tc", "iproute2"),
     need("nsenter", "util-linux"),
     need("systemd-analyze", "systemd"),
+    need("bpftool", "bpftool"),
+    need("setpriv", "util-linux"),
+    EBPF[0],
+    EBPF[1],
 ];
 
 /// What `cargo xtask demo` needs.
@@ -43,9 +55,17 @@ pub const BENCH: &[Need] = &[
     need("ip", "iproute2"),
     need("nsenter", "util-linux"),
     need("nginx", "nginx"),
+    EBPF[0],
+    EBPF[1],
 ];
 
+/// What `cargo xtask build-ebpf` needs.
+pub const BUILD_EBPF: &[Need] = &EBPF;
+
 fn on_path(program: &str) -> bool {
+    if program.starts_with('/') {
+        return Path::new(program).exists();
+    }
     std::env::var_os("PATH")
         .map(|paths| {
             std::env::split_paths(&paths).any(|dir| Path::new(&dir).join(program).is_file())

@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the project's multi-step commands.
 //!
 //! - `test`: installs what the tests need, builds, runs the whole suite.
+//! - `build-ebpf`: compiles the eBPF programs (the daemon's build does too).
 //! - `demo`: a three-node cluster in network namespaces on this machine and
 //!   an air-gapped pull served by a peer.
 
@@ -29,6 +30,8 @@ enum Cmd {
     },
     /// Run a local demo: a 3-node cluster in network namespaces, real containerd, an air-gapped pull.
     Demo,
+    /// Compile the eBPF programs (C, clang) into target/bpf/peermirror.bpf.o.
+    BuildEbpf,
     /// Benchmarks: peermirror side by side with nginx and the CNCF registry (release build).
     Bench {
         /// `serving` or `cluster` to run only that part.
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Cmd::Test { cargo_args } => test(&cargo_args),
         Cmd::Demo => demo::run(),
+        Cmd::BuildEbpf => build_ebpf(),
         Cmd::Bench { part } => bench(part.as_deref()),
     };
     match result {
@@ -60,6 +64,19 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
+    Ok(())
+}
+
+fn build_ebpf() -> Result<()> {
+    deps::ensure(deps::BUILD_EBPF)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        std::path::PathBuf::from,
+    );
+    let out = target.join("bpf");
+    std::fs::create_dir_all(&out)?;
+    let object = peermirror_ebpf::build(&out)?;
+    println!("{}", object.display());
     Ok(())
 }
 

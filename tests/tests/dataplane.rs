@@ -1,0 +1,460 @@
+//! The eBPF dataplane on real traffic, in network namespaces: per-peer
+//! counters read from the pinned maps (bpftool) and from /metrics, the
+//! boundary of the registry and P2P ports, the LRU bound under a flood,
+//! admission and revocation, re-attachment after SIGKILL, clean removal, and
+//! the behaviour without privileges.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use peermirror_tests::cluster::{Cluster, NodeSpec, ROUTER_PORT};
+use peermirror_tests::image::layer;
+use peermirror_tests::netns::Netns;
+use peermirror_tests::process::{Proc, run, wait_for};
+use peermirror_tests::services::{free_port, peermirror_bin, require_root, write_psk};
+use serde_json::Value;
+
+const KEY: [u8; 32] = [0x44; 32];
+const OTHER_KEY: [u8; 32] = [0x55; 32];
+const MAP_SIZE: usize = 128;
+
+fn spec(name: &str, psk: [u8; 32], extra: &[&str]) -> NodeSpec {
+    NodeSpec {
+        name: name.to_string(),
+        psk,
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// Entries of a pinned map, as bpftool prints them (formatted with BTF).
+fn dump(map: &Path) -> Result<Vec<Value>> {
+    let out = run(Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(map))?;
+    let v: Value = serde_json::from_str(&out).with_context(|| format!("bpftool output: {out}"))?;
+    let entries = v.as_array().context("bpftool: not a list")?;
+    // With BTF, bpftool prints {"key":…,"value":…} under "formatted".
+    Ok(entries
+        .iter()
+        .map(|e| e.get("formatted").cloned().unwrap_or_else(|| e.clone()))
+        .collect())
+}
+
+/// The 16 address bytes the programs use (IPv4 as IPv4-mapped IPv6).
+fn mapped(ip: Ipv4Addr) -> Vec<u64> {
+    ip.to_ipv6_mapped()
+        .octets()
+        .iter()
+        .map(|b| u64::from(*b))
+        .collect()
+}
+
+fn addr_of(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default()
+}
+
+/// Bytes sent to `peer` on the registry port, read from the pinned map.
+fn map_out_bytes(pins: &Path, peer: Ipv4Addr) -> Result<u64> {
+    let want = mapped(peer);
+    Ok(dump(&pins.join("pm_peers"))?
+        .iter()
+        .filter(|e| {
+            addr_of(&e["key"]["addr"]) == want
+                && e["key"]["direction"] == 1
+                && e["key"]["kind"] == 0
+        })
+        .filter_map(|e| e["value"]["bytes"].as_u64())
+        .sum())
+}
+
+fn admitted(pins: &Path) -> Result<Vec<Vec<u64>>> {
+    Ok(dump(&pins.join("pm_admitted"))?
+        .iter()
+        .map(|e| addr_of(&e["key"]))
+        .collect())
+}
+
+/// Tries a TCP connection from a namespace; `Ok(true)` when it opened,
+/// `Ok(false)` when it timed out (no answer at all: dropped).
+fn reachable(ns: &Netns, addr: SocketAddr) -> Result<bool> {
+    match ns.via().connect(addr, Duration::from_secs(2)) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Ok(false),
+        Err(e) => Err(e)
+            .with_context(|| format!("connecting to {addr} (refused means it was not dropped)")),
+    }
+}
+
+/// Programs attached to a cgroup, as `bpftool cgroup show` lists them.
+fn attachments(cgroup: &Path) -> Result<Vec<String>> {
+    let out = run(Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup))?;
+    let v: Value = serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out })?;
+    Ok(v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["attach_type"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Sends one SYN to `target` from each of `sources` (bound to it), inside
+/// the namespace; nothing answers (the target drops them).
+fn syn_flood(ns: &Netns, sources: Vec<Ipv4Addr>, target: SocketAddr) -> Result<()> {
+    let path = ns.path();
+    std::thread::spawn(move || -> Result<()> {
+        let file = std::fs::File::open(&path)?;
+        // SAFETY: setns on a valid namespace fd, for this thread only.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let mut sockets = Vec::new();
+        for source in sources {
+            let fd = rustix::net::socket_with(
+                rustix::net::AddressFamily::INET,
+                rustix::net::SocketType::STREAM,
+                rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC,
+                None,
+            )?;
+            rustix::net::bind(&fd, &SocketAddr::new(IpAddr::V4(source), 0))?;
+            match rustix::net::connect(&fd, &target) {
+                Ok(()) | Err(rustix::io::Errno::INPROGRESS) => {}
+                Err(e) => return Err(e.into()),
+            }
+            sockets.push(fd);
+        }
+        // Keep them open long enough for the SYNs (and one retry) to leave.
+        std::thread::sleep(Duration::from_millis(1500));
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("flood thread panicked"))?
+}
+
+#[test]
+fn the_kernel_counts_peers_and_keeps_strangers_out() -> Result<()> {
+    let a_flags = [
+        "--admission-ttl",
+        "3s",
+        "--dataplane-peer-map-size",
+        "128",
+        "--allowed-cidrs",
+        "10.88.0.0/28",
+    ];
+    let mut cluster = Cluster::start(&[
+        spec("a", KEY, &a_flags),
+        spec("b", KEY, &[]),
+        spec("d", OTHER_KEY, &[]),
+    ])?;
+    let stranger = cluster.network.add_host(50)?;
+    cluster.wait_ready(&["a", "b"], Duration::from_secs(60))?;
+    let image = cluster
+        .layout
+        .add_image("dp/big", "v1", &[layer(64 << 20, false)])?;
+    cluster.layout.finish()?;
+    cluster.upstream.push(&cluster.layout, &image)?;
+    cluster
+        .node("a")
+        .ctr_pull(&cluster.upstream.reference(&image))?;
+    let blob = image.biggest_layer().clone();
+    let (a, b, d) = (cluster.node("a"), cluster.node("b"), cluster.node("d"));
+    let a_pins = a.dataplane.bpffs.clone();
+    wait_for("A to advertise", Duration::from_secs(30), || {
+        (a.pm().metric("peermirror_advertised_keys", &[]).ok()? >= 4.0).then_some(())
+    })?;
+    ensure!(
+        a.pm()
+            .metric("peermirror_dataplane_active", &["mode=\"required\""])?
+            == 1.0
+    );
+
+    // 1. A peer fetching a 64 MiB blob is counted, in the pinned map and in
+    //    /metrics, at least the payload and within 5 % of it.
+    let metric_out = || {
+        a.pm()
+            .metric(
+                "peermirror_peer_bytes_total",
+                &[
+                    "peer=\"10.88.0.2\"",
+                    "direction=\"out\"",
+                    "port=\"registry\"",
+                ],
+            )
+            .unwrap_or(0.0)
+    };
+    let (map_before, metric_before) = (map_out_bytes(&a_pins, b.ip())?, metric_out());
+    let target = format!(
+        "/v2/{}/blobs/{}?ns={}",
+        image.repo,
+        blob.digest,
+        cluster.upstream.host()
+    );
+    let r = b.host.ns.via().get(b.registry_addr(), &target, &[])?;
+    ensure!(
+        r.status == 200 && r.body.len() as u64 == blob.size,
+        "B relayed {}",
+        r.status
+    );
+    let payload = blob.size as f64;
+    let from_map = (map_out_bytes(&a_pins, b.ip())? - map_before) as f64;
+    let from_metric = metric_out() - metric_before;
+    for (what, bytes) in [("bpftool map dump", from_map), ("/metrics", from_metric)] {
+        ensure!(
+            bytes >= payload && bytes <= payload * 1.05,
+            "{what}: {bytes} bytes counted for a {payload}-byte payload"
+        );
+    }
+    println!("counted {from_map} bytes (map) / {from_metric} (metrics) for a {payload}-byte blob");
+
+    // 2. A host that never proved the key cannot open a connection to the
+    //    registry port (dropped: it times out), nor to the P2P port from
+    //    outside the allowed CIDRs; its SYNs are counted. A peer can.
+    let drops = |reason: &str| {
+        a.pm()
+            .metric(
+                "peermirror_dataplane_dropped_packets_total",
+                &[&format!("reason=\"{reason}\"")],
+            )
+            .unwrap_or(0.0)
+    };
+    let (reg_drops, p2p_drops) = (drops("registry_not_admitted"), drops("p2p_not_allowed"));
+    let a_registry = a.registry_addr();
+    let a_p2p = SocketAddr::from((a.ip(), ROUTER_PORT));
+    ensure!(
+        !reachable(&stranger.ns, a_registry)?,
+        "a stranger reached the registry port"
+    );
+    ensure!(
+        !reachable(&stranger.ns, a_p2p)?,
+        "a stranger outside --allowed-cidrs reached the P2P port"
+    );
+    ensure!(drops("registry_not_admitted") > reg_drops && drops("p2p_not_allowed") > p2p_drops);
+    let syns = a.pm().metric(
+        "peermirror_peer_packets_total",
+        &["peer=\"10.88.0.50\"", "direction=\"in\""],
+    )?;
+    ensure!(syns >= 2.0, "the stranger's SYNs were not counted ({syns})");
+    ensure!(
+        reachable(&b.host.ns, a_registry)?,
+        "a peer with the key could not reach the registry port"
+    );
+
+    // 3. The node with the wrong key dialled A but is never admitted.
+    wait_for(
+        "A to see D's failed handshakes",
+        Duration::from_secs(30),
+        || {
+            (a.pm()
+                .metric("peermirror_p2p_handshake_failures_total", &[])
+                .ok()?
+                > 0.0)
+                .then_some(())
+        },
+    )?;
+    ensure!(
+        !admitted(&a_pins)?.contains(&mapped(d.ip())),
+        "D was admitted"
+    );
+    ensure!(
+        admitted(&a_pins)?.contains(&mapped(b.ip())),
+        "B was not admitted"
+    );
+    ensure!(
+        !reachable(&d.host.ns, a_registry)?,
+        "the node with the wrong key reached the registry port"
+    );
+
+    // 4. A flood from more addresses than the map holds leaves it at its
+    //    bound (LRU).
+    a.host
+        .ns
+        .ip(&["route", "add", "10.88.0.0/16", "dev", "eth0"])?;
+    let sources: Vec<Ipv4Addr> = (0..200u16)
+        .map(|i| Ipv4Addr::new(10, 88, 2 + (i / 250) as u8, (i % 250 + 1) as u8))
+        .collect();
+    for s in &sources {
+        stranger
+            .ns
+            .ip(&["addr", "add", &format!("{s}/16"), "dev", "eth0"])?;
+    }
+    let dropped_before = drops("registry_not_admitted");
+    syn_flood(&stranger.ns, sources, a_registry)?;
+    let entries = dump(&a_pins.join("pm_peers"))?.len();
+    // Every source reached the program (each SYN was dropped and counted)…
+    ensure!(
+        drops("registry_not_admitted") - dropped_before >= 200.0,
+        "the flood did not reach the program"
+    );
+    // …and the map stayed within its bound (the kernel's LRU may evict
+    // before it is completely full: its free lists are per CPU).
+    ensure!(
+        entries <= MAP_SIZE,
+        "the peer map grew to {entries} entries (bound {MAP_SIZE})"
+    );
+    ensure!(
+        entries >= MAP_SIZE / 2,
+        "the flood barely reached the map ({entries} entries)"
+    );
+    println!("after a 200-address flood the map holds {entries} entries (bound {MAP_SIZE})");
+
+    // 5. A peer's admission is revoked once its daemon is gone and the
+    //    admission time has passed.
+    cluster
+        .node_mut("b")
+        .peermirror
+        .as_mut()
+        .context("pm")?
+        .proc
+        .terminate(Duration::from_secs(10))?;
+    let (a, b) = (cluster.node("a"), cluster.node("b"));
+    let revoked_at = Instant::now();
+    wait_for(
+        "B's admission to be revoked",
+        Duration::from_secs(30),
+        || (!admitted(&a_pins).ok()?.contains(&mapped(b.ip()))).then_some(()),
+    )?;
+    ensure!(
+        revoked_at.elapsed() >= Duration::from_secs(2),
+        "revoked before the admission TTL"
+    );
+    ensure!(
+        !reachable(&b.host.ns, a.registry_addr())?,
+        "B still reaches the registry port after revocation"
+    );
+
+    // 6. After a SIGKILL the attachment stays (the boundary holds while the
+    //    daemon is down); a restart replaces it instead of adding one; a
+    //    clean stop removes it and every pin.
+    let a_cgroup = a.dataplane.cgroup.clone();
+    cluster
+        .node_mut("a")
+        .peermirror
+        .as_mut()
+        .context("pm")?
+        .proc
+        .kill();
+    let attached = attachments(&a_cgroup)?;
+    ensure!(attached.len() == 2, "after SIGKILL: {attached:?}");
+    cluster.node_mut("a").start_peermirror()?;
+    cluster
+        .node_mut("a")
+        .peermirror
+        .as_mut()
+        .context("pm")?
+        .wait_ready(Duration::from_secs(30))?;
+    let attached = attachments(&a_cgroup)?;
+    let ingress = attached.iter().filter(|t| t.contains("ingress")).count();
+    let egress = attached.iter().filter(|t| t.contains("egress")).count();
+    ensure!(ingress == 1 && egress == 1, "after a restart: {attached:?}");
+    ensure!(
+        !reachable(&stranger.ns, cluster.node("a").registry_addr())?,
+        "the restarted boundary lets strangers in"
+    );
+    cluster
+        .node_mut("a")
+        .peermirror
+        .as_mut()
+        .context("pm")?
+        .proc
+        .terminate(Duration::from_secs(15))?;
+    ensure!(
+        attachments(&a_cgroup)?.is_empty(),
+        "programs left attached after a clean stop"
+    );
+    ensure!(
+        !a_pins.exists(),
+        "pins left in {} after a clean stop",
+        a_pins.display()
+    );
+    Ok(())
+}
+
+#[test]
+fn without_privileges_required_fails_fast_and_optional_runs() -> Result<()> {
+    require_root();
+    let dir = tempfile::Builder::new().prefix("pm-noprivs-").tempdir()?;
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )?;
+    let key = dir.path().join("swarm.key");
+    write_psk(&key, &[1; 32])?;
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let as_nobody = |mode: &str, metrics: SocketAddr| {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(peermirror_bin())
+        .arg("run")
+        .args(["--dataplane", mode])
+        .arg("--psk-file")
+        .arg(&key)
+        .arg("--data-dir")
+        .arg(dir.path().join(format!("data-{mode}")))
+        .arg("--containerd-sock")
+        .arg(dir.path().join("none.sock"))
+        .args(["--registry-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-addr", &metrics.to_string()])
+        .args(["--router-addr", &format!("127.0.0.1:{}", free_port())]);
+        cmd
+    };
+    let started = Instant::now();
+    let out = as_nobody("required", SocketAddr::from(([127, 0, 0, 1], free_port()))).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "--dataplane required started without privileges"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?} to fail",
+        started.elapsed()
+    );
+    let last = stderr.lines().last().unwrap_or_default();
+    ensure!(
+        last.contains("--dataplane required"),
+        "unclear error: {stderr}"
+    );
+    ensure!(!stderr.contains("panicked"), "{stderr}");
+
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut proc = Proc::spawn(
+        "peermirror",
+        as_nobody("optional", metrics),
+        &dir.path().join("optional.log"),
+    )?;
+    let page = wait_for(
+        "the optional daemon's metrics",
+        Duration::from_secs(15),
+        || peermirror_tests::http::get(metrics, "/metrics", &[]).ok(),
+    )?;
+    let text = String::from_utf8_lossy(&page.body);
+    ensure!(
+        text.contains("peermirror_dataplane_active{mode=\"optional\"} 0"),
+        "{text}"
+    );
+    let (status, _) = proc.terminate(Duration::from_secs(10))?;
+    ensure!(status.success());
+    let log = std::fs::read_to_string(dir.path().join("optional.log"))?;
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("eBPF dataplane not loaded"))
+        .count();
+    ensure!(
+        lines == 1,
+        "the missing dataplane should be said once, not {lines} times:\n{log}"
+    );
+    Ok(())
+}
