@@ -475,6 +475,11 @@ impl Peermirror {
         if !extra.contains(&"--log-level") {
             cmd.args(["--log-level", "debug"]);
         }
+        // Tests that do not ask for the dataplane run without it: its default
+        // cgroup and pin directory are shared by every daemon on the machine.
+        if !extra.contains(&"--dataplane") {
+            cmd.args(["--dataplane", "off"]);
+        }
         if !extra.contains(&"--psk-file") && !extra.contains(&"--insecure-open-network") {
             let key = dir.join("swarm.key");
             write_psk(&key, &[0x5a; 32])?;

@@ -99,6 +99,8 @@ fn the_environment_file_configures_containerd_and_starts_the_daemon() -> Result<
                 .to_string_lossy()
                 .into_owned(),
         ),
+        // The machine's shared default pins and cgroup are not this test's.
+        ("PEERMIRROR_DATAPLANE", "off".to_string()),
     ];
     for (k, v) in overrides {
         env.retain(|(name, _)| name != k);
