@@ -462,12 +462,12 @@ async fn choose_serving_path(
 ) -> Result<Option<Uring>, DaemonError> {
     let mut uring = None;
     if config.server.serving_path == ServingPath::IoUring {
-        let in_flight = metrics.uring_in_flight.clone();
+        let gauges = metrics.uring.clone();
         // Enough kernel workers for every upload the limits allow.
         let workers = u32::try_from(config.uploads.total)
             .unwrap_or(u32::MAX)
             .clamp(16, 1024);
-        let setup = tokio::task::spawn_blocking(move || Uring::new(in_flight, workers))
+        let setup = tokio::task::spawn_blocking(move || Uring::new(gauges, workers))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match setup {

@@ -126,7 +126,7 @@ pub struct Metrics {
     pub routing_table_peers: Gauge,
     pub advertised_keys: Gauge,
     pub p2p_open_network: Gauge,
-    pub uring_in_flight: Gauge,
+    pub uring: crate::registry::uring::UringGauges,
     pub upload_rejections: Counter,
     pub tls_handshake_failures: Counter,
     pub dataplane_active: Family<DataplaneLabels, Gauge>,
@@ -152,7 +152,7 @@ impl Metrics {
             routing_table_peers: Gauge::default(),
             advertised_keys: Gauge::default(),
             p2p_open_network: Gauge::default(),
-            uring_in_flight: Gauge::default(),
+            uring: Default::default(),
             upload_rejections: Counter::default(),
             tls_handshake_failures: Counter::default(),
             dataplane_active: Family::default(),
@@ -231,7 +231,12 @@ impl Metrics {
         r.register(
             "uring_transfers_in_flight",
             "Blob bodies the io_uring serving path is sending",
-            metrics.uring_in_flight.clone(),
+            metrics.uring.in_flight.clone(),
+        );
+        r.register(
+            "uring_idle_pipes",
+            "Pipes the io_uring serving path keeps for reuse (two descriptors each)",
+            metrics.uring.idle_pipes.clone(),
         );
         r.register(
             "upload_rejections",

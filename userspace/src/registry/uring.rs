@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, opcode, squeue, types};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
@@ -70,9 +71,16 @@ struct Inner {
     wake: OwnedFd,
 }
 
-/// Transfers the reactor holds (for metrics and tests: it returns to zero
-/// when every client has finished, left or timed out).
-pub type InFlight = prometheus_client::metrics::gauge::Gauge;
+/// What the reactor reports (for metrics and tests).
+#[derive(Clone, Default)]
+pub struct UringGauges {
+    /// Transfers the reactor holds: back to zero when every client has
+    /// finished, left or timed out.
+    pub in_flight: Gauge,
+    /// Idle pipes kept for reuse (at most [`PIPE_POOL`]); each holds two
+    /// descriptors.
+    pub idle_pipes: Gauge,
+}
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -88,7 +96,7 @@ impl Uring {
     /// outside async code (e.g. in `spawn_blocking`).
     /// `socket_workers` caps the kernel workers that may wait on sockets
     /// (io-wq's unbounded class): splices beyond it queue in the kernel.
-    pub fn new(in_flight: InFlight, socket_workers: u32) -> io::Result<Uring> {
+    pub fn new(gauges: UringGauges, socket_workers: u32) -> io::Result<Uring> {
         let ring: IoUring = IoUring::builder().setup_clamp().build(RING_ENTRIES)?;
         let mut max = [IOWQ_FILE_WORKERS, socket_workers];
         ring.submitter().register_iowq_max_workers(&mut max)?;
@@ -97,7 +105,7 @@ impl Uring {
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("peermirror-uring".into())
-            .spawn(move || Reactor::new(ring, wake_reactor, rx, in_flight).run())?;
+            .spawn(move || Reactor::new(ring, wake_reactor, rx, gauges).run())?;
         let uring = Uring {
             inner: Arc::new(Inner {
                 jobs: Mutex::new(tx),
@@ -242,7 +250,7 @@ struct Reactor {
     next_id: u64,
     pipes: Vec<(OwnedFd, OwnedFd, u64)>,
     closed: bool,
-    in_flight: InFlight,
+    gauges: UringGauges,
 }
 
 /// user_data: transfer id in the high bits, operation in the low two.
@@ -262,7 +270,7 @@ impl Reactor {
         ring: IoUring,
         wake: OwnedFd,
         jobs: mpsc::Receiver<Job>,
-        in_flight: InFlight,
+        gauges: UringGauges,
     ) -> Reactor {
         Reactor {
             ring,
@@ -273,7 +281,7 @@ impl Reactor {
             next_id: 1,
             pipes: Vec::new(),
             closed: false,
-            in_flight,
+            gauges,
         }
     }
 
@@ -396,6 +404,7 @@ impl Reactor {
 
     fn pipe(&mut self) -> io::Result<(OwnedFd, OwnedFd, u64)> {
         if let Some(p) = self.pipes.pop() {
+            self.gauges.idle_pipes.set(self.pipes.len() as i64);
             return Ok(p);
         }
         let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
@@ -432,7 +441,7 @@ impl Reactor {
             expired: false,
         };
         self.transfers.insert(id, transfer);
-        self.in_flight.set(self.transfers.len() as i64);
+        self.gauges.in_flight.set(self.transfers.len() as i64);
         self.submit(id, Stage::FillDrain);
     }
 
@@ -584,11 +593,12 @@ impl Reactor {
         let Some(t) = self.transfers.remove(&id) else {
             return;
         };
-        self.in_flight.set(self.transfers.len() as i64);
+        self.gauges.in_flight.set(self.transfers.len() as i64);
         // A pipe with bytes left in it is not reused.
         if result.is_ok() && t.in_pipe == 0 && self.pipes.len() < PIPE_POOL {
             self.pipes.push((t.pipe_r, t.pipe_w, t.pipe_size));
         }
+        self.gauges.idle_pipes.set(self.pipes.len() as i64);
         let _ = t.job.reply.send(result);
     }
 }
@@ -618,7 +628,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sends_a_file_and_gives_up_on_a_client_that_stops_reading() {
-        let uring = tokio::task::spawn_blocking(|| Uring::new(InFlight::default(), 16))
+        let uring = tokio::task::spawn_blocking(|| Uring::new(UringGauges::default(), 16))
             .await
             .expect("join")
             .expect("io_uring");
