@@ -456,5 +456,15 @@ fn without_privileges_required_fails_fast_and_optional_runs() -> Result<()> {
         lines == 1,
         "the missing dataplane should be said once, not {lines} times:\n{log}"
     );
+    // With neither mTLS nor the boundary, the open registry port is said
+    // plainly, once.
+    let open = log
+        .lines()
+        .filter(|l| l.contains("any host that can reach it can read every image"))
+        .count();
+    ensure!(
+        open == 1,
+        "the open registry port said {open} times:\n{log}"
+    );
     Ok(())
 }

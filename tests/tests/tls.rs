@@ -165,6 +165,12 @@ fn mtls_admits_only_the_cluster_and_rotates_without_dropping_transfers() -> Resu
             .with_context(|| format!("pulling {} over mTLS", image.tag))?;
     }
     ensure!(pm.metric("peermirror_served_bytes_total", &[])? > (64 << 20) as f64);
+    // With mTLS on, the port is not called open.
+    let log = std::fs::read_to_string(&pm.proc.log)?;
+    ensure!(
+        !log.contains("can read every image"),
+        "open-port warning with mTLS on"
+    );
     Ok(())
 }
 
