@@ -1,7 +1,7 @@
 //! File bodies through io_uring: `splice(file → pipe)`, then
 //! `splice(pipe → socket)` whenever a poll says the socket takes more, so
 //! the bytes never enter userspace and each round moves up to a pipe-full
-//! (1 MiB) of data.
+//! (4 MiB where the kernel allows it) of data.
 //!
 //! One reactor thread owns the ring (tokio cannot drive io_uring
 //! completions, and tokio-uring cannot drive tokio's sockets). Transfers are
