@@ -1,7 +1,8 @@
 //! The eBPF dataplane on real traffic, in network namespaces: per-peer
 //! counters read from the pinned maps (bpftool) and from /metrics, the
 //! boundary of the registry and P2P ports, the LRU bound under a flood,
-//! admission and revocation, re-attachment after SIGKILL, clean removal, and
+//! admission and revocation, re-attachment after SIGKILL, clean removal (after
+//! a failed start too), and
 //! the behaviour without privileges.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -15,7 +16,9 @@ use peermirror_tests::cluster::{Cluster, NodeSpec, ROUTER_PORT};
 use peermirror_tests::image::layer;
 use peermirror_tests::netns::Netns;
 use peermirror_tests::process::{Proc, run, wait_for};
-use peermirror_tests::services::{free_port, peermirror_bin, require_root, write_psk};
+use peermirror_tests::services::{
+    DataplaneSlot, free_port, peermirror_bin, require_root, write_psk,
+};
 use serde_json::Value;
 
 const KEY: [u8; 32] = [0x44; 32];
@@ -388,6 +391,10 @@ fn without_privileges_required_fails_fast_and_optional_runs() -> Result<()> {
     let key = dir.path().join("swarm.key");
     write_psk(&key, &[1; 32])?;
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    // A pin directory of this test's (bpffs is world-writable, sticky):
+    // the daemon must not leave it behind when it cannot load.
+    peermirror_tests::services::ensure_bpffs()?;
+    let pins = Path::new("/sys/fs/bpf").join(format!("pm-noprivs-{}", std::process::id()));
     let as_nobody = |mode: &str, metrics: SocketAddr| {
         let mut cmd = Command::new("setpriv");
         cmd.args([
@@ -401,6 +408,8 @@ fn without_privileges_required_fails_fast_and_optional_runs() -> Result<()> {
         .args(["--dataplane", mode])
         .arg("--psk-file")
         .arg(&key)
+        .arg("--bpffs-path")
+        .arg(&pins)
         .arg("--data-dir")
         .arg(dir.path().join(format!("data-{mode}")))
         .arg("--containerd-sock")
@@ -428,6 +437,7 @@ fn without_privileges_required_fails_fast_and_optional_runs() -> Result<()> {
         "unclear error: {stderr}"
     );
     ensure!(!stderr.contains("panicked"), "{stderr}");
+    ensure!(!pins.exists(), "{} left behind", pins.display());
 
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut proc = Proc::spawn(
@@ -465,6 +475,52 @@ fn without_privileges_required_fails_fast_and_optional_runs() -> Result<()> {
     ensure!(
         open == 1,
         "the open registry port said {open} times:\n{log}"
+    );
+    let left = pins.exists();
+    let _ = std::fs::remove_dir(&pins);
+    ensure!(!left, "{} left behind", pins.display());
+    Ok(())
+}
+
+#[test]
+fn a_failed_start_leaves_nothing_attached() -> Result<()> {
+    require_root();
+    let dir = tempfile::Builder::new().prefix("pm-failstart-").tempdir()?;
+    let slot = DataplaneSlot::new()?;
+    // The registry port is taken: the daemon loads the dataplane first (its
+    // sockets must be created in its cgroup), then cannot listen.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let out = Command::new(peermirror_bin())
+        .arg("run")
+        .args(slot.flags())
+        .args(["--registry-addr", &busy.local_addr()?.to_string()])
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--router-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--insecure-open-network")
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("cannot listen"),
+        "{stderr}"
+    );
+    ensure!(
+        stderr.contains("eBPF dataplane attached"),
+        "the dataplane was never loaded, so this test proves nothing: {stderr}"
+    );
+    ensure!(
+        attachments(&slot.cgroup)?.is_empty(),
+        "programs left attached after a failed start"
+    );
+    ensure!(
+        !slot.bpffs.exists(),
+        "pins left in {} after a failed start",
+        slot.bpffs.display()
     );
     Ok(())
 }

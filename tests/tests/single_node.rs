@@ -704,6 +704,9 @@ fn status_endpoints_logs_reconnection_and_clean_exit() -> Result<()> {
             "--insecure-open-network",
             "--router-addr",
             "127.0.0.1:0",
+            // The machine-wide default dataplane is not this test's.
+            "--dataplane",
+            "off",
         ])
         .arg("--data-dir")
         .arg(dir.path().join("d2"))

@@ -134,6 +134,8 @@ pub async fn run(mut config: DaemonConfig, shutdown: CancellationToken) -> Resul
     // The dataplane first: a socket's cgroup is fixed when it is created, so
     // the daemon joins its cgroup before opening any.
     let dataplane = start_dataplane(&config.dataplane)?;
+    // From here on every return detaches it, a failed start included.
+    let _detach = DetachOnReturn(dataplane.clone());
     let registry_listener = listen("registry", config.registry_addr).await?;
     let metrics_listener = listen("metrics", config.metrics_addr).await?;
     let bootstrap_listener = match config.p2p.http_bootstrap_addr {
@@ -295,11 +297,22 @@ pub async fn run(mut config: DaemonConfig, shutdown: CancellationToken) -> Resul
     let _ = router_task.await;
     status_shutdown.cancel();
     let _ = status_task.await;
-    if let Some(dp) = &dataplane {
-        dp.shutdown();
-    }
+    drop(_detach);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Detaches the dataplane and removes its pins when `run` returns, whether
+/// the daemon stopped cleanly or failed part-way through starting. (Only a
+/// SIGKILL leaves the boundary in place, for the next start to take over.)
+struct DetachOnReturn(Option<Arc<Dataplane>>);
+
+impl Drop for DetachOnReturn {
+    fn drop(&mut self) {
+        if let Some(dp) = &self.0 {
+            dp.shutdown();
+        }
+    }
 }
 
 /// Loads the dataplane as its mode says: `required` fails the start,

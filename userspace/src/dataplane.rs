@@ -286,7 +286,27 @@ impl Dataplane {
         join_cgroup(&cgroup)?;
         std::fs::create_dir_all(&config.bpffs)
             .map_err(io(format!("creating {}", config.bpffs.display())))?;
+        // A start that fails part-way leaves nothing behind: no half-made
+        // boundary, and no earlier one that the daemon would report as
+        // inactive.
+        let loaded = Self::attach(config, &cgroup).inspect_err(|_| remove_pins(&config.bpffs))?;
+        tracing::info!(
+            cgroup = %cgroup.display(),
+            pins = %config.bpffs.display(),
+            registry_port = config.registry_port,
+            p2p_port = config.p2p_port,
+            "eBPF dataplane attached (cgroup_skb ingress and egress)"
+        );
+        Ok(Dataplane {
+            loaded: Mutex::new(Some(loaded)),
+            pins: config.bpffs.clone(),
+            cgroup,
+        })
+    }
 
+    /// Loads the programs (reusing pinned maps), configures them and
+    /// attaches them to `cgroup` through pinned links.
+    fn attach(config: &DataplaneConfig, cgroup: &Path) -> Result<Loaded, DataplaneError> {
         let mut ebpf = match Self::load(config) {
             Ok(e) => e,
             // Pins of another build (a map of another size): start afresh.
@@ -302,7 +322,7 @@ impl Dataplane {
         Self::configure(&mut ebpf, config)?;
 
         let cgroup_dir =
-            std::fs::File::open(&cgroup).map_err(io(format!("opening {}", cgroup.display())))?;
+            std::fs::File::open(cgroup).map_err(io(format!("opening {}", cgroup.display())))?;
         let mut links = Vec::new();
         for (name, attach_type) in PROGRAMS {
             let link_pin = config.bpffs.join(format!("link_{name}"));
@@ -354,18 +374,7 @@ impl Dataplane {
             })?;
             links.push(pinned);
         }
-        tracing::info!(
-            cgroup = %cgroup.display(),
-            pins = %config.bpffs.display(),
-            registry_port = config.registry_port,
-            p2p_port = config.p2p_port,
-            "eBPF dataplane attached (cgroup_skb ingress and egress)"
-        );
-        Ok(Dataplane {
-            loaded: Mutex::new(Some(Loaded { ebpf, links })),
-            pins: config.bpffs.clone(),
-            cgroup,
-        })
+        Ok(Loaded { ebpf, links })
     }
 
     fn load(config: &DataplaneConfig) -> Result<Ebpf, DataplaneError> {
@@ -574,16 +583,24 @@ impl Dataplane {
             }
         }
         drop(loaded.ebpf);
-        for name in MAPS {
-            let _ = std::fs::remove_file(self.pins.join(name));
-        }
-        for (name, _) in PROGRAMS {
-            let _ = std::fs::remove_file(self.pins.join(format!("prog_{name}")));
-            let _ = std::fs::remove_file(self.pins.join(format!("link_{name}")));
-        }
-        let _ = std::fs::remove_dir(&self.pins);
+        remove_pins(&self.pins);
         tracing::info!(pins = %self.pins.display(), "eBPF dataplane detached and unpinned");
     }
+}
+
+/// Removes every pin of ours in `dir`, then `dir` if that leaves it empty
+/// (best effort: what cannot be removed stays, and the next start reuses or
+/// replaces it). Removing a link's pin detaches its program once no
+/// descriptor holds the link.
+fn remove_pins(dir: &Path) {
+    for name in MAPS {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    for (name, _) in PROGRAMS {
+        let _ = std::fs::remove_file(dir.join(format!("prog_{name}")));
+        let _ = std::fs::remove_file(dir.join(format!("link_{name}")));
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Addresses of this network namespace's interfaces.
