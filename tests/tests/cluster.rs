@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use peermirror_tests::cluster::{Cluster, ClusterNode, NodeSpec};
+use peermirror_tests::cluster::{Cluster, ClusterNode, NodeSpec, ROUTER_PORT};
 use peermirror_tests::http::read_response;
 use peermirror_tests::image::{Descriptor, TestImage, layer};
 use peermirror_tests::process::wait_for;
@@ -594,9 +594,21 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     // 12. Upload limits: A sends one blob body at a time; a client that
     //     holds the slot makes A answer 503, and containerd, asking A
     //     directly as its mirror, moves on to upstream.
-    cluster
-        .node_mut("a")
-        .restart_peermirror(&["--max-uploads", "1", "--write-timeout", "20s"])?;
+    //    The restarted A lost its connections (and with them the
+    //    admissions of its peers to its registry port); bootstrapping it
+    //    from C makes C admitted again before A counts as ready, instead of
+    //    whenever C's next re-announcement happens to dial A.
+    let c_router = format!("/ip4/{}/tcp/{ROUTER_PORT}", cluster.node("c").ip());
+    cluster.node_mut("a").restart_peermirror(&[
+        "--max-uploads",
+        "1",
+        "--write-timeout",
+        "20s",
+        "--bootstrap-kind",
+        "static",
+        "--static-bootstrap-peers",
+        &c_router,
+    ])?;
     cluster.wait_ready(&["a"], Duration::from_secs(60))?;
     let (a, c) = (cluster.node("a"), cluster.node("c"));
     let big2_layer = layer_of(&big2).clone();
