@@ -110,6 +110,55 @@ static __always_inline int in_trie(void *trie, const __u8 *addr)
 	return bpf_map_lookup_elem(trie, &k) != NULL;
 }
 
+/* How many IPv6 extension headers are followed before giving up. */
+#define PM_IPV6_MAX_EXT_HEADERS 8
+
+/* Follows the IPv6 extension headers after the fixed header. Returns the
+ * transport protocol and sets *offset to its header, or -1 when the chain
+ * cannot be followed. The kernel delivers a TCP segment to a socket only
+ * once it has walked the same chain to the TCP header, so a packet that
+ * reaches the daemon's socket always has one to find: without this walk a
+ * destination-options header would carry a SYN past the boundary. */
+static __always_inline int ipv6_transport(struct __sk_buff *skb, __u8 next, __u32 *offset)
+{
+	for (int i = 0; i < PM_IPV6_MAX_EXT_HEADERS; i++) {
+		struct {
+			__u8 next;
+			__u8 len;
+			__be16 frag_off;
+		} ext;
+		switch (next) {
+		case IPPROTO_HOPOPTS:
+		case IPPROTO_ROUTING:
+		case IPPROTO_DSTOPTS:
+			if (bpf_skb_load_bytes(skb, *offset, &ext, sizeof(ext)) < 0)
+				return -1;
+			next = ext.next;
+			*offset += ((__u32)ext.len + 1) * 8;
+			break;
+		case IPPROTO_AH:
+			if (bpf_skb_load_bytes(skb, *offset, &ext, sizeof(ext)) < 0)
+				return -1;
+			next = ext.next;
+			*offset += ((__u32)ext.len + 2) * 4;
+			break;
+		case IPPROTO_FRAGMENT:
+			/* Reassembly happens before a socket sees the packet; a
+			 * fragment other than the first has no transport header. */
+			if (bpf_skb_load_bytes(skb, *offset, &ext, sizeof(ext)) < 0)
+				return -1;
+			if (ext.frag_off & bpf_htons(0xfff8))
+				return -1;
+			next = ext.next;
+			*offset += 8;
+			break;
+		default:
+			return next;
+		}
+	}
+	return -1;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 {
 	__u32 zero = 0;
@@ -139,10 +188,18 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 		struct ipv6hdr ip6;
 		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) < 0)
 			return PASS_FAIL_OPEN;
-		/* Extension headers are not walked: such packets pass. */
-		if (ip6.nexthdr != IPPROTO_TCP)
+		__u32 offset = sizeof(ip6);
+		int proto = ipv6_transport(skb, ip6.nexthdr, &offset);
+		if (proto < 0) {
+			if (direction == PM_DIR_IN && (cfg->enforce_registry || cfg->enforce_p2p)) {
+				count_drop(PM_DROP_UNPARSEABLE);
+				return DROP;
+			}
+			return PASS_FAIL_OPEN;
+		}
+		if (proto != IPPROTO_TCP)
 			return PASS;
-		if (bpf_skb_load_bytes(skb, sizeof(ip6), &ports, sizeof(ports)) < 0)
+		if (bpf_skb_load_bytes(skb, offset, &ports, sizeof(ports)) < 0)
 			return PASS_FAIL_OPEN;
 		if (direction == PM_DIR_IN)
 			__builtin_memcpy(key.addr, &ip6.saddr, 16);

@@ -17,7 +17,12 @@
 /* Why a packet was dropped (index into pm_drops). */
 #define PM_DROP_REGISTRY_NOT_ADMITTED 0
 #define PM_DROP_P2P_NOT_ALLOWED 1
-#define PM_DROP_REASONS 2
+/* An IPv6 packet whose extension-header chain the program cannot follow to
+ * its transport header (too long, or a non-first fragment), while a
+ * boundary is enforced: its ports are unknown, so it is dropped rather than
+ * let around the boundary. */
+#define PM_DROP_UNPARSEABLE 2
+#define PM_DROP_REASONS 3
 
 /* A remote address and direction; IPv4 addresses are IPv4-mapped IPv6
  * (::ffff:a.b.c.d). */

@@ -19,8 +19,11 @@ pub const KIND_P2P: u8 = 1;
 pub const DROP_REGISTRY_NOT_ADMITTED: u32 = 0;
 /// `pm_drops` index: a packet to the P2P port from outside the allowed CIDRs.
 pub const DROP_P2P_NOT_ALLOWED: u32 = 1;
+/// `pm_drops` index: an IPv6 packet whose extension headers could not be
+/// followed to its transport header while a boundary is enforced.
+pub const DROP_UNPARSEABLE: u32 = 2;
 /// Number of drop reasons.
-pub const DROP_REASONS: u32 = 2;
+pub const DROP_REASONS: u32 = 3;
 
 /// `struct pm_peer_key`: a remote address (IPv4 as IPv4-mapped IPv6),
 /// direction and port kind.
@@ -156,7 +159,7 @@ int main(void) {
   S(pm_config); P(pm_config, registry_port); P(pm_config, p2p_port); P(pm_config, enforce_registry); P(pm_config, enforce_p2p); P(pm_config, pad);
   S(pm_lpm_key); P(pm_lpm_key, prefixlen); P(pm_lpm_key, addr);
   printf("PM_DIR_IN %d\nPM_DIR_OUT %d\nPM_PORT_REGISTRY %d\nPM_PORT_P2P %d\n", PM_DIR_IN, PM_DIR_OUT, PM_PORT_REGISTRY, PM_PORT_P2P);
-  printf("PM_DROP_REGISTRY_NOT_ADMITTED %d\nPM_DROP_P2P_NOT_ALLOWED %d\nPM_DROP_REASONS %d\n", PM_DROP_REGISTRY_NOT_ADMITTED, PM_DROP_P2P_NOT_ALLOWED, PM_DROP_REASONS);
+  printf("PM_DROP_REGISTRY_NOT_ADMITTED %d\nPM_DROP_P2P_NOT_ALLOWED %d\nPM_DROP_UNPARSEABLE %d\nPM_DROP_REASONS %d\n", PM_DROP_REGISTRY_NOT_ADMITTED, PM_DROP_P2P_NOT_ALLOWED, PM_DROP_UNPARSEABLE, PM_DROP_REASONS);
   return 0;
 }
 "#,
@@ -214,6 +217,7 @@ int main(void) {
                 DROP_REGISTRY_NOT_ADMITTED as usize,
             ),
             ("PM_DROP_P2P_NOT_ALLOWED", DROP_P2P_NOT_ALLOWED as usize),
+            ("PM_DROP_UNPARSEABLE", DROP_UNPARSEABLE as usize),
             ("PM_DROP_REASONS", DROP_REASONS as usize),
         ];
         for (name, value) in rust {

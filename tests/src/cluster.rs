@@ -102,7 +102,8 @@ impl ClusterNode {
             &self.containerd,
             PeermirrorOptions {
                 netns: Some(&self.host.ns),
-                registry: any(REGISTRY_PORT),
+                // Both families, as the default `:5000` does.
+                registry: SocketAddr::from(([0u16; 8], REGISTRY_PORT)),
                 metrics: any(METRICS_PORT),
                 router: any(ROUTER_PORT),
                 extra: &extra_refs,

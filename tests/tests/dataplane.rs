@@ -5,7 +5,7 @@
 //! a failed start too), and
 //! the behaviour without privileges.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
@@ -112,13 +112,7 @@ fn attachments(cgroup: &Path) -> Result<Vec<String>> {
 /// Sends one SYN to `target` from each of `sources` (bound to it), inside
 /// the namespace; nothing answers (the target drops them).
 fn syn_flood(ns: &Netns, sources: Vec<Ipv4Addr>, target: SocketAddr) -> Result<()> {
-    let path = ns.path();
-    std::thread::spawn(move || -> Result<()> {
-        let file = std::fs::File::open(&path)?;
-        // SAFETY: setns on a valid namespace fd, for this thread only.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
+    in_netns(ns, move || {
         let mut sockets = Vec::new();
         for source in sources {
             let fd = rustix::net::socket_with(
@@ -138,8 +132,143 @@ fn syn_flood(ns: &Netns, sources: Vec<Ipv4Addr>, target: SocketAddr) -> Result<(
         std::thread::sleep(Duration::from_millis(1500));
         Ok(())
     })
+}
+
+/// Runs `f` on a thread inside the network namespace.
+fn in_netns<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let path = ns.path();
+    std::thread::spawn(move || -> Result<T> {
+        let file = std::fs::File::open(&path)?;
+        // SAFETY: setns on a valid namespace fd, for this thread only.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        f()
+    })
     .join()
-    .map_err(|_| anyhow::anyhow!("flood thread panicked"))?
+    .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
+}
+
+/// An IPv6 extension header of 8 bytes holding only padding (PadN); the
+/// kernel fills in its next-header byte.
+const PADDING_EXT_HEADER: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+
+/// Opens a TCP connection over IPv6 from inside `ns` whose packets carry a
+/// hop-by-hop and a destination-options header when `ext_headers`;
+/// `Ok(true)` when it opened, `Ok(false)` when it timed out.
+fn reachable_v6(ns: &Netns, target: SocketAddrV6, ext_headers: bool) -> Result<bool> {
+    in_netns(ns, move || {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType};
+        let fd = rustix::net::socket_with(
+            AddressFamily::INET6,
+            SocketType::STREAM,
+            SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            None,
+        )?;
+        if ext_headers {
+            for option in [libc::IPV6_HOPOPTS, libc::IPV6_DSTOPTS] {
+                // SAFETY: a valid socket and an 8-byte buffer that lives
+                // across the call.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        fd.as_raw_fd(),
+                        libc::IPPROTO_IPV6,
+                        option,
+                        PADDING_EXT_HEADER.as_ptr().cast(),
+                        PADDING_EXT_HEADER.len() as libc::socklen_t,
+                    )
+                };
+                if rc != 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .context("setting an IPv6 extension header");
+                }
+            }
+        }
+        match rustix::net::connect(&fd, &SocketAddr::V6(target)) {
+            Ok(()) => return Ok(true),
+            Err(rustix::io::Errno::INPROGRESS) => {}
+            Err(e) => return Err(e).context("connect"),
+        }
+        let mut poll = [rustix::event::PollFd::new(
+            &fd,
+            rustix::event::PollFlags::OUT,
+        )];
+        let timeout = rustix::event::Timespec {
+            tv_sec: 2,
+            tv_nsec: 0,
+        };
+        if rustix::event::poll(&mut poll, Some(&timeout))? == 0 {
+            return Ok(false);
+        }
+        match rustix::net::sockopt::socket_error(&fd)? {
+            Ok(()) => Ok(true),
+            Err(e) => Err(e).context("connect (refused means it was not dropped)"),
+        }
+    })
+}
+
+/// Sends one TCP SYN from `source` to `target` through a raw socket, behind
+/// `ext_headers` destination-options headers of padding.
+fn raw_syn_v6(
+    ns: &Netns,
+    source: Ipv6Addr,
+    target: SocketAddrV6,
+    ext_headers: usize,
+) -> Result<()> {
+    in_netns(ns, move || {
+        let mut packet = Vec::new();
+        for i in 0..ext_headers {
+            let next = if i + 1 == ext_headers {
+                libc::IPPROTO_TCP as u8
+            } else {
+                libc::IPPROTO_DSTOPTS as u8
+            };
+            packet.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+        }
+        let mut tcp = [0u8; 20];
+        tcp[0..2].copy_from_slice(&40_000u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&target.port().to_be_bytes());
+        tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+        tcp[12] = 5 << 4; // header length: 5 words
+        tcp[13] = 0x02; // SYN
+        tcp[14..16].copy_from_slice(&64_240u16.to_be_bytes());
+        // Checksum over the IPv6 pseudo-header and the TCP header.
+        let mut sum: u32 = 0;
+        let mut add = |bytes: &[u8]| {
+            for pair in bytes.chunks(2) {
+                sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+            }
+        };
+        add(&source.octets());
+        add(&target.ip().octets());
+        add(&20u32.to_be_bytes());
+        add(&[0, 0, 0, libc::IPPROTO_TCP as u8]);
+        add(&tcp);
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        tcp[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        packet.extend_from_slice(&tcp);
+
+        // The kernel writes the IPv6 header, with this socket's protocol
+        // (the first extension header) as its next header.
+        let fd = rustix::net::socket(
+            rustix::net::AddressFamily::INET6,
+            rustix::net::SocketType::RAW,
+            Some(rustix::net::Protocol::from_raw(
+                (libc::IPPROTO_DSTOPTS as u32)
+                    .try_into()
+                    .context("protocol number")?,
+            )),
+        )?;
+        rustix::net::bind(&fd, &SocketAddr::new(IpAddr::V6(source), 0))?;
+        let to = SocketAddr::new(IpAddr::V6(*target.ip()), 0);
+        rustix::net::sendto(&fd, &packet, rustix::net::SendFlags::empty(), &to)?;
+        Ok(())
+    })
 }
 
 #[test]
@@ -151,6 +280,8 @@ fn the_kernel_counts_peers_and_keeps_strangers_out() -> Result<()> {
         "128",
         "--allowed-cidrs",
         "10.88.0.0/28",
+        "--registry-client-cidrs",
+        "fd88::2/128",
     ];
     let mut cluster = Cluster::start(&[
         spec("a", KEY, &a_flags),
@@ -249,6 +380,69 @@ fn the_kernel_counts_peers_and_keeps_strangers_out() -> Result<()> {
         reachable(&b.host.ns, a_registry)?,
         "a peer with the key could not reach the registry port"
     );
+
+    // 2b. The same over IPv6, extension headers included: a SYN behind a
+    //     hop-by-hop and a destination-options header is still seen as one
+    //     for the registry port (B, admitted by --registry-client-cidrs, is
+    //     counted for it; the stranger is dropped), and a chain too long to
+    //     follow is dropped as unparseable rather than let through.
+    for (ns, addr) in [
+        (&a.host.ns, "fd88::1"),
+        (&b.host.ns, "fd88::2"),
+        (&stranger.ns, "fd88::32"),
+    ] {
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+    }
+    let a_registry_v6 = SocketAddrV6::new("fd88::1".parse()?, a_registry.port(), 0, 0);
+    let b_in_v6 = || {
+        a.pm()
+            .metric(
+                "peermirror_peer_packets_total",
+                &["peer=\"fd88::2\"", "direction=\"in\"", "port=\"registry\""],
+            )
+            .unwrap_or(0.0)
+    };
+    ensure!(
+        reachable_v6(&b.host.ns, a_registry_v6, true)?,
+        "an admitted IPv6 client with extension headers could not connect"
+    );
+    ensure!(
+        b_in_v6() >= 2.0,
+        "the admitted IPv6 client's packets were not counted ({})",
+        b_in_v6()
+    );
+    ensure!(reachable_v6(&b.host.ns, a_registry_v6, false)?);
+    let reg_drops = drops("registry_not_admitted");
+    for ext_headers in [false, true] {
+        ensure!(
+            !reachable_v6(&stranger.ns, a_registry_v6, ext_headers)?,
+            "a stranger reached the registry port over IPv6 (extension headers: {ext_headers})"
+        );
+    }
+    ensure!(drops("registry_not_admitted") >= reg_drops + 4.0);
+    let stranger_v6: Ipv6Addr = "fd88::32".parse()?;
+    let (reg_drops, unparseable) = (drops("registry_not_admitted"), drops("unparseable"));
+    raw_syn_v6(&stranger.ns, stranger_v6, a_registry_v6, 3)?;
+    wait_for(
+        "A to drop a raw SYN behind 3 extension headers",
+        Duration::from_secs(5),
+        || (drops("registry_not_admitted") > reg_drops).then_some(()),
+    )?;
+    raw_syn_v6(&stranger.ns, stranger_v6, a_registry_v6, 12)?;
+    wait_for(
+        "A to drop a raw SYN behind 12 extension headers as unparseable",
+        Duration::from_secs(5),
+        || (drops("unparseable") > unparseable).then_some(()),
+    )?;
+    println!("IPv6: extension headers followed, strangers dropped, long chains dropped");
 
     // 3. The node with the wrong key dialled A but is never admitted.
     wait_for(

@@ -452,6 +452,7 @@ impl prometheus_client::collector::Collector for PeerCollector {
         for (reason, n) in [
             ("registry_not_admitted", drops.registry_not_admitted),
             ("p2p_not_allowed", drops.p2p_not_allowed),
+            ("unparseable", drops.unparseable),
         ] {
             ConstCounter::new(n).encode(dropped.encode_family(&[("reason", reason)])?)?;
         }

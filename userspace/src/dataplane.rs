@@ -172,6 +172,8 @@ pub struct PeerCounter {
 pub struct Drops {
     pub registry_not_admitted: u64,
     pub p2p_not_allowed: u64,
+    /// IPv6 packets whose extension headers could not be followed.
+    pub unparseable: u64,
 }
 
 struct Loaded {
@@ -564,6 +566,7 @@ impl Dataplane {
             Ok(Drops {
                 registry_not_admitted: sum(peermirror_ebpf::DROP_REGISTRY_NOT_ADMITTED)?,
                 p2p_not_allowed: sum(peermirror_ebpf::DROP_P2P_NOT_ALLOWED)?,
+                unparseable: sum(peermirror_ebpf::DROP_UNPARSEABLE)?,
             })
         })
     }
