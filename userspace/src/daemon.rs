@@ -2,7 +2,7 @@
 //! tasks, and shuts them down in order (stop accepting, drain responses in
 //! flight, stop announcing and following containerd, then the status server).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -415,7 +415,7 @@ impl prometheus_client::collector::Collector for PeerCollector {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(id, ip)| (*ip, id.clone()))
+            .flat_map(|(id, ips)| ips.iter().map(move |ip| (*ip, id.clone())))
             .collect();
         let counters = self.dataplane.counters().unwrap_or_default();
         let label = |c: &crate::dataplane::PeerCounter| PeerLabels {
@@ -577,46 +577,90 @@ async fn update_gauges(
     }
 }
 
+/// At most this many announced addresses are admitted for one peer (the
+/// addresses of its connections always are).
+const MAX_ANNOUNCED_PER_PEER: usize = 16;
+
 /// Receives the router's peer events: metrics, the connected-peer list,
 /// and the dataplane's admissions of peers that proved the preshared key.
 struct Observer {
     metrics: Metrics,
-    peers: Mutex<BTreeMap<String, IpAddr>>,
+    /// Connected peers and the addresses admitted for each: those of its
+    /// connections and those it announced.
+    peers: Mutex<BTreeMap<String, BTreeSet<IpAddr>>>,
     dataplane: Option<Arc<Dataplane>>,
     /// Addresses whose last peer disconnected, and since when.
     disconnected: Mutex<HashMap<IpAddr, std::time::Instant>>,
 }
 
-impl P2pObserver for Observer {
-    fn peer_connected(&self, peer: &PeerId, ip: IpAddr) {
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        peers.insert(peer.to_string(), ip);
-        self.metrics.connected_peers.set(peers.len() as i64);
-        drop(peers);
-        self.disconnected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&ip);
-        if let Some(dp) = &self.dataplane
-            && let Err(e) = dp.admit(ip)
-        {
-            tracing::warn!(%ip, error = %e, "cannot admit a peer to the registry port");
-        }
+impl Observer {
+    fn lock_peers(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeSet<IpAddr>>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn peer_disconnected(&self, peer: &PeerId, ip: IpAddr) {
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        peers.remove(&peer.to_string());
+    /// Admits `ips` to the registry port (again: that refreshes nothing but
+    /// costs nothing) and takes them off the revocation list.
+    fn admit(&self, ips: &[IpAddr]) {
+        {
+            let mut gone = self.disconnected.lock().unwrap_or_else(|e| e.into_inner());
+            for ip in ips {
+                gone.remove(ip);
+            }
+        }
+        let Some(dp) = &self.dataplane else {
+            return;
+        };
+        for ip in ips {
+            if let Err(e) = dp.admit(*ip) {
+                tracing::warn!(%ip, error = %e, "cannot admit a peer to the registry port");
+            }
+        }
+    }
+}
+
+impl P2pObserver for Observer {
+    fn peer_connected(&self, peer: &PeerId, ip: IpAddr) {
+        let mut peers = self.lock_peers();
+        peers.entry(peer.to_string()).or_default().insert(ip);
         self.metrics.connected_peers.set(peers.len() as i64);
-        let still_there = peers.values().any(|p| *p == ip);
         drop(peers);
-        if !still_there {
-            // Revoked once the admission TTL has passed without a new
-            // connection (the dataplane upkeep task).
-            self.disconnected
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(ip, std::time::Instant::now());
+        self.admit(&[ip]);
+    }
+
+    fn peer_addresses(&self, peer: &PeerId, ips: &[IpAddr]) {
+        let mut peers = self.lock_peers();
+        // Only for a peer that is connected now (it proved the key).
+        let Some(admitted) = peers.get_mut(&peer.to_string()) else {
+            return;
+        };
+        let fresh: Vec<IpAddr> = ips
+            .iter()
+            .filter(|ip| !admitted.contains(ip))
+            .take(MAX_ANNOUNCED_PER_PEER.saturating_sub(admitted.len()))
+            .copied()
+            .collect();
+        admitted.extend(&fresh);
+        drop(peers);
+        if !fresh.is_empty() {
+            tracing::debug!(%peer, addresses = ?fresh, "admitting the addresses a peer announced");
+        }
+        self.admit(&fresh);
+    }
+
+    fn peer_disconnected(&self, peer: &PeerId) {
+        let mut peers = self.lock_peers();
+        let Some(admitted) = peers.remove(&peer.to_string()) else {
+            return;
+        };
+        self.metrics.connected_peers.set(peers.len() as i64);
+        let still_used: BTreeSet<IpAddr> = peers.values().flatten().copied().collect();
+        drop(peers);
+        // Revoked once the admission TTL has passed without a new
+        // connection (the dataplane upkeep task).
+        let now = std::time::Instant::now();
+        let mut gone = self.disconnected.lock().unwrap_or_else(|e| e.into_inner());
+        for ip in admitted.difference(&still_used) {
+            gone.insert(*ip, now);
         }
     }
 
@@ -688,8 +732,9 @@ impl metrics::Status for DaemonStatus {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let _ = writeln!(out, "connected peers: {}", peers.len());
-        for (id, ip) in &peers {
-            let _ = writeln!(out, "  {id} {ip}");
+        for (id, ips) in &peers {
+            let ips: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
+            let _ = writeln!(out, "  {id} {}", ips.join(" "));
         }
         let _ = writeln!(
             out,
@@ -715,6 +760,82 @@ impl metrics::Status for DaemonStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn observer() -> Observer {
+        Observer {
+            metrics: Metrics::new(&mut Registry::default()),
+            peers: Mutex::new(BTreeMap::new()),
+            dataplane: None,
+            disconnected: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    fn pending_revocation(o: &Observer) -> BTreeSet<IpAddr> {
+        o.disconnected
+            .lock()
+            .expect("lock")
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    #[test]
+    fn a_peer_is_admitted_on_every_address_and_revoked_on_all_of_them() {
+        let o = observer();
+        let a = PeerId::random();
+        let b = PeerId::random();
+        // Announced before any connection: ignored (not proved yet).
+        o.peer_addresses(&a, &[ip("10.0.0.9")]);
+        assert!(o.lock_peers().is_empty());
+        o.peer_connected(&a, ip("10.0.0.1"));
+        o.peer_connected(&a, ip("10.0.1.1"));
+        o.peer_addresses(&a, &[ip("10.0.0.1"), ip("fd00::1")]);
+        o.peer_connected(&b, ip("10.0.0.2"));
+        o.peer_addresses(&b, &[ip("10.0.0.2"), ip("fd00::1")]);
+        assert_eq!(
+            o.lock_peers()[&a.to_string()],
+            [ip("10.0.0.1"), ip("10.0.1.1"), ip("fd00::1")].into()
+        );
+        assert_eq!(o.metrics.connected_peers.get(), 2);
+        // A leaves: all its addresses but the one B still holds go.
+        o.peer_disconnected(&a);
+        assert_eq!(
+            pending_revocation(&o),
+            [ip("10.0.0.1"), ip("10.0.1.1")].into()
+        );
+        assert_eq!(o.metrics.connected_peers.get(), 1);
+        // A comes back on one of them: that one is kept.
+        o.peer_connected(&a, ip("10.0.1.1"));
+        assert_eq!(pending_revocation(&o), [ip("10.0.0.1")].into());
+        o.peer_disconnected(&b);
+        assert_eq!(
+            pending_revocation(&o),
+            [ip("10.0.0.1"), ip("10.0.0.2"), ip("fd00::1")].into()
+        );
+        // A second disconnect report for a peer already gone is harmless.
+        o.peer_disconnected(&b);
+        assert_eq!(o.metrics.connected_peers.get(), 1);
+    }
+
+    #[test]
+    fn announced_addresses_are_bounded_per_peer() {
+        let o = observer();
+        let a = PeerId::random();
+        o.peer_connected(&a, ip("10.0.0.1"));
+        let many: Vec<IpAddr> = (1..=100u8).map(|i| IpAddr::from([10, 9, 0, i])).collect();
+        o.peer_addresses(&a, &many);
+        assert_eq!(o.lock_peers()[&a.to_string()].len(), MAX_ANNOUNCED_PER_PEER);
+        // The address of a connection is admitted beyond the bound.
+        o.peer_connected(&a, ip("10.0.0.3"));
+        assert_eq!(
+            o.lock_peers()[&a.to_string()].len(),
+            MAX_ANNOUNCED_PER_PEER + 1
+        );
+    }
 
     #[test]
     fn bootstrap_entry_lists_reachable_addresses_with_the_peer_id() {

@@ -59,11 +59,15 @@ pub struct P2pConfig {
 /// Things the event loop reports that other parts of the daemon act on
 /// (metrics, and the dataplane's admission of peers that proved the PSK).
 pub trait P2pObserver: Send + Sync + 'static {
-    /// A peer completed the handshake (so it holds the PSK); its first
-    /// connection from or to `ip` is up.
+    /// A peer completed the handshake (so it holds the PSK); a connection
+    /// from or to `ip` is up (said for each of its connections).
     fn peer_connected(&self, _peer: &PeerId, _ip: IpAddr) {}
-    /// The last connection to the peer from `ip` closed.
-    fn peer_disconnected(&self, _peer: &PeerId, _ip: IpAddr) {}
+    /// The routable addresses a connected peer announced (identify): on a
+    /// dual-stack or multi-homed node its registry requests may come from
+    /// one of these rather than from its P2P connection's address.
+    fn peer_addresses(&self, _peer: &PeerId, _ips: &[IpAddr]) {}
+    /// The peer's last connection closed.
+    fn peer_disconnected(&self, _peer: &PeerId) {}
     /// A connection failed before the peer was authenticated (wrong PSK,
     /// not a libp2p node, …).
     fn handshake_failed(&self, _inbound: bool) {}
@@ -251,7 +255,9 @@ pub fn start(
     kad.set_mode(Some(kad::Mode::Server));
     let mut identify_config =
         identify::Config::new("/peermirror/1.0.0".to_string(), config.keypair.public())
-            .with_agent_version(format!("peermirror/{}", env!("CARGO_PKG_VERSION")));
+            .with_agent_version(format!("peermirror/{}", env!("CARGO_PKG_VERSION")))
+            // Peers learn of an address that comes up later (they admit it).
+            .with_push_listen_addr_updates(true);
     if config.advertise_addr.is_some() {
         // Only the advertised address is announced to peers.
         identify_config = identify_config.with_hide_listen_addrs(true);
@@ -618,6 +624,17 @@ impl EventLoop {
                         self.kad().add_address(&peer_id, addr.clone());
                     }
                 }
+                if self.peers.contains_key(&peer_id) {
+                    let mut ips: Vec<IpAddr> = info
+                        .listen_addrs
+                        .iter()
+                        .filter_map(ip_of)
+                        .filter(routable)
+                        .collect();
+                    ips.sort();
+                    ips.dedup();
+                    self.observer.peer_addresses(&peer_id, &ips);
+                }
                 self.peers.entry(peer_id).or_default().announced = info.listen_addrs;
                 self.publish_status();
             }
@@ -673,9 +690,9 @@ impl EventLoop {
                     .insert(connection_id, remote);
                 if num_established.get() == 1 {
                     tracing::debug!(peer = %peer_id, ?ip, "peer connected");
-                    if let Some(ip) = ip {
-                        self.observer.peer_connected(&peer_id, ip);
-                    }
+                }
+                if let Some(ip) = ip {
+                    self.observer.peer_connected(&peer_id, ip);
                 }
                 if let Some(queries) = self.dial_waiters.remove(&peer_id) {
                     for q in queries {
@@ -691,22 +708,15 @@ impl EventLoop {
                 num_established,
                 ..
             } => {
-                let mut ip = None;
                 if let Some(state) = self.peers.get_mut(&peer_id) {
-                    ip = state
-                        .connections
-                        .remove(&connection_id)
-                        .as_ref()
-                        .and_then(ip_of);
+                    state.connections.remove(&connection_id);
                     if state.connections.is_empty() {
                         self.peers.remove(&peer_id);
                     }
                 }
                 if num_established == 0 {
                     tracing::debug!(peer = %peer_id, "peer disconnected");
-                    if let Some(ip) = ip {
-                        self.observer.peer_disconnected(&peer_id, ip);
-                    }
+                    self.observer.peer_disconnected(&peer_id);
                 }
             }
             SwarmEvent::IncomingConnectionError {
