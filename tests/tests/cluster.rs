@@ -261,6 +261,18 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
                     .then_some(())
             },
         )?;
+        // Only strangers count: B and C never met one (closed ports, their
+        // own addresses and unusable ones are not handshake failures).
+        for name in ["b", "c"] {
+            let failures = cluster
+                .node(name)
+                .pm()
+                .metric("peermirror_p2p_handshake_failures_total", &[])?;
+            ensure!(
+                failures == 0.0,
+                "{name} counted {failures} handshake failures"
+            );
+        }
         ensure!(d.ctr_pull(&up(&multi)).is_err(), "D pulled without the key");
         ensure!(d.pm().metric("peermirror_p2p_routing_table_peers", &[])? == 0.0);
         let ready = d.pm().via.get(d.pm().metrics, "/readyz", &[])?;

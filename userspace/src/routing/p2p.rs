@@ -201,7 +201,7 @@ fn build_transport(
     keypair: &Keypair,
     psk: Option<PreSharedKey>,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, P2pError> {
-    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true)).map_err(TcpError);
     match psk {
         Some(psk) => authenticate(
             tcp.and_then(move |socket, _| PnetConfig::new(psk).handshake(socket)),
@@ -210,6 +210,14 @@ fn build_transport(
         None => authenticate(tcp, keypair),
     }
 }
+
+/// An error of the TCP layer (the connection never opened). libp2p's error
+/// layers above it forward `source()` past the error they wrap; this one
+/// keeps the OS error reachable, so a failed dial can tell "nobody answered"
+/// from "a host answered and failed the handshake".
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TcpError(#[source] std::io::Error);
 
 /// noise + yamux on top of a (possibly pnet-wrapped) TCP transport.
 fn authenticate<T>(base: T, keypair: &Keypair) -> Result<Boxed<(PeerId, StreamMuxerBox)>, P2pError>
@@ -374,6 +382,48 @@ fn routable(ip: &IpAddr) -> bool {
             !v6.is_loopback() && !v6.is_unspecified() && (v6.segments()[0] & 0xffc0) != 0xfe80
         }
     }
+}
+
+/// Whether a failed dial reached a listener that could not authenticate
+/// (another key, or not a libp2p node), rather than finding nobody there
+/// (refused, unreachable, timed out) or reaching ourselves.
+fn dial_met_a_stranger(error: &libp2p::swarm::DialError) -> bool {
+    use libp2p::core::transport::TransportError;
+    let libp2p::swarm::DialError::Transport(attempts) = error else {
+        return false;
+    };
+    attempts.iter().any(|(_, e)| match e {
+        TransportError::MultiaddrNotSupported(_) => false,
+        TransportError::Other(e) => !never_connected(e),
+    })
+}
+
+/// Whether an I/O error, or one it wraps, says that the connection never
+/// opened (nobody answered, or the address cannot be used from here).
+fn never_connected(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        current = e.source();
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                ConnectionRefused
+                    | TimedOut
+                    | HostUnreachable
+                    | NetworkUnreachable
+                    | AddrNotAvailable
+                    | InvalidInput
+            ) {
+                return true;
+            }
+            // `source()` of a wrapping io::Error skips the wrapped error.
+            if let Some(inner) = io.get_ref() {
+                current = Some(inner);
+            }
+        }
+    }
+    false
 }
 
 impl EventLoop {
@@ -619,8 +669,20 @@ impl EventLoop {
                 info,
                 ..
             })) => {
+                // Addresses worth dialling later: routable ones, and loopback
+                // ones only when the peer is reached over loopback (nodes
+                // sharing one host). A peer's loopback address elsewhere is
+                // ourselves, and a link-local one lacks its interface.
+                let over_loopback = self.peers.get(&peer_id).is_some_and(|p| {
+                    p.connections
+                        .values()
+                        .filter_map(ip_of)
+                        .any(|ip| ip.is_loopback())
+                });
                 for addr in &info.listen_addrs {
-                    if ip_of(addr).is_some_and(|ip| !ip.is_unspecified()) {
+                    if ip_of(addr)
+                        .is_some_and(|ip| routable(&ip) || (over_loopback && ip.is_loopback()))
+                    {
                         self.kad().add_address(&peer_id, addr.clone());
                     }
                 }
@@ -724,12 +786,16 @@ impl EventLoop {
                 error,
                 ..
             } => {
-                tracing::debug!(from = %send_back_addr, %error, "inbound P2P handshake failed");
-                self.observer.handshake_failed(true);
+                tracing::debug!(from = %send_back_addr, %error, "inbound P2P connection failed");
+                // Not counted: our own dials of our own addresses
+                // (LocalPeerId) and connections we dropped ourselves.
+                if matches!(error, libp2p::swarm::ListenError::Transport(_)) {
+                    self.observer.handshake_failed(true);
+                }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, %error, "outbound P2P connection failed");
-                if matches!(error, libp2p::swarm::DialError::Transport(_)) {
+                if dial_met_a_stranger(&error) {
                     self.observer.handshake_failed(false);
                 }
                 if let Some(peer) = peer_id {
@@ -785,6 +851,15 @@ mod tests {
     use super::*;
 
     fn node(n: u8, psk: Option<PreSharedKey>, bootstrap: bool) -> (P2pRouter, CancellationToken) {
+        node_observed(n, psk, bootstrap, Arc::new(NoObserver))
+    }
+
+    fn node_observed(
+        n: u8,
+        psk: Option<PreSharedKey>,
+        bootstrap: bool,
+        observer: Arc<dyn P2pObserver>,
+    ) -> (P2pRouter, CancellationToken) {
         let ip: IpAddr = format!("127.0.0.{n}").parse().expect("ip");
         let config = P2pConfig {
             keypair: Keypair::generate_ed25519(),
@@ -799,8 +874,90 @@ mod tests {
             has_bootstrap: bootstrap,
         };
         let shutdown = CancellationToken::new();
-        let (router, _task) = start(config, Arc::new(NoObserver), shutdown.clone()).expect("start");
+        let (router, _task) = start(config, observer, shutdown.clone()).expect("start");
         (router, shutdown)
+    }
+
+    #[derive(Default)]
+    struct Failures {
+        inbound: std::sync::atomic::AtomicUsize,
+        outbound: std::sync::atomic::AtomicUsize,
+    }
+
+    impl P2pObserver for Failures {
+        fn handshake_failed(&self, inbound: bool) {
+            let counter = if inbound {
+                &self.inbound
+            } else {
+                &self.outbound
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    impl Failures {
+        fn counts(&self) -> (usize, usize) {
+            use std::sync::atomic::Ordering::Relaxed;
+            (self.inbound.load(Relaxed), self.outbound.load(Relaxed))
+        }
+    }
+
+    /// Handshake failures count hosts that answered and could not prove
+    /// the key; not closed ports, and not a node dialling itself.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn handshake_failures_count_strangers_only() {
+        let a_failures = Arc::new(Failures::default());
+        let d_failures = Arc::new(Failures::default());
+        let (a, sa) = node_observed(
+            31,
+            Some(PreSharedKey::new([7; 32])),
+            false,
+            a_failures.clone(),
+        );
+        let a_addr = listen_addr(&a).await;
+        let a_plain: Multiaddr = a_addr
+            .iter()
+            .filter(|p| !matches!(p, Protocol::P2p(_)))
+            .collect();
+        // A closed port, and A's own address.
+        let closed = std::net::TcpListener::bind("127.0.0.31:0").expect("bind");
+        let closed_port = closed.local_addr().expect("addr").port();
+        drop(closed);
+        let closed_addr =
+            Multiaddr::from(IpAddr::from([127, 0, 0, 31])).with(Protocol::Tcp(closed_port));
+        a.dial(closed_addr).await.expect("dial");
+        a.dial(a_plain.clone()).await.expect("dial");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(a_failures.counts(), (0, 0), "closed port or self counted");
+        // A node with another key: both ends count it.
+        let (d, sd) = node_observed(
+            32,
+            Some(PreSharedKey::new([9; 32])),
+            true,
+            d_failures.clone(),
+        );
+        d.dial(a_plain).await.expect("dial");
+        // Garbage from the wrong key can read as a long frame that is then
+        // waited for: the handshake's 10 s timeout ends such an attempt.
+        for _ in 0..750 {
+            if a_failures.counts().0 > 0 && d_failures.counts().1 > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            a_failures.counts().0 > 0,
+            "A did not count D: {:?}",
+            a_failures.counts()
+        );
+        assert!(
+            d_failures.counts().1 > 0,
+            "D did not count A: {:?}",
+            d_failures.counts()
+        );
+        for s in [sa, sd] {
+            s.cancel();
+        }
     }
 
     async fn listen_addr(router: &P2pRouter) -> Multiaddr {
