@@ -367,11 +367,7 @@ fn cluster_benches(rows: &mut Vec<Row>, pulls: &mut Vec<PullRow>) -> Result<()> 
     let mut via_peer = Vec::new();
     let mut direct = Vec::new();
     for _ in 0..RUNS {
-        via_peer.extend(timed(1, forget_image, || {
-            b.containerd
-                .ctr(&["images", "pull", "--hosts-dir", &certs, &r])
-                .map(drop)
-        })?);
+        via_peer.extend(timed(1, forget_image, || b.ctr_pull(&r))?);
         direct.extend(timed(1, forget_image, || {
             b.containerd
                 .ctr(&["images", "pull", "--plain-http", &r])

@@ -61,18 +61,10 @@ impl ClusterNode {
         SocketAddr::from((self.host.ip, REGISTRY_PORT))
     }
 
-    /// `ctr images pull --hosts-dir <certs.d>` inside the node's namespace:
-    /// the resolver runs in the ctr process, with the node's hosts.toml.
+    /// `ctr images pull --hosts-dir <certs.d>` inside the node's namespace,
+    /// with the node's hosts.toml.
     pub fn ctr_pull(&self, reference: &str) -> Result<()> {
-        self.containerd
-            .ctr(&[
-                "images",
-                "pull",
-                "--hosts-dir",
-                &self.certs_d.to_string_lossy(),
-                reference,
-            ])
-            .map(drop)
+        self.containerd.pull_via(&self.certs_d, reference)
     }
 
     /// The CRI `PullImage` call, as kubelet makes it.

@@ -258,6 +258,19 @@ state = "{d}/state"
             .map(drop)
     }
 
+    /// Pulls an image with the registry hosts configured in `hosts_dir`
+    /// (`ctr images pull --hosts-dir`: the resolver runs in the ctr process).
+    pub fn pull_via(&self, hosts_dir: &Path, reference: &str) -> Result<()> {
+        self.ctr(&[
+            "images",
+            "pull",
+            "--hosts-dir",
+            &hosts_dir.to_string_lossy(),
+            reference,
+        ])
+        .map(drop)
+    }
+
     /// The digests of all content in the namespace.
     pub fn content_digests(&self) -> Result<Vec<String>> {
         let out = self.ctr(&["content", "ls", "--quiet"])?;
@@ -509,6 +522,21 @@ impl Peermirror {
         })
         .and_then(|r| r)
         .with_context(|| format!("peermirror log:\n{}", self.proc.log_tail(30)))
+    }
+
+    /// Waits until [`Self::metric`] of `name`/`parts` satisfies `ok`, and
+    /// returns that value; `what` names the wait in the timeout error.
+    pub fn wait_metric(
+        &self,
+        what: &str,
+        name: &str,
+        parts: &[&str],
+        timeout: Duration,
+        ok: impl Fn(f64) -> bool,
+    ) -> Result<f64> {
+        wait_for(what, timeout, || {
+            self.metric(name, parts).ok().filter(|v| ok(*v))
+        })
     }
 
     /// The value of a metric line (`name{labels}`), summed over every series

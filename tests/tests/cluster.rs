@@ -207,15 +207,13 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
 
     // 3. B (CRI PullImage, what kubelet calls) and C (ctr --hosts-dir) pull
     //    by tag and by digest through their local peermirror.
-    wait_for("A to advertise its images", Duration::from_secs(30), || {
-        (cluster
-            .node("a")
-            .pm()
-            .metric("peermirror_advertised_keys", &[])
-            .ok()?
-            >= 30.0)
-            .then_some(())
-    })?;
+    cluster.node("a").pm().wait_metric(
+        "A to advertise its images",
+        "peermirror_advertised_keys",
+        &[],
+        Duration::from_secs(30),
+        |keys| keys >= 30.0,
+    )?;
     let index_by_digest = format!(
         "{}/{}@{}",
         cluster.upstream.host(),
@@ -250,16 +248,12 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     // 4. D's key differs: it dials A, but never gets in.
     {
         let (a, d) = (cluster.node("a"), cluster.node("d"));
-        wait_for(
+        a.pm().wait_metric(
             "A to count D's failed handshakes",
+            "peermirror_p2p_handshake_failures_total",
+            &[],
             Duration::from_secs(30),
-            || {
-                (a.pm()
-                    .metric("peermirror_p2p_handshake_failures_total", &[])
-                    .ok()?
-                    > 0.0)
-                    .then_some(())
-            },
+            |failures| failures > 0.0,
         )?;
         // Only strangers count: B and C never met one (closed ports, their
         // own addresses and unusable ones are not handshake failures).
@@ -596,10 +590,12 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
         h.join()
             .map_err(|_| anyhow::anyhow!("chunk thread panicked"))??;
     }
-    wait_for(
+    a.pm().wait_metric(
         "the abandoned fetches from A to stop",
+        "peermirror_registry_connections",
+        &[],
         Duration::from_secs(5),
-        || (a.pm().metric("peermirror_registry_connections", &[]).ok()? <= baseline).then_some(()),
+        |connections| connections <= baseline,
     )?;
     println!("step 11: bytes=0- verified; abandoned chunk fetches stopped");
 
@@ -628,10 +624,12 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     let via = c.host.ns.via();
     let mut hog = via.connect(a.registry_addr(), Duration::from_secs(5))?;
     hog.write_all(format!("GET {held} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())?;
-    wait_for(
+    a.pm().wait_metric(
         "A to be sending to the slow client",
+        "peermirror_registry_connections",
+        &[],
         Duration::from_secs(10),
-        || (a.pm().metric("peermirror_registry_connections", &[]).ok()? >= 1.0).then_some(()),
+        |connections| connections >= 1.0,
     )?;
     let busy = via.get(a.registry_addr(), &held, &[])?;
     ensure!(
@@ -654,13 +652,7 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     )?;
     let rejected_before = a.pm().metric("peermirror_upload_rejections_total", &[])?;
     c.containerd
-        .ctr(&[
-            "images",
-            "pull",
-            "--hosts-dir",
-            &direct.to_string_lossy(),
-            &up(&patterns),
-        ])
+        .pull_via(&direct, &up(&patterns))
         .context("C's pull while A is at its upload limit")?;
     c.assert_has(&cluster.layout, &patterns)?;
     let rejected = a.pm().metric("peermirror_upload_rejections_total", &[])? - rejected_before;

@@ -299,9 +299,13 @@ fn the_kernel_counts_peers_and_keeps_strangers_out() -> Result<()> {
     let blob = image.biggest_layer().clone();
     let (a, b, d) = (cluster.node("a"), cluster.node("b"), cluster.node("d"));
     let a_pins = a.dataplane.bpffs.clone();
-    wait_for("A to advertise", Duration::from_secs(30), || {
-        (a.pm().metric("peermirror_advertised_keys", &[]).ok()? >= 4.0).then_some(())
-    })?;
+    a.pm().wait_metric(
+        "A to advertise",
+        "peermirror_advertised_keys",
+        &[],
+        Duration::from_secs(30),
+        |keys| keys >= 4.0,
+    )?;
     ensure!(
         a.pm()
             .metric("peermirror_dataplane_active", &["mode=\"required\""])?
@@ -452,16 +456,12 @@ fn the_kernel_counts_peers_and_keeps_strangers_out() -> Result<()> {
     println!("IPv6: extension headers followed, strangers dropped, long chains dropped");
 
     // 3. The node with the wrong key dialled A but is never admitted.
-    wait_for(
+    a.pm().wait_metric(
         "A to see D's failed handshakes",
+        "peermirror_p2p_handshake_failures_total",
+        &[],
         Duration::from_secs(30),
-        || {
-            (a.pm()
-                .metric("peermirror_p2p_handshake_failures_total", &[])
-                .ok()?
-                > 0.0)
-                .then_some(())
-        },
+        |failures| failures > 0.0,
     )?;
     ensure!(
         !admitted(&a_pins)?.contains(&mapped(d.ip())),

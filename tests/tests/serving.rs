@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use peermirror_tests::World;
 use peermirror_tests::http::read_response;
-use peermirror_tests::process::wait_for;
 use peermirror_tests::services::Peermirror;
 use sha2::{Digest as _, Sha256};
 
@@ -120,10 +119,12 @@ fn wave(pm: &Peermirror, big: &Blob, small: &Blob) -> Result<()> {
     ensure!(String::from_utf8_lossy(&rest).contains("connection: close"));
     // The stalled clients are cut off by the write timeout (1 s here).
     let started = Instant::now();
-    wait_for(
+    pm.wait_metric(
         "the stalled connections to be closed",
+        "peermirror_registry_connections",
+        &[],
         Duration::from_secs(15),
-        || (pm.metric("peermirror_registry_connections", &[]).ok()? == 0.0).then_some(()),
+        |connections| connections == 0.0,
     )?;
     ensure!(started.elapsed() < Duration::from_secs(10));
     drop(stalled);

@@ -105,13 +105,7 @@ fn real_clients_get_byte_identical_images_even_with_upstream_gone() -> Result<()
     let file_bytes_before = pm.metric("peermirror_served_bytes_total", &["source=\"file\""])?;
     for image in &world.images {
         node_b
-            .ctr(&[
-                "images",
-                "pull",
-                "--hosts-dir",
-                &hosts.to_string_lossy(),
-                &world.upstream.reference(image),
-            ])
+            .pull_via(&hosts, &world.upstream.reference(image))
             .with_context(|| format!("pulling {} through peermirror", image.tag))?;
     }
     let on_b: BTreeSet<String> = node_b.content_digests()?.into_iter().collect();
@@ -275,9 +269,13 @@ fn follows_containerd_through_restarts_new_images_and_removals() -> Result<()> {
         "got {}",
         r.status
     );
-    wait_for("the catalog to drop the removed blob", resync * 3, || {
-        (pm.metric("peermirror_catalog_blobs", &[]).ok()? < blobs_before).then_some(())
-    })?;
+    pm.wait_metric(
+        "the catalog to drop the removed blob",
+        "peermirror_catalog_blobs",
+        &[],
+        resync * 3,
+        |blobs| blobs < blobs_before,
+    )?;
     ensure!(removed_at.elapsed() <= resync * 3);
 
     // An image deleted: its tag is a miss.
@@ -632,10 +630,12 @@ fn status_endpoints_logs_reconnection_and_clean_exit() -> Result<()> {
     )?;
     pm.wait_ready(Duration::from_secs(20))?;
     ensure!(pm.proc.alive());
-    wait_for(
+    pm.wait_metric(
         "the containerd_connected gauge",
+        "peermirror_containerd_connected",
+        &[],
         Duration::from_secs(2),
-        || (pm.metric("peermirror_containerd_connected", &[]).ok()? == 1.0).then_some(()),
+        |connected| connected == 1.0,
     )?;
     let metrics =
         String::from_utf8_lossy(&http::get(pm.metrics, "/metrics", &[])?.body).into_owned();

@@ -155,13 +155,7 @@ fn mtls_admits_only_the_cluster_and_rotates_without_dropping_transfers() -> Resu
     )?;
     for image in &world.images {
         node_b
-            .ctr(&[
-                "images",
-                "pull",
-                "--hosts-dir",
-                &hosts.to_string_lossy(),
-                &world.upstream.reference(image),
-            ])
+            .pull_via(&hosts, &world.upstream.reference(image))
             .with_context(|| format!("pulling {} over mTLS", image.tag))?;
     }
     ensure!(pm.metric("peermirror_served_bytes_total", &[])? > (64 << 20) as f64);
@@ -262,9 +256,13 @@ fn two_nodes_mirror_over_mtls() -> Result<()> {
         .find(|i| i.tag == "v2")
         .context("image")?;
     let layer = image.biggest_layer();
-    wait_for("A to advertise", Duration::from_secs(30), || {
-        (a.metric("peermirror_advertised_keys", &[]).ok()? > 5.0).then_some(())
-    })?;
+    a.wait_metric(
+        "A to advertise",
+        "peermirror_advertised_keys",
+        &[],
+        Duration::from_secs(30),
+        |keys| keys > 5.0,
+    )?;
     let client_cert = ca.issue(&certs, "client", &[ip("127.0.0.1")])?;
     let config = pki::client_config(&ca.pem, Some(&client_cert))?;
     let path = format!(

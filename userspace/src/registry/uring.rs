@@ -139,6 +139,13 @@ impl Uring {
             counter: counter.clone(),
             reply,
         };
+        self.submit(job)?;
+        done.await
+            .map_err(|_| io::Error::other("io_uring reactor has stopped"))?
+    }
+
+    /// Hands a transfer to the reactor thread and wakes it.
+    fn submit(&self, job: Job) -> io::Result<()> {
         self.inner
             .jobs
             .lock()
@@ -146,8 +153,7 @@ impl Uring {
             .send(job)
             .map_err(|_| io::Error::other("io_uring reactor has stopped"))?;
         rustix::io::write(&self.inner.wake, &1u64.to_ne_bytes())?;
-        done.await
-            .map_err(|_| io::Error::other("io_uring reactor has stopped"))?
+        Ok(())
     }
 
     /// Splices a small file to a socket pair through the ring.
@@ -173,13 +179,7 @@ impl Uring {
             counter: Counter::default(),
             reply,
         };
-        self.inner
-            .jobs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(job)
-            .map_err(|_| io::Error::other("io_uring reactor has stopped"))?;
-        rustix::io::write(&self.inner.wake, &1u64.to_ne_bytes())?;
+        self.submit(job)?;
         done.blocking_recv()
             .map_err(|_| io::Error::other("no answer from the io_uring reactor"))??;
         let got = reader
