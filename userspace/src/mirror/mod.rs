@@ -35,7 +35,9 @@ pub use transfer::TransferError;
 use crate::oci::manifest::{
     self, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Kind, MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST,
 };
-use crate::oci::{ByteRange, Descriptor, Digest, ManifestReference, Name, Reference};
+use crate::oci::{
+    ByteRange, ContentRange, Descriptor, Digest, ManifestReference, Name, Reference, Route,
+};
 use crate::routing::{Peer, Router};
 use crate::tls::TlsState;
 
@@ -250,10 +252,6 @@ impl Mirror {
         self.tls.as_ref().map(|t| t.client_config())
     }
 
-    pub fn config(&self) -> &MirrorConfig {
-        &self.config
-    }
-
     fn timeouts(&self) -> Timeouts {
         Timeouts {
             connect: self.config.connect_timeout,
@@ -348,10 +346,14 @@ impl Mirror {
     ) -> Result<MirroredBlob, MirrorMiss> {
         let started = Instant::now();
         let mut candidates = self.candidates(&digest.to_string(), Some(*digest));
-        let path = peer_path(name, "blobs", &digest.to_string());
+        let path = Route::Blob {
+            name: name.clone(),
+            digest: *digest,
+        }
+        .to_path();
         let mut headers = Vec::new();
         if let Some(r) = range {
-            headers.push(("range", range_header(r)));
+            headers.push(("range", r.to_string()));
         }
         let method = if head { Method::HEAD } else { Method::GET };
         let digest_text = digest.to_string();
@@ -407,17 +409,21 @@ impl Mirror {
         reference: &ManifestReference,
     ) -> Result<MirroredManifest, MirrorMiss> {
         let started = Instant::now();
-        let (key, wanted, reference_text) = match reference {
-            ManifestReference::Digest(d) => (d.to_string(), Some(*d), d.to_string()),
-            ManifestReference::Tag(tag) => {
+        let (key, wanted) = match reference {
+            ManifestReference::Digest(d) => (d.to_string(), Some(*d)),
+            ManifestReference::Tag(_) => {
                 let Some(key) = registry_reference.and_then(Reference::tagged_name) else {
                     return Err(MirrorMiss::NoProvider);
                 };
-                (key, None, tag.to_string())
+                (key, None)
             }
         };
         let mut candidates = self.candidates(&key, wanted);
-        let path = peer_path(name, "manifests", &reference_text);
+        let path = Route::Manifest {
+            name: name.clone(),
+            reference: reference.clone(),
+        }
+        .to_path();
         let headers = [("accept", MANIFEST_ACCEPT.to_string())];
         let deadline = tokio::time::Instant::now() + self.config.total_timeout;
         let mut tried = 0;
@@ -493,13 +499,9 @@ fn header<'a>(response: &'a hyper::Response<Incoming>, name: &str) -> Option<&'a
     response.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
-/// Parses `bytes a-b/size`.
-fn parse_content_range(value: &str) -> Option<(u64, u64, u64)> {
-    let rest = value.trim().strip_prefix("bytes ")?;
-    let (span, size) = rest.split_once('/')?;
-    let (a, b) = span.split_once('-')?;
-    let (a, b, size) = (a.parse().ok()?, b.parse().ok()?, size.parse().ok()?);
-    (a <= b && b < size).then_some((a, b, size))
+/// A response's `Content-Range`, when it has a valid one.
+fn content_range(response: &hyper::Response<Incoming>) -> Option<ContentRange> {
+    header(response, "content-range").and_then(|v| v.parse().ok())
 }
 
 fn blob_answer(
@@ -510,9 +512,10 @@ fn blob_answer(
 ) -> Result<BlobAnswer, Answer> {
     let status = response.status().as_u16();
     if status == 416 {
-        let size = header(&response, "content-range")
-            .and_then(|v| v.strip_prefix("bytes */"))
-            .and_then(|s| s.parse().ok());
+        let size = match content_range(&response) {
+            Some(ContentRange::Unsatisfied { size }) => Some(size),
+            _ => None,
+        };
         return match size {
             Some(size) => Err(Answer::Final(MirrorMiss::Unsatisfiable { size })),
             None => Err(Answer::Retry(format!("{} answered 416", peer.addr))),
@@ -528,9 +531,14 @@ fn blob_answer(
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| Answer::Retry("no content-length".into()))?;
     let (offset, size) = if status == 206 {
-        let (a, b, size) = header(&response, "content-range")
-            .and_then(parse_content_range)
-            .ok_or_else(|| Answer::Retry("206 without a valid content-range".into()))?;
+        let Some(ContentRange::Span {
+            first: a,
+            last: b,
+            size,
+        }) = content_range(&response)
+        else {
+            return Err(Answer::Retry("206 without a valid content-range".into()));
+        };
         if b - a + 1 != len {
             return Err(Answer::Retry(
                 "content-range and content-length disagree".into(),
@@ -581,25 +589,6 @@ fn manifest_head(response: hyper::Response<Incoming>) -> Result<ManifestHead, An
         });
     let digest = header(&response, "docker-content-digest").and_then(|d| d.parse().ok());
     Ok((media_type, digest, response.into_body()))
-}
-
-/// `/v2/<repository>/<kind>/<reference>[?ns=<registry>]`.
-fn peer_path(name: &Name, kind: &str, reference: &str) -> String {
-    match &name.registry {
-        Some(registry) => format!("/v2/{}/{kind}/{reference}?ns={registry}", name.repository),
-        None => format!("/v2/{}/{kind}/{reference}", name.repository),
-    }
-}
-
-fn range_header(range: ByteRange) -> String {
-    match range {
-        ByteRange::FromTo {
-            first,
-            last: Some(last),
-        } => format!("bytes={first}-{last}"),
-        ByteRange::FromTo { first, last: None } => format!("bytes={first}-"),
-        ByteRange::Suffix { len } => format!("bytes=-{len}"),
-    }
 }
 
 #[cfg(test)]

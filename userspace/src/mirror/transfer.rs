@@ -16,8 +16,8 @@ use hyper::Method;
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
-use super::{Candidates, Mirror, client, parse_content_range};
-use crate::oci::{Digest, Hasher};
+use super::{Candidates, Mirror, client, content_range};
+use crate::oci::{ByteRange, ContentRange, Digest, Hasher};
 use crate::routing::Peer;
 
 /// Why a relayed body ended early. The client's response is cut short.
@@ -215,7 +215,11 @@ impl Transfer {
     /// the current peer if it answers correctly.
     async fn resume_from(&mut self, peer: Peer, contributors: &mut Vec<Peer>) -> bool {
         let timeouts = self.mirror.timeouts();
-        let range = format!("bytes={}-{}", self.pos, self.end - 1);
+        let range = ByteRange::FromTo {
+            first: self.pos,
+            last: Some(self.end - 1),
+        }
+        .to_string();
         let tls = self.mirror.client_tls();
         let response = match client::request(
             peer.addr,
@@ -233,14 +237,11 @@ impl Transfer {
                 return false;
             }
         };
-        let expected = (self.pos, self.end - 1);
         let range_ok = response.status().as_u16() == 206
-            && response
-                .headers()
-                .get("content-range")
-                .and_then(|v| v.to_str().ok())
-                .and_then(parse_content_range)
-                .is_some_and(|(a, b, _)| (a, b) == expected);
+            && matches!(
+                content_range(&response),
+                Some(ContentRange::Span { first, last, .. }) if (first, last) == (self.pos, self.end - 1)
+            );
         if !range_ok {
             tracing::debug!(peer = %peer.addr, status = %response.status(), "peer did not resume at the right byte");
             return false;

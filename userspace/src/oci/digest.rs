@@ -31,11 +31,6 @@ impl Digest {
         Digest(Sha256::digest(bytes).into())
     }
 
-    /// Builds a digest from a finished hash.
-    pub fn from_bytes(bytes: [u8; 32]) -> Digest {
-        Digest(bytes)
-    }
-
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
@@ -52,12 +47,12 @@ impl FromStr for Digest {
     fn from_str(input: &str) -> Result<Self, Self::Err> {
         let Some((algorithm, encoded)) = input.split_once(':') else {
             return Err(DigestError::MissingAlgorithm {
-                input: truncate(input),
+                input: super::excerpt(input),
             });
         };
         if algorithm != "sha256" {
             return Err(DigestError::UnsupportedAlgorithm {
-                algorithm: truncate(algorithm),
+                algorithm: super::excerpt(algorithm),
             });
         }
         let valid = encoded.len() == 64
@@ -66,20 +61,15 @@ impl FromStr for Digest {
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !valid {
             return Err(DigestError::InvalidHex {
-                input: truncate(input),
+                input: super::excerpt(input),
             });
         }
         let mut out = [0u8; 32];
         hex::decode_to_slice(encoded, &mut out).map_err(|_| DigestError::InvalidHex {
-            input: truncate(input),
+            input: super::excerpt(input),
         })?;
         Ok(Digest(out))
     }
-}
-
-/// Error messages quote the input, but never more than a line of it.
-fn truncate(input: &str) -> String {
-    input.chars().take(100).collect()
 }
 
 impl fmt::Display for Digest {

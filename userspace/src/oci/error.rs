@@ -9,12 +9,10 @@ pub enum ErrorCode {
     BlobUnknown,
     ManifestUnknown,
     NameInvalid,
-    NameUnknown,
     DigestInvalid,
     ManifestInvalid,
     RangeInvalid,
     Unsupported,
-    Denied,
     TooManyRequests,
 }
 
@@ -24,12 +22,10 @@ impl ErrorCode {
             ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
             ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
             ErrorCode::NameInvalid => "NAME_INVALID",
-            ErrorCode::NameUnknown => "NAME_UNKNOWN",
             ErrorCode::DigestInvalid => "DIGEST_INVALID",
             ErrorCode::ManifestInvalid => "MANIFEST_INVALID",
             ErrorCode::RangeInvalid => "RANGE_INVALID",
             ErrorCode::Unsupported => "UNSUPPORTED",
-            ErrorCode::Denied => "DENIED",
             ErrorCode::TooManyRequests => "TOOMANYREQUESTS",
         }
     }

@@ -13,10 +13,19 @@ pub use digest::{Digest, DigestError, Hasher};
 pub use error::{ErrorCode, OciError};
 pub use filter::{FilterError, ReferenceFilter};
 pub use manifest::{Descriptor, Document, Kind};
-pub use range::{ByteRange, RangeError, RangeRequest, parse_range_header};
+pub use range::{ByteRange, ContentRange, RangeError, RangeRequest, parse_range_header};
 pub use reference::{DOCKER_HUB, Reference, ReferenceError, Registry, Repository, Tag};
 pub use route::{ManifestReference, Name, Route, parse_target};
 
 /// The header that marks a request sent by one peermirror to another: such a
 /// request is answered from the local store only, never forwarded again.
 pub const MIRRORED_HEADER: &str = "x-peermirror-mirrored";
+
+/// Longest excerpt of an input that an error message quotes.
+const EXCERPT_CHARS: usize = 100;
+
+/// `input` as error messages quote it: never more than a line of it, so that
+/// a hostile input cannot make a log line or an error body large.
+pub fn excerpt(input: &str) -> String {
+    input.chars().take(EXCERPT_CHARS).collect()
+}

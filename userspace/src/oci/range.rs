@@ -1,9 +1,15 @@
-//! HTTP `Range` requests on blobs (RFC 9110 §14), single range only.
+//! HTTP byte ranges on blobs (RFC 9110 §14), single range only: the
+//! `Range` request header ([`ByteRange`], parsed by [`parse_range_header`]
+//! and printed by its `Display`) and the `Content-Range` response header
+//! ([`ContentRange`], both ways). Every place that reads or writes either
+//! header goes through these types.
 //!
 //! containerd 2.1+ sends `Range: bytes=<offset>-` on every blob GET, so
 //! `bytes=0-` is an ordinary request for the whole blob.
 
+use std::fmt;
 use std::ops::RangeInclusive;
+use std::str::FromStr;
 
 /// A syntactically valid single byte range, before it meets a blob size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,10 +73,97 @@ impl ByteRange {
     }
 }
 
+/// The value of a `Range` request header asking for this range.
+impl fmt::Display for ByteRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ByteRange::FromTo {
+                first,
+                last: Some(last),
+            } => write!(f, "bytes={first}-{last}"),
+            ByteRange::FromTo { first, last: None } => write!(f, "bytes={first}-"),
+            ByteRange::Suffix { len } => write!(f, "bytes=-{len}"),
+        }
+    }
+}
+
+/// The value of a `Content-Range` response header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentRange {
+    /// `bytes <first>-<last>/<size>`: the body carries bytes `first..=last`
+    /// of a blob of `size` bytes (`first <= last < size`).
+    Span { first: u64, last: u64, size: u64 },
+    /// `bytes */<size>`: a 416 answer naming the blob's size.
+    Unsatisfied { size: u64 },
+}
+
+impl ContentRange {
+    /// The header of a 206 answer carrying `len` bytes from `offset` of a
+    /// blob of `size` bytes; `None` for an empty span or one outside the blob.
+    pub fn span(offset: u64, len: u64, size: u64) -> Option<ContentRange> {
+        let last = offset.checked_add(len)?.checked_sub(1)?;
+        (len > 0 && last < size).then_some(ContentRange::Span {
+            first: offset,
+            last,
+            size,
+        })
+    }
+
+    /// The size of the whole blob.
+    pub fn size(self) -> u64 {
+        match self {
+            ContentRange::Span { size, .. } | ContentRange::Unsatisfied { size } => size,
+        }
+    }
+}
+
+impl fmt::Display for ContentRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ContentRange::Span { first, last, size } => write!(f, "bytes {first}-{last}/{size}"),
+            ContentRange::Unsatisfied { size } => write!(f, "bytes */{size}"),
+        }
+    }
+}
+
+impl FromStr for ContentRange {
+    type Err = RangeError;
+
+    /// Parses `bytes a-b/size` (with `a <= b < size`) or `bytes */size`.
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let malformed = || RangeError::Malformed {
+            input: super::excerpt(value),
+        };
+        let rest = value.trim().strip_prefix("bytes ").ok_or_else(malformed)?;
+        let (span, size) = rest.split_once('/').ok_or_else(malformed)?;
+        let size = number(size).ok_or_else(malformed)?;
+        if span == "*" {
+            return Ok(ContentRange::Unsatisfied { size });
+        }
+        let (first, last) = span.split_once('-').ok_or_else(malformed)?;
+        let (first, last) = (
+            number(first).ok_or_else(malformed)?,
+            number(last).ok_or_else(malformed)?,
+        );
+        if first > last || last >= size {
+            return Err(malformed());
+        }
+        Ok(ContentRange::Span { first, last, size })
+    }
+}
+
+/// A decimal byte offset: digits only (no sign, no spaces), at most 19 of them.
+fn number(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
 /// Parses the value of a `Range` header.
 pub fn parse_range_header(value: &str) -> Result<RangeRequest, RangeError> {
     let malformed = || RangeError::Malformed {
-        input: value.chars().take(100).collect(),
+        input: super::excerpt(value),
     };
     let spec = value.trim();
     let Some((unit, set)) = spec.split_once('=') else {
@@ -93,12 +186,6 @@ pub fn parse_range_header(value: &str) -> Result<RangeRequest, RangeError> {
 
 fn parse_one(part: &str) -> Option<ByteRange> {
     let (first, last) = part.split_once('-')?;
-    let number = |s: &str| -> Option<u64> {
-        if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        s.parse().ok()
-    };
     match (first.is_empty(), last.is_empty()) {
         (true, true) => None,
         (true, false) => Some(ByteRange::Suffix { len: number(last)? }),
@@ -164,6 +251,40 @@ mod tests {
             parse_range_header("bytes=0-1,5-6"),
             Ok(RangeRequest::Multiple)
         );
+    }
+
+    #[test]
+    fn ranges_print_as_they_parse() {
+        for text in ["bytes=0-", "bytes=5-9", "bytes=-100", "bytes=9223372036854775807-"] {
+            assert_eq!(single(text).to_string(), text);
+        }
+    }
+
+    #[test]
+    fn content_ranges_both_ways() {
+        let span = ContentRange::span(10, 5, 100).expect("inside");
+        assert_eq!(span.to_string(), "bytes 10-14/100");
+        assert_eq!("bytes 10-14/100".parse(), Ok(span));
+        assert_eq!(span.size(), 100);
+        let star = ContentRange::Unsatisfied { size: 7 };
+        assert_eq!(star.to_string(), "bytes */7");
+        assert_eq!(" bytes */7".parse(), Ok(star));
+        assert_eq!(ContentRange::span(0, 0, 10), None);
+        assert_eq!(ContentRange::span(5, 6, 10), None);
+        assert_eq!(ContentRange::span(u64::MAX, 2, u64::MAX), None);
+        for bad in [
+            "",
+            "bytes 5-4/10",
+            "bytes 0-10/10",
+            "bytes 0-1",
+            "bytes -1-2/3",
+            "bytes 0-1/x",
+            "items 0-1/2",
+            "bytes */",
+            "bytes 0- 1/2",
+        ] {
+            assert!(bad.parse::<ContentRange>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -37,10 +37,6 @@ pub enum ReferenceError {
     Unqualified { input: String },
 }
 
-fn quote(input: &str) -> String {
-    input.chars().take(100).collect()
-}
-
 /// A registry host, optionally with a port: `docker.io`, `127.0.0.1:5000`, `[::1]:5000`.
 /// Docker Hub's aliases are folded into `docker.io`, the name containerd uses.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,7 +64,7 @@ impl FromStr for Registry {
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
         let err = || ReferenceError::InvalidRegistry {
-            input: quote(input),
+            input: super::excerpt(input),
         };
         if input.is_empty() || input.len() > MAX_REGISTRY_LEN {
             return Err(err());
@@ -196,7 +192,7 @@ impl FromStr for Repository {
             || !input.split('/').all(valid_component)
         {
             return Err(ReferenceError::InvalidRepository {
-                input: quote(input),
+                input: super::excerpt(input),
             });
         }
         Ok(Repository(input.to_string()))
@@ -231,7 +227,7 @@ impl FromStr for Tag {
             && bytes.iter().all(|&b| word(b) || b == b'.' || b == b'-');
         if !valid {
             return Err(ReferenceError::InvalidTag {
-                input: quote(input),
+                input: super::excerpt(input),
             });
         }
         Ok(Tag(input.to_string()))
@@ -280,6 +276,12 @@ impl Reference {
             .map(|t| format!("{}/{}:{}", self.registry, self.repository, t))
     }
 
+    /// The text `--registry-filters` expressions are matched against:
+    /// `<registry>/<repository>:<tag>` when tagged, else `<registry>/<repository>`.
+    pub fn filter_key(&self) -> String {
+        self.tagged_name().unwrap_or_else(|| self.name())
+    }
+
     /// Parses a reference that names its registry, as containerd image names
     /// always do. Short Docker names (`nginx`, `library/nginx:1`) are expanded
     /// the way `docker pull` does.
@@ -307,7 +309,7 @@ impl Reference {
         let repository = repository.parse::<Repository>()?.normalized_for(&registry);
         if tag.is_none() && digest.is_none() {
             return Err(ReferenceError::Unqualified {
-                input: quote(input),
+                input: super::excerpt(input),
             });
         }
         Ok(Reference {

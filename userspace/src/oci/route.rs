@@ -4,7 +4,9 @@
 //! used, so percent-encodings, `..`, empty components and control characters
 //! are rejected here, never passed on.
 
-use super::{Digest, OciError, Registry, Repository, Tag};
+use std::fmt::Write as _;
+
+use super::{Digest, OciError, Reference, Registry, Repository, Tag};
 
 /// What a request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +37,55 @@ pub struct Name {
 pub enum ManifestReference {
     Tag(Tag),
     Digest(Digest),
+}
+
+impl Name {
+    /// The image reference this name denotes with `tag` (Docker Hub names
+    /// normalised as containerd stores them); `None` when the registry is
+    /// not known.
+    pub fn reference(&self, tag: Option<&Tag>) -> Option<Reference> {
+        let registry = self.registry.clone()?;
+        Some(Reference {
+            repository: self.repository.clone().normalized_for(&registry),
+            registry,
+            tag: tag.cloned(),
+            digest: None,
+        })
+    }
+}
+
+impl std::fmt::Display for ManifestReference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ManifestReference::Tag(t) => t.fmt(f),
+            ManifestReference::Digest(d) => d.fmt(f),
+        }
+    }
+}
+
+impl Route {
+    /// The origin-form request target of this route, the inverse of
+    /// [`parse_target`]: `/v2/<repository>/<manifests|blobs>/<reference>`,
+    /// with `?ns=<registry>` (percent-encoded) when the registry is known.
+    pub fn to_path(&self) -> String {
+        let (name, kind, reference) = match self {
+            Route::Base => return "/v2/".to_string(),
+            Route::Manifest { name, reference } => (name, "manifests", reference.to_string()),
+            Route::Blob { name, digest } => (name, "blobs", digest.to_string()),
+        };
+        let mut path = format!("/v2/{}/{kind}/{reference}", name.repository);
+        if let Some(registry) = &name.registry {
+            path.push_str("?ns=");
+            for b in registry.as_str().bytes() {
+                if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                    path.push(char::from(b));
+                } else {
+                    let _ = write!(path, "%{b:02X}");
+                }
+            }
+        }
+        path
+    }
 }
 
 /// Longest request target we look at; real ones are a few hundred bytes.
@@ -255,6 +306,48 @@ mod tests {
         assert!(
             matches!(route, Route::Blob { ref name, .. } if name.repository.as_str() == "blobs/manifests")
         );
+    }
+
+    #[test]
+    fn routes_print_as_they_parse() {
+        for target in [
+            "/v2/".to_string(),
+            format!("/v2/a/b/blobs/{D}"),
+            format!("/v2/library/nginx/blobs/{D}?ns=docker.io"),
+            "/v2/team/app/manifests/v1?ns=127.0.0.1%3A5000".to_string(),
+            "/v2/app/manifests/v1?ns=%5B%3A%3A1%5D%3A5000".to_string(),
+            format!("/v2/app/manifests/{D}?ns=ghcr.io"),
+        ] {
+            let route = parse_target(&target).expect(&target);
+            assert_eq!(route.to_path(), target);
+            assert_eq!(parse_target(&route.to_path()), Ok(route));
+        }
+        // A registry taken from the path moves to `ns`.
+        let route = parse_target("/v2/docker.io/library/x/manifests/1").expect("valid");
+        assert_eq!(route.to_path(), "/v2/library/x/manifests/1?ns=docker.io");
+    }
+
+    #[test]
+    fn names_become_references() {
+        let Route::Manifest { name, reference } =
+            parse_target("/v2/nginx/manifests/1.27?ns=docker.io").expect("valid")
+        else {
+            panic!("not a manifest route")
+        };
+        let ManifestReference::Tag(tag) = reference else {
+            panic!("not a tag")
+        };
+        let r = name.reference(Some(&tag)).expect("registry known");
+        assert_eq!(r.filter_key(), "docker.io/library/nginx:1.27");
+        assert_eq!(
+            name.reference(None).expect("registry known").filter_key(),
+            "docker.io/library/nginx"
+        );
+        let Route::Blob { name, .. } = parse_target(&format!("/v2/x/blobs/{D}")).expect("valid")
+        else {
+            panic!("not a blob route")
+        };
+        assert_eq!(name.reference(None), None);
     }
 
     #[test]

@@ -16,8 +16,8 @@ use crate::metrics::{self, Metrics, MirrorLabels, Source};
 use crate::mirror::{Mirror, MirrorMiss};
 use crate::oci::manifest::{self, Kind, MAX_MANIFEST_SIZE, OCTET_STREAM};
 use crate::oci::{
-    ByteRange, Descriptor, Digest, ManifestReference, Name, OciError, RangeRequest, Reference,
-    ReferenceFilter, Route, parse_range_header, parse_target,
+    ByteRange, ContentRange, Descriptor, Digest, ManifestReference, Name, OciError, RangeRequest,
+    Reference, ReferenceFilter, Route, parse_range_header, parse_target,
 };
 use crate::store::{self, BlobBody, ContentStore, StoreError};
 
@@ -245,12 +245,15 @@ impl Handler {
                 Scope::LocalOnly
             });
         };
-        let repository = name.repository.clone().normalized_for(registry);
-        let text = match reference {
-            Some(ManifestReference::Tag(tag)) => format!("{registry}/{repository}:{tag}"),
-            _ => format!("{registry}/{repository}"),
+        let tag = match reference {
+            Some(ManifestReference::Tag(tag)) => Some(tag),
+            _ => None,
         };
-        if !filter.allows(registry, &text) {
+        let key = name
+            .reference(tag)
+            .map(|r| r.filter_key())
+            .unwrap_or_default();
+        if !filter.allows(registry, &key) {
             return Scope::Excluded;
         }
         local_or(Scope::Mirrored)
@@ -293,18 +296,14 @@ impl Handler {
         }
         let tagged = match reference {
             ManifestReference::Tag(tag) => {
-                let Some(registry) = name.registry.clone() else {
+                let Some(tagged) = name.reference(Some(tag)) else {
                     return Err(OciError::new(
                         404,
                         crate::oci::ErrorCode::ManifestUnknown,
                         "a tag needs its registry: add ?ns=<registry> or start the name with the registry host",
                     ));
                 };
-                Some(Reference::tagged(
-                    registry,
-                    name.repository.clone(),
-                    tag.clone(),
-                ))
+                Some(tagged)
             }
             ManifestReference::Digest(_) => None,
         };
@@ -438,11 +437,8 @@ impl Handler {
                 tracing::debug!(peer = %m.peer.addr, %digest, offset = m.offset, len = m.len, "blob mirrored");
                 let partial = m.partial && m.len > 0;
                 let mut headers = blob_headers(digest);
-                if partial {
-                    headers.push((
-                        "content-range",
-                        format!("bytes {}-{}/{}", m.offset, m.offset + m.len - 1, m.size),
-                    ));
+                if partial && let Some(span) = ContentRange::span(m.offset, m.len, m.size) {
+                    headers.push(("content-range", span.to_string()));
                 }
                 let body = match m.body {
                     Some(stream) => Body::Stream {
@@ -498,11 +494,8 @@ impl Handler {
             None => (200, 0, size),
         };
         let mut headers = blob_headers(digest);
-        if status == 206 {
-            headers.push((
-                "content-range",
-                format!("bytes {}-{}/{}", offset, offset + len - 1, size),
-            ));
+        if status == 206 && let Some(span) = ContentRange::span(offset, len, size) {
+            headers.push(("content-range", span.to_string()));
         }
         let body = if method == Method::Head {
             Body::Empty
@@ -557,9 +550,10 @@ fn log_store_error(e: &StoreError) {
 fn range_not_satisfiable(message: String, size: Option<u64>) -> Response {
     let mut response = Response::error(metrics::Route::Blob, &OciError::range_invalid(message));
     if let Some(size) = size {
-        response
-            .headers
-            .push(("content-range", format!("bytes */{size}")));
+        response.headers.push((
+            "content-range",
+            ContentRange::Unsatisfied { size }.to_string(),
+        ));
     }
     response
 }

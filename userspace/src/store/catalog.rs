@@ -100,8 +100,7 @@ where
         }
         match Reference::parse(&image.name) {
             Ok(reference) => {
-                let text = reference.tagged_name().unwrap_or_else(|| reference.name());
-                if !filter.allows(&reference.registry, &text) {
+                if !filter.allows(&reference.registry, &reference.filter_key()) {
                     continue;
                 }
                 if let Some(name) = reference.tagged_name() {
