@@ -11,9 +11,9 @@ pub const DIR_IN: u8 = 0;
 /// Traffic from this node to the remote address.
 pub const DIR_OUT: u8 = 1;
 /// Packets of the registry port (either end).
-pub const KIND_REGISTRY: u8 = 0;
+pub const PORT_REGISTRY: u8 = 0;
 /// Packets of the P2P port (either end).
-pub const KIND_P2P: u8 = 1;
+pub const PORT_P2P: u8 = 1;
 /// `pm_drops` index: a packet to the registry port from an address that is
 /// not admitted.
 pub const DROP_REGISTRY_NOT_ADMITTED: u32 = 0;
@@ -210,8 +210,8 @@ int main(void) {
             ("pm_lpm_key.addr", offset_of!(LpmKey, addr)),
             ("PM_DIR_IN", DIR_IN as usize),
             ("PM_DIR_OUT", DIR_OUT as usize),
-            ("PM_PORT_REGISTRY", KIND_REGISTRY as usize),
-            ("PM_PORT_P2P", KIND_P2P as usize),
+            ("PM_PORT_REGISTRY", PORT_REGISTRY as usize),
+            ("PM_PORT_P2P", PORT_P2P as usize),
             (
                 "PM_DROP_REGISTRY_NOT_ADMITTED",
                 DROP_REGISTRY_NOT_ADMITTED as usize,

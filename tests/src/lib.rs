@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod cri;
+pub mod dht;
 pub mod http;
 pub mod image;
 pub mod netns;

@@ -14,11 +14,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 
-use crate::daemon::{DaemonConfig, P2pSettings};
+use crate::daemon::DaemonConfig;
 use crate::mirror::MirrorConfig;
 use crate::oci::{ReferenceFilter, Registry};
-use crate::registry::{ServerConfig, ServingPath};
+use crate::registry::{ServerConfig, ServingPath, ServingPathChoice};
 use crate::routing::bootstrap::BootstrapConfig;
+use crate::routing::p2p::P2pSettings;
 use crate::store::ContainerdConfig;
 
 #[derive(Debug, Parser)]
@@ -45,8 +46,10 @@ pub enum Command {
     GeneratePsk(GeneratePsk),
 }
 
+/// Where containerd's registry host configuration lives (shared by the
+/// subcommands that read or write it).
 #[derive(Debug, Args)]
-pub struct ConfigureContainerd {
+pub struct HostsDir {
     /// containerd's registry host configuration directory (the CRI plugin's
     /// `config_path`).
     #[arg(
@@ -55,11 +58,26 @@ pub struct ConfigureContainerd {
         default_value = "/etc/containerd/certs.d"
     )]
     pub containerd_registry_config_path: PathBuf,
+}
 
-    /// Registries to configure, comma-separated; empty configures `_default`
-    /// (every registry without a folder of its own).
+/// Which registries peermirror mirrors (shared by `run` and
+/// `configure-containerd`, which must agree).
+#[derive(Debug, Args)]
+pub struct MirroredRegistries {
+    /// Registries mirrored, comma-separated (`docker.io,ghcr.io`); empty means
+    /// every registry (`configure-containerd` then writes the `_default`
+    /// folder, which applies to every registry without a folder of its own).
     #[arg(long, env = "PEERMIRROR_MIRRORED_REGISTRIES", value_delimiter = ',')]
-    pub mirrored_registries: Vec<String>,
+    pub mirrored_registries: Vec<Registry>,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigureContainerd {
+    #[command(flatten)]
+    pub hosts: HostsDir,
+
+    #[command(flatten)]
+    pub registries: MirroredRegistries,
 
     /// Mirror URLs containerd tries first, in order, comma-separated.
     #[arg(
@@ -107,13 +125,8 @@ pub struct ConfigureContainerd {
 
 #[derive(Debug, Args)]
 pub struct CleanupContainerd {
-    /// containerd's registry host configuration directory.
-    #[arg(
-        long,
-        env = "PEERMIRROR_CONTAINERD_REGISTRY_CONFIG_PATH",
-        default_value = "/etc/containerd/certs.d"
-    )]
-    pub containerd_registry_config_path: PathBuf,
+    #[command(flatten)]
+    pub hosts: HostsDir,
 }
 
 #[derive(Debug, Args)]
@@ -138,8 +151,13 @@ impl ConfigureContainerd {
             _ => None,
         };
         crate::containerd_config::ConfigureOptions {
-            config_path: self.containerd_registry_config_path.clone(),
-            registries: self.mirrored_registries.clone(),
+            config_path: self.hosts.containerd_registry_config_path.clone(),
+            registries: self
+                .registries
+                .mirrored_registries
+                .iter()
+                .map(Registry::to_string)
+                .collect(),
             mirror_targets: self.mirror_targets.clone(),
             resolve_tags: self.resolve_tags,
             prepend_existing: self.prepend_existing,
@@ -379,10 +397,8 @@ pub struct Run {
     #[arg(long, env = "PEERMIRROR_HTTP_BOOTSTRAP_ADDR", value_parser = parse_listen_addr)]
     pub http_bootstrap_addr: Option<SocketAddr>,
 
-    /// Registries served and mirrored, comma-separated (`docker.io,ghcr.io`);
-    /// empty means every registry.
-    #[arg(long, env = "PEERMIRROR_MIRRORED_REGISTRIES", value_delimiter = ',')]
-    pub mirrored_registries: Vec<Registry>,
+    #[command(flatten)]
+    pub registries: MirroredRegistries,
 
     /// Regular expressions on `<registry>/<repository>[:<tag>]`,
     /// comma-separated; a reference that matches one is neither advertised
@@ -554,27 +570,25 @@ impl Run {
                     })?,
             },
         };
-        let filter = ReferenceFilter::new(self.mirrored_registries, &self.registry_filters)?;
-        let (serving_path, serving_path_auto) = match self.serving_path {
-            // sendfile measured cheaper than io_uring on this kind of machine
-            // (benches/README.md); io_uring stays available explicitly.
-            ServingPathArg::Auto => (ServingPath::Sendfile, true),
-            ServingPathArg::IoUring => (ServingPath::IoUring, false),
-            ServingPathArg::Sendfile => (ServingPath::Sendfile, false),
-            ServingPathArg::Buffered => (ServingPath::Buffered, false),
-        };
+        let filter =
+            ReferenceFilter::new(self.registries.mirrored_registries, &self.registry_filters)?;
         Ok(DaemonConfig {
             containerd: ContainerdConfig {
                 socket: self.containerd_sock,
                 namespace: self.containerd_namespace,
                 content_path: self.containerd_content_path,
                 resync_interval: self.resync_interval,
-                filter: filter.clone(),
             },
+            filter,
             registry_addr: self.registry_addr,
             metrics_addr: self.metrics_addr,
             data_dir: self.data_dir,
-            serving_path_auto,
+            serving_path: match self.serving_path {
+                ServingPathArg::Auto => ServingPathChoice::Auto,
+                ServingPathArg::IoUring => ServingPathChoice::Exactly(ServingPath::IoUring),
+                ServingPathArg::Sendfile => ServingPathChoice::Exactly(ServingPath::Sendfile),
+                ServingPathArg::Buffered => ServingPathChoice::Exactly(ServingPath::Buffered),
+            },
             dataplane: crate::dataplane::DataplaneConfig {
                 mode: match self.dataplane {
                     DataplaneArg::Required => crate::dataplane::DataplaneMode::Required,
@@ -603,23 +617,21 @@ impl Run {
                 per_client: self.max_uploads_per_client,
             },
             server: ServerConfig {
-                serving_path,
                 write_timeout: self.write_timeout,
                 idle_timeout: self.idle_timeout,
                 ..ServerConfig::default()
             },
-            filter,
             p2p: P2pSettings {
                 listen: listen_multiaddrs(self.router_addr),
-                psk_file: self.psk_file,
                 advertise_addr: self.advertise_addr,
                 provider_ttl: self.provider_ttl,
                 reannounce_interval: self.reannounce_interval,
                 lookup_cache_ttl: self.lookup_cache_ttl,
                 idle_connection_timeout: self.router_idle_timeout,
-                bootstrap,
-                http_bootstrap_addr: self.http_bootstrap_addr,
             },
+            psk_file: self.psk_file,
+            bootstrap,
+            http_bootstrap_addr: self.http_bootstrap_addr,
             mirror: MirrorConfig {
                 resolve_timeout: self.mirror_resolve_timeout,
                 connect_timeout: self.mirror_connect_timeout,
@@ -731,7 +743,7 @@ mod tests {
             "/ip4/10.0.0.1/tcp/5001,/ip4/10.0.0.2/tcp/5001",
         ])
         .expect("valid");
-        assert!(matches!(c.p2p.bootstrap, BootstrapConfig::Static(ref v) if v.len() == 2));
+        assert!(matches!(c.bootstrap, BootstrapConfig::Static(ref v) if v.len() == 2));
         let err =
             config(&["--insecure-open-network", "--registry-filters", "("]).expect_err("bad regex");
         assert!(err.contains("--registry-filters"), "{err}");
@@ -858,7 +870,7 @@ mod deploy_files {
                     .into_config()
                     .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
                 assert!(matches!(
-                    config.p2p.bootstrap,
+                    config.bootstrap,
                     BootstrapConfig::Dns { port: 5001, .. }
                 ));
                 assert_eq!(

@@ -55,7 +55,7 @@ fn configure_containerd(args: &peermirror::cli::ConfigureContainerd) -> anyhow::
     print_report(&report);
     for finding in peermirror::containerd_config::check_containerd_config(
         &args.containerd_config,
-        &args.containerd_registry_config_path,
+        &args.hosts.containerd_registry_config_path,
     ) {
         eprintln!("warning: {}", finding.0);
     }
@@ -96,7 +96,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::ConfigureContainerd(args) => configure_containerd(&args),
         Command::CleanupContainerd(args) => {
-            peermirror::containerd_config::cleanup(&args.containerd_registry_config_path)
+            peermirror::containerd_config::cleanup(&args.hosts.containerd_registry_config_path)
                 .map(|report| print_report(&report))
                 .map_err(Into::into)
         }

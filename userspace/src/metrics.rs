@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -126,7 +125,10 @@ pub struct Metrics {
     pub routing_table_peers: Gauge,
     pub advertised_keys: Gauge,
     pub p2p_open_network: Gauge,
-    pub uring: crate::registry::uring::UringGauges,
+    pub advertise_failures: Counter,
+    pub lookups_dropped: Counter,
+    pub uring_in_flight: Gauge,
+    pub uring_idle_pipes: Gauge,
     pub upload_rejections: Counter,
     pub tls_handshake_failures: Counter,
     pub dataplane_active: Family<DataplaneLabels, Gauge>,
@@ -152,7 +154,10 @@ impl Metrics {
             routing_table_peers: Gauge::default(),
             advertised_keys: Gauge::default(),
             p2p_open_network: Gauge::default(),
-            uring: Default::default(),
+            advertise_failures: Counter::default(),
+            lookups_dropped: Counter::default(),
+            uring_in_flight: Gauge::default(),
+            uring_idle_pipes: Gauge::default(),
             upload_rejections: Counter::default(),
             tls_handshake_failures: Counter::default(),
             dataplane_active: Family::default(),
@@ -229,14 +234,24 @@ impl Metrics {
             metrics.p2p_open_network.clone(),
         );
         r.register(
+            "advertise_failures",
+            "Announcements that timed out or reached too few peers (each is retried with backoff)",
+            metrics.advertise_failures.clone(),
+        );
+        r.register(
+            "lookups_dropped",
+            "DHT lookups answered as a miss at once because the lookup queue was full",
+            metrics.lookups_dropped.clone(),
+        );
+        r.register(
             "uring_transfers_in_flight",
             "Blob bodies the io_uring serving path is sending",
-            metrics.uring.in_flight.clone(),
+            metrics.uring_in_flight.clone(),
         );
         r.register(
             "uring_idle_pipes",
             "Pipes the io_uring serving path keeps for reuse (two descriptors each)",
-            metrics.uring.idle_pipes.clone(),
+            metrics.uring_idle_pipes.clone(),
         );
         r.register(
             "upload_rejections",
@@ -257,6 +272,109 @@ impl Metrics {
     }
 }
 
+/// One per-address traffic counter, as the per-peer collector exports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerTraffic {
+    pub addr: std::net::IpAddr,
+    /// The peer id admitted on this address, if any.
+    pub peer_id: Option<String>,
+    /// `true`: from the remote address to this node.
+    pub inbound: bool,
+    /// `true`: registry port; `false`: P2P port.
+    pub registry: bool,
+    pub bytes: u64,
+    pub packets: u64,
+}
+
+/// Packets dropped at the kernel boundary, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BoundaryDrops {
+    pub registry_not_admitted: u64,
+    pub p2p_not_allowed: u64,
+    pub unparseable: u64,
+}
+
+/// Where per-peer traffic figures come from (read at each scrape, so that
+/// the series of forgotten addresses disappear).
+pub trait TrafficSource: Send + Sync + 'static {
+    fn traffic(&self) -> (Vec<PeerTraffic>, BoundaryDrops);
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+    peer_id: String,
+    direction: String,
+    port: String,
+}
+
+/// Encodes `peer_bytes`, `peer_packets` and `dataplane_dropped_packets` from
+/// a [`TrafficSource`] at each scrape.
+struct PeerCollector(Arc<dyn TrafficSource>);
+
+impl std::fmt::Debug for PeerCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for PeerCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::MetricType;
+        use prometheus_client::metrics::counter::ConstCounter;
+        let (counters, drops) = self.0.traffic();
+        let label = |c: &PeerTraffic| PeerLabels {
+            peer: c.addr.to_string(),
+            peer_id: c.peer_id.clone().unwrap_or_default(),
+            direction: if c.inbound { "in" } else { "out" }.to_string(),
+            port: if c.registry { "registry" } else { "p2p" }.to_string(),
+        };
+        let mut bytes = encoder.encode_descriptor(
+            "peer_bytes",
+            "Bytes exchanged with each remote address on the registry and P2P ports, counted in the kernel (eBPF), by direction",
+            None,
+            MetricType::Counter,
+        )?;
+        for c in &counters {
+            ConstCounter::new(c.bytes).encode(bytes.encode_family(&label(c))?)?;
+        }
+        let mut packets = encoder.encode_descriptor(
+            "peer_packets",
+            "Packets exchanged with each remote address, as the kernel's skbs: a segmentation-offload batch counts once",
+            None,
+            MetricType::Counter,
+        )?;
+        for c in &counters {
+            ConstCounter::new(c.packets).encode(packets.encode_family(&label(c))?)?;
+        }
+        let mut dropped = encoder.encode_descriptor(
+            "dataplane_dropped_packets",
+            "Packets (skbs) dropped in the kernel at the boundary, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in [
+            ("registry_not_admitted", drops.registry_not_admitted),
+            ("p2p_not_allowed", drops.p2p_not_allowed),
+            ("unparseable", drops.unparseable),
+        ] {
+            ConstCounter::new(n).encode(dropped.encode_family(&[("reason", reason)])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Exports per-peer traffic from `source` under the `peermirror_` prefix.
+pub fn register_traffic(registry: &mut Registry, source: Arc<dyn TrafficSource>) {
+    registry
+        .sub_registry_with_prefix("peermirror")
+        .register_collector(Box::new(PeerCollector(source)));
+}
+
 /// The daemon's readiness, computed on each `/readyz`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Readiness {
@@ -271,10 +389,15 @@ impl Readiness {
 }
 
 /// What the status server needs from the daemon.
+#[async_trait::async_trait]
 pub trait Status: Send + Sync + 'static {
+    /// `/readyz`: whether the daemon does its job now.
     fn readiness(&self) -> Readiness;
+    /// `/healthz`: `Err` with the reason once the daemon is failing (a task
+    /// it cannot do without has stopped); it then exits and is restarted.
+    fn health(&self) -> Result<(), String>;
     /// A plain-text page describing the daemon's state, for humans.
-    fn debug_page(&self) -> String;
+    async fn debug_page(&self) -> String;
 }
 
 /// Serves `/metrics`, `/healthz`, `/readyz` and `/debug` until `shutdown`.
@@ -301,8 +424,9 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let response = respond(&req, &registry, status.as_ref());
-                async move { Ok::<_, Infallible>(response) }
+                let registry = registry.clone();
+                let status = status.clone();
+                async move { Ok::<_, Infallible>(respond(&req, &registry, status.as_ref()).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -317,18 +441,28 @@ pub async fn serve(
     }
 }
 
-fn respond(
-    req: &Request<Incoming>,
+fn text(code: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+/// The OpenMetrics text of `registry`.
+pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    Ok(out)
+}
+
+async fn respond<B>(
+    req: &Request<B>,
     registry: &Registry,
     status: &dyn Status,
 ) -> Response<Full<Bytes>> {
-    let text = |code: StatusCode, content_type: &'static str, body: String| {
-        Response::builder()
-            .status(code)
-            .header("content-type", content_type)
-            .body(Full::new(Bytes::from(body)))
-            .unwrap_or_default()
-    };
     if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -337,22 +471,26 @@ fn respond(
         );
     }
     match req.uri().path() {
-        "/metrics" => {
-            let mut out = String::new();
-            match prometheus_client::encoding::text::encode(&mut out, registry) {
-                Ok(()) => text(
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    out,
-                ),
-                Err(_) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    "encoding failed\n".into(),
-                ),
-            }
-        }
-        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/metrics" => match encode(registry) {
+            Ok(out) => text(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                out,
+            ),
+            Err(_) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                "encoding failed\n".into(),
+            ),
+        },
+        "/healthz" => match status.health() {
+            Ok(()) => text(StatusCode::OK, "text/plain", "ok\n".into()),
+            Err(reason) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("failing: {reason}\n"),
+            ),
+        },
         "/readyz" => {
             let readiness = status.readiness();
             if readiness.is_ready() {
@@ -370,8 +508,141 @@ fn respond(
         "/" | "/debug" => text(
             StatusCode::OK,
             "text/plain; charset=utf-8",
-            status.debug_page(),
+            status.debug_page().await,
         ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed {
+        waiting: Vec<String>,
+        failing: Option<String>,
+    }
+
+    #[async_trait::async_trait]
+    impl Status for Fixed {
+        fn readiness(&self) -> Readiness {
+            Readiness {
+                waiting_for: self.waiting.clone(),
+            }
+        }
+        fn health(&self) -> Result<(), String> {
+            self.failing.clone().map_or(Ok(()), Err)
+        }
+        async fn debug_page(&self) -> String {
+            "page\n".into()
+        }
+    }
+
+    async fn get(status: &Fixed, registry: &Registry, method: &str, path: &str) -> (u16, String) {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(())
+            .expect("request");
+        let r = respond(&req, registry, status).await;
+        let code = r.status().as_u16();
+        let body = http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        (code, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn endpoints_answer_from_the_status() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        metrics.upload_rejections.inc();
+        let ok = Fixed {
+            waiting: vec![],
+            failing: None,
+        };
+        assert_eq!(
+            get(&ok, &registry, "GET", "/healthz").await,
+            (200, "ok\n".into())
+        );
+        assert_eq!(
+            get(&ok, &registry, "GET", "/readyz").await,
+            (200, "ready\n".into())
+        );
+        assert_eq!(
+            get(&ok, &registry, "GET", "/debug").await,
+            (200, "page\n".into())
+        );
+        assert_eq!(get(&ok, &registry, "POST", "/metrics").await.0, 405);
+        assert_eq!(get(&ok, &registry, "GET", "/nope").await.0, 404);
+        let (code, body) = get(&ok, &registry, "GET", "/metrics").await;
+        assert_eq!(code, 200);
+        assert!(
+            body.contains("peermirror_upload_rejections_total 1"),
+            "{body}"
+        );
+        assert!(body.ends_with("# EOF\n"));
+        let bad = Fixed {
+            waiting: vec!["containerd".into()],
+            failing: Some("task sync stopped".into()),
+        };
+        assert_eq!(
+            get(&bad, &registry, "GET", "/readyz").await,
+            (503, "not ready, waiting for:\n- containerd\n".into())
+        );
+        assert_eq!(
+            get(&bad, &registry, "GET", "/healthz").await,
+            (503, "failing: task sync stopped\n".into())
+        );
+    }
+
+    struct OnePeer;
+
+    impl TrafficSource for OnePeer {
+        fn traffic(&self) -> (Vec<PeerTraffic>, BoundaryDrops) {
+            (
+                vec![PeerTraffic {
+                    addr: "10.0.0.2".parse().expect("ip"),
+                    peer_id: Some("12D3Koo".into()),
+                    inbound: false,
+                    registry: true,
+                    bytes: 1234,
+                    packets: 3,
+                }],
+                BoundaryDrops {
+                    registry_not_admitted: 7,
+                    ..BoundaryDrops::default()
+                },
+            )
+        }
+    }
+
+    #[test]
+    fn per_peer_traffic_is_read_at_each_scrape() {
+        let mut registry = Registry::default();
+        register_traffic(&mut registry, Arc::new(OnePeer));
+        let text = encode(&registry).expect("encode");
+        assert!(
+            text.contains(
+                r#"peermirror_peer_bytes_total{peer="10.0.0.2",peer_id="12D3Koo",direction="out",port="registry"} 1234"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"peermirror_dataplane_dropped_packets_total{reason="registry_not_admitted"} 7"#
+        ));
+        assert!(text.contains("# HELP peermirror_peer_packets"));
+    }
+
+    #[test]
+    fn every_family_has_help_text() {
+        let mut registry = Registry::default();
+        let _ = Metrics::new(&mut registry);
+        let text = encode(&registry).expect("encode");
+        let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
+        assert!(types > 10);
+        assert_eq!(types, helps, "{text}");
     }
 }

@@ -131,10 +131,6 @@ impl TlsState {
             .clone()
     }
 
-    pub fn files(&self) -> &TlsFiles {
-        &self.files
-    }
-
     /// Rebuilds the configurations if the files changed since the last load.
     /// Returns whether a new configuration is in use.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {

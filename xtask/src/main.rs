@@ -110,5 +110,15 @@ fn test(cargo_args: &[String]) -> Result<()> {
     run(cargo()
         .args(["test", "--workspace"])
         .arg("--")
+        .args(cargo_args))?;
+    // Many nodes in one process only fit in CI time when optimised; in
+    // debug builds these tests are ignored.
+    run(cargo()
+        .args(["test", "--release", "--package", "peermirror-tests"])
+        .args(RELEASE_TESTS.iter().flat_map(|t| ["--test", t]))
+        .args(["--", "--test-threads", "1"])
         .args(cargo_args))
 }
+
+/// Integration tests that run in release mode (see `test`).
+const RELEASE_TESTS: &[&str] = &["scale"];

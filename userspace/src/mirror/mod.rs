@@ -28,6 +28,7 @@ use futures::stream::{BoxStream, FuturesUnordered};
 use http_body_util::{BodyExt, Limited};
 use hyper::Method;
 use hyper::body::Incoming;
+use libp2p::PeerId;
 
 pub use client::{AttemptError, Timeouts};
 pub use transfer::TransferError;
@@ -119,27 +120,27 @@ pub struct MirroredManifest {
 /// Peers that sent bytes that did not match their digest, per digest.
 #[derive(Default)]
 struct BadPeers {
-    entries: Mutex<HashMap<(Digest, String), Instant>>,
+    entries: Mutex<HashMap<(Digest, PeerId), Instant>>,
 }
 
 /// Upper bound of remembered bad (digest, peer) pairs.
 const MAX_BAD_ENTRIES: usize = 10_000;
 
 impl BadPeers {
-    fn is_bad(&self, digest: &Digest, peer: &str, ttl: Duration) -> bool {
+    fn is_bad(&self, digest: &Digest, peer: &PeerId, ttl: Duration) -> bool {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries
-            .get(&(*digest, peer.to_string()))
+            .get(&(*digest, *peer))
             .is_some_and(|at| at.elapsed() < ttl)
     }
 
-    fn mark(&self, digest: &Digest, peer: &str, ttl: Duration) {
+    fn mark(&self, digest: &Digest, peer: &PeerId, ttl: Duration) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if entries.len() >= MAX_BAD_ENTRIES {
             entries.retain(|_, at| at.elapsed() < ttl);
         }
         if entries.len() < MAX_BAD_ENTRIES {
-            entries.insert((*digest, peer.to_string()), Instant::now());
+            entries.insert((*digest, *peer), Instant::now());
         }
     }
 }
@@ -162,7 +163,7 @@ pub(crate) struct Candidates {
     lookup: Option<BoxStream<'static, Peer>>,
     looked_up: Instant,
     queue: VecDeque<Peer>,
-    seen: HashSet<String>,
+    seen: HashSet<PeerId>,
     skip: Box<dyn Fn(&Peer) -> bool + Send>,
 }
 
@@ -198,7 +199,7 @@ impl Candidates {
             let lookup = self.lookup.as_mut()?;
             match tokio::time::timeout_at(deadline, lookup.next()).await {
                 Ok(Some(p)) => {
-                    if self.seen.insert(p.id.clone()) && !(self.skip)(&p) {
+                    if self.seen.insert(p.id) && !(self.skip)(&p) {
                         return Some(p);
                     }
                 }

@@ -43,14 +43,7 @@ async fn real_peer(store: Arc<MemoryStore>) -> (SocketAddr, Metrics, Cancellatio
         HandlerConfig::default(),
         metrics.clone(),
     ));
-    let server = Server::new(
-        handler,
-        ServerConfig {
-            serving_path: crate::registry::ServingPath::Buffered,
-            ..ServerConfig::default()
-        },
-        metrics.clone(),
-    );
+    let server = Server::new(handler, ServerConfig::default(), metrics.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
@@ -152,11 +145,18 @@ async fn fake_peer(behaviour: Behaviour) -> Fake {
     }
 }
 
-fn peer(id: &str, addr: SocketAddr) -> Peer {
-    Peer {
-        id: id.to_string(),
-        addr,
-    }
+/// A stable peer id per test name ("real", "slow", …).
+fn id(name: &str) -> libp2p::PeerId {
+    static IDS: Mutex<Option<std::collections::HashMap<String, libp2p::PeerId>>> = Mutex::new(None);
+    *IDS.lock()
+        .expect("lock")
+        .get_or_insert_with(Default::default)
+        .entry(name.to_string())
+        .or_insert_with(libp2p::PeerId::random)
+}
+
+fn peer(name: &str, addr: SocketAddr) -> Peer {
+    Peer { id: id(name), addr }
 }
 
 fn name() -> Name {
@@ -352,7 +352,7 @@ async fn a_silent_peer_is_raced_by_another() {
         .blob(&name(), &s.digest, None, false)
         .await
         .expect("hit");
-    assert_eq!(m.peer.id, "real");
+    assert_eq!(m.peer.id, id("real"));
     // Far below the 5 s header timeout: the hedge answered.
     assert!(
         started.elapsed() < Duration::from_secs(1),
@@ -379,7 +379,7 @@ async fn a_slow_peer_is_replaced_by_a_faster_one() {
         .blob(&name(), &s.digest, None, false)
         .await
         .expect("hit");
-    assert_eq!(m.peer.id, "slow");
+    assert_eq!(m.peer.id, id("slow"));
     let (bytes, err) = drain(m.body.expect("body")).await;
     assert!(err.is_none(), "{err:?}");
     assert_eq!(Bytes::from(bytes), s.blob);
@@ -504,7 +504,7 @@ async fn manifests_are_verified_before_use() {
     assert_eq!(by_tag.descriptor.digest, desc.digest);
     assert_eq!(by_tag.descriptor.media_type, OCI_MANIFEST);
     assert_eq!(by_tag.bytes, manifest);
-    assert_eq!(by_tag.peer.id, "real");
+    assert_eq!(by_tag.peer.id, id("real"));
     let by_digest = mirror
         .manifest(&name(), None, &ManifestReference::Digest(desc.digest))
         .await

@@ -255,7 +255,12 @@ mod tests {
 
     #[test]
     fn ranges_print_as_they_parse() {
-        for text in ["bytes=0-", "bytes=5-9", "bytes=-100", "bytes=9223372036854775807-"] {
+        for text in [
+            "bytes=0-",
+            "bytes=5-9",
+            "bytes=-100",
+            "bytes=9223372036854775807-",
+        ] {
             assert_eq!(single(text).to_string(), text);
         }
     }

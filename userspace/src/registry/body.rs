@@ -35,6 +35,58 @@ impl ServingPath {
     }
 }
 
+/// What the operator asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServingPathChoice {
+    /// The path that measured cheapest here (sendfile), or io_uring where
+    /// that is the default and the kernel allows it.
+    Auto,
+    /// Exactly this path; the daemon refuses to start without it.
+    Exactly(ServingPath),
+}
+
+/// How file bodies leave the process, chosen once at start-up.
+#[derive(Clone)]
+pub enum FileBodies {
+    IoUring(super::uring::Uring),
+    Sendfile,
+    Buffered,
+}
+
+impl FileBodies {
+    pub fn path(&self) -> ServingPath {
+        match self {
+            FileBodies::IoUring(_) => ServingPath::IoUring,
+            FileBodies::Sendfile => ServingPath::Sendfile,
+            FileBodies::Buffered => ServingPath::Buffered,
+        }
+    }
+
+    /// Sets up the chosen path. io_uring, when asked for exactly, must work
+    /// here; `uring_workers` caps the kernel workers that may wait on
+    /// sockets (enough for every upload the limits allow).
+    pub async fn choose(
+        choice: ServingPathChoice,
+        uring_workers: u32,
+        gauges: super::uring::UringGauges,
+    ) -> io::Result<FileBodies> {
+        match choice {
+            // sendfile measured cheaper than io_uring on this kind of
+            // machine (benches/README.md).
+            ServingPathChoice::Auto | ServingPathChoice::Exactly(ServingPath::Sendfile) => {
+                Ok(FileBodies::Sendfile)
+            }
+            ServingPathChoice::Exactly(ServingPath::Buffered) => Ok(FileBodies::Buffered),
+            ServingPathChoice::Exactly(ServingPath::IoUring) => {
+                tokio::task::spawn_blocking(move || super::uring::Uring::new(gauges, uring_workers))
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e)))
+                    .map(FileBodies::IoUring)
+            }
+        }
+    }
+}
+
 impl std::fmt::Display for ServingPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())

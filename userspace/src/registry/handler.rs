@@ -494,7 +494,9 @@ impl Handler {
             None => (200, 0, size),
         };
         let mut headers = blob_headers(digest);
-        if status == 206 && let Some(span) = ContentRange::span(offset, len, size) {
+        if status == 206
+            && let Some(span) = ContentRange::span(offset, len, size)
+        {
             headers.push(("content-range", span.to_string()));
         }
         let body = if method == Method::Head {

@@ -17,9 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::body::{self, ServingPath};
+use super::body::{self, FileBodies};
 use super::handler::{Body, Handler, Method, RequestHead, Response};
-use super::uring::Uring;
 use crate::tls::TlsState;
 use prometheus_client::metrics::counter::Counter;
 
@@ -32,8 +31,6 @@ const MAX_HEADERS: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// How file bodies are sent on plain TCP.
-    pub serving_path: ServingPath,
     /// How long an idle keep-alive connection is kept.
     pub idle_timeout: Duration,
     /// How long a client may take to send a request head once it started.
@@ -47,7 +44,6 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            serving_path: ServingPath::Sendfile,
             idle_timeout: Duration::from_secs(90),
             header_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
@@ -81,8 +77,8 @@ pub struct Server {
     handler: Arc<Handler>,
     config: ServerConfig,
     metrics: Metrics,
-    /// The io_uring engine, when the serving path is io_uring.
-    uring: Option<Uring>,
+    /// How file bodies go out on plain TCP.
+    files: FileBodies,
     /// mTLS; when set, the port speaks only TLS.
     tls: Option<Arc<TlsState>>,
 }
@@ -91,34 +87,25 @@ pub struct Server {
 struct BadRequest(OciError);
 
 impl Server {
+    /// A plain-HTTP server sending file bodies with sendfile.
     pub fn new(handler: Arc<Handler>, config: ServerConfig, metrics: Metrics) -> Arc<Server> {
-        Self::with_uring(handler, config, metrics, None)
+        Self::build(handler, config, metrics, FileBodies::Sendfile, None)
     }
 
-    /// A server whose file bodies go through `uring` (serving path io_uring).
-    pub fn with_uring(
-        handler: Arc<Handler>,
-        config: ServerConfig,
-        metrics: Metrics,
-        uring: Option<Uring>,
-    ) -> Arc<Server> {
-        Self::build(handler, config, metrics, uring, None)
-    }
-
-    /// A server with every option: the io_uring engine for plain-HTTP file
-    /// bodies, and mTLS (then the port speaks only TLS).
+    /// A server with every option: how file bodies go out on plain TCP,
+    /// and mTLS (then the port speaks only TLS).
     pub fn build(
         handler: Arc<Handler>,
         config: ServerConfig,
         metrics: Metrics,
-        uring: Option<Uring>,
+        files: FileBodies,
         tls: Option<Arc<TlsState>>,
     ) -> Arc<Server> {
         Arc::new(Server {
             handler,
             config,
             metrics,
-            uring,
+            files,
             tls,
         })
     }
@@ -368,11 +355,11 @@ impl Server {
                     .map_err(timed("head"))??;
                 // Counted as the bytes go, so that a transfer in progress shows.
                 let counter = self.counter(Source::File);
-                match (self.config.serving_path, conn.plain_tcp(), &self.uring) {
-                    (ServingPath::IoUring, Some(tcp), Some(uring)) => {
+                match (&self.files, conn.plain_tcp()) {
+                    (FileBodies::IoUring(uring), Some(tcp)) => {
                         uring.send(&file, tcp, offset, len, stall, &counter).await?
                     }
-                    (ServingPath::Sendfile, Some(tcp), _) => {
+                    (FileBodies::Sendfile, Some(tcp)) => {
                         body::sendfile(tcp, &file, offset, len, stall, &counter).await?
                     }
                     _ => body::buffered(conn, file, offset, len, stall, &counter).await?,

@@ -81,11 +81,6 @@ impl Uploads {
             client,
         }))
     }
-
-    /// Uploads in progress.
-    pub fn in_progress(&self) -> usize {
-        self.counts.lock().unwrap_or_else(|e| e.into_inner()).total
-    }
 }
 
 impl Drop for UploadPermit {

@@ -10,7 +10,7 @@ pub mod http;
 pub mod limits;
 pub mod uring;
 
-pub use body::ServingPath;
+pub use body::{FileBodies, ServingPath, ServingPathChoice};
 pub use handler::{Body, Handler, HandlerConfig, Method, RequestHead, Response};
 pub use http::{Conn, Server, ServerConfig};
 pub use limits::{UploadLimits, UploadPermit, Uploads};

@@ -3,20 +3,20 @@
 //! bootstrap loop retries with backoff until the routing table has a peer,
 //! and again whenever it becomes empty.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
-use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::Router;
 use super::p2p::P2pRouter;
+use super::{Router, RouterError};
 
 /// Where the first peers come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,10 +154,12 @@ async fn fetch_http(url: &str) -> Result<Vec<Multiaddr>, BootstrapError> {
 
 /// Dials the bootstrap peers until the routing table has one, retrying with
 /// backoff; afterwards checks every 30 s and starts over when it is empty.
-pub async fn run(config: BootstrapConfig, router: P2pRouter, shutdown: CancellationToken) {
-    if !config.is_configured() {
-        return;
-    }
+/// Returns at `shutdown`, or with an error when the router has stopped.
+pub async fn run(
+    config: BootstrapConfig,
+    router: P2pRouter,
+    shutdown: CancellationToken,
+) -> Result<(), RouterError> {
     let mut status = router.watch_status();
     let mut delay = Duration::from_millis(500);
     loop {
@@ -169,31 +171,61 @@ pub async fn run(config: BootstrapConfig, router: P2pRouter, shutdown: Cancellat
                 Ok(addrs) => {
                     tracing::debug!(?addrs, "dialling bootstrap peers");
                     for addr in addrs {
-                        if router.dial(addr).await.is_err() {
-                            return;
-                        }
+                        router.dial(addr).await?;
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "bootstrap failed; retrying"),
             }
             // Give the dials a moment, then ask the new peers for theirs.
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(delay) => {}
             }
-            if router.bootstrap().await.is_err() {
-                return;
-            }
+            router.bootstrap().await?;
             delay = (delay * 2).min(Duration::from_secs(30));
         } else {
             delay = Duration::from_millis(500);
             tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = status.changed() => {}
+                _ = shutdown.cancelled() => return Ok(()),
+                r = status.changed() => r.map_err(|_| RouterError::Stopped)?,
                 _ = tokio::time::sleep(Duration::from_secs(30)) => {}
             }
         }
     }
+}
+
+/// This node's bootstrap entry: its reachable P2P addresses with its peer
+/// id. With an advertised address, that address on the port listened on.
+pub fn own_entry(
+    listen_addrs: &[Multiaddr],
+    advertise: Option<IpAddr>,
+    peer_id: PeerId,
+) -> Vec<String> {
+    let port = listen_addrs
+        .iter()
+        .flat_map(|a| a.iter())
+        .find_map(|p| match p {
+            Protocol::Tcp(port) => Some(port),
+            _ => None,
+        });
+    let chosen: Vec<Multiaddr> = match (advertise, port) {
+        (Some(ip), Some(port)) => vec![Multiaddr::from(ip).with(Protocol::Tcp(port))],
+        _ => listen_addrs
+            .iter()
+            .filter(|a| {
+                a.iter().all(|p| match p {
+                    Protocol::Ip4(ip) => !ip.is_loopback() && !ip.is_unspecified(),
+                    Protocol::Ip6(ip) => !ip.is_loopback() && !ip.is_unspecified(),
+                    _ => true,
+                })
+            })
+            .cloned()
+            .collect(),
+    };
+    chosen
+        .into_iter()
+        .map(|a| a.with(Protocol::P2p(peer_id)).to_string())
+        .collect()
 }
 
 /// Serves this node's own entry (a JSON array of its multiaddrs with peer
@@ -234,6 +266,31 @@ pub async fn serve_http(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_entry_lists_reachable_addresses_with_the_peer_id() {
+        let id = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let listening: Vec<Multiaddr> = [
+            "/ip4/127.0.0.1/tcp/5001",
+            "/ip4/10.0.0.7/tcp/5001",
+            "/ip6/::1/tcp/5001",
+        ]
+        .iter()
+        .map(|a| a.parse().expect("multiaddr"))
+        .collect();
+        assert_eq!(
+            own_entry(&listening, None, id),
+            vec![format!("/ip4/10.0.0.7/tcp/5001/p2p/{id}")]
+        );
+        let advertised = own_entry(&listening, Some("192.0.2.9".parse().expect("ip")), id);
+        assert_eq!(
+            advertised,
+            vec![format!("/ip4/192.0.2.9/tcp/5001/p2p/{id}")]
+        );
+        assert!(own_entry(&[], None, id).is_empty());
+    }
 
     #[test]
     fn urls() {

@@ -12,12 +12,14 @@ pub mod identity;
 pub mod p2p;
 pub mod sync;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use futures::stream::BoxStream;
+use libp2p::{Multiaddr, PeerId};
 use sha2::{Digest as _, Sha256};
+use tokio::sync::watch;
 
 /// The Kademlia protocol name shared with Spegel.
 pub const KAD_PROTOCOL: &str = "/spegel/kad/1.0.0";
@@ -35,10 +37,33 @@ pub fn record_key(key: &str) -> Vec<u8> {
 /// A node that holds a key, as a registry endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Peer {
-    /// The node's libp2p peer id (its stable identity), as text.
-    pub id: String,
+    /// The node's libp2p identity.
+    pub id: PeerId,
     /// Where its registry port answers.
     pub addr: SocketAddr,
+}
+
+/// Which announcement a set of keys belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Round {
+    /// Every key the node held when its store was first read: readiness
+    /// waits until these are stored in the DHT.
+    Initial,
+    /// Keys that appeared since.
+    Update,
+}
+
+/// Where the first announcement of this node's keys stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FirstRound {
+    /// The keys have not been handed to the router yet.
+    #[default]
+    Waiting,
+    /// Being announced; `stored` of `total` have reached their closest peers.
+    Announcing { stored: usize, total: usize },
+    /// Every key of the first round is stored (or the node is alone and no
+    /// peers are expected).
+    Stored,
 }
 
 /// Readiness of the routing layer.
@@ -46,23 +71,30 @@ pub struct Peer {
 pub struct RouterStatus {
     /// Peers in the routing table.
     pub routing_table_peers: usize,
+    /// Peers with an open connection (they proved the preshared key).
+    pub connected_peers: usize,
     /// Whether bootstrap peers are configured (then the routing table must
     /// be non-empty for the node to be ready).
     pub needs_peers: bool,
-    /// The first set of keys handed to the router has been announced.
-    pub initial_advertise_done: bool,
+    pub first_round: FirstRound,
     /// Keys this node currently announces.
     pub advertised_keys: usize,
     /// The addresses this node's P2P port listens on.
-    pub listen_addrs: Vec<String>,
+    pub listen_addrs: Vec<Multiaddr>,
 }
 
 impl RouterStatus {
     /// What the router still waits for before the node is ready.
     pub fn waiting_for(&self) -> Vec<String> {
         let mut waiting = Vec::new();
-        if !self.initial_advertise_done {
-            waiting.push("the first advertisement of this node's keys".to_string());
+        match self.first_round {
+            FirstRound::Waiting => {
+                waiting.push("the first announcement of this node's keys".to_string());
+            }
+            FirstRound::Announcing { stored, total } => waiting.push(format!(
+                "the first announcement of this node's keys ({stored} of {total} stored)"
+            )),
+            FirstRound::Stored => {}
         }
         if self.needs_peers && self.routing_table_peers == 0 {
             waiting.push("a first peer in the routing table (bootstrap)".to_string());
@@ -80,30 +112,42 @@ pub enum RouterError {
 /// Announces this node's keys and finds the holders of others'.
 #[async_trait::async_trait]
 pub trait Router: Send + Sync + 'static {
-    /// Starts (or keeps) announcing that this node holds `keys`.
-    async fn advertise(&self, keys: Vec<String>) -> Result<(), RouterError>;
+    /// Starts (or keeps) announcing that this node holds `keys`. Returns once
+    /// the router has taken them (announcing goes on in the background).
+    async fn advertise(&self, keys: Vec<String>, round: Round) -> Result<(), RouterError>;
 
     /// Stops announcing `keys`. Other nodes drop their records of them when
     /// the provider TTL runs out (Kademlia has no remote withdraw).
     async fn withdraw(&self, keys: Vec<String>) -> Result<(), RouterError>;
 
     /// The holders of `key` other than this node, as they are found. The
-    /// stream ends when the lookup is over.
+    /// stream ends when the lookup is over; dropping it ends the lookup.
     fn lookup(&self, key: &str) -> BoxStream<'static, Peer>;
 
-    fn status(&self) -> RouterStatus;
+    /// The latest status, and its changes.
+    fn watch_status(&self) -> watch::Receiver<RouterStatus>;
+
+    fn status(&self) -> RouterStatus {
+        self.watch_status().borrow().clone()
+    }
 }
 
-/// An in-memory router for tests: keys map to fixed peers.
-#[derive(Default)]
+/// An in-memory router for tests: keys map to fixed peers; the status
+/// follows what it is told as the real one does (the first round is stored
+/// once the initial keys are handed over).
 pub struct MemoryRouter {
     providers: Mutex<HashMap<String, Vec<Peer>>>,
-    advertised: Mutex<std::collections::BTreeSet<String>>,
+    advertised: Mutex<BTreeSet<String>>,
+    status: watch::Sender<RouterStatus>,
 }
 
 impl MemoryRouter {
     pub fn new() -> Arc<MemoryRouter> {
-        Arc::new(MemoryRouter::default())
+        Arc::new(MemoryRouter {
+            providers: Mutex::default(),
+            advertised: Mutex::default(),
+            status: watch::Sender::new(RouterStatus::default()),
+        })
     }
 
     /// Makes `peer` a holder of `key`.
@@ -113,29 +157,43 @@ impl MemoryRouter {
     }
 
     /// What this node currently advertises.
-    pub fn advertised(&self) -> std::collections::BTreeSet<String> {
+    pub fn advertised(&self) -> BTreeSet<String> {
         self.advertised
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
+
+    fn publish(&self, first: Option<FirstRound>) {
+        let count = self.advertised().len();
+        self.status.send_modify(|s| {
+            s.advertised_keys = count;
+            if let Some(f) = first {
+                s.first_round = f;
+            }
+        });
+    }
 }
 
 #[async_trait::async_trait]
 impl Router for MemoryRouter {
-    async fn advertise(&self, keys: Vec<String>) -> Result<(), RouterError> {
+    async fn advertise(&self, keys: Vec<String>, round: Round) -> Result<(), RouterError> {
         self.advertised
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend(keys);
+        self.publish((round == Round::Initial).then_some(FirstRound::Stored));
         Ok(())
     }
 
     async fn withdraw(&self, keys: Vec<String>) -> Result<(), RouterError> {
-        let mut advertised = self.advertised.lock().unwrap_or_else(|e| e.into_inner());
-        for k in keys {
-            advertised.remove(&k);
+        {
+            let mut advertised = self.advertised.lock().unwrap_or_else(|e| e.into_inner());
+            for k in keys {
+                advertised.remove(&k);
+            }
         }
+        self.publish(None);
         Ok(())
     }
 
@@ -150,12 +208,8 @@ impl Router for MemoryRouter {
         Box::pin(futures::stream::iter(peers))
     }
 
-    fn status(&self) -> RouterStatus {
-        RouterStatus {
-            initial_advertise_done: true,
-            advertised_keys: self.advertised().len(),
-            ..RouterStatus::default()
-        }
+    fn watch_status(&self) -> watch::Receiver<RouterStatus> {
+        self.status.subscribe()
     }
 }
 
@@ -169,5 +223,30 @@ mod tests {
             hex::encode(record_key("docker.io/library/nginx:1.27")),
             "12206965a10c15290ad0b29ca7fd1866de1850408b3cb15fb11a3bbbbc2fddb158bd"
         );
+    }
+
+    #[test]
+    fn readiness_names_the_first_round() {
+        let mut s = RouterStatus::default();
+        assert_eq!(
+            s.waiting_for(),
+            ["the first announcement of this node's keys"]
+        );
+        s.first_round = FirstRound::Announcing {
+            stored: 3,
+            total: 10,
+        };
+        assert_eq!(
+            s.waiting_for(),
+            ["the first announcement of this node's keys (3 of 10 stored)"]
+        );
+        s.first_round = FirstRound::Stored;
+        s.needs_peers = true;
+        assert_eq!(
+            s.waiting_for(),
+            ["a first peer in the routing table (bootstrap)"]
+        );
+        s.routing_table_peers = 1;
+        assert!(s.waiting_for().is_empty());
     }
 }

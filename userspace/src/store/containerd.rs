@@ -29,6 +29,7 @@ use containerd_client::services::v1::{
 };
 use futures::StreamExt;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -49,8 +50,15 @@ pub struct ContainerdConfig {
     pub content_path: Option<PathBuf>,
     /// How often the catalog is rebuilt even without events.
     pub resync_interval: Duration,
-    /// Images left out of the catalog (and so never advertised).
-    pub filter: ReferenceFilter,
+}
+
+/// The metric handles the store keeps current.
+#[derive(Clone, Default)]
+pub struct StoreGauges {
+    /// 1 when the last call to containerd succeeded.
+    pub connected: Gauge,
+    pub tags: Gauge,
+    pub blobs: Gauge,
 }
 
 /// The plugin that owns the content store, as introspection names it.
@@ -63,6 +71,9 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 
 pub struct ContainerdStore {
     config: ContainerdConfig,
+    /// Images left out of the catalog (and so never advertised).
+    filter: ReferenceFilter,
+    gauges: StoreGauges,
     channel: Channel,
     /// `<content root>/blobs/sha256`, once known.
     blobs_dir: RwLock<Option<PathBuf>>,
@@ -77,7 +88,11 @@ pub struct ContainerdStore {
 impl ContainerdStore {
     /// Creates the store; nothing is contacted until [`ContainerdStore::run`]
     /// or the first request.
-    pub fn new(config: ContainerdConfig) -> Arc<ContainerdStore> {
+    pub fn new(
+        config: ContainerdConfig,
+        filter: ReferenceFilter,
+        gauges: StoreGauges,
+    ) -> Arc<ContainerdStore> {
         let socket = config.socket.clone();
         // The URI is ignored by the connector; tonic only needs a valid one.
         let channel = Endpoint::from_static("http://containerd.sock")
@@ -96,6 +111,8 @@ impl ContainerdStore {
             .map(|root| root.join("blobs").join("sha256"));
         Arc::new(ContainerdStore {
             config,
+            filter,
+            gauges,
             channel,
             blobs_dir: RwLock::new(blobs_dir),
             catalog: watch::Sender::new(Arc::new(Catalog::default())),
@@ -114,6 +131,7 @@ impl ContainerdStore {
     }
 
     fn set_connected(&self, connected: bool) {
+        self.gauges.connected.set(i64::from(connected));
         self.health
             .send_if_modified(|h| std::mem::replace(&mut h.connected, connected) != connected);
     }
@@ -259,8 +277,10 @@ impl ContainerdStore {
                     .await
             }
         };
-        let catalog = catalog::build(&images, &present, &self.config.filter, cache, &read).await?;
+        let catalog = catalog::build(&images, &present, &self.filter, cache, &read).await?;
         let (tags, blobs) = (catalog.tag_count(), catalog.content_count());
+        self.gauges.tags.set(tags as i64);
+        self.gauges.blobs.set(blobs as i64);
         let changed = self.catalog.send_if_modified(|current| {
             if **current == catalog {
                 false

@@ -1,8 +1,11 @@
 //! An in-memory [`ContentStore`], the twin of the containerd store for tests
-//! of the registry and mirror logic.
+//! of the registry and mirror logic. Like the real store, it reports its
+//! health on a live channel, and (with [`MemoryStore::with_files`]) hands out
+//! blob bodies as files, so that the zero-copy paths are exercised too.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -22,6 +25,10 @@ struct Inner {
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     catalog: watch::Sender<Arc<Catalog>>,
+    health: watch::Sender<StoreHealth>,
+    /// When set, each blob is also written to `<dir>/<hex>` and served from
+    /// that file.
+    files: Option<PathBuf>,
 }
 
 impl Default for MemoryStore {
@@ -35,7 +42,27 @@ impl MemoryStore {
         MemoryStore {
             inner: Mutex::new(Inner::default()),
             catalog: watch::Sender::new(Arc::new(Catalog::default())),
+            health: watch::Sender::new(StoreHealth {
+                connected: true,
+                synced: true,
+            }),
+            files: None,
         }
+    }
+
+    /// A store whose blob bodies are files in `dir` (which must exist), as
+    /// the containerd store's are.
+    pub fn with_files(dir: impl Into<PathBuf>) -> MemoryStore {
+        MemoryStore {
+            files: Some(dir.into()),
+            ..MemoryStore::new()
+        }
+    }
+
+    /// Changes the reported health (a store that loses its backend, or has
+    /// not listed its content yet).
+    pub fn set_health(&self, health: StoreHealth) {
+        self.health.send_replace(health);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -52,12 +79,20 @@ impl MemoryStore {
             digest: Digest::of(&bytes),
             size: bytes.len() as u64,
         };
+        if let Some(dir) = &self.files {
+            // A test fixture: a failed write is a broken test machine.
+            #[allow(clippy::unwrap_used)]
+            std::fs::write(dir.join(desc.digest.hex()), &bytes).unwrap();
+        }
         self.lock().blobs.insert(desc.digest, bytes);
         self.rebuild().await;
         desc
     }
 
     pub async fn remove_blob(&self, digest: &Digest) {
+        if let Some(dir) = &self.files {
+            let _ = std::fs::remove_file(dir.join(digest.hex()));
+        }
         self.lock().blobs.remove(digest);
         self.rebuild().await;
     }
@@ -143,6 +178,14 @@ impl ContentStore for MemoryStore {
                 expected: end,
             });
         }
+        if let Some(dir) = &self.files {
+            let path = dir.join(digest.hex());
+            return match std::fs::File::open(&path) {
+                Ok(file) => Ok(Some(BlobBody::File { file, path })),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(StoreError::Io { path, source }),
+            };
+        }
         let slice = bytes.slice(offset as usize..end as usize);
         Ok(Some(BlobBody::Stream(Box::pin(futures::stream::once(
             async move { Ok(slice) },
@@ -154,10 +197,6 @@ impl ContentStore for MemoryStore {
     }
 
     fn watch_health(&self) -> watch::Receiver<StoreHealth> {
-        watch::Sender::new(StoreHealth {
-            connected: true,
-            synced: true,
-        })
-        .subscribe()
+        self.health.subscribe()
     }
 }

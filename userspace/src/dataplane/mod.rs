@@ -1,7 +1,8 @@
 //! The kernel side, seen from the daemon: the eBPF programs of
 //! `ebpf/c/peermirror.bpf.c`, loaded with aya (this is the only module that
-//! imports aya). The rest of the daemon calls [`Dataplane::admit`],
-//! [`Dataplane::revoke`] and [`Dataplane::counters`].
+//! imports aya), and the [`admission`] policy that decides whom it admits.
+//! The rest of the daemon talks to the policy, which calls
+//! [`Dataplane::admit`], [`Dataplane::revoke`] and reads the counters.
 //!
 //! ## Attach point: `cgroup_skb` on a cgroup of the daemon's own
 //!
@@ -45,9 +46,13 @@ use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use peermirror_ebpf::{Config, PeerKey, PeerValue};
 
+pub mod admission;
+
+pub use admission::Admission;
+
 /// The compiled programs, built by `build.rs` with the same builder as
-/// `cargo xtask build-ebpf`.
-static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/peermirror.bpf.o"));
+/// `cargo xtask build-ebpf` (aligned as the ELF parser wants them).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/peermirror.bpf.o"));
 
 const PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
     ("pm_ingress", CgroupSkbAttachType::Ingress),
@@ -492,14 +497,6 @@ impl Dataplane {
         })
     }
 
-    /// The addresses admitted now.
-    pub fn admitted(&self) -> Result<Vec<IpAddr>, DataplaneError> {
-        self.with_map("pm_admitted", |map| {
-            let admitted: HashMap<&mut MapData, [u8; 16], u64> = map.try_into()?;
-            admitted.keys().map(|k| k.map(key_addr)).collect()
-        })
-    }
-
     /// Admits the node's own addresses (replacing the previous set).
     pub fn set_own_addresses(
         &self,
@@ -528,7 +525,7 @@ impl Dataplane {
                 out.push(PeerCounter {
                     addr: key_addr(k.addr),
                     inbound: k.direction == peermirror_ebpf::DIR_IN,
-                    registry: k.kind == peermirror_ebpf::KIND_REGISTRY,
+                    registry: k.kind == peermirror_ebpf::PORT_REGISTRY,
                     bytes: v.bytes,
                     packets: v.packets,
                     last_seen_ns: v.last_seen_ns,
@@ -569,10 +566,6 @@ impl Dataplane {
                 unparseable: sum(peermirror_ebpf::DROP_UNPARSEABLE)?,
             })
         })
-    }
-
-    pub fn cgroup(&self) -> &Path {
-        &self.cgroup
     }
 
     /// Detaches the programs and removes every pin (a clean stop).

@@ -1,0 +1,443 @@
+//! The composition root: builds every part from its configuration, runs
+//! them as supervised tasks, and shuts them down in order (stop accepting
+//! and drain the registry port, then the background tasks — routing,
+//! containerd, sync, admission —, then the status port).
+
+pub mod supervisor;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::pnet::PreSharedKey;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::dataplane::{Admission, Dataplane, DataplaneConfig, DataplaneMode};
+use crate::metrics::{self, DataplaneLabels, HandshakeLabels, Metrics, ServingPathLabels};
+use crate::mirror::{Mirror, MirrorConfig};
+use crate::oci::ReferenceFilter;
+use crate::registry::uring::UringGauges;
+use crate::registry::{
+    FileBodies, Handler, HandlerConfig, Server, ServerConfig, ServingPathChoice, UploadLimits,
+};
+use crate::routing::bootstrap::{self, BootstrapConfig};
+use crate::routing::identity::{self, IdentityError};
+use crate::routing::p2p::{self, P2pConfig, P2pCounters, P2pError, P2pRouter, P2pSettings};
+use crate::routing::{Router, sync};
+use crate::status::{NodeFacts, NodeStatus};
+use crate::store::{ContainerdConfig, ContainerdStore, ContentStore, StoreGauges};
+use crate::tls::{TlsFiles, TlsState};
+use supervisor::{Policy, StageId, Supervisor, TaskFailed};
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub containerd: ContainerdConfig,
+    /// Which registries and references are served, mirrored and advertised.
+    pub filter: ReferenceFilter,
+    pub serving_path: ServingPathChoice,
+    pub uploads: UploadLimits,
+    pub dataplane: DataplaneConfig,
+    /// How long a peer stays admitted to the registry port after its last
+    /// P2P connection closed.
+    pub admission_ttl: Duration,
+    /// mTLS on the registry port and towards peers.
+    pub tls: Option<TlsFiles>,
+    pub registry_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub server: ServerConfig,
+    pub p2p: P2pSettings,
+    /// `None` means the operator chose an open network.
+    pub psk_file: Option<PathBuf>,
+    pub bootstrap: BootstrapConfig,
+    /// Where this node serves its own bootstrap entry, if anywhere.
+    pub http_bootstrap_addr: Option<SocketAddr>,
+    pub mirror: MirrorConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot listen on {addr} for the {what}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    P2p(#[from] P2pError),
+    #[error(
+        "--serving-path io-uring: io_uring is not usable here ({0}); use --serving-path sendfile or auto"
+    )]
+    IoUring(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("--dataplane required: {0}")]
+    Dataplane(#[from] crate::dataplane::DataplaneError),
+    #[error(transparent)]
+    Task(#[from] TaskFailed),
+}
+
+/// Runs the daemon until `shutdown` is cancelled, or until a task it
+/// cannot do without stops (then it returns that task's error).
+pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| DaemonError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let keypair = identity::load_or_create(&config.data_dir)?;
+    let psk = config
+        .psk_file
+        .as_deref()
+        .map(identity::load_psk)
+        .transpose()?;
+    let tls = config.tls.clone().map(TlsState::load).transpose()?;
+    // The dataplane before any socket: a socket's cgroup is fixed when it
+    // is created. From here on every return detaches it, a failed start too.
+    let dataplane = start_dataplane(&config.dataplane)?;
+    let _detach = DetachOnReturn(dataplane.clone());
+    let registry_listener = listen("registry", config.registry_addr).await?;
+    let metrics_listener = listen("metrics", config.metrics_addr).await?;
+    let mut prometheus = Registry::default();
+    let metrics = Metrics::new(&mut prometheus);
+    let files = choose_serving_path(&config, &metrics).await?;
+    announce_mode(
+        &config,
+        &metrics,
+        psk.as_ref(),
+        dataplane.is_some(),
+        tls.is_some(),
+    );
+
+    let mut tasks = Supervisor::new();
+    let serving = tasks.stage("serving");
+    let background = tasks.stage("background");
+    let status_stage = tasks.stage("status");
+
+    let admission = dataplane.as_ref().map(|dp| {
+        let admission = Admission::new(dp.clone(), config.admission_ttl);
+        metrics::register_traffic(&mut prometheus, admission.clone());
+        admission
+    });
+    let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (router, router_loop) = p2p::start(
+        P2pConfig {
+            keypair,
+            psk,
+            registry_port: local_port(&registry_listener, config.registry_addr.port()),
+            has_bootstrap: config.bootstrap.is_configured(),
+            settings: config.p2p.clone(),
+            counters: p2p_counters(&metrics),
+            events: admission.is_some().then_some(events),
+        },
+        tasks.stop_token(background),
+    )?;
+    tasks.spawn_infallible(background, "p2p router", Policy::Essential, router_loop);
+    if let Some(admission) = &admission {
+        let stop = tasks.stop_token(background);
+        tasks.spawn(
+            background,
+            "admission",
+            Policy::Essential,
+            admission.clone().run(events_rx, stop),
+        );
+    }
+
+    let store = ContainerdStore::new(
+        config.containerd.clone(),
+        config.filter.clone(),
+        store_gauges(&metrics),
+    );
+    spawn_background(
+        &mut tasks,
+        background,
+        &config,
+        &store,
+        &router,
+        tls.as_ref(),
+    )
+    .await?;
+
+    let mirror = Mirror::with_tls(Arc::new(router.clone()), config.mirror.clone(), tls.clone());
+    let handler = Arc::new(Handler::new(
+        store.clone(),
+        Some(mirror),
+        HandlerConfig {
+            filter: config.filter.clone(),
+            uploads: config.uploads,
+        },
+        metrics.clone(),
+    ));
+    let server = Server::build(
+        handler,
+        config.server.clone(),
+        metrics.clone(),
+        files.clone(),
+        tls,
+    );
+    tracing::info!(
+        registry = %local(&registry_listener),
+        metrics = %local(&metrics_listener),
+        peer_id = %router.peer_id(),
+        serving_path = %files.path(),
+        containerd = %config.containerd.socket.display(),
+        namespace = %config.containerd.namespace,
+        "peermirror started"
+    );
+    let stop = tasks.stop_token(serving);
+    tasks.spawn_infallible(
+        serving,
+        "registry server",
+        Policy::Essential,
+        server.serve(registry_listener, stop),
+    );
+
+    let status = Arc::new(NodeStatus {
+        store,
+        router,
+        admission,
+        health: tasks.health(),
+        facts: NodeFacts {
+            registry_addr: config.registry_addr,
+            serving_path: files.path(),
+            containerd_socket: config.containerd.socket.clone(),
+            namespace: config.containerd.namespace.clone(),
+            dataplane_mode: config.dataplane.mode,
+            dataplane_attached: dataplane.is_some(),
+        },
+    });
+    let stop = tasks.stop_token(status_stage);
+    tasks.spawn_infallible(
+        status_stage,
+        "status server",
+        Policy::Essential,
+        metrics::serve(metrics_listener, Arc::new(prometheus), status, stop),
+    );
+
+    let result = tasks.run(shutdown).await;
+    drop(_detach);
+    tracing::info!("stopped");
+    Ok(result?)
+}
+
+/// The tasks that follow containerd, announce its content, find peers and
+/// reload certificates.
+async fn spawn_background(
+    tasks: &mut Supervisor,
+    stage: StageId,
+    config: &DaemonConfig,
+    store: &Arc<ContainerdStore>,
+    router: &P2pRouter,
+    tls: Option<&Arc<TlsState>>,
+) -> Result<(), DaemonError> {
+    let stop = tasks.stop_token(stage);
+    tasks.spawn_infallible(
+        stage,
+        "containerd follower",
+        Policy::Essential,
+        store.clone().run(stop.clone()),
+    );
+    tasks.spawn(
+        stage,
+        "sync",
+        Policy::Essential,
+        sync::run(
+            store.catalog(),
+            store.watch_health(),
+            Arc::new(router.clone()),
+            stop.clone(),
+        ),
+    );
+    if config.bootstrap.is_configured() {
+        tasks.spawn(
+            stage,
+            "bootstrap",
+            Policy::Essential,
+            bootstrap::run(config.bootstrap.clone(), router.clone(), stop.clone()),
+        );
+    }
+    if let Some(addr) = config.http_bootstrap_addr {
+        let listener = listen("HTTP bootstrap entry", addr).await?;
+        let status = router.watch_status();
+        let (peer_id, advertise) = (router.peer_id(), config.p2p.advertise_addr);
+        let entry = Arc::new(move || {
+            bootstrap::own_entry(&status.borrow().listen_addrs, advertise, peer_id)
+        });
+        tasks.spawn_infallible(
+            stage,
+            "bootstrap entry server",
+            Policy::Auxiliary,
+            bootstrap::serve_http(listener, entry, stop.clone()),
+        );
+    }
+    if let Some(tls) = tls {
+        tasks.spawn_infallible(
+            stage,
+            "certificate reload",
+            Policy::Auxiliary,
+            tls.clone().watch(Duration::from_secs(10), stop),
+        );
+    }
+    Ok(())
+}
+
+fn p2p_counters(metrics: &Metrics) -> P2pCounters {
+    let handshake = |direction: &str| {
+        metrics
+            .handshake_failures
+            .get_or_create(&HandshakeLabels {
+                direction: direction.to_string(),
+            })
+            .clone()
+    };
+    P2pCounters {
+        handshake_failures_inbound: handshake("inbound"),
+        handshake_failures_outbound: handshake("outbound"),
+        advertise_failures: metrics.advertise_failures.clone(),
+        lookups_dropped: metrics.lookups_dropped.clone(),
+        connected_peers: metrics.connected_peers.clone(),
+        routing_table_peers: metrics.routing_table_peers.clone(),
+        advertised_keys: metrics.advertised_keys.clone(),
+    }
+}
+
+fn store_gauges(metrics: &Metrics) -> StoreGauges {
+    StoreGauges {
+        connected: metrics.containerd_connected.clone(),
+        tags: metrics.catalog_tags.clone(),
+        blobs: metrics.catalog_blobs.clone(),
+    }
+}
+
+/// Sets the gauges that describe how the node runs, and says what is unsafe.
+fn announce_mode(
+    config: &DaemonConfig,
+    metrics: &Metrics,
+    psk: Option<&PreSharedKey>,
+    dataplane: bool,
+    tls: bool,
+) {
+    metrics.p2p_open_network.set(i64::from(psk.is_none()));
+    metrics
+        .dataplane_active
+        .get_or_create(&DataplaneLabels {
+            mode: config.dataplane.mode.as_str().to_string(),
+        })
+        .set(i64::from(dataplane));
+    if psk.is_none() {
+        tracing::warn!(
+            "RUNNING AN OPEN P2P NETWORK (--insecure-open-network): any host that reaches the P2P port can join, \
+             learn what this node holds and have its announcements trusted. Use --psk-file in production."
+        );
+    }
+    if !tls && !dataplane {
+        tracing::warn!(
+            registry = %config.registry_addr,
+            namespace = %config.containerd.namespace,
+            "the registry port is open: any host that can reach it can read every image of this containerd namespace. \
+             Protect it with mTLS (--tls-cert, --tls-key, --tls-client-ca) or the kernel boundary (--dataplane)."
+        );
+    }
+}
+
+/// Binds `addr`; an unspecified IPv6 address that cannot be bound (IPv6
+/// disabled) falls back to the IPv4 one.
+async fn listen(what: &'static str, addr: SocketAddr) -> Result<TcpListener, DaemonError> {
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e)
+            if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED
+                && e.kind() == std::io::ErrorKind::AddrNotAvailable =>
+        {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            TcpListener::bind(v4)
+                .await
+                .map_err(|source| DaemonError::Listen {
+                    what,
+                    addr: v4,
+                    source,
+                })
+        }
+        Err(source) => Err(DaemonError::Listen { what, addr, source }),
+    }
+}
+
+/// Detaches the dataplane and removes its pins when `run` returns, whether
+/// the daemon stopped cleanly or failed part-way through starting. (Only a
+/// SIGKILL leaves the boundary in place, for the next start to take over.)
+struct DetachOnReturn(Option<Arc<Dataplane>>);
+
+impl Drop for DetachOnReturn {
+    fn drop(&mut self) {
+        if let Some(dp) = &self.0 {
+            dp.shutdown();
+        }
+    }
+}
+
+/// Loads the dataplane as its mode says: `required` fails the start,
+/// `optional` says once why it is missing.
+fn start_dataplane(config: &DataplaneConfig) -> Result<Option<Arc<Dataplane>>, DaemonError> {
+    match config.mode {
+        DataplaneMode::Off => Ok(None),
+        DataplaneMode::Required => Ok(Some(Arc::new(Dataplane::start(config)?))),
+        DataplaneMode::Optional => match Dataplane::start(config) {
+            Ok(dp) => Ok(Some(Arc::new(dp))),
+            Err(e) => {
+                tracing::warn!(
+                    "eBPF dataplane not loaded, running without per-peer counters and the kernel boundary: {e}"
+                );
+                Ok(None)
+            }
+        },
+    }
+}
+
+/// Sets up the serving path, says once which one is used and exports it.
+async fn choose_serving_path(
+    config: &DaemonConfig,
+    metrics: &Metrics,
+) -> Result<FileBodies, DaemonError> {
+    // Enough kernel workers for every upload the limits allow.
+    let workers = u32::try_from(config.uploads.total)
+        .unwrap_or(u32::MAX)
+        .clamp(16, 1024);
+    let gauges = UringGauges {
+        in_flight: metrics.uring_in_flight.clone(),
+        idle_pipes: metrics.uring_idle_pipes.clone(),
+    };
+    let files = FileBodies::choose(config.serving_path, workers, gauges)
+        .await
+        .map_err(DaemonError::IoUring)?;
+    let path = files.path();
+    tracing::info!(serving_path = %path, "blob bodies on plain HTTP are sent with {path}");
+    metrics
+        .serving_path
+        .get_or_create(&ServingPathLabels {
+            path: path.as_str().to_string(),
+        })
+        .set(1);
+    Ok(files)
+}
+
+fn local(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".to_string())
+}
+
+fn local_port(listener: &TcpListener, fallback: u16) -> u16 {
+    listener.local_addr().map(|a| a.port()).unwrap_or(fallback)
+}

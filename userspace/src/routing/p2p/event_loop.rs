@@ -1,0 +1,512 @@
+//! The event loop: the only code that touches the `Swarm`. It dispatches
+//! swarm events and commands to the parts ([`PeerTable`], [`Lookups`],
+//! [`Advertiser`]) and publishes the router's status.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::Boxed;
+use libp2p::kad::store::RecordStore;
+use libp2p::kad::{self, GetProvidersOk, InboundRequest, QueryResult};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::{NetworkBehaviour, Swarm, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, identify, ping};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::advertiser::{Advertiser, Outcome};
+use super::lookups::{Lookups, Net};
+use super::peers::{PeerTable, ip_of, routable};
+use super::records::{ProviderStore, StoreLimits};
+use super::{Command, P2pConfig, P2pCounters, P2pError, PeerEvent};
+use crate::routing::{KAD_PROTOCOL, RouterStatus};
+
+/// The borrow of the loop's parts that [`Lookups`] works with.
+macro_rules! net {
+    ($s:ident) => {
+        Net {
+            swarm: &mut $s.swarm,
+            peers: &$s.peers,
+            own_ips: &$s.own_ips,
+            registry_port: $s.registry_port,
+        }
+    };
+}
+#[derive(NetworkBehaviour)]
+pub(super) struct Behaviour {
+    pub kad: kad::Behaviour<ProviderStore>,
+    identify: identify::Behaviour,
+    /// Finds dead connections (a peer whose link went silent) in seconds
+    /// rather than at the end of TCP's retransmission timeout.
+    ping: ping::Behaviour,
+}
+
+/// A swarm that listens nowhere and knows nobody, for unit tests of the
+/// parts.
+#[cfg(test)]
+pub(super) fn test_swarm() -> Swarm<Behaviour> {
+    use libp2p::core::Transport as _;
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let peer_id = keypair.public().to_peer_id();
+    let transport = libp2p::core::transport::MemoryTransport::default()
+        .upgrade(libp2p::core::upgrade::Version::V1)
+        .authenticate(libp2p::noise::Config::new(&keypair).expect("noise"))
+        .multiplex(libp2p::yamux::Config::default())
+        .boxed();
+    let behaviour = Behaviour {
+        kad: kad::Behaviour::new(peer_id, ProviderStore::new(peer_id, StoreLimits::default())),
+        identify: identify::Behaviour::new(identify::Config::new(
+            "/test/1".into(),
+            keypair.public(),
+        )),
+        ping: ping::Behaviour::default(),
+    };
+    Swarm::new(
+        transport,
+        behaviour,
+        peer_id,
+        libp2p::swarm::Config::with_tokio_executor(),
+    )
+}
+
+/// How long one Kademlia query may run.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often caches and expired records are pruned.
+const HOUSEKEEPING: Duration = Duration::from_secs(5);
+
+pub(super) struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    peers: PeerTable,
+    lookups: Lookups,
+    advertiser: Advertiser,
+    status: watch::Sender<RouterStatus>,
+    counters: P2pCounters,
+    events: Option<mpsc::UnboundedSender<PeerEvent>>,
+    registry_port: u16,
+    advertise_addr: Option<IpAddr>,
+    own_ips: HashSet<IpAddr>,
+}
+
+impl EventLoop {
+    pub(super) fn new(
+        config: P2pConfig,
+        transport: Boxed<(PeerId, StreamMuxerBox)>,
+        commands: mpsc::Receiver<Command>,
+    ) -> Result<(EventLoop, watch::Receiver<RouterStatus>), P2pError> {
+        let P2pConfig {
+            keypair,
+            registry_port,
+            has_bootstrap,
+            settings,
+            counters,
+            events,
+            ..
+        } = config;
+        let peer_id = keypair.public().to_peer_id();
+        let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+        kad_config
+            .set_provider_record_ttl(Some(settings.provider_ttl))
+            // Renewals are the advertiser's, spread over the interval.
+            .set_provider_publication_interval(None)
+            .set_publication_interval(None)
+            .set_replication_interval(None)
+            .set_record_filtering(kad::StoreInserts::FilterBoth)
+            .set_query_timeout(QUERY_TIMEOUT)
+            .set_record_ttl(Some(settings.provider_ttl));
+        let store = ProviderStore::new(peer_id, StoreLimits::default());
+        let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
+        kad.set_mode(Some(kad::Mode::Server));
+        let mut identify_config =
+            identify::Config::new("/peermirror/1.0.0".to_string(), keypair.public())
+                .with_agent_version(format!("peermirror/{}", env!("CARGO_PKG_VERSION")))
+                // Peers learn of an address that comes up later (they admit it).
+                .with_push_listen_addr_updates(true);
+        if settings.advertise_addr.is_some() {
+            // Only the advertised address is announced to peers.
+            identify_config = identify_config.with_hide_listen_addrs(true);
+        }
+        let behaviour = Behaviour {
+            kad,
+            identify: identify::Behaviour::new(identify_config),
+            ping: ping::Behaviour::new(
+                ping::Config::new()
+                    .with_interval(Duration::from_secs(5))
+                    .with_timeout(Duration::from_secs(5)),
+            ),
+        };
+        let mut swarm = Swarm::new(
+            transport,
+            behaviour,
+            peer_id,
+            libp2p::swarm::Config::with_tokio_executor()
+                .with_idle_connection_timeout(settings.idle_connection_timeout),
+        );
+        for addr in &settings.listen {
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| P2pError::Listen {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        let (status, status_rx) = watch::channel(RouterStatus {
+            needs_peers: has_bootstrap,
+            ..RouterStatus::default()
+        });
+        let event_loop = EventLoop {
+            swarm,
+            commands,
+            peers: PeerTable::default(),
+            lookups: Lookups::new(settings.lookup_cache_ttl, counters.lookups_dropped.clone()),
+            advertiser: Advertiser::new(
+                settings.reannounce_interval,
+                has_bootstrap,
+                counters.advertise_failures.clone(),
+            ),
+            status,
+            counters,
+            events,
+            registry_port,
+            advertise_addr: settings.advertise_addr,
+            own_ips: settings.advertise_addr.into_iter().collect(),
+        };
+        Ok((event_loop, status_rx))
+    }
+
+    pub(super) async fn run(mut self, shutdown: CancellationToken) {
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        loop {
+            let due = self
+                .advertiser
+                .next_due()
+                .map(tokio::time::Instant::from_std);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => break,
+                },
+                Some(key) = self.lookups.next_gone() => {
+                    let net = net!(self);
+                    self.lookups.asker_gone(net, key);
+                }
+                _ = sleep_until(due) => {}
+                _ = housekeeping.tick() => {
+                    let now = Instant::now();
+                    self.lookups.housekeeping(now);
+                    self.swarm.behaviour_mut().kad.store_mut().expire(now);
+                }
+            }
+            self.advertiser
+                .pump(&mut self.swarm.behaviour_mut().kad, Instant::now());
+            self.publish_status();
+        }
+        tracing::debug!("routing event loop stopped");
+    }
+
+    fn emit(&self, event: PeerEvent) {
+        if let Some(events) = &self.events {
+            let _ = events.send(event);
+        }
+    }
+
+    fn routing_table_peers(&mut self) -> usize {
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .map(|b| b.num_entries())
+            .sum()
+    }
+
+    fn publish_status(&mut self) {
+        let table = self.routing_table_peers();
+        let connected = self.peers.len();
+        let first_round = self.advertiser.first_round();
+        let advertised = self.advertiser.len();
+        self.counters.routing_table_peers.set(table as i64);
+        self.counters.connected_peers.set(connected as i64);
+        self.counters.advertised_keys.set(advertised as i64);
+        self.status.send_if_modified(|s| {
+            let before = (
+                s.routing_table_peers,
+                s.connected_peers,
+                s.first_round,
+                s.advertised_keys,
+            );
+            s.routing_table_peers = table;
+            s.connected_peers = connected;
+            s.first_round = first_round;
+            s.advertised_keys = advertised;
+            before != (table, connected, first_round, advertised)
+        });
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Advertise { keys, round, done } => {
+                self.advertiser.add(keys, round);
+                let _ = done.send(());
+            }
+            Command::Withdraw { keys, done } => {
+                self.advertiser
+                    .remove(keys, &mut self.swarm.behaviour_mut().kad);
+                let _ = done.send(());
+            }
+            Command::Lookup { key, reply, gone } => {
+                let net = net!(self);
+                self.lookups.submit(net, &key, reply, gone);
+            }
+            Command::Dial(addr) => {
+                if let Err(e) = self.swarm.dial(addr.clone()) {
+                    tracing::debug!(%addr, error = %e, "cannot dial");
+                }
+            }
+            Command::Bootstrap => {
+                if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
+                    tracing::debug!(error = %e, "kademlia bootstrap not possible yet");
+                }
+            }
+            Command::Peers(reply) => {
+                let _ = reply.send(self.peers.infos());
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => self.on_identify(peer_id, info.listen_addrs),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(_)) => {}
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(e),
+            })) => {
+                tracing::debug!(%peer, error = %e, "ping failed; closing the connection");
+                self.swarm.close_connection(connection);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(_)) => {}
+            SwarmEvent::NewListenAddr { address, .. } => self.on_listening(address),
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                let remote = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => address.clone(),
+                    ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
+                };
+                if let ConnectedPoint::Dialer { address, .. } = &endpoint {
+                    // A dialled address is a known-good one for the table.
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, address.clone());
+                }
+                let ip = ip_of(&remote);
+                if self.peers.connected(peer_id, connection_id, remote) {
+                    tracing::debug!(peer = %peer_id, ?ip, "peer connected");
+                }
+                if let Some(ip) = ip {
+                    self.emit(PeerEvent::Connected { peer: peer_id, ip });
+                }
+                let net = net!(self);
+                self.lookups.connected(net, peer_id);
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                ..
+            } if self.peers.closed(&peer_id, connection_id) => {
+                tracing::debug!(peer = %peer_id, "peer disconnected");
+                self.emit(PeerEvent::Disconnected { peer: peer_id });
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                tracing::debug!(from = %send_back_addr, %error, "inbound P2P connection failed");
+                // Not counted: our own dials of our own addresses
+                // (LocalPeerId) and connections we dropped ourselves.
+                if matches!(error, libp2p::swarm::ListenError::Transport(_)) {
+                    self.counters.handshake_failures_inbound.inc();
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, %error, "outbound P2P connection failed");
+                if dial_met_a_stranger(&error) {
+                    self.counters.handshake_failures_outbound.inc();
+                }
+                if let Some(peer) = peer_id {
+                    let net = net!(self);
+                    self.lookups.dial_failed(net, peer);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_identify(&mut self, peer: PeerId, listen_addrs: Vec<Multiaddr>) {
+        // Addresses worth dialling later: routable ones, and loopback ones
+        // only when the peer is reached over loopback (nodes sharing one
+        // host). A peer's loopback address elsewhere is ourselves, and a
+        // link-local one lacks its interface.
+        let over_loopback = self.peers.over_loopback(&peer);
+        for addr in &listen_addrs {
+            if ip_of(addr).is_some_and(|ip| routable(&ip) || (over_loopback && ip.is_loopback())) {
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer, addr.clone());
+            }
+        }
+        if let Some(ips) = self.peers.announced(&peer, listen_addrs) {
+            self.emit(PeerEvent::Announced { peer, ips });
+        }
+    }
+
+    fn on_listening(&mut self, address: Multiaddr) {
+        tracing::info!(%address, "P2P listening");
+        if let Some(ip) = ip_of(&address) {
+            self.own_ips.insert(ip);
+        }
+        let listening = address.clone();
+        self.status.send_modify(|s| s.listen_addrs.push(listening));
+        // The advertised address, on the port actually bound.
+        if let Some(ip) = self.advertise_addr
+            && self.swarm.external_addresses().next().is_none()
+            && let Some(port) = address.iter().find_map(|p| match p {
+                Protocol::Tcp(port) => Some(port),
+                _ => None,
+            })
+        {
+            self.swarm
+                .add_external_address(Multiaddr::from(ip).with(Protocol::Tcp(port)));
+        }
+    }
+
+    fn on_kad_event(&mut self, event: kad::Event) {
+        match event {
+            kad::Event::OutboundQueryProgressed {
+                id,
+                result,
+                step,
+                stats,
+            } => match result {
+                QueryResult::GetProviders(result) if self.lookups.owns(&id) => {
+                    if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = result {
+                        let net = net!(self);
+                        self.lookups
+                            .providers(net, id, providers.into_iter().collect());
+                    }
+                    if step.last {
+                        let net = net!(self);
+                        self.lookups.query_done(net, id);
+                    }
+                }
+                QueryResult::StartProviding(result) if self.advertiser.owns(&id) => {
+                    let table = self.routing_table_peers();
+                    self.advertiser.finished(
+                        id,
+                        Outcome {
+                            finished: result.is_ok(),
+                            successes: stats.num_successes(),
+                            table,
+                        },
+                        Instant::now(),
+                    );
+                }
+                _ => {}
+            },
+            kad::Event::InboundRequest {
+                request:
+                    InboundRequest::AddProvider {
+                        record: Some(mut record),
+                    },
+            } => {
+                // Only addresses that can name a node; the store caps them.
+                record
+                    .addresses
+                    .retain(|a| ip_of(a).is_some_and(|ip| routable(&ip)));
+                let key = record.key.clone();
+                match self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .store_mut()
+                    .add_provider(record)
+                {
+                    Ok(()) => self.lookups.invalidate(&key),
+                    Err(e) => tracing::debug!(error = %e, "provider record not stored"),
+                }
+            }
+            // The first peer after being alone: announce to it.
+            kad::Event::RoutingUpdated { .. } if self.routing_table_peers() == 1 => {
+                self.advertiser.peers_appeared();
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether a failed dial reached a listener that could not authenticate
+/// (another key, or not a libp2p node), rather than finding nobody there
+/// (refused, unreachable, timed out) or reaching ourselves.
+fn dial_met_a_stranger(error: &libp2p::swarm::DialError) -> bool {
+    use libp2p::core::transport::TransportError;
+    let libp2p::swarm::DialError::Transport(attempts) = error else {
+        return false;
+    };
+    attempts.iter().any(|(_, e)| match e {
+        TransportError::MultiaddrNotSupported(_) => false,
+        TransportError::Other(e) => !never_connected(e),
+    })
+}
+
+/// Whether an I/O error, or one it wraps, says that the connection never
+/// opened (nobody answered, or the address cannot be used from here).
+fn never_connected(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        current = e.source();
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                ConnectionRefused
+                    | TimedOut
+                    | HostUnreachable
+                    | NetworkUnreachable
+                    | AddrNotAvailable
+                    | InvalidInput
+            ) {
+                return true;
+            }
+            // `source()` of a wrapping io::Error skips the wrapped error.
+            if let Some(inner) = io.get_ref() {
+                current = Some(inner);
+            }
+        }
+    }
+    false
+}

@@ -1,0 +1,73 @@
+//! What the status port says about the node: readiness (`/readyz`),
+//! liveness (`/healthz`) and the debug page, computed from the parts that
+//! own each piece of state.
+
+mod debug;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::daemon::supervisor::Health;
+use crate::dataplane::{Admission, DataplaneMode};
+use crate::metrics::{self, Readiness};
+use crate::registry::ServingPath;
+use crate::routing::Router;
+use crate::routing::p2p::P2pRouter;
+use crate::store::ContentStore;
+
+/// Facts about the node that do not change while it runs.
+#[derive(Debug, Clone)]
+pub struct NodeFacts {
+    pub registry_addr: SocketAddr,
+    pub serving_path: ServingPath,
+    pub containerd_socket: PathBuf,
+    pub namespace: String,
+    pub dataplane_mode: DataplaneMode,
+    pub dataplane_attached: bool,
+}
+
+pub struct NodeStatus {
+    pub store: Arc<dyn ContentStore>,
+    pub router: P2pRouter,
+    pub admission: Option<Arc<Admission>>,
+    pub health: Arc<Health>,
+    pub facts: NodeFacts,
+}
+
+impl NodeStatus {
+    fn readiness(&self) -> Readiness {
+        let health = self.store.health();
+        let mut waiting_for = Vec::new();
+        if !health.connected {
+            waiting_for.push(format!(
+                "containerd at {}",
+                self.facts.containerd_socket.display()
+            ));
+        }
+        if !health.synced {
+            waiting_for.push("the first image list from containerd".to_string());
+        }
+        waiting_for.extend(self.router.status().waiting_for());
+        if self.facts.dataplane_mode == DataplaneMode::Required && !self.facts.dataplane_attached {
+            waiting_for.push("the eBPF dataplane (--dataplane required)".to_string());
+        }
+        waiting_for.extend(self.health.degraded());
+        Readiness { waiting_for }
+    }
+}
+
+#[async_trait::async_trait]
+impl metrics::Status for NodeStatus {
+    fn readiness(&self) -> Readiness {
+        NodeStatus::readiness(self)
+    }
+
+    fn health(&self) -> Result<(), String> {
+        self.health.check()
+    }
+
+    async fn debug_page(&self) -> String {
+        debug::render(self).await
+    }
+}
