@@ -10,6 +10,7 @@
 //! workers included). Each figure is the median of three runs, with the
 //! range.
 
+mod dht;
 mod measure;
 
 use std::fmt::Write as _;
@@ -530,19 +531,43 @@ fn report(rows: &[Row], pulls: &[PullRow]) -> String {
     out
 }
 
+/// The parts `cargo xtask bench [part]` can run; no part runs them all.
+const PARTS: &[&str] = &["serving", "cluster", "dht"];
+
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("dht-run") {
+        // One DHT scenario, in a child process of `dht`.
+        let n = |i: usize| args.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
+        return dht::run_one(n(1), n(2), n(3));
+    }
+    let only = args.first().cloned();
+    if let Some(part) = &only {
+        anyhow::ensure!(
+            PARTS.contains(&part.as_str()),
+            "unknown part {part:?}: one of {PARTS:?}"
+        );
+    }
+    let wanted = |part: &str| only.as_deref().is_none_or(|o| o == part);
     peermirror_tests::services::require_root();
     let dir = tempfile::Builder::new().prefix("pm-bench-").tempdir()?;
     let mut rows = Vec::new();
     let mut pulls = Vec::new();
-    let only = std::env::args().nth(1);
-    if only.as_deref() != Some("cluster") {
+    if wanted("serving") {
         serving(&mut rows, dir.path())?;
     }
-    if only.as_deref() != Some("serving") {
+    if wanted("cluster") {
         cluster_benches(&mut rows, &mut pulls)?;
     }
-    let text = report(&rows, &pulls);
+    let mut text = if rows.is_empty() && pulls.is_empty() {
+        format!("Machine: {}\n", machine())
+    } else {
+        report(&rows, &pulls)
+    };
+    if wanted("dht") {
+        let _ = writeln!(text, "\nDHT, one process on 127.0.0.0/8, release build:\n");
+        text.push_str(&dht::bench()?);
+    }
     println!("\n{text}");
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),

@@ -1,8 +1,9 @@
 /* peermirror's kernel side: cgroup_skb programs on the daemon's own cgroup.
  *
  * For every packet of the daemon's sockets on the registry port or the P2P
- * port (either end), count bytes and packets per remote address and
- * direction; and on ingress to those ports, enforce the boundary that
+ * port (either end) exchanged with an admitted address, count bytes and
+ * packets per remote address and direction; and on ingress to those ports,
+ * enforce the boundary that
  * userspace fills: the registry port admits only addresses in pm_admitted
  * (peers that proved the preshared key) or in pm_reg_cidrs (loopback, the
  * node's own addresses, operator CIDRs); the P2P port admits pm_p2p_cidrs
@@ -218,21 +219,25 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 	else
 		return PASS;
 	key.direction = direction;
-	account(&key, skb->len);
 
-	if (direction != PM_DIR_IN)
-		return PASS;
-	if (local == cfg->registry_port && cfg->enforce_registry) {
-		if (!bpf_map_lookup_elem(&pm_admitted, key.addr) && !in_trie(&pm_reg_cidrs, key.addr)) {
+	/* Admitted: a peer that proved the key, or an address userspace lets
+	 * in (loopback, the node's own, operator CIDRs). */
+	int admitted = bpf_map_lookup_elem(&pm_admitted, key.addr) || in_trie(&pm_reg_cidrs, key.addr);
+	if (direction == PM_DIR_IN) {
+		if (local == cfg->registry_port && cfg->enforce_registry && !admitted) {
 			count_drop(PM_DROP_REGISTRY_NOT_ADMITTED);
 			return DROP;
 		}
-	} else if (local == cfg->p2p_port && cfg->enforce_p2p) {
-		if (!in_trie(&pm_p2p_cidrs, key.addr)) {
+		if (local == cfg->p2p_port && cfg->enforce_p2p && !in_trie(&pm_p2p_cidrs, key.addr)) {
 			count_drop(PM_DROP_P2P_NOT_ALLOWED);
 			return DROP;
 		}
 	}
+	/* Per-address counters only for admitted addresses: random (spoofed)
+	 * sources are counted per drop reason only, and never evict a real
+	 * peer's entry from the LRU map or mint a metric series. */
+	if (admitted)
+		account(&key, skb->len);
 	return PASS;
 }
 

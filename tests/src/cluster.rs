@@ -126,7 +126,17 @@ impl ClusterNode {
     /// Checks that every blob of the default platform of `image` is in this
     /// node's content store with the source bytes.
     pub fn assert_has(&self, layout: &Layout, image: &TestImage) -> Result<()> {
-        for blob in &image.default_platform_blobs {
+        self.assert_has_blobs(layout, &image.default_platform_blobs)
+    }
+
+    /// Every blob of `image`, of every platform, is in this node's store,
+    /// byte for byte.
+    pub fn assert_has_all_platforms(&self, layout: &Layout, image: &TestImage) -> Result<()> {
+        self.assert_has_blobs(layout, &image.blobs)
+    }
+
+    fn assert_has_blobs(&self, layout: &Layout, blobs: &[crate::image::Descriptor]) -> Result<()> {
+        for blob in blobs {
             let path = self
                 .containerd
                 .content_root()

@@ -236,3 +236,35 @@ async fn listen_addr(router: &P2pRouter) -> Result<Multiaddr> {
 pub fn key(owner: usize, i: usize) -> String {
     format!("sha256:{owner:04x}{i:060x}")
 }
+
+/// Measures how late a task that asks to wake every millisecond is woken:
+/// the scheduling delay every other task of the process sees too.
+pub struct SchedulingProbe {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Vec<Duration>>,
+}
+
+impl SchedulingProbe {
+    pub fn start() -> SchedulingProbe {
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut late = Vec::new();
+            while !token.is_cancelled() {
+                let asked = Instant::now() + Duration::from_millis(1);
+                tokio::time::sleep_until(asked.into()).await;
+                late.push(Instant::now().saturating_duration_since(asked));
+            }
+            late
+        });
+        SchedulingProbe { stop, task }
+    }
+
+    /// The lateness of every wake-up, sorted.
+    pub async fn finish(self) -> Vec<Duration> {
+        self.stop.cancel();
+        let mut late = self.task.await.unwrap_or_default();
+        late.sort();
+        late
+    }
+}

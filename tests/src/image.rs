@@ -140,25 +140,31 @@ impl Layout {
         }
     }
 
+    /// A manifest for `platform` (`os/arch[/variant]`) with fresh layers.
     fn add_manifest(
         &mut self,
-        arch: &str,
+        platform: &str,
         layers: &[LayerSpec],
         blobs: &mut Vec<Descriptor>,
     ) -> Result<Descriptor> {
+        let (os, arch, variant) = split_platform(platform);
         let mut layer_descs = Vec::new();
         let mut diff_ids = Vec::new();
         for (i, spec) in layers.iter().enumerate() {
-            let (d, diff_id) = self.add_layer(*spec, &format!("layer-{arch}-{i}.bin"))?;
+            let name = format!("layer-{}-{i}.bin", platform.replace('/', "-"));
+            let (d, diff_id) = self.add_layer(*spec, &name)?;
             layer_descs.push(d);
             diff_ids.push(diff_id);
         }
-        let config = serde_json::to_vec(&json!({
-            "architecture": arch, "os": "linux",
+        let mut config = json!({
+            "architecture": arch, "os": os,
             "config": {"Entrypoint": ["/layer-0.bin"]},
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        }))?;
-        let config = self.add_blob(OCI_CONFIG, &config)?;
+        });
+        if let Some(v) = variant {
+            config["variant"] = json!(v);
+        }
+        let config = self.add_blob(OCI_CONFIG, &serde_json::to_vec(&config)?)?;
         let manifest = serde_json::to_vec(&json!({
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
@@ -175,7 +181,7 @@ impl Layout {
     /// A single-platform (linux/amd64) image.
     pub fn add_image(&mut self, repo: &str, tag: &str, layers: &[LayerSpec]) -> Result<TestImage> {
         let mut blobs = Vec::new();
-        let root = self.add_manifest("amd64", layers, &mut blobs)?;
+        let root = self.add_manifest("linux/amd64", layers, &mut blobs)?;
         self.refs.push((tag.to_string(), root.clone()));
         Ok(TestImage {
             repo: repo.to_string(),
@@ -188,27 +194,43 @@ impl Layout {
 
     /// A multi-arch index over linux/amd64 and linux/arm64.
     pub fn add_index(&mut self, repo: &str, tag: &str, layers: &[LayerSpec]) -> Result<TestImage> {
-        let mut amd64 = Vec::new();
-        let m_amd64 = self.add_manifest("amd64", layers, &mut amd64)?;
-        let mut arm64 = Vec::new();
-        let m_arm64 = self.add_manifest("arm64", layers, &mut arm64)?;
-        let entry = |d: &Descriptor, arch: &str| {
-            let mut v = d.json();
-            v["platform"] = json!({"architecture": arch, "os": "linux"});
-            v
-        };
+        self.add_index_for(repo, tag, &["linux/amd64", "linux/arm64"], layers)
+    }
+
+    /// An index with one manifest per platform (`os/arch[/variant]`), each
+    /// with its own layers; the first platform is the default one.
+    pub fn add_index_for(
+        &mut self,
+        repo: &str,
+        tag: &str,
+        platforms: &[&str],
+        layers: &[LayerSpec],
+    ) -> Result<TestImage> {
+        let mut entries = Vec::new();
+        let mut per_platform = Vec::new();
+        for platform in platforms {
+            let mut blobs = Vec::new();
+            let manifest = self.add_manifest(platform, layers, &mut blobs)?;
+            let (os, arch, variant) = split_platform(platform);
+            let mut v = manifest.json();
+            v["platform"] = json!({"architecture": arch, "os": os});
+            if let Some(variant) = variant {
+                v["platform"]["variant"] = json!(variant);
+            }
+            entries.push(v);
+            per_platform.push(blobs);
+        }
         let index = serde_json::to_vec(&json!({
             "schemaVersion": 2,
             "mediaType": OCI_INDEX,
-            "manifests": [entry(&m_amd64, "amd64"), entry(&m_arm64, "arm64")],
+            "manifests": entries,
         }))?;
         let root = self.add_blob(OCI_INDEX, &index)?;
         self.refs.push((tag.to_string(), root.clone()));
         let mut blobs = vec![root.clone()];
-        blobs.extend(amd64.iter().cloned());
-        blobs.extend(arm64);
+        blobs.extend(per_platform.iter().flatten().cloned());
         let mut default_platform_blobs = vec![root.clone()];
-        default_platform_blobs.extend(amd64);
+        default_platform_blobs.extend(per_platform.first().into_iter().flatten().cloned());
         Ok(TestImage {
             repo: repo.to_string(),
             tag: tag.to_string(),
@@ -260,4 +282,12 @@ pub fn standard_set(layout: &mut Layout) -> Result<Vec<TestImage>> {
     ];
     layout.finish()?;
     Ok(images)
+}
+
+/// `os/arch[/variant]` as its parts.
+fn split_platform(platform: &str) -> (&str, &str, Option<&str>) {
+    let mut parts = platform.splitn(3, '/');
+    let os = parts.next().unwrap_or("linux");
+    let arch = parts.next().unwrap_or("amd64");
+    (os, arch, parts.next())
 }

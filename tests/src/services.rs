@@ -539,6 +539,42 @@ impl Peermirror {
         })
     }
 
+    /// The debug page.
+    pub fn debug_page(&self) -> Result<String> {
+        let r = self.via.get(self.metrics, "/debug", &[])?;
+        if r.status != 200 {
+            bail!("/debug answered {}", r.status);
+        }
+        Ok(String::from_utf8_lossy(&r.body).into_owned())
+    }
+
+    /// The value of a `name: value` line of the debug page.
+    pub fn debug_field(&self, name: &str) -> Result<String> {
+        let page = self.debug_page()?;
+        page.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(':'))
+                    .map(|v| v.trim().to_string())
+            })
+            .with_context(|| format!("no {name:?} on the debug page:\n{page}"))
+    }
+
+    /// This node's libp2p peer id, from its debug page.
+    pub fn peer_id(&self) -> Result<String> {
+        self.debug_field("peer id")
+    }
+
+    /// The first address its P2P port listens on, from its debug page.
+    pub fn p2p_addr(&self) -> Result<String> {
+        let list = self.debug_field("p2p listening")?;
+        list.trim_matches(|c| c == '[' || c == ']')
+            .split(',')
+            .map(|a| a.trim().trim_matches('"').to_string())
+            .find(|a| !a.is_empty())
+            .with_context(|| format!("no P2P address in {list:?}"))
+    }
+
     /// The value of a metric line (`name{labels}`), summed over every series
     /// whose name and labels contain all of `parts`.
     pub fn metric(&self, name: &str, parts: &[&str]) -> Result<f64> {

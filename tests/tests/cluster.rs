@@ -46,15 +46,11 @@ fn spec(name: &str, psk: [u8; 32]) -> NodeSpec {
 
 /// The peer id a node prints on its debug page.
 fn peer_id(node: &ClusterNode) -> Result<String> {
-    let page = debug_page(node)?;
-    page.lines()
-        .find_map(|l| l.strip_prefix("peer id:").map(|s| s.trim().to_string()))
-        .context("no peer id on the debug page")
+    node.pm().peer_id()
 }
 
 fn debug_page(node: &ClusterNode) -> Result<String> {
-    let pm = node.pm();
-    Ok(String::from_utf8_lossy(&pm.via.get(pm.metrics, "/debug", &[])?.body).into_owned())
+    node.pm().debug_page()
 }
 
 fn file_bytes(node: &ClusterNode) -> f64 {
@@ -148,6 +144,40 @@ fn layer_of(image: &TestImage) -> &Descriptor {
     image.biggest_layer()
 }
 
+/// The images of the scenario, pushed to the upstream registry.
+struct Images {
+    upstream: String,
+    multi: TestImage,
+    index: TestImage,
+    big: TestImage,
+    big2: TestImage,
+    medium: TestImage,
+    victim: TestImage,
+    gone: TestImage,
+    patterns: TestImage,
+    fresh: TestImage,
+    fresh2: TestImage,
+}
+
+impl Images {
+    /// The upstream reference of `image`.
+    fn up(&self, image: &TestImage) -> String {
+        format!("{}/{}:{}", self.upstream, image.repo, image.tag)
+    }
+}
+
+/// Answers with `206 Partial Content` a node's registry port sent: the
+/// resumes of other nodes' transfers (containerd 1.6 itself asks for whole
+/// blobs).
+fn partial_answers(node: &ClusterNode) -> f64 {
+    node.pm()
+        .metric(
+            "peermirror_http_request_duration_seconds_count",
+            &["code=\"206\""],
+        )
+        .unwrap_or(0.0)
+}
+
 #[test]
 fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     let mut cluster = Cluster::start(&[
@@ -157,7 +187,31 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
         spec("d", OTHER_KEY),
     ])?;
     cluster.wait_ready(&["a", "b", "c"], Duration::from_secs(60))?;
+    let images = images(&mut cluster)?;
+    let steps: [(&str, Step); 12] = [
+        ("1", step_01_a_pulls_from_upstream),
+        ("2", step_02_the_upstream_goes_away),
+        ("3", step_03_b_and_c_pull_through_their_peers),
+        ("4", step_04_a_stranger_stays_out),
+        ("5", step_05_a_holder_dies_mid_layer),
+        ("6", step_06_a_holder_goes_silent),
+        ("7", step_07_a_slow_holder_is_replaced),
+        ("8", step_08_a_corrupt_copy_is_cut_short),
+        ("9", step_09_deleted_content_is_forgotten),
+        ("10", step_10_unknown_images_fall_through_fast),
+        ("11", step_11_containerd_2_request_patterns),
+        ("12", step_12_upload_limits_send_containerd_on),
+    ];
+    for (n, step) in steps {
+        step(&mut cluster, &images).with_context(|| format!("step {n}"))?;
+    }
+    Ok(())
+}
 
+type Step = fn(&mut Cluster, &Images) -> Result<()>;
+
+/// Generates the scenario's images and pushes them to the upstream registry.
+fn images(cluster: &mut Cluster) -> Result<Images> {
     let l = &mut cluster.layout;
     let multi = l.add_image(
         "app/multi",
@@ -186,27 +240,66 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     let fresh = l.add_image("app/fresh", "v9", &[layer(4 << 20, false)])?;
     let fresh2 = l.add_image("app/fresh2", "v10", &[layer(4 << 20, false)])?;
     l.finish()?;
-    let upstream_host = cluster.upstream.host();
-    let up = |image: &TestImage| format!("{upstream_host}/{}:{}", image.repo, image.tag);
     for image in [
         &multi, &index, &big, &big2, &medium, &victim, &gone, &patterns, &fresh, &fresh2,
     ] {
         cluster.upstream.push(&cluster.layout, image)?;
     }
+    Ok(Images {
+        upstream: cluster.upstream.host(),
+        multi,
+        index,
+        big,
+        big2,
+        medium,
+        victim,
+        gone,
+        patterns,
+        fresh,
+        fresh2,
+    })
+}
 
-    // 1. Node A pulls from upstream (its peermirror has nothing yet and
-    //    answers 404 at once, so containerd goes on to the registry).
+/// Node A pulls from upstream (its peermirror has nothing yet and
+///    answers 404 at once, so containerd goes on to the registry).
+fn step_01_a_pulls_from_upstream(cluster: &mut Cluster, im: &Images) -> Result<()> {
+    let Images {
+        multi,
+        index,
+        big,
+        big2,
+        medium,
+        victim,
+        gone,
+        patterns,
+        ..
+    } = im;
+    let up = |image: &TestImage| im.up(image);
     for image in [&multi, &index, &big, &big2, &medium, &gone, &patterns] {
         cluster.node("a").cri_pull(&up(image))?;
         cluster.node("a").assert_has(&cluster.layout, image)?;
     }
-    cluster.node("c").ctr_pull(&up(&victim))?;
+    cluster.node("c").ctr_pull(&up(victim))?;
+    Ok(())
+}
 
-    // 2. The upstream registry goes away.
+/// The upstream registry goes away.
+fn step_02_the_upstream_goes_away(cluster: &mut Cluster, _: &Images) -> Result<()> {
     cluster.upstream.stop()?;
+    Ok(())
+}
 
-    // 3. B (CRI PullImage, what kubelet calls) and C (ctr --hosts-dir) pull
-    //    by tag and by digest through their local peermirror.
+/// B (CRI PullImage, what kubelet calls) and C (ctr --hosts-dir) pull
+///    by tag and by digest through their local peermirror.
+fn step_03_b_and_c_pull_through_their_peers(cluster: &mut Cluster, im: &Images) -> Result<()> {
+    let Images {
+        multi,
+        index,
+        big,
+        big2,
+        ..
+    } = im;
+    let up = |image: &TestImage| im.up(image);
     cluster.node("a").pm().wait_metric(
         "A to advertise its images",
         "peermirror_advertised_keys",
@@ -222,17 +315,17 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     );
     {
         let b = cluster.node("b");
-        b.cri_pull(&up(&multi)).context("B: CRI pull by tag")?;
+        b.cri_pull(&up(multi)).context("B: CRI pull by tag")?;
         b.cri_pull(&index_by_digest)
             .context("B: CRI pull by digest")?;
-        b.assert_has(&cluster.layout, &multi)?;
-        b.assert_has(&cluster.layout, &index)?;
+        b.assert_has(&cluster.layout, multi)?;
+        b.assert_has(&cluster.layout, index)?;
         ensure!(
             mirror_bytes(b) >= (8 * MIB) as f64,
             "B's pulls did not come through peermirror"
         );
         let c = cluster.node("c");
-        c.ctr_pull(&up(&multi)).context("C: ctr pull by tag")?;
+        c.ctr_pull(&up(multi)).context("C: ctr pull by tag")?;
         c.ctr_pull(&index_by_digest)
             .context("C: ctr pull by digest")?;
         for image in [&big, &big2] {
@@ -244,8 +337,13 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
         }
     }
     println!("step 3: B and C pulled through their peers with upstream stopped");
+    Ok(())
+}
 
-    // 4. D's key differs: it dials A, but never gets in.
+/// D's key differs: it dials A, but never gets in.
+fn step_04_a_stranger_stays_out(cluster: &mut Cluster, im: &Images) -> Result<()> {
+    let Images { multi, .. } = im;
+    let up = |image: &TestImage| im.up(image);
     {
         let (a, d) = (cluster.node("a"), cluster.node("d"));
         a.pm().wait_metric(
@@ -267,7 +365,7 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
                 "{name} counted {failures} handshake failures"
             );
         }
-        ensure!(d.ctr_pull(&up(&multi)).is_err(), "D pulled without the key");
+        ensure!(d.ctr_pull(&up(multi)).is_err(), "D pulled without the key");
         ensure!(d.pm().metric("peermirror_p2p_routing_table_peers", &[])? == 0.0);
         let ready = d.pm().via.get(d.pm().metrics, "/readyz", &[])?;
         ensure!(ready.status == 503, "D says it is ready");
@@ -278,18 +376,26 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
         }
     }
     println!("step 4: D with another key stayed out");
+    Ok(())
+}
 
-    // 5. A holder dies while B streams a 256 MiB layer from it: B's pull
-    //    completes from the other holder, which was asked for the rest with
-    //    `Range: bytes=N-`; B's peermirror streams, it does not buffer.
+/// A holder dies while B streams a 256 MiB layer from it: B's pull
+///    completes from the other holder, which was asked for the rest with
+///    `Range: bytes=N-`; B's peermirror streams, it does not buffer.
+fn step_05_a_holder_dies_mid_layer(cluster: &mut Cluster, im: &Images) -> Result<()> {
+    let Images { big, .. } = im;
+    let up = |image: &TestImage| im.up(image);
     rate_limit(cluster.node("a"), Some("400mbit"))?;
     rate_limit(cluster.node("c"), Some("400mbit"))?;
-    let big_layer = layer_of(&big).clone();
     let (a_before, c_before) = (file_bytes(cluster.node("a")), file_bytes(cluster.node("c")));
+    let partial_before = [
+        ("a", partial_answers(cluster.node("a"))),
+        ("c", partial_answers(cluster.node("c"))),
+    ];
     let b_pid = cluster.node("b").pm().proc.pid();
     let b_mirror_before = mirror_bytes(cluster.node("b"));
     let (outcome, peak) = peak_rss_during(b_pid, || -> Result<(String, Result<()>)> {
-        let handle = pull_in_background(cluster.node("b"), &up(&big), true);
+        let handle = pull_in_background(cluster.node("b"), &up(big), true);
         wait_for(
             "B to be part-way through the big layer",
             Duration::from_secs(60),
@@ -315,20 +421,21 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     });
     let (victim_name, pull) = outcome?;
     pull.context("B's pull after the holder died")?;
-    cluster.node("b").assert_has(&cluster.layout, &big)?;
+    cluster.node("b").assert_has(&cluster.layout, big)?;
     ensure!(
         peak < 64 * MIB,
         "B's peermirror peaked at {} MiB",
         peak / MIB
     );
     let other = if victim_name == "a" { "c" } else { "a" };
-    let resumed = log_lines(cluster.node(other), &big_layer.digest)
-        .into_iter()
-        .filter(|l| l.contains("bytes=") && !l.contains("bytes=0-"))
-        .count();
+    let before = partial_before
+        .iter()
+        .find(|(n, _)| *n == other)
+        .map_or(0.0, |(_, v)| *v);
+    let resumed = partial_answers(cluster.node(other)) - before;
     ensure!(
-        resumed >= 1,
-        "{other} never saw a Range: bytes=N- request with N > 0"
+        resumed >= 1.0,
+        "{other} never answered a Range: bytes=N- request (no 206)"
     );
     println!(
         "step 5: holder {victim_name} killed mid-layer, {other} resumed it; B peaked at {} MiB",
@@ -336,12 +443,17 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     );
     cluster.node_mut(&victim_name).start_peermirror()?;
     cluster.wait_ready(&[&victim_name], Duration::from_secs(60))?;
+    Ok(())
+}
 
-    // 6. A holder's link goes silent (no RST) mid-transfer: B finishes from
-    //    the other within a few seconds.
+/// A holder's link goes silent (no RST) mid-transfer: B finishes from
+///    the other within a few seconds.
+fn step_06_a_holder_goes_silent(cluster: &mut Cluster, im: &Images) -> Result<()> {
+    let Images { big2, .. } = im;
+    let up = |image: &TestImage| im.up(image);
     let (a_before, c_before) = (file_bytes(cluster.node("a")), file_bytes(cluster.node("c")));
     let b_mirror_before = mirror_bytes(cluster.node("b"));
-    let handle = pull_in_background(cluster.node("b"), &up(&big2), false);
+    let handle = pull_in_background(cluster.node("b"), &up(big2), false);
     wait_for(
         "B to be part-way through big2",
         Duration::from_secs(60),
@@ -358,7 +470,7 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     let took = silenced_at.elapsed();
     cluster.network.restore(&cluster.node(silent).host)?;
     pull.context("B's pull with a blackholed holder")?;
-    cluster.node("b").assert_has(&cluster.layout, &big2)?;
+    cluster.node("b").assert_has(&cluster.layout, big2)?;
     ensure!(
         took < Duration::from_secs(15),
         "took {took:?} after the holder went silent"
@@ -366,17 +478,22 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     println!("step 6: holder {silent} blackholed, pull finished {took:?} later");
     rate_limit(cluster.node("a"), None)?;
     rate_limit(cluster.node("c"), None)?;
+    Ok(())
+}
 
-    // 7. A slow holder: while B streams `medium` from A, whose link is
-    //    throttled to 2 Mbit/s, C gets the image too (straight from the
-    //    restarted upstream). B's transfer notices it is too slow, looks
-    //    again, and finishes from C.
+/// A slow holder: while B streams `medium` from A, whose link is
+///    throttled to 2 Mbit/s, C gets the image too (straight from the
+///    restarted upstream). B's transfer notices it is too slow, looks
+///    again, and finishes from C.
+fn step_07_a_slow_holder_is_replaced(cluster: &mut Cluster, im: &Images) -> Result<()> {
+    let Images { medium, .. } = im;
+    let up = |image: &TestImage| im.up(image);
     cluster.upstream.restart()?;
-    let medium_layer = layer_of(&medium).clone();
     rate_limit(cluster.node("a"), Some("2mbit"))?;
+    let c_partial_before = partial_answers(cluster.node("c"));
     let b_mirror_before = mirror_bytes(cluster.node("b"));
     let started = Instant::now();
-    let handle = pull_in_background(cluster.node("b"), &up(&medium), true);
+    let handle = pull_in_background(cluster.node("b"), &up(medium), true);
     wait_for(
         "B to start streaming medium from A",
         Duration::from_secs(30),
@@ -385,29 +502,32 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     cluster
         .node("c")
         .containerd
-        .ctr(&["images", "pull", "--plain-http", &up(&medium)])?;
+        .ctr(&["images", "pull", "--plain-http", &up(medium)])?;
     let pull = handle
         .join()
         .map_err(|_| anyhow::anyhow!("pull thread panicked"))?;
     let took = started.elapsed();
     rate_limit(cluster.node("a"), None)?;
     pull.context("B's pull with a slow holder")?;
-    cluster.node("b").assert_has(&cluster.layout, &medium)?;
+    cluster.node("b").assert_has(&cluster.layout, medium)?;
     // 16 MiB at 2 Mbit/s alone would take over a minute.
     ensure!(
         took < Duration::from_secs(25),
         "pull with a slow holder took {took:?}"
     );
-    let took_over = log_lines(cluster.node("c"), &medium_layer.digest)
-        .into_iter()
-        .any(|l| l.contains("bytes=") && !l.contains("bytes=0-"));
-    ensure!(took_over, "C never resumed medium's layer for B");
+    let took_over = partial_answers(cluster.node("c")) - c_partial_before;
+    ensure!(took_over >= 1.0, "C never resumed medium's layer for B");
     println!("step 7: a slow holder was replaced mid-layer; the pull took {took:?}");
+    Ok(())
+}
 
-    // 8. A holder's copy is corrupt: a client asking for it gets fewer bytes
-    //    than Content-Length; the corrupt peer is not asked again, and
-    //    containerd's pull succeeds through upstream (running again since 7).
-    let victim_layer = layer_of(&victim).clone();
+/// A holder's copy is corrupt: a client asking for it gets fewer bytes
+///    than Content-Length; the corrupt peer is not asked again, and
+///    containerd's pull succeeds through upstream (running again since 7).
+fn step_08_a_corrupt_copy_is_cut_short(cluster: &mut Cluster, im: &Images) -> Result<()> {
+    let Images { victim, .. } = im;
+    let up = |image: &TestImage| im.up(image);
+    let victim_layer = layer_of(victim).clone();
     {
         let c = cluster.node("c");
         let path = c
@@ -452,21 +572,26 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
         );
     }
     let asked_before = log_lines(cluster.node("c"), &victim_layer.digest).len();
-    cluster.node("b").cri_pull(&up(&victim))?;
-    cluster.node("b").assert_has(&cluster.layout, &victim)?;
+    cluster.node("b").cri_pull(&up(victim))?;
+    cluster.node("b").assert_has(&cluster.layout, victim)?;
     let asked_after = log_lines(cluster.node("c"), &victim_layer.digest).len();
     ensure!(
         asked_after == asked_before,
         "the corrupt holder was asked again ({asked_before} -> {asked_after})"
     );
     println!("step 8: corrupt copy cut short and avoided; pull succeeded through upstream");
+    Ok(())
+}
 
-    // 9. An image deleted on its only holder: misses stay fast while the
-    //    stale record lives, and lookups forget it once the TTL passed.
-    let gone_layer = layer_of(&gone).clone();
+/// An image deleted on its only holder: misses stay fast while the
+///    stale record lives, and lookups forget it once the TTL passed.
+fn step_09_deleted_content_is_forgotten(cluster: &mut Cluster, im: &Images) -> Result<()> {
+    let Images { gone, .. } = im;
+    let up = |image: &TestImage| im.up(image);
+    let gone_layer = layer_of(gone).clone();
     {
         let a = cluster.node("a");
-        a.containerd.ctr(&["images", "rm", &up(&gone)])?;
+        a.containerd.ctr(&["images", "rm", &up(gone)])?;
         let blobs: Vec<&str> = gone.blobs.iter().map(|b| b.digest.as_str()).collect();
         let mut args = vec!["content", "rm"];
         args.extend(blobs);
@@ -511,27 +636,36 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
         "A is still asked after the TTL ({stale_hits} -> {after_ttl})"
     );
     println!("step 9: misses p50 {p50:?} p99 {p99:?}; record gone after the TTL");
+    Ok(())
+}
 
-    // 10. An image no node has falls through to upstream with little delay.
+/// An image no node has falls through to upstream with little delay.
+fn step_10_unknown_images_fall_through_fast(cluster: &mut Cluster, im: &Images) -> Result<()> {
+    let Images { fresh, fresh2, .. } = im;
+    let up = |image: &TestImage| im.up(image);
     let c = cluster.node("c");
     let started = Instant::now();
     // Straight to the registry: no hosts directory, so no peermirror.
     c.containerd
-        .ctr(&["images", "pull", "--plain-http", &up(&fresh2)])?;
+        .ctr(&["images", "pull", "--plain-http", &up(fresh2)])?;
     let direct_time = started.elapsed();
     let started = Instant::now();
-    cluster.node("b").ctr_pull(&up(&fresh))?;
+    cluster.node("b").ctr_pull(&up(fresh))?;
     let via_peermirror = started.elapsed();
     ensure!(
         via_peermirror < direct_time + Duration::from_secs(1),
         "through peermirror {via_peermirror:?}, direct {direct_time:?}"
     );
     println!("step 10: upstream fallback {via_peermirror:?} vs direct {direct_time:?}");
+    Ok(())
+}
 
-    // 11. containerd 2.x request patterns: `bytes=0-` on a whole blob (and
-    //     verified), and parallel `bytes=N-` chunk requests abandoned after a
-    //     chunk; the fetches behind abandoned requests stop.
-    let p_layer = layer_of(&patterns).clone();
+/// containerd 2.x request patterns: `bytes=0-` on a whole blob (and
+///     verified), and parallel `bytes=N-` chunk requests abandoned after a
+///     chunk; the fetches behind abandoned requests stop.
+fn step_11_containerd_2_request_patterns(cluster: &mut Cluster, im: &Images) -> Result<()> {
+    let Images { patterns, .. } = im;
+    let p_layer = layer_of(patterns).clone();
     let expected = cluster.layout.read_blob(&p_layer.digest)?;
     let b = cluster.node("b");
     let a = cluster.node("a");
@@ -598,14 +732,19 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
         |connections| connections <= baseline,
     )?;
     println!("step 11: bytes=0- verified; abandoned chunk fetches stopped");
+    Ok(())
+}
 
-    // 12. Upload limits: A sends one blob body at a time; a client that
-    //     holds the slot makes A answer 503, and containerd, asking A
-    //     directly as its mirror, moves on to upstream.
-    //    The restarted A lost its connections (and with them the
-    //    admissions of its peers to its registry port); bootstrapping it
-    //    from C makes C admitted again before A counts as ready, instead of
-    //    whenever C's next re-announcement happens to dial A.
+/// Upload limits: A sends one blob body at a time; a client that
+///     holds the slot makes A answer 503, and containerd, asking A
+///     directly as its mirror, moves on to upstream.
+///    The restarted A lost its connections (and with them the
+///    admissions of its peers to its registry port); bootstrapping it
+///    from C makes C admitted again before A counts as ready, instead of
+///    whenever C's next re-announcement happens to dial A.
+fn step_12_upload_limits_send_containerd_on(cluster: &mut Cluster, im: &Images) -> Result<()> {
+    let Images { big2, patterns, .. } = im;
+    let up = |image: &TestImage| im.up(image);
     let c_router = format!("/ip4/{}/tcp/{ROUTER_PORT}", cluster.node("c").ip());
     cluster.node_mut("a").restart_peermirror(&[
         "--max-uploads",
@@ -619,7 +758,7 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     ])?;
     cluster.wait_ready(&["a"], Duration::from_secs(60))?;
     let (a, c) = (cluster.node("a"), cluster.node("c"));
-    let big2_layer = layer_of(&big2).clone();
+    let big2_layer = layer_of(big2).clone();
     let held = format!("/v2/{}/blobs/{}", big2.repo, big2_layer.digest);
     let via = c.host.ns.via();
     let mut hog = via.connect(a.registry_addr(), Duration::from_secs(5))?;
@@ -652,9 +791,9 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     )?;
     let rejected_before = a.pm().metric("peermirror_upload_rejections_total", &[])?;
     c.containerd
-        .pull_via(&direct, &up(&patterns))
+        .pull_via(&direct, &up(patterns))
         .context("C's pull while A is at its upload limit")?;
-    c.assert_has(&cluster.layout, &patterns)?;
+    c.assert_has(&cluster.layout, patterns)?;
     let rejected = a.pm().metric("peermirror_upload_rejections_total", &[])? - rejected_before;
     ensure!(rejected >= 1.0, "containerd's request never met the limit");
     drop(hog);

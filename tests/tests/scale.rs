@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use peermirror::routing::Router;
-use peermirror_tests::dht::{DhtCluster, DhtOptions, key, quantile, rss_bytes};
+use peermirror_tests::dht::{DhtCluster, DhtOptions, SchedulingProbe, key, quantile, rss_bytes};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -77,15 +77,37 @@ async fn every_lookup_finds_its_holder_at_cluster_scale() -> Result<()> {
     let sample = env("PM_DHT_SAMPLE", 15);
     let rss_before = rss_bytes();
     let cluster = DhtCluster::start(nodes, DhtOptions::default()).await?;
+    // With PM_DHT_BIG, node 0 holds that many keys (hundreds of images).
+    let big = env("PM_DHT_BIG", 0);
     cluster
-        .advertise(|i| (0..keys).map(|k| key(i, k)).collect())
+        .advertise(|i| {
+            let n = if i == 0 && big > 0 { big } else { keys };
+            (0..n).map(|k| key(i, k)).collect()
+        })
         .await?;
     let ready = cluster.wait_ready(Duration::from_secs(300)).await?;
+    let probe = SchedulingProbe::start();
     let latencies = sampled_lookups(&cluster, keys, sample).await?;
+    let late = probe.finish().await;
+    if big > 0 {
+        // The big node's keys, sampled over their whole range.
+        let holder = cluster.node(0).ip;
+        for (n, i) in (0..big).step_by((big / 500).max(1)).enumerate() {
+            let asker = 1 + n % (nodes - 1);
+            let found = cluster
+                .lookup_first(asker, &key(0, i), Duration::from_secs(10))
+                .await?;
+            ensure!(
+                found.is_some_and(|(p, _)| p.addr.ip() == holder),
+                "node {asker} did not find key {i} of the big node"
+            );
+        }
+    }
     let rss = rss_bytes().saturating_sub(rss_before);
     println!(
         "dht: {nodes} nodes × {keys} keys ready in {ready:.2?} ({} failed announcements retried); \
-         {} lookups: p50 {:.2?}, p99 {:.2?}, p99.9 {:.2?}, max {:.2?}; {:.1} MiB RSS per node",
+         {} lookups: p50 {:.2?}, p99 {:.2?}, p99.9 {:.2?}, max {:.2?}; {:.1} MiB RSS per node; \
+         a 1 ms timer was late by p50 {:.2?}, p99 {:.2?}, max {:.2?} meanwhile",
         cluster.advertise_failures(),
         latencies.len(),
         quantile(&latencies, 0.5),
@@ -93,6 +115,9 @@ async fn every_lookup_finds_its_holder_at_cluster_scale() -> Result<()> {
         quantile(&latencies, 0.999),
         latencies.last().copied().unwrap_or_default(),
         rss as f64 / nodes as f64 / (1 << 20) as f64,
+        quantile(&late, 0.5),
+        quantile(&late, 0.99),
+        late.last().copied().unwrap_or_default(),
     );
     Ok(())
 }

@@ -230,19 +230,8 @@ fn two_nodes_mirror_over_mtls() -> Result<()> {
         "k8s.io",
         ContainerdOptions::default(),
     )?;
-    let a_router = std::fs::read_to_string(&a.proc.log)?
-        .lines()
-        .find_map(|l| l.split("P2P listening address=").nth(1).map(str::to_string))
-        .context("A's P2P address in its log")?;
-    let a_id = std::fs::read_to_string(&a.proc.log)?
-        .lines()
-        .find_map(|l| {
-            l.split("peer_id=")
-                .nth(1)
-                .and_then(|s| s.split_whitespace().next())
-                .map(str::to_string)
-        })
-        .context("A's peer id in its log")?;
+    let a_router = a.p2p_addr()?;
+    let a_id = a.peer_id()?;
     let b = start(
         "node-b",
         "127.0.0.3",

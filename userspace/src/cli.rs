@@ -239,6 +239,17 @@ pub struct Run {
     #[arg(long, env = "PEERMIRROR_METRICS_ADDR", default_value = ":9090", value_parser = parse_listen_addr)]
     pub metrics_addr: SocketAddr,
 
+    /// Serve the debug endpoints (/debug, which shows image names, digests
+    /// and peer addresses). They answer loopback, connected peers and
+    /// `--debug-allowed-cidrs`; anyone else gets 403.
+    #[arg(long, env = "PEERMIRROR_DEBUG_ENDPOINTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub debug_endpoints: bool,
+
+    /// Networks allowed to see the debug endpoints besides loopback and the
+    /// connected peers, comma-separated CIDRs.
+    #[arg(long, env = "PEERMIRROR_DEBUG_ALLOWED_CIDRS", value_delimiter = ',')]
+    pub debug_allowed_cidrs: Vec<ipnet::IpNet>,
+
     /// Directory for the daemon's state.
     #[arg(
         long,
@@ -264,6 +275,11 @@ pub struct Run {
     /// Blob bodies sent to one client address at once (0: no limit).
     #[arg(long, env = "PEERMIRROR_MAX_UPLOADS_PER_CLIENT", default_value_t = 8)]
     pub max_uploads_per_client: usize,
+
+    /// Connections the registry port serves at once; beyond, a new
+    /// connection is answered 503 and closed.
+    #[arg(long, env = "PEERMIRROR_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
 
     /// How long an idle keep-alive connection on the registry port is kept.
     #[arg(long, env = "PEERMIRROR_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
@@ -619,7 +635,12 @@ impl Run {
             server: ServerConfig {
                 write_timeout: self.write_timeout,
                 idle_timeout: self.idle_timeout,
+                max_connections: self.max_connections.max(1),
                 ..ServerConfig::default()
+            },
+            debug: crate::status::DebugAccess {
+                enabled: self.debug_endpoints,
+                allowed: self.debug_allowed_cidrs,
             },
             p2p: P2pSettings {
                 listen: listen_multiaddrs(self.router_addr),

@@ -9,6 +9,13 @@
 //! - Each written file lists the mirror targets first, then (with
 //!   `prepend_existing`) the mirrors the original file had, then the
 //!   registry's own server, which containerd always tries last.
+//! - A file the user edited after peermirror wrote it is never overwritten
+//!   or thrown away: `configure` refuses to touch it and says why, and
+//!   `cleanup` leaves it in place (with the original kept in the backup).
+//! - A `hosts.toml` that is a symlink is backed up and restored as that
+//!   symlink; files are written through a temporary created with
+//!   `O_EXCL | O_NOFOLLOW`, so no symlink planted in the directory is
+//!   followed.
 //! - containerd's own `config.toml` is read to tell the user, in plain words,
 //!   when the CRI plugin (kubelet's pulls) would ignore these files, or would
 //!   leave nothing to share.
@@ -73,6 +80,11 @@ pub enum ConfigError {
     BadTarget { target: String },
     #[error("invalid registry {registry:?}")]
     BadRegistry { registry: String },
+    #[error(
+        "{path} was changed after peermirror wrote it; it is left as it is. Move your change into the original \
+         ({original}, which cleanup-containerd restores) or delete {path}, then run configure-containerd again"
+    )]
+    Edited { path: PathBuf, original: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ConfigError + '_ {
@@ -89,6 +101,8 @@ pub struct Report {
     pub unchanged: Vec<PathBuf>,
     pub restored: Vec<PathBuf>,
     pub removed: Vec<PathBuf>,
+    /// Files the user edited after peermirror wrote them: left in place.
+    pub kept: Vec<PathBuf>,
 }
 
 /// Which registries are managed, and which of them had a file before.
@@ -98,10 +112,34 @@ struct State {
     managed: std::collections::BTreeMap<String, Original>,
 }
 
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Original {
     had_file: bool,
     had_dir: bool,
+    /// The original `hosts.toml` was a symlink to this target.
+    #[serde(default)]
+    symlink: Option<PathBuf>,
+    /// sha256 of the `hosts.toml` peermirror last wrote (absent in state
+    /// files of older versions: then edits cannot be told apart).
+    #[serde(default)]
+    written: Option<String>,
+}
+
+fn fingerprint(bytes: &[u8]) -> String {
+    crate::oci::Digest::of(bytes).to_string()
+}
+
+/// Whether the file at `path` is not what peermirror last wrote there.
+fn edited(path: &Path, original: &Original) -> bool {
+    match (&original.written, std::fs::symlink_metadata(path)) {
+        (Some(written), Ok(meta)) if meta.is_file() => std::fs::read(path)
+            .map(|b| &fingerprint(&b) != written)
+            .unwrap_or(true),
+        // Replaced by a link or a directory: not ours any more.
+        (Some(_), Ok(_)) => true,
+        // Deleted, or written by an older version: nothing to lose.
+        _ => false,
+    }
 }
 
 fn read_state(config_path: &Path) -> Result<State, ConfigError> {
@@ -116,15 +154,30 @@ fn read_state(config_path: &Path) -> Result<State, ConfigError> {
     }
 }
 
-/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename). The
+/// temporary is created new (`O_EXCL`) without following a symlink
+/// (`O_NOFOLLOW`); a leftover of an interrupted run is removed first. A
+/// symlink at `path` itself is replaced, not followed.
 fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<(), ConfigError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("peermirror-tmp");
     let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(mode.unwrap_or(0o644))
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         if let Some(mode) = mode {
-            std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+            // Exactly this mode, whatever the umask.
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
         }
         std::fs::rename(&tmp, path)
     };
@@ -260,8 +313,10 @@ pub fn configure(opts: &ConfigureOptions) -> Result<Report, ConfigError> {
         .cloned()
         .collect();
     for registry in dropped {
-        if let Some(original) = state.managed.remove(&registry) {
-            restore_one(&opts.config_path, &registry, original, &mut report)?;
+        if let Some(original) = state.managed.get(&registry).cloned()
+            && restore_one(&opts.config_path, &registry, &original, &mut report)?
+        {
+            state.managed.remove(&registry);
         }
         write_state(&opts.config_path, &state)?;
     }
@@ -269,27 +324,50 @@ pub fn configure(opts: &ConfigureOptions) -> Result<Report, ConfigError> {
     for registry in &registries {
         let dir = opts.config_path.join(registry);
         let file = dir.join("hosts.toml");
-        if !state.managed.contains_key(registry) {
-            // First time: save the original before touching anything.
-            let had_dir = dir.is_dir();
-            let had_file = file.is_file();
-            if had_file {
-                let saved = backup_root.join(registry);
-                std::fs::create_dir_all(&saved).map_err(io_err(&saved))?;
-                let bytes = std::fs::read(&file).map_err(io_err(&file))?;
-                let mode = std::fs::metadata(&file).map_err(io_err(&file))?;
-                write_atomic(
-                    &saved.join("hosts.toml"),
-                    &bytes,
-                    Some(std::os::unix::fs::PermissionsExt::mode(&mode.permissions())),
-                )?;
-            }
-            state
-                .managed
-                .insert(registry.clone(), Original { had_file, had_dir });
-            write_state(&opts.config_path, &state)?;
-        }
         let original_path = backup_root.join(registry).join("hosts.toml");
+        match state.managed.get(registry) {
+            Some(original) if edited(&file, original) => {
+                return Err(ConfigError::Edited {
+                    path: file,
+                    original: if original.had_file {
+                        original_path.display().to_string()
+                    } else {
+                        "there was none".to_string()
+                    },
+                });
+            }
+            Some(_) => {}
+            None => {
+                // First time: save the original before touching anything.
+                let had_dir = dir.is_dir();
+                let link = std::fs::symlink_metadata(&file)
+                    .ok()
+                    .filter(|m| m.file_type().is_symlink())
+                    .and_then(|_| std::fs::read_link(&file).ok());
+                let had_file = file.is_file() || link.is_some();
+                if had_file {
+                    let saved = backup_root.join(registry);
+                    std::fs::create_dir_all(&saved).map_err(io_err(&saved))?;
+                    // The content, as containerd reads it (through a link);
+                    // a dangling link has none.
+                    let bytes = std::fs::read(&file).unwrap_or_default();
+                    let mode = std::fs::metadata(&file)
+                        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()))
+                        .unwrap_or(0o644);
+                    write_atomic(&original_path, &bytes, Some(mode))?;
+                }
+                state.managed.insert(
+                    registry.clone(),
+                    Original {
+                        had_file,
+                        had_dir,
+                        symlink: link,
+                        written: None,
+                    },
+                );
+                write_state(&opts.config_path, &state)?;
+            }
+        }
         let original = match std::fs::read_to_string(&original_path) {
             Ok(s) => Some(s),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -305,31 +383,57 @@ pub fn configure(opts: &ConfigureOptions) -> Result<Report, ConfigError> {
                 path: original_path.clone(),
                 reason,
             })?;
+        let regular = std::fs::symlink_metadata(&file).is_ok_and(|m| m.is_file());
         let current = std::fs::read_to_string(&file).ok();
-        if current.as_deref() == Some(rendered.as_str()) {
+        if regular && current.as_deref() == Some(rendered.as_str()) {
             report.unchanged.push(file);
-            continue;
+        } else {
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            write_atomic(&file, rendered.as_bytes(), Some(0o644))?;
+            report.written.push(file);
         }
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        write_atomic(&file, rendered.as_bytes(), Some(0o644))?;
-        report.written.push(file);
+        if let Some(original) = state.managed.get_mut(registry) {
+            let print = fingerprint(rendered.as_bytes());
+            if original.written.as_ref() != Some(&print) {
+                original.written = Some(print);
+                write_state(&opts.config_path, &state)?;
+            }
+        }
     }
     Ok(report)
 }
 
+/// Puts `registry`'s original back; `false` when the file was edited since
+/// peermirror wrote it, and is left as it is (its original stays in the
+/// backup).
 fn restore_one(
     config_path: &Path,
     registry: &str,
-    original: Original,
+    original: &Original,
     report: &mut Report,
-) -> Result<(), ConfigError> {
+) -> Result<bool, ConfigError> {
     let dir = config_path.join(registry);
     let file = dir.join("hosts.toml");
+    if edited(&file, original) {
+        report.kept.push(file);
+        return Ok(false);
+    }
     let saved = config_path
         .join(BACKUP_DIR)
         .join(registry)
         .join("hosts.toml");
-    if original.had_file {
+    if let Some(target) = &original.symlink {
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        match std::fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(ConfigError::Io { path: file, source }),
+        }
+        std::os::unix::fs::symlink(target, &file).map_err(io_err(&file))?;
+        report.restored.push(file);
+        let _ = std::fs::remove_file(&saved);
+        let _ = std::fs::remove_dir(saved.parent().unwrap_or(&saved));
+    } else if original.had_file {
         let bytes = std::fs::read(&saved).map_err(io_err(&saved))?;
         let mode = std::fs::metadata(&saved).map_err(io_err(&saved))?;
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -352,7 +456,7 @@ fn restore_one(
             let _ = std::fs::remove_dir(&dir);
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Puts back every original file and removes the backup.
@@ -361,10 +465,16 @@ pub fn cleanup(config_path: &Path) -> Result<Report, ConfigError> {
     let mut report = Report::default();
     let registries: Vec<String> = state.managed.keys().cloned().collect();
     for registry in registries {
-        if let Some(original) = state.managed.remove(&registry) {
-            restore_one(config_path, &registry, original, &mut report)?;
+        if let Some(original) = state.managed.get(&registry).cloned()
+            && restore_one(config_path, &registry, &original, &mut report)?
+        {
+            state.managed.remove(&registry);
             write_state(config_path, &state)?;
         }
+    }
+    if !state.managed.is_empty() {
+        // Edited files were kept: their originals stay in the backup.
+        return Ok(report);
     }
     let backup = config_path.join(BACKUP_DIR);
     match std::fs::remove_dir_all(&backup) {
@@ -586,6 +696,77 @@ mod tests {
         // Cleanup twice is harmless.
         cleanup(dir.path()).expect("cleanup again");
         assert_eq!(snapshot(dir.path()), before);
+    }
+
+    #[test]
+    fn an_edit_made_after_configure_is_never_lost() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("docker.io/hosts.toml");
+        configure(&opts(dir.path(), &["docker.io"])).expect("configure");
+        let edit = "server = \"https://registry-1.docker.io\"\n# the user's own change\n";
+        std::fs::write(&file, edit).expect("edit");
+        let err = configure(&opts(dir.path(), &["docker.io"])).expect_err("refuses");
+        assert!(matches!(err, ConfigError::Edited { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("changed after peermirror wrote it"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&file).expect("read"), edit);
+        let report = cleanup(dir.path()).expect("cleanup");
+        assert_eq!(report.kept, std::slice::from_ref(&file));
+        assert_eq!(std::fs::read_to_string(&file).expect("read"), edit);
+        // Once the user resolves it (here: deletes the file), all goes on.
+        std::fs::remove_file(&file).expect("rm");
+        let report = cleanup(dir.path()).expect("cleanup");
+        assert!(report.kept.is_empty());
+        assert!(!dir.path().join(BACKUP_DIR).exists());
+    }
+
+    #[test]
+    fn a_symlinked_hosts_toml_comes_back_as_that_symlink() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let elsewhere = dir.path().join("managed-elsewhere.toml");
+        let theirs = "server = \"https://mirror.corp\"\n";
+        std::fs::write(&elsewhere, theirs).expect("write");
+        std::fs::create_dir_all(dir.path().join("docker.io")).expect("mkdir");
+        let file = dir.path().join("docker.io/hosts.toml");
+        std::os::unix::fs::symlink(&elsewhere, &file).expect("symlink");
+        let mut o = opts(dir.path(), &["docker.io"]);
+        o.prepend_existing = true;
+        configure(&o).expect("configure");
+        // Ours now, and the link's target untouched.
+        let ours = std::fs::read_to_string(&file).expect("read");
+        assert!(
+            ours.contains("127.0.0.1:5000") && ours.contains("mirror.corp"),
+            "{ours}"
+        );
+        assert!(std::fs::symlink_metadata(&file).expect("meta").is_file());
+        assert_eq!(std::fs::read_to_string(&elsewhere).expect("read"), theirs);
+        configure(&o).expect("idempotent");
+        cleanup(dir.path()).expect("cleanup");
+        assert_eq!(
+            std::fs::read_link(&file).expect("a symlink again"),
+            elsewhere
+        );
+        assert_eq!(std::fs::read_to_string(&elsewhere).expect("read"), theirs);
+    }
+
+    #[test]
+    fn a_planted_symlink_is_not_followed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").expect("write");
+        std::fs::create_dir_all(dir.path().join("docker.io")).expect("mkdir");
+        let tmp = dir.path().join("docker.io/hosts.peermirror-tmp");
+        std::os::unix::fs::symlink(&victim, &tmp).expect("symlink");
+        configure(&opts(dir.path(), &["docker.io"])).expect("configure");
+        assert_eq!(std::fs::read_to_string(&victim).expect("read"), "precious");
+        assert!(
+            std::fs::read_to_string(dir.path().join("docker.io/hosts.toml"))
+                .expect("read")
+                .contains("127.0.0.1:5000")
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! | module | owns |
 //! | --- | --- |
 //! | [`oci`] | the OCI distribution vocabulary: digests, references, `/v2/` routes, `Range`/`Content-Range`, error codes. Pure: no I/O |
+//! | [`net`] | socket helpers every server uses: connections that must make progress, connection caps |
 //! | [`tls`] | certificate files → rustls configurations, reloaded when they change |
 //! | [`metrics`] | every metric, registered once; the status port (`/metrics`, `/healthz`, `/readyz`, `/debug`). Knows nothing of the domain |
 //! | [`store`] | the node's content: the `ContentStore` trait, the containerd store, the in-memory twin, the catalog |
@@ -26,6 +27,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod metrics;
 pub mod mirror;
+pub mod net;
 pub mod oci;
 pub mod registry;
 pub mod routing;

@@ -43,6 +43,10 @@ fn print_report(report: &peermirror::containerd_config::Report) {
         ("unchanged", &report.unchanged),
         ("restored", &report.restored),
         ("removed", &report.removed),
+        (
+            "kept (edited since configure-containerd wrote it)",
+            &report.kept,
+        ),
     ] {
         for p in paths {
             println!("{what} {}", p.display());

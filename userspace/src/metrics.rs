@@ -118,6 +118,8 @@ pub struct Metrics {
     pub catalog_tags: Gauge,
     pub catalog_blobs: Gauge,
     pub registry_connections: Gauge,
+    pub registry_connections_refused: Counter,
+    pub p2p_connections_refused: Counter,
     pub mirror_requests: Family<MirrorLabels, Counter>,
     pub mirror_resolve_duration: Histogram,
     pub handshake_failures: Family<HandshakeLabels, Counter>,
@@ -147,6 +149,8 @@ impl Metrics {
             catalog_tags: Gauge::default(),
             catalog_blobs: Gauge::default(),
             registry_connections: Gauge::default(),
+            registry_connections_refused: Counter::default(),
+            p2p_connections_refused: Counter::default(),
             mirror_requests: Family::default(),
             mirror_resolve_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             handshake_failures: Family::default(),
@@ -197,6 +201,16 @@ impl Metrics {
             "registry_connections",
             "Open connections on the registry port",
             metrics.registry_connections.clone(),
+        );
+        r.register(
+            "registry_connections_refused",
+            "Connections to the registry port answered 503 at once because --max-connections were open",
+            metrics.registry_connections_refused.clone(),
+        );
+        r.register(
+            "p2p_connections_refused",
+            "P2P connections refused at the connection limits (pending handshakes, connections in all, per peer)",
+            metrics.p2p_connections_refused.clone(),
         );
         r.register(
             "mirror_requests",
@@ -398,17 +412,32 @@ pub trait Status: Send + Sync + 'static {
     fn health(&self) -> Result<(), String>;
     /// A plain-text page describing the daemon's state, for humans.
     async fn debug_page(&self) -> String;
+    /// Whether `client` may see the debug endpoints (they show image names,
+    /// digests and peer addresses).
+    async fn debug_allowed(&self, client: std::net::IpAddr) -> bool;
 }
 
-/// Serves `/metrics`, `/healthz`, `/readyz` and `/debug` until `shutdown`.
+/// Connections the status port serves at once; beyond, a connection is
+/// closed at once.
+pub const MAX_STATUS_CONNECTIONS: usize = 64;
+/// A status connection that sends nothing for this long is closed.
+pub const STATUS_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A status client that reads nothing of its response for this long is
+/// disconnected.
+pub const STATUS_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `/metrics`, `/healthz`, `/readyz` and `/debug` until `shutdown`,
+/// at most [`MAX_STATUS_CONNECTIONS`] connections at once, each bounded by
+/// [`STATUS_IDLE_TIMEOUT`] and [`STATUS_WRITE_TIMEOUT`].
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     status: Arc<dyn Status>,
     shutdown: CancellationToken,
 ) {
+    let cap = crate::net::ConnectionCap::new(MAX_STATUS_CONNECTIONS);
     loop {
-        let (stream, _peer): (_, SocketAddr) = tokio::select! {
+        let (stream, peer): (_, SocketAddr) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -419,19 +448,28 @@ pub async fn serve(
                 }
             },
         };
+        let Some(slot) = cap.try_admit() else {
+            tracing::debug!(%peer, "status port full; closing a connection");
+            continue;
+        };
         let registry = registry.clone();
         let status = status.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _slot = slot;
+            let client = peer.ip().to_canonical();
             let service = hyper::service::service_fn(move |req| {
                 let registry = registry.clone();
                 let status = status.clone();
-                async move { Ok::<_, Infallible>(respond(&req, &registry, status.as_ref()).await) }
+                async move {
+                    Ok::<_, Infallible>(respond(&req, client, &registry, status.as_ref()).await)
+                }
             });
+            let io = crate::net::Deadlined::new(stream, STATUS_IDLE_TIMEOUT, STATUS_WRITE_TIMEOUT);
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service);
+                .serve_connection(TokioIo::new(io), service);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
@@ -458,8 +496,14 @@ pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
     Ok(out)
 }
 
+/// Whether `path` is one of the debug endpoints (one access policy for all).
+pub fn is_debug_path(path: &str) -> bool {
+    path == "/" || path == "/debug" || path.starts_with("/debug/")
+}
+
 async fn respond<B>(
     req: &Request<B>,
+    client: std::net::IpAddr,
     registry: &Registry,
     status: &dyn Status,
 ) -> Response<Full<Bytes>> {
@@ -470,7 +514,17 @@ async fn respond<B>(
             "GET or HEAD only\n".into(),
         );
     }
-    match req.uri().path() {
+    let path = req.uri().path();
+    if is_debug_path(path) && !status.debug_allowed(client).await {
+        return text(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "forbidden: the debug pages show image names and peer addresses; they answer this node, \
+             its peers and --debug-allowed-cidrs\n"
+                .into(),
+        );
+    }
+    match path {
         "/metrics" => match encode(registry) {
             Ok(out) => text(
                 StatusCode::OK,
@@ -536,15 +590,28 @@ mod tests {
         async fn debug_page(&self) -> String {
             "page\n".into()
         }
+        async fn debug_allowed(&self, client: std::net::IpAddr) -> bool {
+            client.is_loopback()
+        }
     }
 
     async fn get(status: &Fixed, registry: &Registry, method: &str, path: &str) -> (u16, String) {
+        get_from(status, registry, method, path, "127.0.0.1").await
+    }
+
+    async fn get_from(
+        status: &Fixed,
+        registry: &Registry,
+        method: &str,
+        path: &str,
+        client: &str,
+    ) -> (u16, String) {
         let req = Request::builder()
             .method(method)
             .uri(path)
             .body(())
             .expect("request");
-        let r = respond(&req, registry, status).await;
+        let r = respond(&req, client.parse().expect("ip"), registry, status).await;
         let code = r.status().as_u16();
         let body = http_body_util::BodyExt::collect(r.into_body())
             .await
@@ -594,6 +661,23 @@ mod tests {
         assert_eq!(
             get(&bad, &registry, "GET", "/healthz").await,
             (503, "failing: task sync stopped\n".into())
+        );
+        // The debug pages follow the access policy; the rest does not.
+        for path in ["/", "/debug", "/debug/web", "/debug/api/peers"] {
+            let (code, _) = get_from(&ok, &registry, "GET", path, "10.9.9.9").await;
+            assert_eq!(code, 403, "{path}");
+        }
+        assert_eq!(
+            get_from(&ok, &registry, "GET", "/metrics", "10.9.9.9")
+                .await
+                .0,
+            200
+        );
+        assert_eq!(
+            get_from(&ok, &registry, "GET", "/readyz", "10.9.9.9")
+                .await
+                .0,
+            200
         );
     }
 

@@ -32,9 +32,9 @@ enum Cmd {
     Demo,
     /// Compile the eBPF programs (C, clang) into target/bpf/peermirror.bpf.o.
     BuildEbpf,
-    /// Benchmarks: peermirror side by side with nginx and the CNCF registry (release build).
+    /// Benchmarks: peermirror side by side with nginx and the CNCF registry, the DHT at scale (release build).
     Bench {
-        /// `serving` or `cluster` to run only that part.
+        /// `serving`, `cluster` or `dht` to run only that part.
         part: Option<String>,
     },
 }

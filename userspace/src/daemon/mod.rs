@@ -27,7 +27,7 @@ use crate::routing::bootstrap::{self, BootstrapConfig};
 use crate::routing::identity::{self, IdentityError};
 use crate::routing::p2p::{self, P2pConfig, P2pCounters, P2pError, P2pRouter, P2pSettings};
 use crate::routing::{Router, sync};
-use crate::status::{NodeFacts, NodeStatus};
+use crate::status::{DebugAccess, NodeFacts, NodeStatus};
 use crate::store::{ContainerdConfig, ContainerdStore, ContentStore, StoreGauges};
 use crate::tls::{TlsFiles, TlsState};
 use supervisor::{Policy, StageId, Supervisor, TaskFailed};
@@ -56,6 +56,8 @@ pub struct DaemonConfig {
     /// Where this node serves its own bootstrap entry, if anywhere.
     pub http_bootstrap_addr: Option<SocketAddr>,
     pub mirror: MirrorConfig,
+    /// Who may see the debug endpoints.
+    pub debug: DebugAccess,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -216,6 +218,7 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
             dataplane_mode: config.dataplane.mode,
             dataplane_attached: dataplane.is_some(),
         },
+        debug: config.debug.clone(),
     });
     let stop = tasks.stop_token(status_stage);
     tasks.spawn_infallible(
@@ -306,6 +309,7 @@ fn p2p_counters(metrics: &Metrics) -> P2pCounters {
         handshake_failures_outbound: handshake("outbound"),
         advertise_failures: metrics.advertise_failures.clone(),
         lookups_dropped: metrics.lookups_dropped.clone(),
+        connections_refused: metrics.p2p_connections_refused.clone(),
         connected_peers: metrics.connected_peers.clone(),
         routing_table_peers: metrics.routing_table_peers.clone(),
         advertised_keys: metrics.advertised_keys.clone(),

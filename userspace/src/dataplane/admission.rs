@@ -2,10 +2,11 @@
 //! P2P events and enforced by the dataplane.
 //!
 //! - A peer that completed a libp2p handshake proved the preshared key: the
-//!   address of each of its connections is admitted, and up to
-//!   [`MAX_ANNOUNCED_PER_PEER`] addresses it announces (its registry
-//!   requests may come from one of those on a dual-stack or multi-homed
-//!   node).
+//!   remote address of each of its connections is admitted — only those.
+//!   What a peer announces is never admitted (identities are free, and an
+//!   announced address could be anyone's); a node fetches from a peer at
+//!   the address of its connection to it, and its request comes from the
+//!   address the peer sees on that connection.
 //! - When a peer's last connection closes, its addresses that no other
 //!   connected peer uses are revoked once the admission TTL has passed
 //!   without a new connection (libp2p closes idle connections; a peer
@@ -29,9 +30,6 @@ use super::{Dataplane, DataplaneError};
 use crate::metrics::{BoundaryDrops, PeerTraffic, TrafficSource};
 use crate::routing::p2p::PeerEvent;
 
-/// At most this many announced addresses are admitted for one peer (the
-/// addresses of its connections always are).
-pub const MAX_ANNOUNCED_PER_PEER: usize = 16;
 /// How often own addresses and expired admissions are looked at.
 const UPKEEP: Duration = Duration::from_secs(5);
 /// Counters of addresses not seen for this long are removed (and their
@@ -48,6 +46,8 @@ pub trait Boundary: Send + Sync + 'static {
         previous: &HashSet<IpAddr>,
         now: &HashSet<IpAddr>,
     ) -> Result<(), DataplaneError>;
+    /// Every admitted address with when it was admitted (monotonic ns).
+    fn admissions(&self) -> Vec<(IpAddr, u64)>;
     /// Per-peer counters and drops, for metrics.
     fn traffic(&self) -> (Vec<super::PeerCounter>, super::Drops);
     /// Ages out counters of addresses long gone.
@@ -67,6 +67,9 @@ impl Boundary for Dataplane {
         now: &HashSet<IpAddr>,
     ) -> Result<(), DataplaneError> {
         Dataplane::set_own_addresses(self, previous, now)
+    }
+    fn admissions(&self) -> Vec<(IpAddr, u64)> {
+        Dataplane::admissions(self).unwrap_or_default()
     }
     fn traffic(&self) -> (Vec<super::PeerCounter>, super::Drops) {
         (
@@ -132,27 +135,6 @@ impl Admission {
                 drop(state);
                 self.admit(&[ip]);
             }
-            PeerEvent::Announced { peer, ips } => {
-                // Only for a peer that is connected now (it proved the key).
-                let Some(admitted) = state.peers.get_mut(&peer) else {
-                    return;
-                };
-                let fresh: Vec<IpAddr> = ips
-                    .iter()
-                    .filter(|ip| !admitted.contains(ip))
-                    .take(MAX_ANNOUNCED_PER_PEER.saturating_sub(admitted.len()))
-                    .copied()
-                    .collect();
-                admitted.extend(&fresh);
-                for ip in &fresh {
-                    state.disconnected.remove(ip);
-                }
-                drop(state);
-                if !fresh.is_empty() {
-                    tracing::debug!(%peer, addresses = ?fresh, "admitting the addresses a peer announced");
-                }
-                self.admit(&fresh);
-            }
             PeerEvent::Disconnected { peer } => {
                 let Some(admitted) = state.peers.remove(&peer) else {
                     return;
@@ -189,6 +171,26 @@ impl Admission {
             for ip in &expired {
                 state.disconnected.remove(ip);
             }
+            // Admissions the policy does not know of (left by an earlier
+            // run, or by anyone else writing the map) expire by their
+            // stored time.
+            let known: HashSet<IpAddr> = state
+                .peers
+                .values()
+                .flatten()
+                .chain(state.disconnected.keys())
+                .copied()
+                .collect();
+            let now_ns = super::monotonic_ns();
+            let ttl_ns = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
+            let mut expired = expired;
+            expired.extend(
+                self.boundary
+                    .admissions()
+                    .into_iter()
+                    .filter(|(ip, at)| !known.contains(ip) && now_ns.saturating_sub(*at) >= ttl_ns)
+                    .map(|(ip, _)| ip),
+            );
             expired
         };
         for ip in expired {
@@ -266,6 +268,8 @@ mod tests {
     struct Recorded {
         admitted: Mutex<BTreeSet<IpAddr>>,
         own: Mutex<HashSet<IpAddr>>,
+        /// Admitted long ago, by someone the policy does not know.
+        stale: Mutex<HashSet<IpAddr>>,
     }
 
     impl Boundary for Recorded {
@@ -284,6 +288,24 @@ mod tests {
         ) -> Result<(), DataplaneError> {
             *self.own.lock().expect("lock") = now.clone();
             Ok(())
+        }
+        fn admissions(&self) -> Vec<(IpAddr, u64)> {
+            let stale = self.stale.lock().expect("lock").clone();
+            self.admitted
+                .lock()
+                .expect("lock")
+                .iter()
+                .map(|ip| {
+                    (
+                        *ip,
+                        if stale.contains(ip) {
+                            0
+                        } else {
+                            super::super::monotonic_ns()
+                        },
+                    )
+                })
+                .collect()
         }
         fn traffic(&self) -> (Vec<super::super::PeerCounter>, super::super::Drops) {
             (Vec::new(), Default::default())
@@ -306,16 +328,10 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_peer_is_admitted_on_every_address_and_revoked_on_all_of_them() {
+    async fn a_peer_is_admitted_on_every_connection_address_and_revoked_on_all_of_them() {
         let (r, adm) = setup();
         let a = PeerId::random();
         let b = PeerId::random();
-        // Announced before any connection: ignored (not proved yet).
-        adm.handle(PeerEvent::Announced {
-            peer: a,
-            ips: vec![ip("10.0.0.9")],
-        });
-        assert!(admitted(&r).is_empty());
         adm.handle(PeerEvent::Connected {
             peer: a,
             ip: ip("10.0.0.1"),
@@ -324,17 +340,17 @@ mod tests {
             peer: a,
             ip: ip("10.0.1.1"),
         });
-        adm.handle(PeerEvent::Announced {
+        adm.handle(PeerEvent::Connected {
             peer: a,
-            ips: vec![ip("10.0.0.1"), ip("fd00::1")],
+            ip: ip("fd00::1"),
         });
         adm.handle(PeerEvent::Connected {
             peer: b,
             ip: ip("10.0.0.2"),
         });
-        adm.handle(PeerEvent::Announced {
+        adm.handle(PeerEvent::Connected {
             peer: b,
-            ips: vec![ip("10.0.0.2"), ip("fd00::1")],
+            ip: ip("fd00::1"),
         });
         assert_eq!(
             adm.admitted()[&a],
@@ -381,24 +397,43 @@ mod tests {
         assert_eq!(admitted(&r), [ip("10.0.0.1")].into());
     }
 
-    #[test]
-    fn announced_addresses_are_bounded_per_peer() {
+    /// The race the old upkeep had: the TTL has run out, a fresh connection
+    /// comes in, and only then is the upkeep's turn. Events and upkeep are
+    /// handled in order, so the fresh admission stands.
+    #[tokio::test(start_paused = true)]
+    async fn a_revocation_never_undoes_a_fresh_admission() {
         let (r, adm) = setup();
         let a = PeerId::random();
         adm.handle(PeerEvent::Connected {
             peer: a,
             ip: ip("10.0.0.1"),
         });
-        let many: Vec<IpAddr> = (1..=100u8).map(|i| IpAddr::from([10, 9, 0, i])).collect();
-        adm.handle(PeerEvent::Announced { peer: a, ips: many });
-        assert_eq!(adm.admitted()[&a].len(), MAX_ANNOUNCED_PER_PEER);
-        // The address of a connection is admitted beyond the bound.
+        adm.handle(PeerEvent::Disconnected { peer: a });
+        tokio::time::advance(Duration::from_secs(700)).await;
         adm.handle(PeerEvent::Connected {
             peer: a,
-            ip: ip("10.0.0.3"),
+            ip: ip("10.0.0.1"),
         });
-        assert_eq!(adm.admitted()[&a].len(), MAX_ANNOUNCED_PER_PEER + 1);
-        assert_eq!(admitted(&r).len(), MAX_ANNOUNCED_PER_PEER + 1);
+        adm.upkeep(HashSet::new());
+        assert_eq!(admitted(&r), [ip("10.0.0.1")].into());
+    }
+
+    #[test]
+    fn admissions_nobody_knows_expire_by_their_time() {
+        let (r, adm) = setup();
+        let a = PeerId::random();
+        adm.handle(PeerEvent::Connected {
+            peer: a,
+            ip: ip("10.0.0.1"),
+        });
+        // Left in the map by an earlier run: one old, one just made.
+        r.admitted
+            .lock()
+            .expect("lock")
+            .extend([ip("10.9.9.9"), ip("10.8.8.8")]);
+        r.stale.lock().expect("lock").insert(ip("10.9.9.9"));
+        adm.upkeep(HashSet::new());
+        assert_eq!(admitted(&r), [ip("10.0.0.1"), ip("10.8.8.8")].into());
     }
 
     #[test]

@@ -48,7 +48,14 @@ use peermirror_ebpf::{Config, PeerKey, PeerValue};
 
 pub mod admission;
 
+pub use crate::routing::p2p::interface_addresses;
 pub use admission::Admission;
+
+/// The monotonic clock the programs' timestamps use, in ns.
+pub fn monotonic_ns() -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
 
 /// The compiled programs, built by `build.rs` with the same builder as
 /// `cargo xtask build-ebpf` (aligned as the ELF parser wants them).
@@ -393,7 +400,38 @@ impl Dataplane {
 
     /// Writes the ports and enforcement switches, and the fixed part of the
     /// admission tries: loopback, operator CIDRs, the P2P CIDRs.
+    ///
+    /// Pinned maps outlive the daemon (a SIGKILL or an OOM kill leaves them
+    /// as they were): every policy map is emptied first, so that admissions
+    /// of the previous run, CIDRs removed from the configuration and old own
+    /// addresses are gone. Peers are admitted again when they reconnect;
+    /// the per-peer counters are kept.
     fn configure(ebpf: &mut Ebpf, config: &DataplaneConfig) -> Result<(), DataplaneError> {
+        {
+            let mut admitted: HashMap<&mut MapData, [u8; 16], u64> = ebpf
+                .map_mut("pm_admitted")
+                .ok_or(DataplaneError::Missing("pm_admitted"))?
+                .try_into()
+                .map_err(|source| DataplaneError::Map {
+                    name: "pm_admitted",
+                    source,
+                })?;
+            let stale: Vec<[u8; 16]> = admitted.keys().filter_map(Result::ok).collect();
+            for key in stale {
+                let _ = admitted.remove(&key);
+            }
+        }
+        for name in ["pm_reg_cidrs", "pm_p2p_cidrs"] {
+            let mut trie: LpmTrie<&mut MapData, [u8; 16], u8> = ebpf
+                .map_mut(name)
+                .ok_or(DataplaneError::Missing(name))?
+                .try_into()
+                .map_err(|source| DataplaneError::Map { name, source })?;
+            let stale: Vec<Key<[u8; 16]>> = trie.keys().filter_map(Result::ok).collect();
+            for key in stale {
+                let _ = trie.remove(&key);
+            }
+        }
         {
             let mut tries: LpmTrie<&mut MapData, [u8; 16], u8> = ebpf
                 .map_mut("pm_reg_cidrs")
@@ -478,11 +516,21 @@ impl Dataplane {
 
     /// Lets `addr` reach the registry port (a peer that proved the key).
     pub fn admit(&self, addr: IpAddr) -> Result<(), DataplaneError> {
-        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-        let ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+        let ns = monotonic_ns();
         self.with_map("pm_admitted", |map| {
             let mut admitted: HashMap<&mut MapData, [u8; 16], u64> = map.try_into()?;
             admitted.insert(addr_key(addr), ns, 0)
+        })
+    }
+
+    /// Every admitted address, with when it was admitted (monotonic ns).
+    pub fn admissions(&self) -> Result<Vec<(IpAddr, u64)>, DataplaneError> {
+        self.with_map("pm_admitted", |map| {
+            let admitted: HashMap<&mut MapData, [u8; 16], u64> = map.try_into()?;
+            admitted
+                .iter()
+                .map(|entry| entry.map(|(k, at)| (key_addr(k), at)))
+                .collect()
         })
     }
 
@@ -597,41 +645,6 @@ fn remove_pins(dir: &Path) {
         let _ = std::fs::remove_file(dir.join(format!("link_{name}")));
     }
     let _ = std::fs::remove_dir(dir);
-}
-
-/// Addresses of this network namespace's interfaces.
-pub fn interface_addresses() -> HashSet<IpAddr> {
-    let mut out = HashSet::new();
-    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a list we free with freeifaddrs; every node
-    // and address pointer is checked before use.
-    unsafe {
-        if libc::getifaddrs(&mut addrs) != 0 {
-            return out;
-        }
-        let mut cur = addrs;
-        while !cur.is_null() {
-            let sa = (*cur).ifa_addr;
-            if !sa.is_null() {
-                match i32::from((*sa).sa_family) {
-                    libc::AF_INET => {
-                        let sin = sa as *const libc::sockaddr_in;
-                        out.insert(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                            (*sin).sin_addr.s_addr,
-                        ))));
-                    }
-                    libc::AF_INET6 => {
-                        let sin6 = sa as *const libc::sockaddr_in6;
-                        out.insert(IpAddr::V6(Ipv6Addr::from((*sin6).sin6_addr.s6_addr)));
-                    }
-                    _ => {}
-                }
-            }
-            cur = (*cur).ifa_next;
-        }
-        libc::freeifaddrs(addrs);
-    }
-    out
 }
 
 #[cfg(test)]

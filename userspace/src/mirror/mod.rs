@@ -34,7 +34,7 @@ pub use client::{AttemptError, Timeouts};
 pub use transfer::TransferError;
 
 use crate::oci::manifest::{
-    self, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Kind, MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST,
+    self, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST,
 };
 use crate::oci::{
     ByteRange, ContentRange, Descriptor, Digest, ManifestReference, Name, Reference, Route,
@@ -270,17 +270,29 @@ impl Mirror {
     }
 
     /// Tries peers until one answers a response head that `accept` takes,
-    /// racing a second peer when the first is slow to answer.
+    /// racing a second peer when the first is slow to answer. `tried` is
+    /// the request's attempt budget, shared by every call for one request.
+    ///
+    /// One peer's `416` settles nothing: a range is unsatisfiable only when
+    /// every peer that answered said so, for the same size.
     async fn first_answer<T>(
         &self,
         candidates: &mut Candidates,
+        tried: &mut usize,
         method: Method,
         path: &str,
         headers: &[(&str, String)],
         accept: impl Fn(&Peer, hyper::Response<Incoming>) -> Result<T, Answer>,
     ) -> Result<(Peer, T), MirrorMiss> {
+        if *tried >= self.config.max_attempts {
+            return Err(MirrorMiss::AllFailed { tried: *tried });
+        }
         let Some(first) = candidates.next(self.config.resolve_timeout).await else {
-            return Err(MirrorMiss::NoProvider);
+            return Err(if *tried == 0 {
+                MirrorMiss::NoProvider
+            } else {
+                MirrorMiss::AllFailed { tried: *tried }
+            });
         };
         let timeouts = self.timeouts();
         let attempt = |peer: Peer| {
@@ -296,7 +308,10 @@ impl Mirror {
         };
         let mut inflight = FuturesUnordered::new();
         inflight.push(attempt(first));
-        let mut tried = 1;
+        *tried += 1;
+        // Sizes named by 416 answers, and whether any other answer came.
+        let mut unsatisfiable: Vec<u64> = Vec::new();
+        let mut other_answers = false;
         let hedge = tokio::time::sleep(self.config.hedge_delay);
         tokio::pin!(hedge);
         let mut hedged = false;
@@ -306,31 +321,40 @@ impl Mirror {
                     match result {
                         Ok(response) => match accept(&peer, response) {
                             Ok(v) => return Ok((peer, v)),
-                            Err(Answer::Final(miss)) => return Err(miss),
+                            Err(Answer::Unsatisfiable(size)) => unsatisfiable.push(size),
                             Err(Answer::Retry(reason)) => {
+                                other_answers = true;
                                 tracing::debug!(peer = %peer.addr, %reason, "peer cannot serve this request");
                             }
                         },
-                        Err(e) => tracing::debug!(peer = %peer.addr, error = %e, "peer request failed"),
+                        Err(e) => {
+                            other_answers = true;
+                            tracing::debug!(peer = %peer.addr, error = %e, "peer request failed");
+                        }
                     }
-                    if tried < self.config.max_attempts
+                    if *tried < self.config.max_attempts
                         && let Some(next) = candidates.next(self.config.resolve_timeout).await
                     {
                         inflight.push(attempt(next));
-                        tried += 1;
+                        *tried += 1;
                     }
                     if inflight.is_empty() {
-                        return Err(MirrorMiss::AllFailed { tried });
+                        return Err(match unsatisfiable.first() {
+                            Some(&size) if !other_answers && unsatisfiable.iter().all(|s| *s == size) => {
+                                MirrorMiss::Unsatisfiable { size }
+                            }
+                            _ => MirrorMiss::AllFailed { tried: *tried },
+                        });
                     }
                 }
                 _ = &mut hedge, if !hedged => {
                     hedged = true;
-                    if tried < self.config.max_attempts
+                    if *tried < self.config.max_attempts
                         && let Some(next) = candidates.next(Duration::ZERO).await
                     {
                         tracing::debug!(peer = %next.addr, "first peer is slow to answer; racing another");
                         inflight.push(attempt(next));
-                        tried += 1;
+                        *tried += 1;
                     }
                 }
             }
@@ -361,8 +385,9 @@ impl Mirror {
         let accept = |peer: &Peer, response: hyper::Response<Incoming>| {
             blob_answer(peer, response, &digest_text, range)
         };
+        let mut tried = 0;
         let (peer, answer) = self
-            .first_answer(&mut candidates, method, &path, &headers, accept)
+            .first_answer(&mut candidates, &mut tried, method, &path, &headers, accept)
             .await?;
         let resolve_time = started.elapsed();
         let BlobAnswer {
@@ -426,54 +451,73 @@ impl Mirror {
         }
         .to_path();
         let headers = [("accept", MANIFEST_ACCEPT.to_string())];
-        let deadline = tokio::time::Instant::now() + self.config.total_timeout;
+        // A manifest is small: a peer that cannot deliver it within this
+        // is replaced, and the whole request is bounded too (containerd
+        // waits for its answer before it tries the next endpoint).
+        let per_peer = self.config.stall_timeout * 2;
+        let budget = (self.config.header_timeout + per_peer).min(self.config.total_timeout);
+        let deadline = tokio::time::Instant::now() + budget;
         let mut tried = 0;
-        while tried < self.config.max_attempts {
-            let accept = |_: &Peer, response: hyper::Response<Incoming>| manifest_head(response);
-            let (peer, (media_type, header_digest, body)) = self
-                .first_answer(&mut candidates, Method::GET, &path, &headers, accept)
-                .await?;
-            tried += 1;
-            let resolve_time = started.elapsed();
-            let collected = tokio::time::timeout_at(
-                deadline.min(tokio::time::Instant::now() + self.config.stall_timeout * 2),
-                Limited::new(body, MAX_MANIFEST_SIZE as usize).collect(),
-            )
-            .await;
-            let bytes = match collected {
-                Ok(Ok(b)) => b.to_bytes(),
-                _ => {
-                    tracing::debug!(peer = %peer.addr, "manifest body not received");
+        let fetch = async {
+            loop {
+                let accept =
+                    |_: &Peer, response: hyper::Response<Incoming>| manifest_head(response);
+                let (peer, (media_type, header_digest, body)) = self
+                    .first_answer(
+                        &mut candidates,
+                        &mut tried,
+                        Method::GET,
+                        &path,
+                        &headers,
+                        accept,
+                    )
+                    .await?;
+                let resolve_time = started.elapsed();
+                let collected = tokio::time::timeout_at(
+                    deadline.min(tokio::time::Instant::now() + per_peer),
+                    Limited::new(body, MAX_MANIFEST_SIZE as usize).collect(),
+                )
+                .await;
+                let bytes = match collected {
+                    Ok(Ok(b)) => b.to_bytes(),
+                    _ => {
+                        tracing::debug!(peer = %peer.addr, "manifest body not received");
+                        continue;
+                    }
+                };
+                let actual = Digest::of(&bytes);
+                if wanted.is_some_and(|w| w != actual) || header_digest.is_some_and(|h| h != actual)
+                {
+                    tracing::warn!(peer = %peer.addr, %actual, expected = ?wanted.or(header_digest), "peer sent a manifest that does not match its digest");
+                    self.bad.mark(&actual, &peer.id, self.config.bad_peer_ttl);
+                    if let Some(w) = wanted {
+                        self.bad.mark(&w, &peer.id, self.config.bad_peer_ttl);
+                    }
                     continue;
                 }
-            };
-            let actual = Digest::of(&bytes);
-            if wanted.is_some_and(|w| w != actual) || header_digest.is_some_and(|h| h != actual) {
-                tracing::warn!(peer = %peer.addr, %actual, expected = ?wanted.or(header_digest), "peer sent a manifest that does not match its digest");
-                self.bad.mark(&actual, &peer.id, self.config.bad_peer_ttl);
-                if let Some(w) = wanted {
-                    self.bad.mark(&w, &peer.id, self.config.bad_peer_ttl);
-                }
-                continue;
+                // What the verified bytes say they are, not what the peer's
+                // header claims.
+                let Some(media_type) = manifest::media_type_of(&bytes, media_type.as_deref())
+                else {
+                    tracing::debug!(peer = %peer.addr, "peer sent a document that is no manifest");
+                    continue;
+                };
+                return Ok(MirroredManifest {
+                    peer,
+                    descriptor: Descriptor {
+                        media_type,
+                        digest: actual,
+                        size: bytes.len() as u64,
+                    },
+                    bytes,
+                    resolve_time,
+                });
             }
-            let media_type = media_type
-                .filter(|mt| manifest::kind_of(mt) != Kind::Blob)
-                .or_else(|| manifest::sniff_media_type(&bytes));
-            let Some(media_type) = media_type else {
-                continue;
-            };
-            return Ok(MirroredManifest {
-                peer,
-                descriptor: Descriptor {
-                    media_type,
-                    digest: actual,
-                    size: bytes.len() as u64,
-                },
-                bytes,
-                resolve_time,
-            });
+        };
+        match tokio::time::timeout_at(deadline, fetch).await {
+            Ok(result) => result,
+            Err(_) => Err(MirrorMiss::AllFailed { tried }),
         }
-        Err(MirrorMiss::AllFailed { tried })
     }
 
     pub(crate) fn mark_bad(&self, digest: &Digest, peer: &Peer) {
@@ -481,12 +525,12 @@ impl Mirror {
     }
 }
 
-/// How a peer's answer is judged.
+/// Why a peer's answer is not taken.
 enum Answer {
     /// Try another peer.
     Retry(String),
-    /// This answer settles the request.
-    Final(MirrorMiss),
+    /// The peer says the range is outside a blob of this size (`416`).
+    Unsatisfiable(u64),
 }
 
 struct BlobAnswer {
@@ -513,14 +557,15 @@ fn blob_answer(
 ) -> Result<BlobAnswer, Answer> {
     let status = response.status().as_u16();
     if status == 416 {
-        let size = match content_range(&response) {
-            Some(ContentRange::Unsatisfied { size }) => Some(size),
-            _ => None,
-        };
-        return match size {
-            Some(size) => Err(Answer::Final(MirrorMiss::Unsatisfiable { size })),
-            None => Err(Answer::Retry(format!("{} answered 416", peer.addr))),
-        };
+        return Err(match content_range(&response) {
+            // Only believable when the range really is outside that size.
+            Some(ContentRange::Unsatisfied { size })
+                if range.is_some_and(|r| r.resolve(size).is_err()) =>
+            {
+                Answer::Unsatisfiable(size)
+            }
+            _ => Answer::Retry(format!("{} answered 416", peer.addr)),
+        });
     }
     if status != 200 && status != 206 {
         return Err(Answer::Retry(format!("status {status}")));
@@ -545,6 +590,16 @@ fn blob_answer(
                 "content-range and content-length disagree".into(),
             ));
         }
+        // Exactly the bytes asked for: a short answer to `bytes=0-` would
+        // otherwise be relayed as a range, unverified.
+        let Some(r) = range else {
+            return Err(Answer::Retry(
+                "a range answer to a whole-blob request".into(),
+            ));
+        };
+        if r.resolve(size).ok() != Some(a..=b) {
+            return Err(Answer::Retry("answered another range".into()));
+        }
         (a, size)
     } else {
         if range.is_some_and(|r| !r.is_from_start()) {
@@ -552,11 +607,6 @@ fn blob_answer(
         }
         (0, len)
     };
-    if let Some(r) = range
-        && r.resolve(size).ok().map(|span| *span.start()) != Some(offset)
-    {
-        return Err(Answer::Retry("answered another range".into()));
-    }
     Ok(BlobAnswer {
         size,
         offset,

@@ -544,3 +544,139 @@ async fn a_holder_that_appears_mid_transfer_takes_over_from_a_slow_one() {
     );
     assert_eq!(requests_with_status(&s.real_metrics, 206), 1);
 }
+
+/// One peer's `416` settles nothing while another holder can serve; a
+/// range is unsatisfiable only when every answer says so.
+#[tokio::test]
+async fn a_lying_416_does_not_end_the_request() {
+    let s = setup(10_000).await;
+    let liar = fake_peer(Behaviour::Raw(Bytes::from_static(
+        b"HTTP/1.1 416 Range Not Satisfiable\r\ncontent-range: bytes */10\r\ncontent-length: 0\r\n\r\n",
+    )))
+    .await;
+    s.router.add(&s.digest.to_string(), peer("liar", liar.addr));
+    s.router.add(&s.digest.to_string(), peer("real", s.real));
+    let mirror = Mirror::new(s.router.clone(), fast_config());
+    let range = ByteRange::FromTo {
+        first: 100,
+        last: None,
+    };
+    let m = mirror
+        .blob(&name(), &s.digest, Some(range), false)
+        .await
+        .expect("the real holder serves the range");
+    assert_eq!(m.peer.id, id("real"));
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(err.is_none());
+    assert_eq!(bytes, s.blob[100..]);
+    // Really beyond the end: every holder says so, and so does the mirror.
+    let beyond = ByteRange::FromTo {
+        first: 20_000,
+        last: None,
+    };
+    let real_only = MemoryRouter::new();
+    real_only.add(&s.digest.to_string(), peer("real", s.real));
+    let miss = Mirror::new(real_only, fast_config())
+        .blob(&name(), &s.digest, Some(beyond), false)
+        .await
+        .err();
+    assert_eq!(miss, Some(MirrorMiss::Unsatisfiable { size: 10_000 }));
+}
+
+/// A `206` that does not cover what was asked (a short answer to
+/// `bytes=0-`, which would be relayed unverified) is not taken.
+#[tokio::test]
+async fn a_short_answer_to_bytes_0_is_refused() {
+    let s = setup(10_000).await;
+    let mut short = b"HTTP/1.1 206 Partial Content\r\ncontent-range: bytes 0-99/10000\r\ncontent-length: 100\r\n\r\n".to_vec();
+    short.extend_from_slice(&s.blob[..100]);
+    let fake = fake_peer(Behaviour::Raw(Bytes::from(short))).await;
+    s.router
+        .add(&s.digest.to_string(), peer("short", fake.addr));
+    let mirror = Mirror::new(s.router.clone(), fast_config());
+    let whole = ByteRange::FromTo {
+        first: 0,
+        last: None,
+    };
+    let miss = mirror
+        .blob(&name(), &s.digest, Some(whole), false)
+        .await
+        .err();
+    assert!(
+        matches!(miss, Some(MirrorMiss::AllFailed { .. })),
+        "{miss:?}"
+    );
+    // With an honest holder too, the whole blob comes, verified.
+    s.router.add(&s.digest.to_string(), peer("real", s.real));
+    let m = mirror
+        .blob(&name(), &s.digest, Some(whole), false)
+        .await
+        .expect("hit");
+    assert_eq!((m.offset, m.len, m.size), (0, 10_000, 10_000));
+    assert_eq!(m.peer.id, id("real"));
+}
+
+/// A verified manifest is served as what its bytes say it is.
+#[tokio::test]
+async fn a_manifest_keeps_the_media_type_its_body_declares() {
+    let layer = Descriptor {
+        media_type: LAYER.to_string(),
+        digest: Digest::of(b"l"),
+        size: 1,
+    };
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": layer, "layers": [layer],
+    }))
+    .expect("json");
+    let digest = Digest::of(&manifest);
+    let mut raw = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: {}\r\ncontent-length: {}\r\n\r\n",
+        crate::oci::manifest::OCI_INDEX,
+        manifest.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(&manifest);
+    let fake = fake_peer(Behaviour::Raw(Bytes::from(raw))).await;
+    let router = MemoryRouter::new();
+    router.add(&digest.to_string(), peer("mislabels", fake.addr));
+    let m = Mirror::new(router, fast_config())
+        .manifest(&name(), None, &ManifestReference::Digest(digest))
+        .await
+        .expect("hit");
+    assert_eq!(m.descriptor.media_type, OCI_MANIFEST);
+}
+
+/// However many holders fail, a manifest request makes at most the allowed
+/// number of attempts and ends within its budget.
+#[tokio::test]
+async fn manifest_attempts_are_bounded() {
+    let digest = Digest::of(b"wanted");
+    let router = MemoryRouter::new();
+    let mut fakes = Vec::new();
+    for i in 0..10 {
+        let fake = fake_peer(Behaviour::Silent).await;
+        router.add(&digest.to_string(), peer(&format!("silent{i}"), fake.addr));
+        fakes.push(fake);
+    }
+    let config = MirrorConfig {
+        header_timeout: Duration::from_millis(300),
+        ..fast_config()
+    };
+    let started = Instant::now();
+    let miss = Mirror::new(router, config.clone())
+        .manifest(&name(), None, &ManifestReference::Digest(digest))
+        .await
+        .err();
+    let took = started.elapsed();
+    assert!(
+        matches!(miss, Some(MirrorMiss::AllFailed { .. })),
+        "{miss:?}"
+    );
+    let asked: usize = fakes
+        .iter()
+        .map(|f| f.requests.lock().expect("lock").len())
+        .sum();
+    assert!(asked <= config.max_attempts, "{asked} attempts");
+    let budget = config.header_timeout + config.stall_timeout * 2;
+    assert!(took <= budget + Duration::from_millis(300), "took {took:?}");
+}

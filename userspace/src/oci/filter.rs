@@ -45,6 +45,11 @@ impl ReferenceFilter {
         self.registries.is_empty()
     }
 
+    /// The registries named by `--mirrored-registries` (empty: all).
+    pub fn registries(&self) -> &[Registry] {
+        &self.registries
+    }
+
     /// Whether nothing is filtered at all.
     pub fn is_open(&self) -> bool {
         self.registries.is_empty() && self.excludes.is_empty()

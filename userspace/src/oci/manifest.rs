@@ -102,6 +102,29 @@ pub fn sniff_media_type(bytes: &[u8]) -> Option<String> {
     }
 }
 
+/// The media type of a manifest or index document, judged from its bytes:
+/// its own `mediaType` field when it has one (a manifest kind, or nothing);
+/// otherwise its shape, with `claimed` (a server's `Content-Type`) choosing
+/// between the OCI and Docker names of that shape.
+pub fn media_type_of(bytes: &[u8], claimed: Option<&str>) -> Option<String> {
+    let raw: Raw = serde_json::from_slice(bytes).ok()?;
+    if let Some(mt) = raw.media_type {
+        return (kind_of(&mt) != Kind::Blob).then_some(mt);
+    }
+    let shape = if !raw.manifests.is_empty() {
+        Kind::Index
+    } else if raw.config.is_some() {
+        Kind::Manifest
+    } else {
+        return None;
+    };
+    match claimed {
+        Some(c) if kind_of(c) == shape => Some(c.to_string()),
+        _ if shape == Kind::Index => Some(OCI_INDEX.to_string()),
+        _ => Some(OCI_MANIFEST.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +162,35 @@ mod tests {
             sniff_media_type(json.as_bytes()).as_deref(),
             Some(OCI_INDEX)
         );
+    }
+
+    #[test]
+    fn the_body_decides_the_media_type() {
+        let index = format!(r#"{{"mediaType":"{OCI_INDEX}","manifests":[]}}"#);
+        assert_eq!(
+            media_type_of(index.as_bytes(), Some(OCI_MANIFEST)).as_deref(),
+            Some(OCI_INDEX)
+        );
+        let bare = format!(
+            r#"{{"config":{{"mediaType":"x","digest":"{}","size":1}}}}"#,
+            d(1)
+        );
+        assert_eq!(
+            media_type_of(bare.as_bytes(), Some(DOCKER_MANIFEST)).as_deref(),
+            Some(DOCKER_MANIFEST)
+        );
+        assert_eq!(
+            media_type_of(bare.as_bytes(), Some(OCI_INDEX)).as_deref(),
+            Some(OCI_MANIFEST)
+        );
+        assert_eq!(
+            media_type_of(bare.as_bytes(), None).as_deref(),
+            Some(OCI_MANIFEST)
+        );
+        let layer = r#"{"mediaType":"application/vnd.oci.image.layer.v1.tar"}"#;
+        assert_eq!(media_type_of(layer.as_bytes(), Some(OCI_MANIFEST)), None);
+        assert_eq!(media_type_of(b"{}", Some(OCI_MANIFEST)), None);
+        assert_eq!(media_type_of(b"not json", Some(OCI_MANIFEST)), None);
     }
 
     #[test]

@@ -188,26 +188,28 @@ impl Handler {
             }),
             Route::Manifest { name, reference } => {
                 let scope = self.scope(&name, Some(&reference), req.mirrored);
-                self.manifest(&name, &reference, scope).await
+                // Manifests (up to 4 MiB) count against the upload limits
+                // like blobs.
+                let permit = match req.method {
+                    Method::Get => match self.upload_permit(req.client.ip()) {
+                        Ok(p) => p,
+                        Err(busy) => return busy,
+                    },
+                    _ => None,
+                };
+                self.manifest(&name, &reference, scope)
+                    .await
+                    .map(|mut response| {
+                        response.permit = permit;
+                        response
+                    })
             }
             Route::Blob { name, digest } => {
                 let scope = self.scope(&name, None, req.mirrored);
                 let permit = match req.method {
-                    Method::Get => match self.uploads.acquire(req.client.ip()) {
-                        Ok(permit) => permit,
-                        Err(()) => {
-                            self.metrics.upload_rejections.inc();
-                            let mut busy = Response::error(
-                                metrics::Route::Blob,
-                                &OciError::new(
-                                    503,
-                                    crate::oci::ErrorCode::TooManyRequests,
-                                    "upload limit reached; try another endpoint",
-                                ),
-                            );
-                            busy.headers.push(("retry-after", "1".to_string()));
-                            return busy;
-                        }
+                    Method::Get => match self.upload_permit(req.client.ip()) {
+                        Ok(p) => p,
+                        Err(busy) => return busy,
                     },
                     _ => None,
                 };
@@ -223,6 +225,24 @@ impl Handler {
             Ok(response) => response.for_method(req.method),
             Err(e) => Response::error(metric_route, &e).for_method(req.method),
         }
+    }
+
+    /// A permit for a body sent to `client`, or the 503 to answer when the
+    /// upload limits are reached.
+    fn upload_permit(&self, client: std::net::IpAddr) -> Result<Option<UploadPermit>, Response> {
+        self.uploads.acquire(client).map_err(|()| {
+            self.metrics.upload_rejections.inc();
+            let mut busy = Response::error(
+                metrics::Route::Blob,
+                &OciError::new(
+                    503,
+                    crate::oci::ErrorCode::TooManyRequests,
+                    "upload limit reached; try another endpoint",
+                ),
+            );
+            busy.headers.push(("retry-after", "1".to_string()));
+            busy
+        })
     }
 
     /// Applies `--mirrored-registries`, `--registry-filters` and the rule that
@@ -259,6 +279,30 @@ impl Handler {
         local_or(Scope::Mirrored)
     }
 
+    /// The `registry` label of a request: a registry this node mirrors by
+    /// name, or holds images of; anything else is `other` (a request's
+    /// `?ns=` is the client's to choose, and every new label value would be
+    /// a series kept forever).
+    pub fn registry_label(&self, registry: Option<&crate::oci::Registry>) -> String {
+        let Some(registry) = registry else {
+            return "unknown".to_string();
+        };
+        let listed = self.config.filter.registries();
+        let known = if listed.is_empty() {
+            self.store
+                .catalog()
+                .borrow()
+                .has_registry(registry.as_str())
+        } else {
+            listed.contains(registry)
+        };
+        if known {
+            registry.to_string()
+        } else {
+            "other".to_string()
+        }
+    }
+
     fn count_mirror(
         &self,
         name: &Name,
@@ -266,10 +310,7 @@ impl Handler {
         hit: bool,
         resolve: Option<std::time::Duration>,
     ) {
-        let registry = name
-            .registry
-            .as_ref()
-            .map_or_else(|| "unknown".to_string(), |r| r.to_string());
+        let registry = self.registry_label(name.registry.as_ref());
         self.metrics
             .mirror_requests
             .get_or_create(&MirrorLabels {
@@ -856,6 +897,42 @@ mod tests {
         let r = f.handler.handle(&post).await;
         assert_eq!(r.status, 405);
         assert_eq!(header(&r, "allow"), Some("GET, HEAD"));
+    }
+
+    /// However many registries clients name in `?ns=`, the metric labels
+    /// stay the few this node knows.
+    #[tokio::test]
+    async fn registry_labels_are_bounded() {
+        let f = fixture().await;
+        let router = crate::routing::MemoryRouter::new();
+        let mirror = Mirror::new(router, crate::mirror::MirrorConfig::default());
+        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+        let handler = Handler::new(
+            f.store.clone(),
+            Some(mirror),
+            HandlerConfig::default(),
+            metrics.clone(),
+        );
+        for i in 0..3_000u32 {
+            let target = format!(
+                "/v2/a/blobs/{}?ns=r{i}.example",
+                Digest::of(&i.to_be_bytes())
+            );
+            assert_eq!(handler.handle(&get(&target)).await.status, 404);
+        }
+        let held = format!("/v2/library/x/blobs/{}?ns=docker.io", Digest::of(b"none"));
+        handler.handle(&get(&held)).await;
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("m", "m", metrics.mirror_requests.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        let series = text.lines().filter(|l| l.starts_with("m_total")).count();
+        assert_eq!(series, 2, "{text}");
+        assert!(text.contains(r#"registry="other""#) && text.contains(r#"registry="docker.io""#));
+        assert_eq!(
+            handler.registry_label(Some(&"r1.example".parse().expect("registry"))),
+            "other"
+        );
     }
 
     #[tokio::test]

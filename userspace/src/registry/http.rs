@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub write_timeout: Duration,
     /// How long shutdown waits for responses in flight.
     pub drain_timeout: Duration,
+    /// Connections served at once; beyond, a new one is answered 503.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -48,6 +50,7 @@ impl Default for ServerConfig {
             header_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
+            max_connections: 1024,
         }
     }
 }
@@ -114,6 +117,7 @@ impl Server {
     /// timeout) for responses in flight.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
+        let cap = crate::net::ConnectionCap::new(self.config.max_connections);
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -130,7 +134,33 @@ impl Server {
             let _ = stream.set_nodelay(true);
             let server = self.clone();
             let shutdown = shutdown.clone();
+            let Some(slot) = cap.try_admit() else {
+                // Full: say so and close, without a task per refusal piling
+                // up (the answer is one small write, bounded in time).
+                self.metrics.registry_connections_refused.inc();
+                tracker.spawn(async move {
+                    let busy = OciError::new(
+                        503,
+                        crate::oci::ErrorCode::TooManyRequests,
+                        "too many connections; try another endpoint",
+                    );
+                    let mut stream = stream;
+                    let body = busy.to_json();
+                    let head = format!(
+                        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        stream.write_all(head.as_bytes()).await?;
+                        stream.write_all(&body).await
+                    })
+                    .await;
+                    drop(server);
+                });
+                continue;
+            };
             tracker.spawn(async move {
+                let _slot = slot;
                 server.metrics.registry_connections.inc();
                 let result = match &server.tls {
                     None => server.connection(stream, peer, shutdown).await,
@@ -508,5 +538,210 @@ fn reason(status: u16) -> &'static str {
         500 => "Internal Server Error",
         503 => "Service Unavailable",
         _ => "",
+    }
+}
+
+#[cfg(test)]
+impl Conn for tokio::io::DuplexStream {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::ErrorCode;
+    use crate::registry::HandlerConfig;
+    use crate::store::MemoryStore;
+    use bytes::Bytes;
+
+    fn parse(text: &str) -> Result<Option<ParsedHead>, BadRequest> {
+        parse_head(&mut BytesMut::from(text.as_bytes()))
+    }
+
+    fn head(text: &str) -> ParsedHead {
+        match parse(text) {
+            Ok(Some(h)) => h,
+            Ok(None) => panic!("incomplete: {text:?}"),
+            Err(BadRequest(e)) => panic!("{text:?}: {e:?}"),
+        }
+    }
+
+    fn refused(text: &str) -> OciError {
+        match parse(text) {
+            Err(BadRequest(e)) => e,
+            _ => panic!("accepted: {text:?}"),
+        }
+    }
+
+    #[test]
+    fn request_heads() {
+        let h = head(
+            "GET /v2/a/blobs/x HTTP/1.1\r\nHost: h\r\nRange: bytes=0-\r\nX-Peermirror-Mirrored: 1\r\n\r\n",
+        );
+        assert_eq!(h.method, Method::Get);
+        assert_eq!(h.target, "/v2/a/blobs/x");
+        assert_eq!(h.range.as_deref(), Some("bytes=0-"));
+        assert!(h.mirrored && h.keep_alive && !h.has_body);
+        let h = head("HEAD / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n");
+        assert_eq!(h.method, Method::Head);
+        assert!(!h.keep_alive);
+        assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
+        assert_eq!(head("DELETE / HTTP/1.1\r\n\r\n").method, Method::Other);
+        assert!(head("GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\n").has_body);
+        assert!(head("GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").has_body);
+        assert!(!head("GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").has_body);
+    }
+
+    #[test]
+    fn partial_and_pipelined_heads() {
+        let mut buf = BytesMut::from(&b"GET /a HTTP/1.1\r\nHost"[..]);
+        assert!(matches!(parse_head(&mut buf), Ok(None)));
+        assert_eq!(buf.len(), 21, "an incomplete head is not consumed");
+        let mut buf = BytesMut::from(&b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n"[..]);
+        let first = parse_head(&mut buf).ok().flatten().expect("first");
+        assert_eq!(first.target, "/a");
+        assert_eq!(&buf[..], b"GET /b HTTP/1.1\r\n\r\n");
+    }
+
+    #[test]
+    fn bad_heads_are_refused_with_a_code() {
+        let e = refused("GET / HTTP/1.1\r\nRange: bytes=0-\r\nrange: bytes=1-\r\n\r\n");
+        assert_eq!((e.status, e.code), (416, ErrorCode::RangeInvalid));
+        let mut raw = BytesMut::from(&b"GET / HTTP/1.1\r\nX: \xff\xfe\r\n\r\n"[..]);
+        match parse_head(&mut raw) {
+            Err(BadRequest(e)) => assert_eq!(e.status, 400),
+            _ => panic!("a header that is not UTF-8 was accepted"),
+        }
+        let many: String = (0..MAX_HEADERS + 1)
+            .map(|i| format!("H{i}: v\r\n"))
+            .collect();
+        let e = refused(&format!("GET / HTTP/1.1\r\n{many}\r\n"));
+        assert_eq!(e.status, 431);
+        assert_eq!(refused("\x00\x01\x02 garbage\r\n\r\n").status, 400);
+    }
+
+    fn server() -> Arc<Server> {
+        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+        let handler = Arc::new(Handler::new(
+            Arc::new(MemoryStore::new()),
+            None,
+            HandlerConfig::default(),
+            metrics.clone(),
+        ));
+        Server::new(handler, ServerConfig::default(), metrics)
+    }
+
+    fn response(body: Body, len: u64) -> Response {
+        Response {
+            status: 200,
+            headers: vec![("content-type", "text/plain".to_string())],
+            content_length: len,
+            body,
+            route: metrics::Route::Blob,
+            permit: None,
+        }
+    }
+
+    async fn written(resp: Response, method: Method, close: bool) -> (io::Result<()>, String) {
+        let (mut ours, mut theirs) = tokio::io::duplex(1 << 20);
+        let result = server()
+            .write_response(&mut ours, resp, method, close)
+            .await;
+        drop(ours);
+        let mut out = Vec::new();
+        theirs.read_to_end(&mut out).await.expect("read");
+        (result, String::from_utf8_lossy(&out).into_owned())
+    }
+
+    #[tokio::test]
+    async fn responses_are_written_as_http() {
+        let (r, text) = written(
+            response(Body::Bytes(Bytes::from_static(b"hello")), 5),
+            Method::Get,
+            false,
+        )
+        .await;
+        r.expect("written");
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-type: text/plain\r\n\r\nhello"
+        );
+        // HEAD: the same head, no body.
+        let (r, text) = written(
+            response(Body::Bytes(Bytes::from_static(b"hello")), 5),
+            Method::Head,
+            true,
+        )
+        .await;
+        r.expect("written");
+        assert!(
+            text.ends_with(
+                "content-length: 5\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n"
+            ),
+            "{text}"
+        );
+        // A stream is sent as it comes.
+        let stream =
+            futures::stream::iter([Ok(Bytes::from_static(b"ab")), Ok(Bytes::from_static(b"cd"))]);
+        let body = Body::Stream {
+            stream: Box::pin(stream),
+            len: 4,
+            source: Source::Mirror,
+        };
+        let (r, text) = written(response(body, 4), Method::Get, false).await;
+        r.expect("written");
+        assert!(text.ends_with("\r\n\r\nabcd"));
+    }
+
+    #[tokio::test]
+    async fn a_body_that_does_not_match_its_length_fails_the_response() {
+        for (chunks, len) in [(vec!["abc"], 5u64), (vec!["abc", "def"], 4)] {
+            let stream = futures::stream::iter(
+                chunks
+                    .into_iter()
+                    .map(|c| Ok(Bytes::from_static(c.as_bytes())))
+                    .collect::<Vec<_>>(),
+            );
+            let body = Body::Stream {
+                stream: Box::pin(stream),
+                len,
+                source: Source::Mirror,
+            };
+            let (r, text) = written(response(body, len), Method::Get, false).await;
+            assert!(r.is_err(), "{len}: {text:?}");
+            assert!(text.starts_with(&format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n")));
+        }
+        // An error from the source ends the response too.
+        let stream = futures::stream::iter([
+            Ok(Bytes::from_static(b"ab")),
+            Err(io::Error::other("peer gone")),
+        ]);
+        let body = Body::Stream {
+            stream: Box::pin(stream),
+            len: 4,
+            source: Source::Mirror,
+        };
+        let (r, _) = written(response(body, 4), Method::Get, false).await;
+        assert!(r.is_err());
+    }
+
+    #[tokio::test]
+    async fn file_bodies_without_a_plain_socket_are_buffered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("blob");
+        std::fs::write(&path, b"0123456789").expect("write");
+        let file = std::fs::File::open(&path).expect("open");
+        let body = Body::File {
+            file,
+            path,
+            offset: 2,
+            len: 5,
+        };
+        let (r, text) = written(response(body, 5), Method::Get, false).await;
+        r.expect("written");
+        assert!(text.ends_with("\r\n\r\n23456"), "{text}");
     }
 }

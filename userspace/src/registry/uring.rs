@@ -237,8 +237,13 @@ struct Transfer {
     drain: Option<i32>,
     /// When the round must have completed.
     deadline: Instant,
-    /// A cancel was sent because the deadline passed.
+    /// A cancel was sent because this round's deadline passed (cleared when
+    /// the next round starts: a cancel that loses the race against a
+    /// successful completion must not leave the transfer without a deadline).
     expired: bool,
+    /// Counts rounds; part of every operation's user data, so that a late
+    /// cancel can never match an operation of a later round.
+    round: u64,
 }
 
 struct Reactor {
@@ -253,11 +258,26 @@ struct Reactor {
     gauges: UringGauges,
 }
 
-/// user_data: transfer id in the high bits, operation in the low two.
+/// user_data: transfer id in the high 48 bits, the round (modulo 2^14)
+/// in the next 14, operation in the low two.
 const OP_FILL: u64 = 0;
 const OP_DRAIN: u64 = 1;
 const OP_POLL: u64 = 2;
 const OP_CANCEL: u64 = 3;
+const ROUND_BITS: u64 = 14;
+
+fn user_data(id: u64, round: u64, op: u64) -> u64 {
+    id << (ROUND_BITS + 2) | (round & ((1 << ROUND_BITS) - 1)) << 2 | op
+}
+
+/// The transfer id, round and operation of a completion's user data.
+fn decode(data: u64) -> (u64, u64, u64) {
+    (
+        data >> (ROUND_BITS + 2),
+        (data >> 2) & ((1 << ROUND_BITS) - 1),
+        data & 3,
+    )
+}
 /// How often the reactor looks for expired operations at the least.
 const TICK: Duration = Duration::from_millis(250);
 
@@ -352,8 +372,11 @@ impl Reactor {
                     if !self.closed {
                         self.arm_wake();
                     }
-                } else if data & 3 != OP_CANCEL {
-                    self.complete(data >> 2, data & 3, res);
+                } else {
+                    let (id, round, op) = decode(data);
+                    if op != OP_CANCEL {
+                        self.complete(id, round, op, res);
+                    }
                 }
             }
             self.expire();
@@ -365,25 +388,25 @@ impl Reactor {
     /// io-wq worker is interrupted.
     fn expire(&mut self) {
         let now = Instant::now();
-        let expired: Vec<(u64, Stage)> = self
+        let expired: Vec<(u64, u64, Stage)> = self
             .transfers
             .iter_mut()
             .filter(|(_, t)| !t.expired && t.deadline <= now)
             .map(|(id, t)| {
                 t.expired = true;
-                (*id, t.stage)
+                (*id, t.round, t.stage)
             })
             .collect();
-        for (id, stage) in expired {
+        for (id, round, stage) in expired {
             let ops: &[u64] = match stage {
                 Stage::FillDrain => &[OP_FILL, OP_DRAIN],
                 Stage::Drain => &[OP_DRAIN],
                 Stage::Poll => &[OP_POLL],
             };
             for op in ops {
-                let cancel = opcode::AsyncCancel::new(id << 2 | op)
+                let cancel = opcode::AsyncCancel::new(user_data(id, round, *op))
                     .build()
-                    .user_data(id << 2 | OP_CANCEL);
+                    .user_data(user_data(id, round, OP_CANCEL));
                 self.push(&[cancel]);
             }
         }
@@ -439,6 +462,7 @@ impl Reactor {
             fill: None,
             drain: None,
             expired: false,
+            round: 0,
         };
         self.transfers.insert(id, transfer);
         self.gauges.in_flight.set(self.transfers.len() as i64);
@@ -452,6 +476,8 @@ impl Reactor {
         };
         t.stage = stage;
         t.deadline = Instant::now() + t.job.timeout;
+        t.expired = false;
+        t.round += 1;
         t.fill = None;
         t.drain = None;
         let drain = |t: &Transfer, len: u64| {
@@ -463,7 +489,7 @@ impl Reactor {
                 len as u32,
             )
             .build()
-            .user_data(id << 2 | OP_DRAIN)
+            .user_data(user_data(id, t.round, OP_DRAIN))
         };
         match stage {
             Stage::FillDrain => {
@@ -478,7 +504,7 @@ impl Reactor {
                 )
                 .build()
                 .flags(squeue::Flags::IO_LINK)
-                .user_data(id << 2 | OP_FILL);
+                .user_data(user_data(id, t.round, OP_FILL));
                 // A short fill breaks the link: the drain is cancelled and
                 // the bytes in the pipe are drained by the next round.
                 let entries = [fill, drain(t, t.in_pipe + n)];
@@ -489,7 +515,7 @@ impl Reactor {
                 let poll =
                     opcode::PollAdd::new(types::Fd(t.job.socket.as_raw_fd()), libc::POLLOUT as u32)
                         .build()
-                        .user_data(id << 2 | OP_POLL);
+                        .user_data(user_data(id, t.round, OP_POLL));
                 self.push(&[poll]);
             }
             Stage::Drain => {
@@ -500,10 +526,13 @@ impl Reactor {
         }
     }
 
-    fn complete(&mut self, id: u64, op: u64, res: i32) {
+    fn complete(&mut self, id: u64, round: u64, op: u64, res: i32) {
         let Some(t) = self.transfers.get_mut(&id) else {
             return;
         };
+        if round != t.round & ((1 << ROUND_BITS) - 1) {
+            return; // of an earlier round: cannot happen, never acted on
+        }
         match op {
             OP_FILL => t.fill = Some(res),
             OP_DRAIN => t.drain = Some(res),
@@ -606,6 +635,58 @@ impl Reactor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_data_round_trips() {
+        for (id, round, op) in [
+            (1, 1, OP_FILL),
+            (12345, (1 << ROUND_BITS) - 1, OP_CANCEL),
+            (1 << 40, 7, OP_POLL),
+        ] {
+            assert_eq!(decode(user_data(id, round, op)), (id, round, op));
+        }
+        // A round that wraps stays within its bits.
+        assert_eq!(
+            decode(user_data(3, 1 << ROUND_BITS, OP_DRAIN)),
+            (3, 0, OP_DRAIN)
+        );
+    }
+
+    /// A cancel that loses the race against a successful completion leaves
+    /// the transfer expired; the next round must be under a deadline again
+    /// (a zero-window client would otherwise hold its slot forever).
+    #[test]
+    fn the_next_round_has_a_deadline_again() {
+        let ring: IoUring = IoUring::builder().build(8).expect("io_uring");
+        let wake =
+            rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).expect("eventfd");
+        let (_tx, rx) = mpsc::channel();
+        let mut reactor = Reactor::new(ring, wake, rx, UringGauges::default());
+        let file = tempfile_in_dev_shm().expect("tmpfile");
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let (reply, _done) = oneshot::channel();
+        reactor.start(Job {
+            file: file.as_fd().try_clone_to_owned().expect("dup"),
+            socket: a.into(),
+            offset: 0,
+            len: 1 << 20,
+            timeout: Duration::from_millis(10),
+            counter: Counter::default(),
+            reply,
+        });
+        let id = *reactor.transfers.keys().next().expect("transfer");
+        let t = reactor.transfers.get_mut(&id).expect("transfer");
+        // The deadline passed and a cancel went out; then the round
+        // completed anyway and the next one starts.
+        t.deadline = Instant::now();
+        reactor.expire();
+        assert!(reactor.transfers[&id].expired);
+        reactor.submit(id, Stage::Poll);
+        let t = &reactor.transfers[&id];
+        assert!(!t.expired, "the new round is not under a deadline");
+        assert!(t.deadline > Instant::now());
+        assert_eq!(t.round, 2);
+    }
 
     fn big_file(len: usize) -> File {
         let mut f = tempfile_in_dev_shm().expect("tmpfile");

@@ -230,11 +230,18 @@ pub fn own_entry(
 
 /// Serves this node's own entry (a JSON array of its multiaddrs with peer
 /// id) for `--http-bootstrap-url` of other nodes.
+/// Serves at most this many connections at once.
+const MAX_ENTRY_CONNECTIONS: usize = 32;
+/// A connection that sends nothing, or reads nothing of its answer, for
+/// this long is closed.
+const ENTRY_IO_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub async fn serve_http(
     listener: TcpListener,
     entry: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
     shutdown: CancellationToken,
 ) {
+    let cap = crate::net::ConnectionCap::new(MAX_ENTRY_CONNECTIONS);
     loop {
         let (stream, _peer): (TcpStream, SocketAddr) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -246,8 +253,12 @@ pub async fn serve_http(
                 }
             },
         };
+        let Some(slot) = cap.try_admit() else {
+            continue;
+        };
         let entry = entry.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |_req| {
                 let body = serde_json::to_vec(&entry()).unwrap_or_default();
                 async move {
@@ -256,8 +267,11 @@ pub async fn serve_http(
                         .body(Full::new(Bytes::from(body)))
                 }
             });
+            let io = crate::net::Deadlined::new(stream, ENTRY_IO_TIMEOUT, ENTRY_IO_TIMEOUT);
             let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(ENTRY_IO_TIMEOUT)
+                .serve_connection(TokioIo::new(io), service)
                 .await;
         });
     }

@@ -8,6 +8,7 @@
 //! the multihash of its bytes (see [`record_key`]).
 
 pub mod bootstrap;
+pub mod conformance;
 pub mod identity;
 pub mod p2p;
 pub mod sync;
@@ -223,6 +224,13 @@ mod tests {
             hex::encode(record_key("docker.io/library/nginx:1.27")),
             "12206965a10c15290ad0b29ca7fd1866de1850408b3cb15fb11a3bbbbc2fddb158bd"
         );
+    }
+
+    #[tokio::test]
+    async fn the_memory_twin_behaves_like_a_router() {
+        let router = MemoryRouter::new();
+        conformance::announces(router.as_ref()).await;
+        conformance::misses_end(router.as_ref()).await;
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 mod debug;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -33,6 +33,25 @@ pub struct NodeStatus {
     pub admission: Option<Arc<Admission>>,
     pub health: Arc<Health>,
     pub facts: NodeFacts,
+    pub debug: DebugAccess,
+}
+
+/// Who may see the debug endpoints: loopback, the addresses of connected
+/// peers (they proved the preshared key), and the configured networks;
+/// nobody when they are switched off.
+#[derive(Debug, Clone)]
+pub struct DebugAccess {
+    pub enabled: bool,
+    pub allowed: Vec<ipnet::IpNet>,
+}
+
+impl Default for DebugAccess {
+    fn default() -> Self {
+        DebugAccess {
+            enabled: true,
+            allowed: Vec::new(),
+        }
+    }
 }
 
 impl NodeStatus {
@@ -69,5 +88,21 @@ impl metrics::Status for NodeStatus {
 
     async fn debug_page(&self) -> String {
         debug::render(self).await
+    }
+
+    async fn debug_allowed(&self, client: IpAddr) -> bool {
+        let client = client.to_canonical();
+        if !self.debug.enabled {
+            return false;
+        }
+        if client.is_loopback() || self.debug.allowed.iter().any(|n| n.contains(&client)) {
+            return true;
+        }
+        self.router
+            .peers()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .any(|p| p.connection_ips.contains(&client))
     }
 }

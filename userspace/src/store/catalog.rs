@@ -33,6 +33,8 @@ pub struct Catalog {
     tags: HashMap<String, Descriptor>,
     /// Every digest reachable from an image and present in the store.
     content: HashMap<Digest, ContentEntry>,
+    /// The registries of the images held (bounded by what the store holds).
+    registries: BTreeSet<String>,
 }
 
 impl Catalog {
@@ -64,6 +66,11 @@ impl Catalog {
 
     pub fn tags(&self) -> impl Iterator<Item = (&String, &Descriptor)> {
         self.tags.iter()
+    }
+
+    /// Whether an image of `registry` is held here.
+    pub fn has_registry(&self, registry: &str) -> bool {
+        self.registries.contains(registry)
     }
 }
 
@@ -106,6 +113,7 @@ where
                 if let Some(name) = reference.tagged_name() {
                     catalog.tags.insert(name, image.target.clone());
                 }
+                catalog.registries.insert(reference.registry.to_string());
             }
             // A name that is no reference cannot be matched by a filter.
             Err(_) if !filter.is_open() => continue,

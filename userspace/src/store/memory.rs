@@ -200,3 +200,69 @@ impl ContentStore for MemoryStore {
         self.health.subscribe()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance::{self, KnownImage};
+
+    async fn image(store: &MemoryStore) -> KnownImage {
+        let mut blobs = Vec::new();
+        for (mt, bytes) in [
+            (
+                "application/vnd.oci.image.layer.v1.tar",
+                Bytes::from(vec![7u8; 70_000]),
+            ),
+            (
+                "application/vnd.oci.image.config.v1+json",
+                Bytes::from_static(b"{}"),
+            ),
+        ] {
+            blobs.push((store.add_blob(mt, bytes.clone()).await, bytes));
+        }
+        let manifest = Bytes::from(
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": crate::oci::manifest::OCI_MANIFEST,
+                "config": blobs[1].0, "layers": [blobs[0].0],
+            }))
+            .expect("json"),
+        );
+        let root = store
+            .add_blob(crate::oci::manifest::OCI_MANIFEST, manifest.clone())
+            .await;
+        blobs.push((root.clone(), manifest));
+        store
+            .set_image("docker.io/library/conformance:1", root.clone())
+            .await;
+        KnownImage {
+            reference: "docker.io/library/conformance:1"
+                .parse()
+                .expect("reference"),
+            root,
+            blobs,
+        }
+    }
+
+    async fn conformance(store: MemoryStore) {
+        let known = image(&store).await;
+        conformance::serves(&store, &known).await;
+        conformance::misses(&store, &"docker.io/library/absent:1".parse().expect("ref")).await;
+        store.remove_image("docker.io/library/conformance:1").await;
+        for (d, _) in &known.blobs {
+            store.remove_blob(&d.digest).await;
+        }
+        conformance::forgets(&store, &known).await;
+    }
+
+    #[tokio::test]
+    async fn the_memory_twin_behaves_like_a_content_store() {
+        conformance(MemoryStore::new()).await;
+    }
+
+    #[tokio::test]
+    async fn the_file_backed_twin_behaves_like_a_content_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        conformance(MemoryStore::with_files(dir.path())).await;
+    }
+}

@@ -2,6 +2,7 @@
 //! implementation and an in-memory twin for tests.
 
 pub mod catalog;
+pub mod conformance;
 pub mod containerd;
 pub mod memory;
 

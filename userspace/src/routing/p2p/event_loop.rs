@@ -14,13 +14,13 @@ use libp2p::kad::store::RecordStore;
 use libp2p::kad::{self, GetProvidersOk, InboundRequest, QueryResult};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, Swarm, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, identify, ping};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, connection_limits, identify, ping};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::advertiser::{Advertiser, Outcome};
 use super::lookups::{Lookups, Net};
-use super::peers::{PeerTable, ip_of, routable};
+use super::peers::{PeerTable, dialable, interface_addresses, ip_of, routable};
 use super::records::{ProviderStore, StoreLimits};
 use super::{Command, P2pConfig, P2pCounters, P2pError, PeerEvent};
 use crate::routing::{KAD_PROTOCOL, RouterStatus};
@@ -38,6 +38,9 @@ macro_rules! net {
 }
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
+    /// Bounds handshakes in progress (hosts without the key cost a pnet
+    /// and noise attempt each) and connections.
+    limits: connection_limits::Behaviour,
     pub kad: kad::Behaviour<ProviderStore>,
     identify: identify::Behaviour,
     /// Finds dead connections (a peer whose link went silent) in seconds
@@ -58,6 +61,7 @@ pub(super) fn test_swarm() -> Swarm<Behaviour> {
         .multiplex(libp2p::yamux::Config::default())
         .boxed();
     let behaviour = Behaviour {
+        limits: connection_limits::Behaviour::new(limits()),
         kad: kad::Behaviour::new(peer_id, ProviderStore::new(peer_id, StoreLimits::default())),
         identify: identify::Behaviour::new(identify::Config::new(
             "/test/1".into(),
@@ -71,6 +75,16 @@ pub(super) fn test_swarm() -> Swarm<Behaviour> {
         peer_id,
         libp2p::swarm::Config::with_tokio_executor(),
     )
+}
+
+/// Connection limits of the P2P port.
+pub(super) fn limits() -> connection_limits::ConnectionLimits {
+    connection_limits::ConnectionLimits::default()
+        .with_max_pending_incoming(Some(64))
+        .with_max_pending_outgoing(Some(256))
+        .with_max_established_incoming(Some(512))
+        .with_max_established(Some(1024))
+        .with_max_established_per_peer(Some(4))
 }
 
 /// How long one Kademlia query may run.
@@ -90,7 +104,13 @@ pub(super) struct EventLoop {
     registry_port: u16,
     advertise_addr: Option<IpAddr>,
     own_ips: HashSet<IpAddr>,
+    /// The routing table's size, and when it was counted (counting walks
+    /// every bucket: not on every event).
+    table: (usize, Option<Instant>),
 }
+
+/// How long a count of the routing table is reused.
+const TABLE_COUNT_TTL: Duration = Duration::from_millis(200);
 
 impl EventLoop {
     pub(super) fn new(
@@ -131,6 +151,7 @@ impl EventLoop {
             identify_config = identify_config.with_hide_listen_addrs(true);
         }
         let behaviour = Behaviour {
+            limits: connection_limits::Behaviour::new(limits()),
             kad,
             identify: identify::Behaviour::new(identify_config),
             ping: ping::Behaviour::new(
@@ -173,7 +194,12 @@ impl EventLoop {
             events,
             registry_port,
             advertise_addr: settings.advertise_addr,
-            own_ips: settings.advertise_addr.into_iter().collect(),
+            own_ips: settings
+                .advertise_addr
+                .into_iter()
+                .chain(interface_addresses())
+                .collect(),
+            table: (0, None),
         };
         Ok((event_loop, status_rx))
     }
@@ -199,6 +225,7 @@ impl EventLoop {
                 _ = sleep_until(due) => {}
                 _ = housekeeping.tick() => {
                     let now = Instant::now();
+                    self.own_ips.extend(interface_addresses());
                     self.lookups.housekeeping(now);
                     self.swarm.behaviour_mut().kad.store_mut().expire(now);
                 }
@@ -216,17 +243,30 @@ impl EventLoop {
         }
     }
 
-    fn routing_table_peers(&mut self) -> usize {
-        self.swarm
-            .behaviour_mut()
-            .kad
-            .kbuckets()
-            .map(|b| b.num_entries())
-            .sum()
+    /// Peers in the routing table, counted at most every
+    /// [`TABLE_COUNT_TTL`] unless `fresh` is asked for.
+    fn routing_table_peers(&mut self, fresh: bool) -> usize {
+        let now = Instant::now();
+        if fresh
+            || self
+                .table
+                .1
+                .is_none_or(|at| now.duration_since(at) > TABLE_COUNT_TTL)
+        {
+            let count = self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .kbuckets()
+                .map(|b| b.num_entries())
+                .sum();
+            self.table = (count, Some(now));
+        }
+        self.table.0
     }
 
     fn publish_status(&mut self) {
-        let table = self.routing_table_peers();
+        let table = self.routing_table_peers(false);
         let connected = self.peers.len();
         let first_round = self.advertiser.first_round();
         let advertised = self.advertiser.len();
@@ -250,13 +290,16 @@ impl EventLoop {
 
     fn on_command(&mut self, command: Command) {
         match command {
+            // The status is current before the caller hears back.
             Command::Advertise { keys, round, done } => {
                 self.advertiser.add(keys, round);
+                self.publish_status();
                 let _ = done.send(());
             }
             Command::Withdraw { keys, done } => {
                 self.advertiser
                     .remove(keys, &mut self.swarm.behaviour_mut().kad);
+                self.publish_status();
                 let _ = done.send(());
             }
             Command::Lookup { key, reply, gone } => {
@@ -297,6 +340,7 @@ impl EventLoop {
                 self.swarm.close_connection(connection);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(_)) => {}
+            SwarmEvent::Behaviour(BehaviourEvent::Limits(never)) => match never {},
             SwarmEvent::NewListenAddr { address, .. } => self.on_listening(address),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -316,7 +360,11 @@ impl EventLoop {
                         .add_address(&peer_id, address.clone());
                 }
                 let ip = ip_of(&remote);
-                if self.peers.connected(peer_id, connection_id, remote) {
+                let outbound = endpoint.is_dialer();
+                if self
+                    .peers
+                    .connected(peer_id, connection_id, remote, outbound)
+                {
                     tracing::debug!(peer = %peer_id, ?ip, "peer connected");
                 }
                 if let Some(ip) = ip {
@@ -341,8 +389,14 @@ impl EventLoop {
                 tracing::debug!(from = %send_back_addr, %error, "inbound P2P connection failed");
                 // Not counted: our own dials of our own addresses
                 // (LocalPeerId) and connections we dropped ourselves.
-                if matches!(error, libp2p::swarm::ListenError::Transport(_)) {
-                    self.counters.handshake_failures_inbound.inc();
+                match error {
+                    libp2p::swarm::ListenError::Transport(_) => {
+                        self.counters.handshake_failures_inbound.inc();
+                    }
+                    libp2p::swarm::ListenError::Denied { .. } => {
+                        self.counters.connections_refused.inc();
+                    }
+                    _ => {}
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
@@ -360,22 +414,18 @@ impl EventLoop {
     }
 
     fn on_identify(&mut self, peer: PeerId, listen_addrs: Vec<Multiaddr>) {
-        // Addresses worth dialling later: routable ones, and loopback ones
-        // only when the peer is reached over loopback (nodes sharing one
-        // host). A peer's loopback address elsewhere is ourselves, and a
-        // link-local one lacks its interface.
+        // Addresses worth dialling later (see `dialable`): never one of our
+        // own, never loopback unless the peer is reached over loopback.
         let over_loopback = self.peers.over_loopback(&peer);
         for addr in &listen_addrs {
-            if ip_of(addr).is_some_and(|ip| routable(&ip) || (over_loopback && ip.is_loopback())) {
+            if ip_of(addr).is_some_and(|ip| dialable(&ip, &self.own_ips, over_loopback)) {
                 self.swarm
                     .behaviour_mut()
                     .kad
                     .add_address(&peer, addr.clone());
             }
         }
-        if let Some(ips) = self.peers.announced(&peer, listen_addrs) {
-            self.emit(PeerEvent::Announced { peer, ips });
-        }
+        self.peers.announced(&peer, listen_addrs);
     }
 
     fn on_listening(&mut self, address: Multiaddr) {
@@ -418,7 +468,7 @@ impl EventLoop {
                     }
                 }
                 QueryResult::StartProviding(result) if self.advertiser.owns(&id) => {
-                    let table = self.routing_table_peers();
+                    let table = self.routing_table_peers(true);
                     self.advertiser.finished(
                         id,
                         Outcome {
@@ -454,7 +504,7 @@ impl EventLoop {
                 }
             }
             // The first peer after being alone: announce to it.
-            kad::Event::RoutingUpdated { .. } if self.routing_table_peers() == 1 => {
+            kad::Event::RoutingUpdated { .. } if self.routing_table_peers(true) == 1 => {
                 self.advertiser.peers_appeared();
             }
             _ => {}

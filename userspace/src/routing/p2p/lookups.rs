@@ -102,6 +102,9 @@ impl Lookups {
         reply: mpsc::Sender<Peer>,
         gone: oneshot::Receiver<()>,
     ) {
+        if reply.is_closed() {
+            return; // the asker left while the command waited
+        }
         let key = RecordKey::new(&record_key(name));
         let now = Instant::now();
         if let Some((at, peers)) = self.cache.get(&key)
@@ -262,16 +265,21 @@ impl Lookups {
         if q.reported.contains(&provider) {
             return;
         }
-        if !net.peers.is_connected(&provider) {
+        let Some(ip) = net.peers.endpoint_ip(&provider) else {
+            // Not connected, or only over connections the provider opened:
+            // dial it (see `PeerTable::endpoint_ip`); the connection answers.
             if !q.dialing.insert(provider) {
                 return;
             }
             self.dial_waiters.entry(provider).or_default().push(query);
-            let opts = DialOpts::peer_id(provider)
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .build();
+            let condition = if net.peers.is_connected(&provider) {
+                PeerCondition::Always
+            } else {
+                PeerCondition::DisconnectedAndNotDialing
+            };
+            let opts = DialOpts::peer_id(provider).condition(condition).build();
             match net.swarm.dial(opts) {
-                // Already connected or being dialled: its outcome answers us.
+                // Already being dialled: its outcome answers us.
                 Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {}
                 Err(e) => {
                     tracing::debug!(%provider, error = %e, "cannot dial provider");
@@ -279,11 +287,8 @@ impl Lookups {
                 }
             }
             return;
-        }
-        q.dialing.remove(&provider);
-        let Some(ip) = net.peers.endpoint_ip(&provider) else {
-            return;
         };
+        q.dialing.remove(&provider);
         if net.own_ips.contains(&ip) {
             return;
         }

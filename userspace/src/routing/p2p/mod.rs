@@ -42,7 +42,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use peers::{PeerInfo, routable};
+pub use peers::{PeerInfo, interface_addresses, routable};
 
 use super::{Peer, Round, Router, RouterError, RouterStatus};
 
@@ -73,6 +73,8 @@ pub struct P2pCounters {
     pub advertise_failures: Counter,
     /// Lookups answered as a miss at once because the lookup queue was full.
     pub lookups_dropped: Counter,
+    /// Inbound connections refused at the connection limits.
+    pub connections_refused: Counter,
     pub connected_peers: Gauge,
     pub routing_table_peers: Gauge,
     pub advertised_keys: Gauge,
@@ -100,10 +102,6 @@ pub enum PeerEvent {
     /// A connection with `peer` is up, from or to `ip` (said for each of its
     /// connections).
     Connected { peer: PeerId, ip: IpAddr },
-    /// The routable addresses a connected peer announced (identify): on a
-    /// dual-stack or multi-homed node its registry requests may come from
-    /// one of these rather than from its P2P connection's address.
-    Announced { peer: PeerId, ips: Vec<IpAddr> },
     /// The peer's last connection closed.
     Disconnected { peer: PeerId },
 }
@@ -198,21 +196,40 @@ impl Router for P2pRouter {
             reply: tx,
             gone,
         };
-        // A full command queue means the loop is overloaded: that lookup is
-        // a miss at once rather than a wait.
-        if self.commands.try_send(command).is_err() {
-            self.lookups_dropped.inc();
-        }
-        Box::pin(LookupStream {
+        let stream = LookupStream {
             inner: tokio_stream::wrappers::ReceiverStream::new(rx),
             _guard: guard,
-        })
+        };
+        match self.commands.try_send(command) {
+            Ok(()) => Box::pin(stream),
+            Err(mpsc::error::TrySendError::Closed(_)) => Box::pin(futures::stream::empty()),
+            // The loop is busy: wait a moment for room, then give up (a
+            // miss, counted) rather than queue without bound.
+            Err(mpsc::error::TrySendError::Full(command)) => {
+                use futures::StreamExt;
+                let (commands, dropped) = (self.commands.clone(), self.lookups_dropped.clone());
+                let sent = async move {
+                    let queued = commands
+                        .send_timeout(command, LOOKUP_QUEUE_WAIT)
+                        .await
+                        .is_ok();
+                    if !queued {
+                        dropped.inc();
+                    }
+                    futures::stream::iter(queued.then_some(stream)).flatten()
+                };
+                Box::pin(futures::stream::once(sent).flatten())
+            }
+        }
     }
 
     fn watch_status(&self) -> watch::Receiver<RouterStatus> {
         self.status.clone()
     }
 }
+
+/// How long a lookup waits for room in a full command queue.
+const LOOKUP_QUEUE_WAIT: Duration = Duration::from_millis(100);
 
 /// The providers of one lookup; dropping it tells the event loop, which
 /// stops the lookup if nobody else waits for it.

@@ -1,8 +1,8 @@
 //! The one table of connected peers: their connections, the addresses they
 //! announced, and which address this node uses to reach their registry.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::SystemTime;
 
 use libp2p::multiaddr::Protocol;
@@ -22,8 +22,9 @@ pub struct PeerInfo {
 }
 
 struct PeerState {
-    /// Remote addresses of the open connections.
-    connections: HashMap<ConnectionId, Multiaddr>,
+    /// Remote addresses of the open connections, and whether this node
+    /// dialled them.
+    connections: HashMap<ConnectionId, (Multiaddr, bool)>,
     /// Addresses the peer announced through identify.
     announced: Vec<Multiaddr>,
     since: SystemTime,
@@ -34,35 +35,101 @@ pub(super) struct PeerTable {
     peers: HashMap<PeerId, PeerState>,
 }
 
-/// The IP address of a multiaddr, if it has one.
+/// The IP address of a multiaddr, if it has one, in canonical form (an
+/// IPv4-mapped IPv6 address is the IPv4 address it maps).
 pub(super) fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
     addr.iter().find_map(|p| match p {
         Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
-        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip).to_canonical()),
         _ => None,
     })
 }
 
-/// Addresses that name a node to others: not loopback, link-local or
-/// unspecified.
+/// Addresses that can name another node: unicast, and not loopback,
+/// link-local or unspecified (IPv4-mapped addresses are judged as the IPv4
+/// address they map, so `::ffff:127.0.0.1` is loopback).
 pub fn routable(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            !v4.is_loopback()
+                && !v4.is_link_local()
+                && !v4.is_unspecified()
+                && !v4.is_multicast()
+                && !v4.is_broadcast()
+                && v4.octets()[0] != 0
+        }
         IpAddr::V6(v6) => {
-            !v6.is_loopback() && !v6.is_unspecified() && (v6.segments()[0] & 0xffc0) != 0xfe80
+            !v6.is_loopback()
+                && !v6.is_unspecified()
+                && !v6.is_multicast()
+                && (v6.segments()[0] & 0xffc0) != 0xfe80
         }
     }
 }
 
+/// Whether an address a peer announced is worth dialling: routable and not
+/// one of this node's own (a bridge such as docker0's `172.17.0.1` is the
+/// same on every host: dialling it reaches this host, not the peer), or
+/// loopback when the peer is reached over loopback (nodes sharing a host).
+pub(super) fn dialable(ip: &IpAddr, own: &HashSet<IpAddr>, over_loopback: bool) -> bool {
+    let ip = ip.to_canonical();
+    if own.contains(&ip) {
+        return over_loopback && ip.is_loopback();
+    }
+    routable(&ip) || (over_loopback && ip.is_loopback())
+}
+
+/// Addresses of this network namespace's interfaces.
+pub fn interface_addresses() -> HashSet<IpAddr> {
+    let mut out = HashSet::new();
+    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we free with freeifaddrs; every node
+    // and address pointer is checked before use.
+    unsafe {
+        if libc::getifaddrs(&mut addrs) != 0 {
+            return out;
+        }
+        let mut cur = addrs;
+        while !cur.is_null() {
+            let sa = (*cur).ifa_addr;
+            if !sa.is_null() {
+                match i32::from((*sa).sa_family) {
+                    libc::AF_INET => {
+                        let sin = sa as *const libc::sockaddr_in;
+                        out.insert(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                            (*sin).sin_addr.s_addr,
+                        ))));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = sa as *const libc::sockaddr_in6;
+                        out.insert(IpAddr::V6(Ipv6Addr::from((*sin6).sin6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(addrs);
+    }
+    out
+}
+
 impl PeerTable {
-    /// Records a new connection; `true` when it is the peer's first.
-    pub(super) fn connected(&mut self, peer: PeerId, id: ConnectionId, remote: Multiaddr) -> bool {
+    /// Records a new connection (`outbound`: this node dialled it); `true`
+    /// when it is the peer's first.
+    pub(super) fn connected(
+        &mut self,
+        peer: PeerId,
+        id: ConnectionId,
+        remote: Multiaddr,
+        outbound: bool,
+    ) -> bool {
         let state = self.peers.entry(peer).or_insert_with(|| PeerState {
             connections: HashMap::new(),
             announced: Vec::new(),
             since: SystemTime::now(),
         });
-        state.connections.insert(id, remote);
+        state.connections.insert(id, (remote, outbound));
         state.connections.len() == 1
     }
 
@@ -79,19 +146,12 @@ impl PeerTable {
         false
     }
 
-    /// Records what a connected peer announced; returns its routable
-    /// addresses (sorted, deduplicated), or `None` when it is not connected.
-    pub(super) fn announced(
-        &mut self,
-        peer: &PeerId,
-        addrs: Vec<Multiaddr>,
-    ) -> Option<Vec<IpAddr>> {
-        let state = self.peers.get_mut(peer)?;
-        let mut ips: Vec<IpAddr> = addrs.iter().filter_map(ip_of).filter(routable).collect();
-        ips.sort();
-        ips.dedup();
-        state.announced = addrs;
-        Some(ips)
+    /// Records what a connected peer announced (shown on the debug page;
+    /// never used as an endpoint or for admission).
+    pub(super) fn announced(&mut self, peer: &PeerId, addrs: Vec<Multiaddr>) {
+        if let Some(state) = self.peers.get_mut(peer) {
+            state.announced = addrs;
+        }
     }
 
     pub(super) fn is_connected(&self, peer: &PeerId) -> bool {
@@ -108,23 +168,34 @@ impl PeerTable {
         self.peers.get(peer).is_some_and(|p| {
             p.connections
                 .values()
-                .filter_map(ip_of)
+                .filter_map(|(a, _)| ip_of(a))
                 .any(|ip| ip.is_loopback())
         })
     }
 
-    /// The registry IP of a connected peer: an address it announced that
-    /// others can reach, else the address of our connection to it.
+    /// The registry IP of a connected peer: the address of a connection
+    /// this node dialled (a routable one when there is one). A node fetches
+    /// from a peer only at an address it dialled and found the peer at:
+    /// - never at one the peer merely announced (identities are free, and an
+    ///   announced address could be anyone's, or this host's own bridge);
+    /// - not at the source of a connection the peer opened: on a multi-homed
+    ///   node the request would leave from another address than the one the
+    ///   peer admitted. Over a connection this node dialled, the peer sees
+    ///   (and admits) the very source the request will come from.
+    ///
+    /// `None` when no such connection is open: the caller dials one.
     pub(super) fn endpoint_ip(&self, peer: &PeerId) -> Option<IpAddr> {
         let state = self.peers.get(peer)?;
-        let announced: Vec<IpAddr> = state.announced.iter().filter_map(ip_of).collect();
-        let connected: Vec<IpAddr> = state.connections.values().filter_map(ip_of).collect();
-        announced
-            .iter()
+        let mut ips: Vec<IpAddr> = state
+            .connections
+            .values()
+            .filter(|(_, outbound)| *outbound)
+            .filter_map(|(a, _)| ip_of(a))
+            .collect();
+        ips.sort();
+        ips.iter()
             .find(|ip| routable(ip))
-            .or_else(|| connected.iter().find(|ip| routable(ip)))
-            .or_else(|| announced.first())
-            .or_else(|| connected.first())
+            .or_else(|| ips.iter().find(|ip| ip.is_loopback()))
             .copied()
     }
 
@@ -133,8 +204,11 @@ impl PeerTable {
             .peers
             .iter()
             .map(|(id, state)| {
-                let mut connection_ips: Vec<IpAddr> =
-                    state.connections.values().filter_map(ip_of).collect();
+                let mut connection_ips: Vec<IpAddr> = state
+                    .connections
+                    .values()
+                    .filter_map(|(a, _)| ip_of(a))
+                    .collect();
                 connection_ips.sort();
                 connection_ips.dedup();
                 PeerInfo {
@@ -167,48 +241,83 @@ mod tests {
             ("127.0.0.5", false),
             ("169.254.1.1", false),
             ("0.0.0.0", false),
+            ("0.1.2.3", false),
+            ("224.0.0.1", false),
+            ("255.255.255.255", false),
             ("fd00::1", true),
             ("::1", false),
             ("fe80::1", false),
             ("::", false),
+            ("ff02::1", false),
+            ("::ffff:127.0.0.1", false),
+            ("::ffff:169.254.169.254", false),
+            ("::ffff:10.0.0.1", true),
         ] {
             let ip: IpAddr = ip.parse().expect("ip");
             assert_eq!(routable(&ip), want, "{ip}");
         }
+        assert_eq!(
+            ip_of(&addr("/ip6/::ffff:10.0.0.1/tcp/1")),
+            Some("10.0.0.1".parse().expect("ip"))
+        );
     }
 
     #[test]
-    fn connections_announcements_and_endpoints() {
+    fn own_addresses_are_never_dialled() {
+        let own: HashSet<IpAddr> = ["172.17.0.1", "10.0.0.5", "127.0.0.1"]
+            .iter()
+            .map(|s| s.parse().expect("ip"))
+            .collect();
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert!(
+            !dialable(&ip("172.17.0.1"), &own, false),
+            "docker0 is everywhere"
+        );
+        assert!(!dialable(&ip("::ffff:172.17.0.1"), &own, false));
+        assert!(dialable(&ip("10.0.0.6"), &own, false));
+        assert!(!dialable(&ip("127.0.0.2"), &own, false));
+        assert!(dialable(&ip("127.0.0.2"), &own, true));
+        assert!(
+            dialable(&ip("127.0.0.1"), &own, true),
+            "nodes sharing a host"
+        );
+    }
+
+    #[test]
+    fn the_endpoint_is_a_connection_address_never_an_announced_one() {
         let mut t = PeerTable::default();
         let p = PeerId::random();
         let (c1, c2) = (
             ConnectionId::new_unchecked(1),
             ConnectionId::new_unchecked(2),
         );
-        // Announcements of a peer that is not connected are not kept.
-        assert_eq!(t.announced(&p, vec![addr("/ip4/10.0.0.9/tcp/1")]), None);
-        assert!(t.connected(p, c1, addr("/ip4/127.0.0.1/tcp/5")));
-        assert!(!t.connected(p, c2, addr("/ip4/10.0.0.2/tcp/6")));
+        let c3 = ConnectionId::new_unchecked(3);
+        assert!(t.connected(p, c1, addr("/ip4/127.0.0.1/tcp/5"), true));
+        // The source of a connection the peer opened is no endpoint.
+        assert!(!t.connected(p, c3, addr("/ip4/10.0.0.3/tcp/50123"), false));
+        assert_eq!(t.endpoint_ip(&p), Some("127.0.0.1".parse().expect("ip")));
+        assert!(!t.connected(p, c2, addr("/ip4/10.0.0.2/tcp/6"), true));
         assert!(t.over_loopback(&p));
-        // Without announcements: the routable connection address.
+        // What the peer announces (a bridge address, a metadata service)
+        // changes nothing.
+        t.announced(
+            &p,
+            vec![
+                addr("/ip4/172.17.0.1/tcp/1"),
+                addr("/ip4/169.254.169.254/tcp/1"),
+                addr("/ip4/10.0.0.7/tcp/1"),
+            ],
+        );
         assert_eq!(t.endpoint_ip(&p), Some("10.0.0.2".parse().expect("ip")));
-        let ips = t
-            .announced(
-                &p,
-                vec![
-                    addr("/ip4/10.0.0.7/tcp/1"),
-                    addr("/ip4/127.0.0.1/tcp/1"),
-                    addr("/ip4/10.0.0.7/tcp/2"),
-                ],
-            )
-            .expect("connected");
-        assert_eq!(ips, ["10.0.0.7".parse::<IpAddr>().expect("ip")]);
-        assert_eq!(t.endpoint_ip(&p), Some("10.0.0.7".parse().expect("ip")));
         let info = &t.infos()[0];
-        assert_eq!(info.connection_ips.len(), 2);
-        assert!(!t.closed(&p, c1));
-        assert!(t.closed(&p, c2));
+        assert_eq!(info.connection_ips.len(), 3);
+        assert!(!t.closed(&p, c3));
+        assert!(!t.closed(&p, c2));
+        // Only loopback left: nodes sharing a host.
+        assert_eq!(t.endpoint_ip(&p), Some("127.0.0.1".parse().expect("ip")));
+        assert!(t.closed(&p, c1));
         assert!(!t.is_connected(&p));
+        assert_eq!(t.endpoint_ip(&p), None);
         assert!(!t.closed(&p, c2), "a second close report is harmless");
         assert_eq!(t.len(), 0);
     }

@@ -1,0 +1,166 @@
+//! Socket helpers every server of the daemon uses: a connection that must
+//! keep making progress, and a cap on connections at once.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
+
+/// A connection whose reads and writes fail with `TimedOut` when they make
+/// no progress for their timeout: a client that stops reading a large
+/// response, or keeps a connection open and silent, gives its slot back.
+pub struct Deadlined<IO> {
+    io: IO,
+    read_timeout: Duration,
+    write_timeout: Duration,
+    read_sleep: Option<Pin<Box<Sleep>>>,
+    write_sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl<IO> Deadlined<IO> {
+    pub fn new(io: IO, read_timeout: Duration, write_timeout: Duration) -> Deadlined<IO> {
+        Deadlined {
+            io,
+            read_timeout,
+            write_timeout,
+            read_sleep: None,
+            write_sleep: None,
+        }
+    }
+}
+
+/// Polls `sleep` (armed on the first pending poll): `Ready` once it ran out.
+fn expired(sleep: &mut Option<Pin<Box<Sleep>>>, timeout: Duration, cx: &mut Context<'_>) -> bool {
+    sleep
+        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)))
+        .as_mut()
+        .poll(cx)
+        .is_ready()
+}
+
+fn timed_out(what: &str, after: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("no {what} progress for {after:?}"),
+    )
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Deadlined<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                this.read_sleep = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending if expired(&mut this.read_sleep, this.read_timeout, cx) => {
+                Poll::Ready(Err(timed_out("read", this.read_timeout)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Deadlined<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.io).poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                this.write_sleep = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending if expired(&mut this.write_sleep, this.write_timeout, cx) => {
+                Poll::Ready(Err(timed_out("write", this.write_timeout)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.io).poll_flush(cx) {
+            Poll::Ready(r) => {
+                this.write_sleep = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending if expired(&mut this.write_sleep, this.write_timeout, cx) => {
+                Poll::Ready(Err(timed_out("write", this.write_timeout)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// At most so many connections at once; beyond, `try_admit` says no.
+#[derive(Clone)]
+pub struct ConnectionCap {
+    slots: Arc<Semaphore>,
+}
+
+impl ConnectionCap {
+    pub fn new(max: usize) -> ConnectionCap {
+        ConnectionCap {
+            slots: Arc::new(Semaphore::new(max.max(1))),
+        }
+    }
+
+    /// A slot for one connection (freed when dropped), or `None` when every
+    /// slot is taken.
+    pub fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_reading_or_talking_is_cut_off() {
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let mut conn = Deadlined::new(ours, Duration::from_secs(30), Duration::from_secs(10));
+        // Writes progress while the other side reads...
+        conn.write_all(&[1; 512]).await.expect("room");
+        let mut buf = [0; 512];
+        theirs.read_exact(&mut buf).await.expect("read");
+        // ... and fail once it stops: the buffer fills, then 10 s pass.
+        let err = conn.write_all(&[2; 4096]).await.expect_err("stalled");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // A silent peer: the read fails after 30 s.
+        let (ours, _theirs) = tokio::io::duplex(1024);
+        let mut conn = Deadlined::new(ours, Duration::from_secs(30), Duration::from_secs(10));
+        let started = tokio::time::Instant::now();
+        let err = conn.read(&mut buf).await.expect_err("silent");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn the_cap_holds_and_frees() {
+        let cap = ConnectionCap::new(2);
+        let a = cap.try_admit().expect("free");
+        let _b = cap.try_admit().expect("free");
+        assert!(cap.try_admit().is_none());
+        drop(a);
+        assert!(cap.try_admit().is_some());
+    }
+}
