@@ -38,8 +38,9 @@ pub fn run_one(nodes: usize, keys: usize, big: usize) -> Result<()> {
                 (0..n).map(|k| key(i, k)).collect()
             })
             .await?;
-        let ready = cluster.wait_ready(Duration::from_secs(900)).await?;
+        let ready = cluster.wait_ready(Duration::from_secs(1800)).await?;
         let rss = rss_bytes().saturating_sub(before);
+        eprintln!("  ready in {ready:.1?}; sampling lookups");
         let probe = SchedulingProbe::start();
         let mut latencies = Vec::new();
         let mut empty = 0usize;
@@ -57,7 +58,14 @@ pub fn run_one(nodes: usize, keys: usize, big: usize) -> Result<()> {
                         .await?
                     {
                         Some((p, took)) if p.addr.ip() == ip => latencies.push(took),
-                        _ => empty += 1,
+                        other => {
+                            if empty < 5 {
+                                eprintln!(
+                                    "  node {asker}: key {i} of node {owner} ({ip}): {other:?}"
+                                );
+                            }
+                            empty += 1
+                        }
                     }
                 }
             }
@@ -119,6 +127,7 @@ pub fn bench() -> Result<String> {
                 &keys.to_string(),
                 &big.to_string(),
             ])
+            .stderr(std::process::Stdio::inherit())
             .output()
             .context("running a DHT scenario")?;
         let stdout = String::from_utf8_lossy(&output.stdout);
@@ -128,7 +137,7 @@ pub fn bench() -> Result<String> {
             .with_context(|| {
                 format!(
                     "scenario {nodes}×{keys} printed no result: {}",
-                    String::from_utf8_lossy(&output.stderr)
+                    output.status
                 )
             })?;
         let f: Vec<&str> = line.split_whitespace().collect();
@@ -154,6 +163,7 @@ pub fn bench() -> Result<String> {
             ms(f[12]),
             rss / f64::from(1 << 20),
         );
+        println!("{}", out.lines().last().unwrap_or_default());
     }
     Ok(out)
 }

@@ -170,7 +170,30 @@ impl DhtCluster {
     /// routing table. Returns how long it took.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<Duration> {
         let started = Instant::now();
+        let mut said = Instant::now();
         loop {
+            if said.elapsed() > Duration::from_secs(10) {
+                said = Instant::now();
+                let (mut stored, mut total) = (0, 0);
+                for (_, n) in self.live() {
+                    match n.router.status().first_round {
+                        FirstRound::Announcing {
+                            stored: s,
+                            total: t,
+                        } => {
+                            stored += s;
+                            total += t;
+                        }
+                        FirstRound::Stored => {}
+                        FirstRound::Waiting => {}
+                    }
+                }
+                eprintln!(
+                    "  … {:.0?}: {stored} of {total} keys still announcing stored, {} failed announcements retried",
+                    started.elapsed(),
+                    self.advertise_failures()
+                );
+            }
             let waiting: Vec<(usize, Vec<String>)> = self
                 .live()
                 .map(|(i, n)| (i, n.router.status().waiting_for()))

@@ -208,7 +208,7 @@ fn string_array<'a>(items: impl IntoIterator<Item = &'a str>) -> Array {
 }
 
 /// The `hosts.toml` peermirror wants for `registry`, given the original file.
-fn render(
+pub(crate) fn render(
     registry: &str,
     opts: &ConfigureOptions,
     original: Option<&str>,
@@ -498,17 +498,19 @@ pub struct Finding(pub String);
 /// (the CRI plugin) from using peermirror, or leave this node nothing to
 /// share. Supports config versions 2 (containerd 1.x) and 3 (2.x).
 pub fn check_containerd_config(config_file: &Path, certs_d: &Path) -> Vec<Finding> {
-    let text = match std::fs::read_to_string(config_file) {
-        Ok(t) => t,
-        Err(e) => {
-            return vec![Finding(format!(
-                "cannot read {} ({e}); with its built-in defaults containerd 1.x's CRI plugin does not read {} at all: \
-                 kubelet's pulls will not use peermirror until `config_path` is set",
-                config_file.display(),
-                certs_d.display()
-            ))];
-        }
-    };
+    match std::fs::read_to_string(config_file) {
+        Ok(text) => check_config_text(&text, config_file, certs_d),
+        Err(e) => vec![Finding(format!(
+            "cannot read {} ({e}); with its built-in defaults containerd 1.x's CRI plugin does not read {} at all: \
+             kubelet's pulls will not use peermirror until `config_path` is set",
+            config_file.display(),
+            certs_d.display()
+        ))],
+    }
+}
+
+/// [`check_containerd_config`] on the text of `config_file`.
+pub fn check_config_text(text: &str, config_file: &Path, certs_d: &Path) -> Vec<Finding> {
     let doc: DocumentMut = match text.parse() {
         Ok(d) => d,
         Err(e) => {

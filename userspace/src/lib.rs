@@ -34,3 +34,41 @@ pub mod routing;
 pub mod status;
 pub mod store;
 pub mod tls;
+
+/// Entry points for the fuzz targets in `fuzz/` (built with `--cfg
+/// fuzzing` by cargo fuzz only): the parsers of input from the network and
+/// from files, which must answer every input with a value or an error.
+#[cfg(fuzzing)]
+pub mod fuzzing {
+    /// The registry port's request-head parser.
+    pub fn request_head(bytes: &[u8]) {
+        let mut buf = bytes::BytesMut::from(bytes);
+        let _ = crate::registry::http::parse_head(&mut buf);
+    }
+
+    /// The `hosts.toml` peermirror writes, from an arbitrary original.
+    pub fn hosts_toml(original: &str) {
+        let opts = crate::containerd_config::ConfigureOptions {
+            config_path: std::path::PathBuf::from("/nonexistent"),
+            registries: vec!["docker.io".into()],
+            mirror_targets: vec!["http://127.0.0.1:5000".into()],
+            resolve_tags: true,
+            prepend_existing: true,
+            disable_default_endpoint: false,
+            tls: None,
+        };
+        if let Ok(text) = crate::containerd_config::render("docker.io", &opts, Some(original)) {
+            // What we write is TOML containerd can read.
+            assert!(text.parse::<toml_edit::DocumentMut>().is_ok(), "{text}");
+        }
+    }
+
+    /// The checks of containerd's `config.toml`.
+    pub fn config_toml(text: &str) {
+        let _ = crate::containerd_config::check_config_text(
+            text,
+            std::path::Path::new("config.toml"),
+            std::path::Path::new("/etc/containerd/certs.d"),
+        );
+    }
+}

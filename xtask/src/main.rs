@@ -7,6 +7,7 @@
 
 mod demo;
 mod deps;
+mod fuzz;
 
 use std::process::{Command, ExitCode};
 
@@ -32,6 +33,14 @@ enum Cmd {
     Demo,
     /// Compile the eBPF programs (C, clang) into target/bpf/peermirror.bpf.o.
     BuildEbpf,
+    /// Fuzz the parsers (cargo fuzz, libFuzzer): every target, or one, for a while each.
+    Fuzz {
+        /// One target (see fuzz/fuzz_targets/); all when omitted.
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+    },
     /// Benchmarks: peermirror side by side with nginx and the CNCF registry, the DHT at scale (release build).
     Bench {
         /// `serving`, `cluster` or `dht` to run only that part.
@@ -45,6 +54,7 @@ fn main() -> ExitCode {
         Cmd::Demo => demo::run(),
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Bench { part } => bench(part.as_deref()),
+        Cmd::Fuzz { target, seconds } => fuzz(target.as_deref(), seconds),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,8 +65,12 @@ fn main() -> ExitCode {
     }
 }
 
+fn cargo_path() -> std::ffi::OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
 fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    Command::new(cargo_path())
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {
@@ -78,6 +92,10 @@ fn build_ebpf() -> Result<()> {
     let object = peermirror_ebpf::build(&out)?;
     println!("{}", object.display());
     Ok(())
+}
+
+fn fuzz(target: Option<&str>, seconds: u64) -> Result<()> {
+    fuzz::run(target, seconds)
 }
 
 fn bench(part: Option<&str>) -> Result<()> {
@@ -117,8 +135,16 @@ fn test(cargo_args: &[String]) -> Result<()> {
         .args(["test", "--release", "--package", "peermirror-tests"])
         .args(RELEASE_TESTS.iter().flat_map(|t| ["--test", t]))
         .args(["--", "--test-threads", "1"])
-        .args(cargo_args))
+        .args(cargo_args))?;
+    // A short run of every fuzz target (with a filter, only when asked).
+    if cargo_args.is_empty() {
+        fuzz::run(None, FUZZ_SECONDS_IN_TEST)?;
+    }
+    Ok(())
 }
+
+/// Seconds each fuzz target runs as part of `cargo xtask test`.
+const FUZZ_SECONDS_IN_TEST: u64 = 12;
 
 /// Integration tests that run in release mode (see `test`).
 const RELEASE_TESTS: &[&str] = &["scale"];

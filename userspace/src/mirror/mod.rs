@@ -576,12 +576,29 @@ fn blob_answer(
     let len: u64 = header(&response, "content-length")
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| Answer::Retry("no content-length".into()))?;
-    let (offset, size) = if status == 206 {
+    let (offset, size) = judge_span(range, status, content_range(&response), len)?;
+    Ok(BlobAnswer {
+        size,
+        offset,
+        len,
+        body: Some(response.into_body()),
+    })
+}
+
+/// Whether a `200`/`206` answer carries exactly what `range` asked for;
+/// its first byte and the blob's size when it does.
+fn judge_span(
+    range: Option<ByteRange>,
+    status: u16,
+    content_range: Option<ContentRange>,
+    len: u64,
+) -> Result<(u64, u64), Answer> {
+    if status == 206 {
         let Some(ContentRange::Span {
             first: a,
             last: b,
             size,
-        }) = content_range(&response)
+        }) = content_range
         else {
             return Err(Answer::Retry("206 without a valid content-range".into()));
         };
@@ -600,19 +617,13 @@ fn blob_answer(
         if r.resolve(size).ok() != Some(a..=b) {
             return Err(Answer::Retry("answered another range".into()));
         }
-        (a, size)
+        Ok((a, size))
     } else {
         if range.is_some_and(|r| !r.is_from_start()) {
             return Err(Answer::Retry("range ignored".into()));
         }
-        (0, len)
-    };
-    Ok(BlobAnswer {
-        size,
-        offset,
-        len,
-        body: Some(response.into_body()),
-    })
+        Ok((0, len))
+    }
 }
 
 type ManifestHead = (Option<String>, Option<Digest>, Incoming);

@@ -24,8 +24,13 @@ pub const MIRRORED_HEADER: &str = "x-peermirror-mirrored";
 /// Longest excerpt of an input that an error message quotes.
 const EXCERPT_CHARS: usize = 100;
 
-/// `input` as error messages quote it: never more than a line of it, so that
-/// a hostile input cannot make a log line or an error body large.
+/// `input` as error messages quote it: at most a line of it, printable
+/// ASCII only (anything else shows as `?`), so that a hostile input can
+/// make a log line or an error body neither large nor unreadable.
 pub fn excerpt(input: &str) -> String {
-    input.chars().take(EXCERPT_CHARS).collect()
+    input
+        .chars()
+        .take(EXCERPT_CHARS)
+        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .collect()
 }

@@ -152,9 +152,10 @@ impl FromStr for ContentRange {
     }
 }
 
-/// A decimal byte offset: digits only (no sign, no spaces), at most 19 of them.
+/// A decimal byte offset: digits only (no sign, no spaces), at most the 20
+/// of `u64::MAX` (a larger value does not parse).
 fn number(s: &str) -> Option<u64> {
-    if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
+    if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     s.parse().ok()
@@ -199,6 +200,46 @@ fn parse_one(part: &str) -> Option<ByteRange> {
                 first,
                 last: Some(last),
             })
+        }
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A resolved range always lies inside the blob, and prints and
+        /// parses back to itself.
+        #[test]
+        fn resolved_spans_lie_inside_the_blob(
+            first in any::<u64>(), last in proptest::option::of(any::<u64>()), suffix in any::<u64>(), size in any::<u64>()
+        ) {
+            let first = first % (1 << 62);
+            for r in [
+                ByteRange::FromTo { first, last: last.map(|l| (l % (1 << 62)).max(first)) },
+                ByteRange::Suffix { len: suffix % (1 << 62) },
+            ] {
+                if let Ok(span) = r.resolve(size) {
+                    prop_assert!(span.start() <= span.end());
+                    prop_assert!(*span.end() < size);
+                }
+                prop_assert_eq!(parse_range_header(&r.to_string()), Ok(RangeRequest::Single(r)));
+            }
+        }
+
+        /// Content-Range values print and parse back; spans outside the
+        /// blob cannot be made.
+        #[test]
+        fn content_ranges_round_trip(offset in any::<u64>(), len in any::<u64>(), size in any::<u64>()) {
+            match ContentRange::span(offset, len, size) {
+                Some(c) => {
+                    prop_assert_eq!(c.to_string().parse::<ContentRange>(), Ok(c));
+                    prop_assert!(offset.checked_add(len).is_some_and(|end| end <= size));
+                }
+                None => prop_assert!(len == 0 || offset.checked_add(len).is_none_or(|end| end > size)),
+            }
         }
     }
 }

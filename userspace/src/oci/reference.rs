@@ -307,6 +307,12 @@ impl Reference {
             _ => (Registry(DOCKER_HUB.to_string()), name),
         };
         let repository = repository.parse::<Repository>()?.normalized_for(&registry);
+        // Docker Hub's `library/` counts too: what is printed must parse.
+        if repository.0.len() > MAX_REPOSITORY_LEN {
+            return Err(ReferenceError::InvalidRepository {
+                input: super::excerpt(input),
+            });
+        }
         if tag.is_none() && digest.is_none() {
             return Err(ReferenceError::Unqualified {
                 input: super::excerpt(input),
@@ -462,6 +468,20 @@ mod tests {
         ] {
             assert!(Reference::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn found_by_fuzzing() {
+        // A short Docker Hub name at the length limit grows by `library/`:
+        // refused, or it would print as a reference that does not parse.
+        let name = format!("{}:1", "a".repeat(250));
+        assert!(Reference::parse(&name).is_err());
+        let name = format!("{}:1", "a".repeat(247));
+        let r = Reference::parse(&name).expect("fits with library/");
+        assert_eq!(Reference::parse(&r.to_string()), Ok(r));
+        // Error messages quote at most a line of printable text.
+        let e = Reference::parse(&"\u{10ffff}".repeat(500)).expect_err("garbage");
+        assert!(e.to_string().len() < 300 && e.to_string().is_ascii(), "{e}");
     }
 
     #[test]

@@ -935,6 +935,23 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Whatever `ns` a client sends, the label is one of a fixed few
+        /// values or a registry the node mirrors by name or holds.
+        #[test]
+        fn labels_come_from_a_bounded_set(ns in "[a-z0-9.-]{1,30}(:[0-9]{1,5})?") {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+            let f = runtime.block_on(fixture());
+            let Ok(registry) = ns.parse::<crate::oci::Registry>() else { return Ok(()) };
+            let label = f.handler.registry_label(Some(&registry));
+            let held = ["docker.io", "example.com:5000"];
+            proptest::prop_assert!(
+                label == "other" || held.contains(&label.as_str()),
+                "{} became the label {}", ns, label
+            );
+        }
+    }
+
     #[tokio::test]
     async fn removed_blob_is_a_miss_at_once() {
         let f = fixture().await;

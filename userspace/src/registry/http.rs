@@ -87,7 +87,7 @@ pub struct Server {
 }
 
 /// A request head that could not be read or parsed: answered, then closed.
-struct BadRequest(OciError);
+pub(crate) struct BadRequest(OciError);
 
 impl Server {
     /// A plain-HTTP server sending file bodies with sendfile.
@@ -442,7 +442,7 @@ impl Server {
 }
 
 /// The parts of a request head we use, copied out of the read buffer.
-struct ParsedHead {
+pub(crate) struct ParsedHead {
     method: Method,
     target: String,
     range: Option<String>,
@@ -452,7 +452,7 @@ struct ParsedHead {
 }
 
 /// Parses a request head at the start of `buf` and consumes it.
-fn parse_head(buf: &mut BytesMut) -> Result<Option<ParsedHead>, BadRequest> {
+pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<ParsedHead>, BadRequest> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let consumed = match req.parse(buf) {

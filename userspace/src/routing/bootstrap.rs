@@ -137,19 +137,72 @@ async fn fetch_http(url: &str) -> Result<Vec<Multiaddr>, BootstrapError> {
     })
     .await
     .map_err(|_| http_err(format!("no answer within {HTTP_TIMEOUT:?}")))??;
-    let entries: Vec<String> = serde_json::from_slice(&body).map_err(|e| BootstrapError::Body {
+    parse_entries(&body).map_err(|reason| BootstrapError::Body {
         url: url.to_string(),
-        reason: e.to_string(),
+        reason,
+    })
+}
+
+/// One entry of Spegel's bootstrap document: a peer id (optional) and its
+/// addresses.
+#[derive(serde::Deserialize)]
+struct AddrInfo {
+    #[serde(rename = "ID", default)]
+    id: Option<String>,
+    #[serde(rename = "Addrs", default)]
+    addrs: Vec<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Document {
+    /// Ours: `["/ip4/…/tcp/…/p2p/…", …]`.
+    Multiaddrs(Vec<String>),
+    /// Spegel's current one: `[{"ID": …, "Addrs": […]}, …]`.
+    Infos(Vec<AddrInfo>),
+    /// Spegel v0.7's: one `{"ID": …, "Addrs": […]}`.
+    Info(AddrInfo),
+}
+
+/// Most addresses taken from one bootstrap document.
+const MAX_ENTRIES: usize = 1024;
+
+/// The peers of a bootstrap document in any of the accepted formats (see
+/// [`Document`]); an `ID` is added to addresses that lack a `/p2p/` part.
+pub fn parse_entries(body: &[u8]) -> Result<Vec<Multiaddr>, String> {
+    let doc: Document = serde_json::from_slice(body).map_err(|_| {
+        "not a JSON array of multiaddrs, nor Spegel's {\"ID\", \"Addrs\"} entries".to_string()
     })?;
-    entries
-        .iter()
-        .map(|e| {
-            e.parse::<Multiaddr>().map_err(|err| BootstrapError::Body {
-                url: url.to_string(),
-                reason: format!("{e:?}: {err}"),
+    let infos = match doc {
+        Document::Multiaddrs(addrs) => vec![AddrInfo { id: None, addrs }],
+        Document::Infos(infos) => infos,
+        Document::Info(info) => vec![info],
+    };
+    let mut out = Vec::new();
+    for info in infos {
+        let id = info
+            .id
+            .map(|id| {
+                id.parse::<PeerId>()
+                    .map_err(|e| format!("{:?} is not a peer id: {e}", crate::oci::excerpt(&id)))
             })
-        })
-        .collect()
+            .transpose()?;
+        for text in info.addrs {
+            let mut addr: Multiaddr = text
+                .parse()
+                .map_err(|e| format!("{:?}: {e}", crate::oci::excerpt(&text)))?;
+            if let Some(id) = id
+                && !addr.iter().any(|p| matches!(p, Protocol::P2p(_)))
+            {
+                addr.push(Protocol::P2p(id));
+            }
+            if out.len() >= MAX_ENTRIES {
+                return Ok(out);
+            }
+            out.push(addr);
+        }
+    }
+    Ok(out)
 }
 
 /// Dials the bootstrap peers until the routing table has one, retrying with
@@ -304,6 +357,48 @@ mod tests {
             vec![format!("/ip4/192.0.2.9/tcp/5001/p2p/{id}")]
         );
         assert!(own_entry(&[], None, id).is_empty());
+    }
+
+    #[test]
+    fn every_bootstrap_format_is_read() {
+        let id = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
+        let ours = format!(r#"["/ip4/10.0.0.1/tcp/5001/p2p/{id}"]"#);
+        let spegel = format!(
+            r#"[{{"ID":"{id}","Addrs":["/ip4/10.0.0.1/tcp/5001","/ip4/10.0.0.2/tcp/5001/p2p/{id}"]}},{{"Addrs":["/ip4/10.0.0.3/tcp/5001"]}}]"#
+        );
+        let old = format!(r#"{{"ID":"{id}","Addrs":["/ip4/10.0.0.1/tcp/5001"]}}"#);
+        let texts = |b: &str| -> Vec<String> {
+            parse_entries(b.as_bytes())
+                .expect("valid")
+                .iter()
+                .map(|a| a.to_string())
+                .collect()
+        };
+        let with_id = format!("/ip4/10.0.0.1/tcp/5001/p2p/{id}");
+        assert_eq!(texts(&ours), [with_id.clone()]);
+        assert_eq!(
+            texts(&spegel),
+            [
+                with_id.clone(),
+                format!("/ip4/10.0.0.2/tcp/5001/p2p/{id}"),
+                "/ip4/10.0.0.3/tcp/5001".to_string()
+            ]
+        );
+        assert_eq!(texts(&old), [with_id]);
+        for bad in [
+            "",
+            "{}x",
+            "[1, 2]",
+            r#"["not a multiaddr"]"#,
+            r#"{"ID":"nope","Addrs":["/ip4/10.0.0.1/tcp/1"]}"#,
+        ] {
+            assert!(parse_entries(bad.as_bytes()).is_err(), "{bad:?}");
+        }
+        let many: Vec<String> = (0..5000)
+            .map(|i| format!("/ip4/10.0.{}.{}/tcp/1", i / 250, i % 250))
+            .collect();
+        let many = serde_json::to_vec(&many).expect("json");
+        assert_eq!(parse_entries(&many).expect("valid").len(), MAX_ENTRIES);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::advertiser::{Advertiser, Outcome};
 use super::lookups::{Lookups, Net};
-use super::peers::{PeerTable, dialable, interface_addresses, ip_of, routable};
+use super::peers::{PeerTable, dialable, interface_addresses, ip_of};
 use super::records::{ProviderStore, StoreLimits};
 use super::{Command, P2pConfig, P2pCounters, P2pError, PeerEvent};
 use crate::routing::{KAD_PROTOCOL, RouterStatus};
@@ -487,10 +487,13 @@ impl EventLoop {
                         record: Some(mut record),
                     },
             } => {
-                // Only addresses that can name a node; the store caps them.
+                // Only addresses another node can dial it at (the rule of
+                // identify's addresses); the store caps how many.
+                let over_loopback = self.peers.over_loopback(&record.provider);
+                let own = &self.own_ips;
                 record
                     .addresses
-                    .retain(|a| ip_of(a).is_some_and(|ip| routable(&ip)));
+                    .retain(|a| ip_of(a).is_some_and(|ip| dialable(&ip, own, over_loopback)));
                 let key = record.key.clone();
                 match self
                     .swarm
