@@ -108,6 +108,16 @@ impl ClusterNode {
         Ok(())
     }
 
+    /// The bootstrap peer the next start dials (`None`: none).
+    pub fn set_bootstrap(&mut self, bootstrap: Option<String>) {
+        self.bootstrap = bootstrap;
+    }
+
+    /// Replaces the extra `peermirror run` flags of the next start.
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.spec.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
     /// Stops this node's peermirror (SIGTERM) and starts it again with
     /// `extra` flags added.
     pub fn restart_peermirror(&mut self, extra: &[&str]) -> Result<()> {
@@ -163,6 +173,22 @@ pub struct Cluster {
     // Dropped after every process above: the namespaces, then the files.
     pub network: Network,
     pub dir: tempfile::TempDir,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::env::var_os("PM_TEST_KEEP").is_some() {
+            // The nodes' logs stay for a person to read.
+            let dir = std::mem::replace(
+                &mut self.dir,
+                tempfile::Builder::new()
+                    .prefix("pm-cluster-gone-")
+                    .tempdir()
+                    .expect("tempdir"),
+            );
+            eprintln!("keeping {}", dir.keep().display());
+        }
+    }
 }
 
 impl Cluster {

@@ -35,10 +35,22 @@ fn twelve_nodes_pull_an_image_spread_over_all_of_them() -> Result<()> {
         .map(|i| NodeSpec {
             name: format!("n{i}"),
             psk: KEY,
-            extra: ["--reannounce-interval", "30s", "--lookup-cache-ttl", "1s"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            // Twelve daemons, twelve containerds and twelve pulls at once
+            // saturate this machine's two cores: a daemon goes unscheduled
+            // for tens of milliseconds at a time (measured here: 30–100 ms
+            // between a lookup's request and its handling), so the 20 ms
+            // default resolve timeout would turn hits into misses.
+            extra: [
+                "--reannounce-interval",
+                "30s",
+                "--lookup-cache-ttl",
+                "1s",
+                "--mirror-resolve-timeout",
+                "500ms",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         })
         .collect();
     let mut cluster = Cluster::start(&specs)?;
@@ -80,14 +92,24 @@ fn twelve_nodes_pull_an_image_spread_over_all_of_them() -> Result<()> {
     }
     cluster.upstream.stop()?;
     // Every node announced what it holds (the index, its platform's
-    // manifest, config and two layers, and the tag).
+    // manifest, config and two layers, and the tag), and the announcements
+    // are stored in the DHT.
     for node in &cluster.nodes {
         node.pm().wait_metric(
-            "the platform's content to be announced",
+            "the platform's content to be handed to the router",
             "peermirror_advertised_keys",
             &[],
             Duration::from_secs(30),
             |keys| keys >= 6.0,
+        )?;
+    }
+    for node in &cluster.nodes {
+        node.pm().wait_metric(
+            "the announcements to be stored",
+            "peermirror_advertise_pending_keys",
+            &[],
+            Duration::from_secs(60),
+            |pending| pending == 0.0,
         )?;
     }
     let started = Instant::now();

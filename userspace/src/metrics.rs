@@ -126,6 +126,7 @@ pub struct Metrics {
     pub connected_peers: Gauge,
     pub routing_table_peers: Gauge,
     pub advertised_keys: Gauge,
+    pub advertise_pending_keys: Gauge,
     pub p2p_open_network: Gauge,
     pub advertise_failures: Counter,
     pub lookups_dropped: Counter,
@@ -157,6 +158,7 @@ impl Metrics {
             connected_peers: Gauge::default(),
             routing_table_peers: Gauge::default(),
             advertised_keys: Gauge::default(),
+            advertise_pending_keys: Gauge::default(),
             p2p_open_network: Gauge::default(),
             advertise_failures: Counter::default(),
             lookups_dropped: Counter::default(),
@@ -246,6 +248,11 @@ impl Metrics {
             "p2p_open_network",
             "1 when the P2P network runs without a preshared key (--insecure-open-network)",
             metrics.p2p_open_network.clone(),
+        );
+        r.register(
+            "advertise_pending_keys",
+            "Keys announced but not stored in the DHT yet (being announced, or retried): peers cannot find them until they are",
+            metrics.advertise_pending_keys.clone(),
         );
         r.register(
             "advertise_failures",

@@ -81,6 +81,13 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        std::path::PathBuf::from,
+    )
+}
+
 fn build_ebpf() -> Result<()> {
     deps::ensure(deps::BUILD_EBPF)?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
@@ -123,16 +130,21 @@ fn bench(part: Option<&str>) -> Result<()> {
 
 fn test(cargo_args: &[String]) -> Result<()> {
     deps::ensure(deps::TEST)?;
-    // The integration tests start the daemon binary: build it first.
-    run(cargo().args(["build", "--package", "peermirror", "--bins"]))?;
+    // The integration tests start the daemon binary, as it ships: in
+    // release mode (a dozen daemons in namespaces share two cores; the
+    // unit tests still run in debug, with overflow checks).
+    run(cargo().args(["build", "--release", "--package", "peermirror", "--bins"]))?;
+    let daemon = target_dir().join("release/peermirror");
     run(cargo()
         .args(["test", "--workspace"])
+        .env("PEERMIRROR_BIN", &daemon)
         .arg("--")
         .args(cargo_args))?;
     // Many nodes in one process only fit in CI time when optimised; in
     // debug builds these tests are ignored.
     run(cargo()
         .args(["test", "--release", "--package", "peermirror-tests"])
+        .env("PEERMIRROR_BIN", &daemon)
         .args(RELEASE_TESTS.iter().flat_map(|t| ["--test", t]))
         .args(["--", "--test-threads", "1"])
         .args(cargo_args))?;

@@ -313,6 +313,7 @@ fn p2p_counters(metrics: &Metrics) -> P2pCounters {
         connected_peers: metrics.connected_peers.clone(),
         routing_table_peers: metrics.routing_table_peers.clone(),
         advertised_keys: metrics.advertised_keys.clone(),
+        pending_keys: metrics.advertise_pending_keys.clone(),
     }
 }
 

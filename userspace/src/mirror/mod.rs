@@ -204,10 +204,14 @@ impl Candidates {
                     }
                 }
                 Ok(None) => {
+                    tracing::debug!(key = %self.key, "lookup over: no more holders");
                     self.lookup = None;
                     return None;
                 }
-                Err(_) => return None,
+                Err(_) => {
+                    tracing::debug!(key = %self.key, ?wait, "no holder found in time");
+                    return None;
+                }
             }
         }
     }

@@ -31,6 +31,12 @@ pub fn excerpt(input: &str) -> String {
     input
         .chars()
         .take(EXCERPT_CHARS)
-        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
         .collect()
 }

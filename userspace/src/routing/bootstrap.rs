@@ -375,7 +375,7 @@ mod tests {
                 .collect()
         };
         let with_id = format!("/ip4/10.0.0.1/tcp/5001/p2p/{id}");
-        assert_eq!(texts(&ours), [with_id.clone()]);
+        assert_eq!(texts(&ours), std::slice::from_ref(&with_id));
         assert_eq!(
             texts(&spegel),
             [

@@ -80,6 +80,9 @@ pub struct RouterStatus {
     pub first_round: FirstRound,
     /// Keys this node currently announces.
     pub advertised_keys: usize,
+    /// Of those, keys not stored in the DHT yet (being announced, or
+    /// retried after a failure): others cannot find them until they are.
+    pub pending_keys: usize,
     /// The addresses this node's P2P port listens on.
     pub listen_addrs: Vec<Multiaddr>,
 }

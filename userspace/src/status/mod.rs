@@ -36,9 +36,9 @@ pub struct NodeStatus {
     pub debug: DebugAccess,
 }
 
-/// Who may see the debug endpoints: loopback, the addresses of connected
-/// peers (they proved the preshared key), and the configured networks;
-/// nobody when they are switched off.
+/// Who may see the debug endpoints: loopback and this node's own
+/// addresses, the addresses of connected peers (they proved the preshared
+/// key), and the configured networks; nobody when they are switched off.
 #[derive(Debug, Clone)]
 pub struct DebugAccess {
     pub enabled: bool,
@@ -95,7 +95,10 @@ impl metrics::Status for NodeStatus {
         if !self.debug.enabled {
             return false;
         }
-        if client.is_loopback() || self.debug.allowed.iter().any(|n| n.contains(&client)) {
+        if client.is_loopback()
+            || self.debug.allowed.iter().any(|n| n.contains(&client))
+            || crate::routing::p2p::interface_addresses().contains(&client)
+        {
             return true;
         }
         self.router

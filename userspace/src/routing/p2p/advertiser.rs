@@ -36,6 +36,8 @@ struct KeyState {
     failures: u32,
     /// Announced while the routing table was empty.
     alone: bool,
+    /// Stored at least once.
+    stored: bool,
 }
 
 enum First {
@@ -71,6 +73,8 @@ pub(super) struct Advertiser {
     needs_peers: bool,
     failures: Counter,
     rng: rand::rngs::SmallRng,
+    /// Keys never stored yet.
+    pending: usize,
 }
 
 impl Advertiser {
@@ -87,12 +91,18 @@ impl Advertiser {
             needs_peers,
             failures,
             rng: rand::rngs::SmallRng::from_entropy(),
+            pending: 0,
         }
     }
 
     /// Keys announced now.
     pub(super) fn len(&self) -> usize {
         self.keys.len()
+    }
+
+    /// Keys not stored in the DHT yet (queued, running or retrying).
+    pub(super) fn pending(&self) -> usize {
+        self.pending
     }
 
     pub(super) fn first_round(&self) -> FirstRound {
@@ -123,10 +133,12 @@ impl Advertiser {
                     due: None,
                     failures: 0,
                     alone: false,
+                    stored: false,
                 },
             );
             self.ids.insert(id, key.clone());
             self.ready.push_back(key.clone());
+            self.pending += 1;
             added.insert(key);
         }
         if round == Round::Initial && matches!(self.first, First::Waiting) {
@@ -147,6 +159,9 @@ impl Advertiser {
             let key = RecordKey::new(&record_key(&name));
             if let Some(state) = self.keys.remove(&key) {
                 self.ids.remove(&state.id);
+                if !state.stored {
+                    self.pending -= 1;
+                }
                 kad.stop_providing(&key);
             }
             self.stored(&key);
@@ -221,6 +236,12 @@ impl Advertiser {
             return; // withdrawn meanwhile
         }
         let needed = outcome.table.min(K_VALUE.get());
+        tracing::debug!(
+            finished = outcome.finished,
+            successes = outcome.successes,
+            table = outcome.table,
+            "announcement finished"
+        );
         if outcome.finished && outcome.table == 0 {
             // Nobody to tell. Announced again when a first peer appears
             // (and at the interval in any case).
@@ -237,6 +258,9 @@ impl Advertiser {
             if let Some(state) = self.keys.get_mut(&key) {
                 state.failures = 0;
                 state.alone = false;
+                if !std::mem::replace(&mut state.stored, true) {
+                    self.pending -= 1;
+                }
             }
             self.stored(&key);
             let half = self.interval / 2;
@@ -383,6 +407,7 @@ mod tests {
             }
         );
         assert_eq!(a.failures.get(), 2);
+        assert_eq!(a.pending(), 2);
         // Retried after their backoff, not before.
         assert!(start_all(&mut a, now).is_empty());
         let retried = start_all(&mut a, now + Duration::from_millis(1300));
@@ -391,6 +416,7 @@ mod tests {
             a.finished(q, ok(40, 31), now);
         }
         assert_eq!(a.first_round(), FirstRound::Stored);
+        assert_eq!(a.pending(), 0);
     }
 
     #[test]

@@ -144,8 +144,15 @@ impl EventLoop {
         let mut identify_config =
             identify::Config::new("/peermirror/1.0.0".to_string(), keypair.public())
                 .with_agent_version(format!("peermirror/{}", env!("CARGO_PKG_VERSION")))
-                // Peers learn of an address that comes up later (they admit it).
-                .with_push_listen_addr_updates(true);
+                // Peers learn of an address that comes up later.
+                .with_push_listen_addr_updates(true)
+                // No cache of what peers announce: the swarm would dial
+                // those addresses unfiltered (a peer's `::1` or
+                // `127.0.0.1` is this very host, and such a dial, the
+                // fastest to answer, fails the whole dial with a wrong peer
+                // id). Dials use the routing table's addresses, which only
+                // ever hold dialable ones (`on_identify`).
+                .with_cache_size(0);
         if settings.advertise_addr.is_some() {
             // Only the advertised address is announced to peers.
             identify_config = identify_config.with_hide_listen_addrs(true);
@@ -270,21 +277,25 @@ impl EventLoop {
         let connected = self.peers.len();
         let first_round = self.advertiser.first_round();
         let advertised = self.advertiser.len();
+        let pending = self.advertiser.pending();
         self.counters.routing_table_peers.set(table as i64);
         self.counters.connected_peers.set(connected as i64);
         self.counters.advertised_keys.set(advertised as i64);
+        self.counters.pending_keys.set(pending as i64);
         self.status.send_if_modified(|s| {
             let before = (
                 s.routing_table_peers,
                 s.connected_peers,
                 s.first_round,
                 s.advertised_keys,
+                s.pending_keys,
             );
             s.routing_table_peers = table;
             s.connected_peers = connected;
             s.first_round = first_round;
             s.advertised_keys = advertised;
-            before != (table, connected, first_round, advertised)
+            s.pending_keys = pending;
+            before != (table, connected, first_round, advertised, pending)
         });
     }
 
@@ -317,7 +328,7 @@ impl EventLoop {
                 }
             }
             Command::Peers(reply) => {
-                let _ = reply.send(self.peers.infos());
+                let _ = reply.send(self.peers.infos(&self.own_ips));
             }
         }
     }

@@ -265,9 +265,9 @@ impl Lookups {
         if q.reported.contains(&provider) {
             return;
         }
-        let Some(ip) = net.peers.endpoint_ip(&provider) else {
-            // Not connected, or only over connections the provider opened:
-            // dial it (see `PeerTable::endpoint_ip`); the connection answers.
+        let Some(ip) = net.peers.endpoint_ip(&provider, net.own_ips) else {
+            // Not connected, or no connection offers an endpoint (see
+            // `PeerTable::endpoint_ip`): dial it; the connection answers.
             if !q.dialing.insert(provider) {
                 return;
             }
@@ -289,9 +289,6 @@ impl Lookups {
             return;
         };
         q.dialing.remove(&provider);
-        if net.own_ips.contains(&ip) {
-            return;
-        }
         let peer = Peer {
             id: provider,
             addr: SocketAddr::new(ip, net.registry_port),
@@ -326,6 +323,7 @@ impl Lookups {
         let Some(q) = self.running.remove(&query) else {
             return;
         };
+        tracing::debug!(found = q.found.len(), complete, "lookup ended");
         self.running_by_key.remove(&q.key);
         if let Some(mut running) = net.swarm.behaviour_mut().kad.query_mut(&query) {
             running.finish();

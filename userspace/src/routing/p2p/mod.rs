@@ -78,6 +78,8 @@ pub struct P2pCounters {
     pub connected_peers: Gauge,
     pub routing_table_peers: Gauge,
     pub advertised_keys: Gauge,
+    /// Keys not stored in the DHT yet.
+    pub pending_keys: Gauge,
 }
 
 /// Everything the router is built from.

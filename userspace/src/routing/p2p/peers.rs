@@ -173,33 +173,33 @@ impl PeerTable {
         })
     }
 
-    /// The registry IP of a connected peer: the address of a connection
-    /// this node dialled (a routable one when there is one). A node fetches
-    /// from a peer only at an address it dialled and found the peer at:
-    /// - never at one the peer merely announced (identities are free, and an
-    ///   announced address could be anyone's, or this host's own bridge);
-    /// - not at the source of a connection the peer opened: on a multi-homed
-    ///   node the request would leave from another address than the one the
-    ///   peer admitted. Over a connection this node dialled, the peer sees
-    ///   (and admits) the very source the request will come from.
-    ///
-    /// `None` when no such connection is open: the caller dials one.
-    pub(super) fn endpoint_ip(&self, peer: &PeerId) -> Option<IpAddr> {
+    /// The registry IP of a connected peer: the address of one of this
+    /// node's connections to it — never one the peer merely announced
+    /// (identities are free, and an announced address could be anyone's,
+    /// or this host's own bridge). A connection this node dialled is
+    /// preferred: over it the peer sees, and admits, the very source this
+    /// node's request will come from, even on a multi-homed node; the
+    /// source address of a connection the peer opened comes next. Addresses
+    /// of this node's own are skipped (nodes sharing a host reach each
+    /// other from 127.0.0.1). `None` when no connection offers one: the
+    /// caller dials the peer.
+    pub(super) fn endpoint_ip(&self, peer: &PeerId, own: &HashSet<IpAddr>) -> Option<IpAddr> {
         let state = self.peers.get(peer)?;
-        let mut ips: Vec<IpAddr> = state
+        let mut candidates: Vec<(bool, IpAddr)> = state
             .connections
             .values()
-            .filter(|(_, outbound)| *outbound)
-            .filter_map(|(a, _)| ip_of(a))
+            .filter_map(|(a, outbound)| ip_of(a).map(|ip| (*outbound, ip)))
+            .filter(|(_, ip)| !own.contains(ip))
             .collect();
-        ips.sort();
-        ips.iter()
-            .find(|ip| routable(ip))
-            .or_else(|| ips.iter().find(|ip| ip.is_loopback()))
-            .copied()
+        // Outbound before inbound, routable before loopback.
+        candidates.sort_by_key(|(outbound, ip)| (!routable(ip), !outbound, *ip));
+        candidates
+            .iter()
+            .find(|(_, ip)| routable(ip) || ip.is_loopback())
+            .map(|(_, ip)| *ip)
     }
 
-    pub(super) fn infos(&self) -> Vec<PeerInfo> {
+    pub(super) fn infos(&self, own: &HashSet<IpAddr>) -> Vec<PeerInfo> {
         let mut out: Vec<PeerInfo> = self
             .peers
             .iter()
@@ -214,7 +214,7 @@ impl PeerTable {
                 PeerInfo {
                     id: *id,
                     connection_ips,
-                    endpoint: self.endpoint_ip(id),
+                    endpoint: self.endpoint_ip(id, own),
                     connected_since: state.since,
                 }
             })
@@ -286,18 +286,32 @@ mod tests {
     #[test]
     fn the_endpoint_is_a_connection_address_never_an_announced_one() {
         let mut t = PeerTable::default();
+        let own: HashSet<IpAddr> = ["127.0.0.1".parse().expect("ip")].into();
         let p = PeerId::random();
-        let (c1, c2) = (
-            ConnectionId::new_unchecked(1),
-            ConnectionId::new_unchecked(2),
-        );
-        let c3 = ConnectionId::new_unchecked(3);
-        assert!(t.connected(p, c1, addr("/ip4/127.0.0.1/tcp/5"), true));
-        // The source of a connection the peer opened is no endpoint.
-        assert!(!t.connected(p, c3, addr("/ip4/10.0.0.3/tcp/50123"), false));
-        assert_eq!(t.endpoint_ip(&p), Some("127.0.0.1".parse().expect("ip")));
-        assert!(!t.connected(p, c2, addr("/ip4/10.0.0.2/tcp/6"), true));
+        let c = |n| ConnectionId::new_unchecked(n);
+        // From a host sharing ours: its connection comes from 127.0.0.1,
+        // our own address, which is no endpoint.
+        assert!(t.connected(p, c(1), addr("/ip4/127.0.0.1/tcp/5"), false));
+        assert_eq!(t.endpoint_ip(&p, &own), None);
         assert!(t.over_loopback(&p));
+        // An address we dialled it at is.
+        assert!(!t.connected(p, c(2), addr("/ip4/127.0.0.7/tcp/6"), true));
+        assert_eq!(
+            t.endpoint_ip(&p, &own),
+            Some("127.0.0.7".parse().expect("ip"))
+        );
+        // The source of a connection it opened, when routable, beats loopback;
+        // one we dialled beats that.
+        assert!(!t.connected(p, c(3), addr("/ip4/10.0.0.3/tcp/50123"), false));
+        assert_eq!(
+            t.endpoint_ip(&p, &own),
+            Some("10.0.0.3".parse().expect("ip"))
+        );
+        assert!(!t.connected(p, c(4), addr("/ip4/10.0.0.2/tcp/6"), true));
+        assert_eq!(
+            t.endpoint_ip(&p, &own),
+            Some("10.0.0.2".parse().expect("ip"))
+        );
         // What the peer announces (a bridge address, a metadata service)
         // changes nothing.
         t.announced(
@@ -305,20 +319,21 @@ mod tests {
             vec![
                 addr("/ip4/172.17.0.1/tcp/1"),
                 addr("/ip4/169.254.169.254/tcp/1"),
-                addr("/ip4/10.0.0.7/tcp/1"),
+                addr("/ip4/10.0.0.9/tcp/1"),
             ],
         );
-        assert_eq!(t.endpoint_ip(&p), Some("10.0.0.2".parse().expect("ip")));
-        let info = &t.infos()[0];
-        assert_eq!(info.connection_ips.len(), 3);
-        assert!(!t.closed(&p, c3));
-        assert!(!t.closed(&p, c2));
-        // Only loopback left: nodes sharing a host.
-        assert_eq!(t.endpoint_ip(&p), Some("127.0.0.1".parse().expect("ip")));
-        assert!(t.closed(&p, c1));
+        assert_eq!(
+            t.endpoint_ip(&p, &own),
+            Some("10.0.0.2".parse().expect("ip"))
+        );
+        assert_eq!(t.infos(&own)[0].connection_ips.len(), 4);
+        for n in [4, 3, 2] {
+            assert!(!t.closed(&p, c(n)));
+        }
+        assert!(t.closed(&p, c(1)));
         assert!(!t.is_connected(&p));
-        assert_eq!(t.endpoint_ip(&p), None);
-        assert!(!t.closed(&p, c2), "a second close report is harmless");
+        assert_eq!(t.endpoint_ip(&p, &own), None);
+        assert!(!t.closed(&p, c(2)), "a second close report is harmless");
         assert_eq!(t.len(), 0);
     }
 }
