@@ -117,6 +117,16 @@ impl Layout {
         })
     }
 
+    /// Tags name images in the layout (skopeo copies `oci:<dir>:<tag>`), so
+    /// one tag cannot name two.
+    fn claim_tag(&self, tag: &str) -> Result<()> {
+        anyhow::ensure!(
+            !self.refs.iter().any(|(t, _)| t == tag),
+            "tag {tag:?} already names an image of this layout; pick another"
+        );
+        Ok(())
+    }
+
     /// A layer and its diff id (digest of the uncompressed tar).
     fn add_layer(&mut self, spec: LayerSpec, name: &str) -> Result<(Descriptor, String)> {
         let mut data = vec![0u8; spec.size];
@@ -180,6 +190,7 @@ impl Layout {
 
     /// A single-platform (linux/amd64) image.
     pub fn add_image(&mut self, repo: &str, tag: &str, layers: &[LayerSpec]) -> Result<TestImage> {
+        self.claim_tag(tag)?;
         let mut blobs = Vec::new();
         let root = self.add_manifest("linux/amd64", layers, &mut blobs)?;
         self.refs.push((tag.to_string(), root.clone()));
@@ -206,6 +217,7 @@ impl Layout {
         platforms: &[&str],
         layers: &[LayerSpec],
     ) -> Result<TestImage> {
+        self.claim_tag(tag)?;
         let mut entries = Vec::new();
         let mut per_platform = Vec::new();
         for platform in platforms {

@@ -18,6 +18,11 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `cmd` with stdout and stderr appended to `log`.
+    ///
+    /// The child is killed when the *thread* that started it exits (that is
+    /// what `PR_SET_PDEATHSIG` follows), so start long-lived services on a
+    /// thread that outlives them: never inside `spawn_blocking`, whose
+    /// threads exit when idle; `block_in_place` is fine.
     pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
         let out = File::options()
             .create(true)

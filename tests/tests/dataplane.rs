@@ -292,7 +292,7 @@ fn the_kernel_counts_peers_and_keeps_strangers_out() -> Result<()> {
     cluster.wait_ready(&["a", "b"], Duration::from_secs(60))?;
     let image = cluster
         .layout
-        .add_image("dp/big", "v1", &[layer(64 << 20, false)])?;
+        .add_image("dp/big", "dp1", &[layer(64 << 20, false)])?;
     cluster.layout.finish()?;
     cluster.upstream.push(&cluster.layout, &image)?;
     cluster

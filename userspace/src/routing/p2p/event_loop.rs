@@ -342,6 +342,12 @@ impl EventLoop {
                 ..
             })) => self.on_identify(peer_id, info.listen_addrs),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(_)) => {}
+            // A peer that does not speak ping (another implementation of the
+            // DHT) keeps its connection; one that stops answering loses it.
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                result: Err(ping::Failure::Unsupported),
+                ..
+            })) => {}
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,
                 connection,

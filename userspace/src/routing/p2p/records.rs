@@ -147,7 +147,10 @@ impl RecordStore for ProviderStore {
             self.provided.insert(record.key.clone(), record);
             return Ok(());
         }
+        // Capacity too: a record that arrived with fifty addresses would
+        // otherwise keep room for fifty.
         record.addresses.truncate(MAX_ADDRESSES);
+        record.addresses.shrink_to_fit();
         if let Some(existing) = self
             .others
             .get_mut(&record.key)
@@ -179,9 +182,11 @@ impl RecordStore for ProviderStore {
             .entry(record.provider)
             .or_default()
             .insert(record.key.clone());
+        // Most keys have one provider: start with room for exactly one
+        // (a plain push reserves four).
         self.others
             .entry(record.key.clone())
-            .or_default()
+            .or_insert_with(|| Vec::with_capacity(1))
             .push(record);
         self.total += 1;
         Ok(())
