@@ -23,22 +23,6 @@ use peermirror_tests::services::Peermirror;
 /// The key `Peermirror::start` gives a daemon when the test names none.
 const DEFAULT_KEY: [u8; 32] = [0x5a; 32];
 
-fn rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
-}
-
-fn fds_of(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
 #[derive(NetworkBehaviour)]
 struct Flooder {
     kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -103,13 +87,12 @@ async fn a_peer_with_the_key_cannot_exhaust_the_record_store() -> Result<()> {
         &world.containerd,
         &["--reannounce-interval", "30s"],
     )?;
-    let pid = pm.proc.pid();
     let daemon: PeerId = pm.peer_id()?.parse()?;
     let addr: Multiaddr = pm.p2p_addr()?.parse()?;
     let mut swarm = flooder(DEFAULT_KEY)?;
     swarm.behaviour_mut().kad.add_address(&daemon, addr.clone());
     swarm.dial(addr.clone().with(libp2p::multiaddr::Protocol::P2p(daemon)))?;
-    let rss_before = rss_of(pid);
+    let rss_before = pm.proc.rss();
 
     // Flood for a bounded time: ADD_PROVIDER for random keys (with fifty
     // addresses each) and PUT_VALUE records of 15 KiB.
@@ -151,7 +134,7 @@ async fn a_peer_with_the_key_cannot_exhaust_the_record_store() -> Result<()> {
             }
         }
     }
-    let grown = rss_of(pid).saturating_sub(rss_before);
+    let grown = pm.proc.rss().saturating_sub(rss_before);
     println!(
         "flood: {sent_providers} ADD_PROVIDER and {sent_values} PUT_VALUE (15 KiB) in 25 s; the node's RSS grew by {} MiB",
         grown >> 20
@@ -234,8 +217,7 @@ async fn connection_floods_and_silent_clients_are_bounded() -> Result<()> {
         &world.containerd,
         &["--max-connections", "16"],
     )?;
-    let pid = pm.proc.pid();
-    let fds_before = fds_of(pid);
+    let fds_before = pm.proc.fds();
     let (registry, metrics) = (pm.registry, pm.metrics);
     let p2p: SocketAddr = {
         let a: Multiaddr = pm.p2p_addr()?.parse()?;
@@ -299,12 +281,12 @@ async fn connection_floods_and_silent_clients_are_bounded() -> Result<()> {
     wait_for(
         "descriptors back to their baseline",
         Duration::from_secs(60),
-        || (fds_of(pid) <= fds_before + 8).then_some(()),
+        || (pm.proc.fds() <= fds_before + 8).then_some(()),
     )
-    .with_context(|| format!("{} descriptors open, {fds_before} before", fds_of(pid)))?;
+    .with_context(|| format!("{} descriptors open, {fds_before} before", pm.proc.fds()))?;
     println!(
         "floods: {refused} P2P handshakes refused; descriptors back to {}",
-        fds_of(pid)
+        pm.proc.fds()
     );
     Ok(())
 }

@@ -129,6 +129,41 @@ impl ConnectionCap {
     }
 }
 
+/// Raises this process's soft limit on open descriptors to its hard limit
+/// (systemd and container runtimes often start services at a soft 1,024,
+/// below what the connection caps allow) and returns the limit in force.
+/// Logs a warning when even that is below `needed`.
+pub fn raise_open_file_limit(needed: u64) -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let current = getrlimit(Resource::Nofile);
+    let target = current.maximum;
+    let limit = if current.current == target {
+        current.current
+    } else {
+        match setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: target,
+                maximum: current.maximum,
+            },
+        ) {
+            Ok(()) => target,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot raise the open-file limit");
+                current.current
+            }
+        }
+    };
+    if let Some(n) = limit.filter(|&n| n < needed) {
+        tracing::warn!(
+            limit = n,
+            needed,
+            "the open-file limit is below what the connection caps allow; raise LimitNOFILE or lower --max-connections"
+        );
+    }
+    limit
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +197,22 @@ mod tests {
         assert!(cap.try_admit().is_none());
         drop(a);
         assert!(cap.try_admit().is_some());
+    }
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let before = getrlimit(Resource::Nofile);
+        let Some(hard) = before.maximum else {
+            return; // unlimited: nothing to raise to
+        };
+        // One below the hard limit (never low enough to starve other tests).
+        let lowered = Rlimit {
+            current: Some(hard.saturating_sub(1)),
+            maximum: Some(hard),
+        };
+        setrlimit(Resource::Nofile, lowered).expect("lowering the soft limit");
+        assert_eq!(super::raise_open_file_limit(0), Some(hard));
+        assert_eq!(getrlimit(Resource::Nofile).current, Some(hard));
     }
 }

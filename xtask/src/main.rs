@@ -2,6 +2,7 @@
 //!
 //! - `test`: installs what the tests need, builds, runs the whole suite.
 //! - `build-ebpf`: compiles the eBPF programs (the daemon's build does too).
+//! - `soak`: the load test for longer and the restarting-peers soak.
 //! - `demo`: a three-node cluster in network namespaces on this machine and
 //!   an air-gapped pull served by a peer.
 
@@ -41,6 +42,15 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         seconds: u64,
     },
+    /// Load and soak: 1,000 connections plus 64 mixed clients against a node, then a cluster whose peers restart while clients pull through a third node.
+    Soak {
+        /// Seconds of mixed load on one node.
+        #[arg(long, default_value_t = 60)]
+        load_seconds: u64,
+        /// Seconds of the restarting-peers soak.
+        #[arg(long, default_value_t = 600)]
+        soak_seconds: u64,
+    },
     /// Benchmarks: peermirror side by side with nginx and the CNCF registry, the DHT at scale (release build).
     Bench {
         /// `serving`, `cluster` or `dht` to run only that part.
@@ -55,6 +65,10 @@ fn main() -> ExitCode {
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Bench { part } => bench(part.as_deref()),
         Cmd::Fuzz { target, seconds } => fuzz(target.as_deref(), seconds),
+        Cmd::Soak {
+            load_seconds,
+            soak_seconds,
+        } => soak(load_seconds, soak_seconds),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -153,6 +167,30 @@ fn test(cargo_args: &[String]) -> Result<()> {
         fuzz::run(None, FUZZ_SECONDS_IN_TEST)?;
     }
     Ok(())
+}
+
+fn soak(load_seconds: u64, soak_seconds: u64) -> Result<()> {
+    deps::ensure(deps::TEST)?;
+    run(cargo().args(["build", "--release", "--package", "peermirror", "--bins"]))?;
+    run(cargo()
+        .args([
+            "test",
+            "--release",
+            "--package",
+            "peermirror-tests",
+            "--test",
+            "load",
+        ])
+        .env("PEERMIRROR_BIN", target_dir().join("release/peermirror"))
+        .env("PM_LOAD_SECONDS", load_seconds.to_string())
+        .env("PM_SOAK_SECONDS", soak_seconds.to_string())
+        .args([
+            "--",
+            "--include-ignored",
+            "--test-threads",
+            "1",
+            "--nocapture",
+        ]))
 }
 
 /// Seconds each fuzz target runs as part of `cargo xtask test`.

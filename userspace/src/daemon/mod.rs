@@ -98,6 +98,10 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
         path: config.data_dir.clone(),
         source,
     })?;
+    // Each registry connection may hold a socket, a file and a pipe pair;
+    // the status and P2P ports and containerd need a few hundred more.
+    let needed = config.server.max_connections as u64 * 4 + 512;
+    crate::net::raise_open_file_limit(needed);
     let keypair = identity::load_or_create(&config.data_dir)?;
     let psk = config
         .psk_file
