@@ -377,9 +377,17 @@ fn step_04_a_stranger_stays_out(cluster: &mut Cluster, im: &Images) -> Result<()
         // The debug pages answer peers, not strangers.
         let b = cluster.node("b");
         let from_d = d.pm().via.get(a.pm().metrics, "/debug", &[])?;
-        ensure!(from_d.status == 403, "A's /debug answered D {}", from_d.status);
+        ensure!(
+            from_d.status == 403,
+            "A's /debug answered D {}",
+            from_d.status
+        );
         let from_b = b.pm().via.get(a.pm().metrics, "/debug", &[])?;
-        ensure!(from_b.status == 200, "A's /debug answered B {}", from_b.status);
+        ensure!(
+            from_b.status == 200,
+            "A's /debug answered B {}",
+            from_b.status
+        );
     }
     println!("step 4: D with another key stayed out (and out of the debug pages)");
     Ok(())

@@ -3,10 +3,12 @@
 //! and drain the registry port, then the background tasks — routing,
 //! containerd, sync, admission —, then the status port).
 
+mod config;
 pub mod supervisor;
 
+pub use config::{DaemonConfig, DaemonError};
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,79 +19,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dataplane::{Admission, Dataplane, DataplaneConfig, DataplaneMode};
 use crate::metrics::{self, DataplaneLabels, HandshakeLabels, Metrics, ServingPathLabels};
-use crate::mirror::{Mirror, MirrorConfig};
-use crate::oci::ReferenceFilter;
+use crate::mirror::Mirror;
 use crate::registry::uring::UringGauges;
-use crate::registry::{
-    FileBodies, Handler, HandlerConfig, Server, ServerConfig, ServingPathChoice, UploadLimits,
-};
-use crate::routing::bootstrap::{self, BootstrapConfig};
-use crate::routing::identity::{self, IdentityError};
-use crate::routing::p2p::{self, P2pConfig, P2pCounters, P2pError, P2pRouter, P2pSettings};
+use crate::registry::{FileBodies, Handler, HandlerConfig, Server};
+use crate::routing::bootstrap;
+use crate::routing::identity;
+use crate::routing::p2p::{self, P2pConfig, P2pCounters, P2pRouter};
 use crate::routing::{Router, sync};
-use crate::status::{DebugAccess, NodeFacts, NodeStatus};
-use crate::store::{ContainerdConfig, ContainerdStore, ContentStore, StoreGauges};
-use crate::tls::{TlsFiles, TlsState};
-use supervisor::{Policy, StageId, Supervisor, TaskFailed};
-
-#[derive(Debug, Clone)]
-pub struct DaemonConfig {
-    pub containerd: ContainerdConfig,
-    /// Which registries and references are served, mirrored and advertised.
-    pub filter: ReferenceFilter,
-    pub serving_path: ServingPathChoice,
-    pub uploads: UploadLimits,
-    pub dataplane: DataplaneConfig,
-    /// How long a peer stays admitted to the registry port after its last
-    /// P2P connection closed.
-    pub admission_ttl: Duration,
-    /// mTLS on the registry port and towards peers.
-    pub tls: Option<TlsFiles>,
-    pub registry_addr: SocketAddr,
-    pub metrics_addr: SocketAddr,
-    pub data_dir: PathBuf,
-    pub server: ServerConfig,
-    pub p2p: P2pSettings,
-    /// `None` means the operator chose an open network.
-    pub psk_file: Option<PathBuf>,
-    pub bootstrap: BootstrapConfig,
-    /// Where this node serves its own bootstrap entry, if anywhere.
-    pub http_bootstrap_addr: Option<SocketAddr>,
-    pub mirror: MirrorConfig,
-    /// Who may see the debug endpoints.
-    pub debug: DebugAccess,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DaemonError {
-    #[error("cannot listen on {addr} for the {what}: {source}")]
-    Listen {
-        what: &'static str,
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot create the data directory {path}: {source}")]
-    DataDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Identity(#[from] IdentityError),
-    #[error(transparent)]
-    P2p(#[from] P2pError),
-    #[error(
-        "--serving-path io-uring: io_uring is not usable here ({0}); use --serving-path sendfile or auto"
-    )]
-    IoUring(std::io::Error),
-    #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
-    #[error("--dataplane required: {0}")]
-    Dataplane(#[from] crate::dataplane::DataplaneError),
-    #[error(transparent)]
-    Task(#[from] TaskFailed),
-}
+use crate::status::{NodeFacts, NodeStatus};
+use crate::store::{ContainerdStore, ContentStore, StoreGauges};
+use crate::tls::TlsState;
+use supervisor::{Policy, StageId, Supervisor};
 
 /// Runs the daemon until `shutdown` is cancelled, or until a task it
 /// cannot do without stops (then it returns that task's error).

@@ -1,0 +1,76 @@
+//! What the daemon is started with, and how starting it can fail.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::supervisor::TaskFailed;
+use crate::dataplane::DataplaneConfig;
+use crate::mirror::MirrorConfig;
+use crate::oci::ReferenceFilter;
+use crate::registry::{ServerConfig, ServingPathChoice, UploadLimits};
+use crate::routing::bootstrap::BootstrapConfig;
+use crate::routing::identity::IdentityError;
+use crate::routing::p2p::{P2pError, P2pSettings};
+use crate::status::DebugAccess;
+use crate::store::ContainerdConfig;
+use crate::tls::TlsFiles;
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub containerd: ContainerdConfig,
+    /// Which registries and references are served, mirrored and advertised.
+    pub filter: ReferenceFilter,
+    pub serving_path: ServingPathChoice,
+    pub uploads: UploadLimits,
+    pub dataplane: DataplaneConfig,
+    /// How long a peer stays admitted to the registry port after its last
+    /// P2P connection closed.
+    pub admission_ttl: Duration,
+    /// mTLS on the registry port and towards peers.
+    pub tls: Option<TlsFiles>,
+    pub registry_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub server: ServerConfig,
+    pub p2p: P2pSettings,
+    /// `None` means the operator chose an open network.
+    pub psk_file: Option<PathBuf>,
+    pub bootstrap: BootstrapConfig,
+    /// Where this node serves its own bootstrap entry, if anywhere.
+    pub http_bootstrap_addr: Option<SocketAddr>,
+    pub mirror: MirrorConfig,
+    /// Who may see the debug endpoints.
+    pub debug: DebugAccess,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot listen on {addr} for the {what}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    P2p(#[from] P2pError),
+    #[error(
+        "--serving-path io-uring: io_uring is not usable here ({0}); use --serving-path sendfile or auto"
+    )]
+    IoUring(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("--dataplane required: {0}")]
+    Dataplane(#[from] crate::dataplane::DataplaneError),
+    #[error(transparent)]
+    Task(#[from] TaskFailed),
+}
