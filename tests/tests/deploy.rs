@@ -15,17 +15,28 @@ fn repo_file(path: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
 }
 
-#[test]
-fn the_systemd_unit_verifies() -> Result<()> {
+/// `systemd-analyze verify` of the unit (with `dropin`, when given, in
+/// `peermirror.service.d/`), the binary paths pointed at the one we built.
+fn verify_unit(dropin: Option<&str>) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let unit = std::fs::read_to_string(repo_file("deploy/systemd/peermirror.service"))?;
-    // Verified against the binary we built, wherever it lives.
-    let unit = unit.replace(
-        "/usr/local/bin/peermirror",
-        &peermirror_bin().to_string_lossy(),
-    );
+    let ours = peermirror_bin().to_string_lossy().into_owned();
+    let point = |text: String| {
+        text.replace("/usr/local/bin/peermirror", &ours)
+            .replace("/opt/bin/peermirror", &ours)
+    };
+    let unit = point(std::fs::read_to_string(repo_file(
+        "deploy/systemd/peermirror.service",
+    ))?);
     let path = dir.path().join("peermirror.service");
     std::fs::write(&path, unit)?;
+    if let Some(file) = dropin {
+        let d = dir.path().join("peermirror.service.d");
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(
+            d.join("opt-bin.conf"),
+            point(std::fs::read_to_string(repo_file(file))?),
+        )?;
+    }
     let out = Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
         .arg(&path)
@@ -41,6 +52,30 @@ fn the_systemd_unit_verifies() -> Result<()> {
         out.status.success() && ours.is_empty(),
         "systemd-analyze verify: {stderr}"
     );
+    Ok(())
+}
+
+#[test]
+fn the_systemd_unit_verifies_and_starts_before_the_kubelet() -> Result<()> {
+    verify_unit(None)?;
+    verify_unit(Some("deploy/systemd/opt-bin.conf"))?;
+    let unit = std::fs::read_to_string(repo_file("deploy/systemd/peermirror.service"))?;
+    let value = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .flat_map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .collect()
+    };
+    ensure!(
+        value("Before").contains(&"kubelet.service".to_string()),
+        "not before the kubelet"
+    );
+    ensure!(
+        value("After").contains(&"containerd.service".to_string()),
+        "not after containerd"
+    );
+    let dropin = std::fs::read_to_string(repo_file("deploy/systemd/opt-bin.conf"))?;
+    ensure!(dropin.contains("ExecStart=\nExecStart=/opt/bin/peermirror run"));
     Ok(())
 }
 
@@ -148,5 +183,143 @@ fn the_environment_file_configures_containerd_and_starts_the_daemon() -> Result<
     );
     let (status, _) = proc.terminate(Duration::from_secs(10))?;
     ensure!(status.success(), "{status}");
+    Ok(())
+}
+
+/// A kustomize overlay rendered by `kubectl kustomize` (offline), as JSON
+/// documents (PyYAML, which `kubernetes-validate` brings, reads the YAML).
+fn render(
+    overlay: &str,
+) -> Result<(
+    std::path::PathBuf,
+    Vec<serde_json::Value>,
+    tempfile::TempDir,
+)> {
+    let dir = tempfile::tempdir()?;
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(repo_file(&format!("deploy/kubernetes/overlays/{overlay}")))
+        .output()
+        .context("kubectl (it renders kustomize offline)")?;
+    ensure!(
+        out.status.success(),
+        "kubectl kustomize {overlay}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = dir.path().join(format!("{overlay}.yaml"));
+    std::fs::write(&path, &out.stdout)?;
+    let json = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, json, yaml; json.dump(list(yaml.safe_load_all(open(sys.argv[1]))), sys.stdout)",
+        ])
+        .arg(&path)
+        .output()
+        .context("python3 with PyYAML")?;
+    ensure!(
+        json.status.success(),
+        "{}",
+        String::from_utf8_lossy(&json.stderr)
+    );
+    Ok((path, serde_json::from_slice(&json.stdout)?, dir))
+}
+
+/// The peermirror invocations of a rendered DaemonSet: command plus args,
+/// the node IP filled in as the downward API would.
+fn invocations(docs: &[serde_json::Value]) -> Vec<Vec<String>> {
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    docs.iter()
+        .filter(|d| d["kind"] == "DaemonSet")
+        .flat_map(|d| {
+            let spec = &d["spec"]["template"]["spec"];
+            let mut all = strings_of(&spec["initContainers"]);
+            all.extend(strings_of(&spec["containers"]));
+            all
+        })
+        .map(|c| {
+            let mut argv = strings(&c["command"]);
+            argv.extend(strings(&c["args"]));
+            argv.iter()
+                .map(|a| a.replace("$(NODE_IP)", "10.0.0.5"))
+                .collect()
+        })
+        .filter(|argv: &Vec<String>| argv.first().is_some_and(|p| p == "peermirror"))
+        .collect()
+}
+
+fn strings_of(v: &serde_json::Value) -> Vec<serde_json::Value> {
+    v.as_array().cloned().unwrap_or_default()
+}
+
+/// Each overlay (plain, mtls, dataplane-off) renders, passes
+/// `kubernetes-validate --strict`, and runs peermirror with flags it
+/// accepts, in the mode the overlay names.
+#[test]
+fn the_kubernetes_overlays_render_validate_and_use_real_flags() -> Result<()> {
+    use peermirror::cli::{Cli, Command as Sub};
+    use peermirror::dataplane::DataplaneMode;
+    for overlay in ["plain", "mtls", "dataplane-off"] {
+        let (path, docs, _dir) = render(overlay)?;
+        let out = Command::new("kubernetes-validate")
+            .args(["--strict", "--quiet"])
+            .arg(&path)
+            .output()
+            .context("kubernetes-validate (PyPI; cargo xtask test installs it)")?;
+        ensure!(
+            out.status.success(),
+            "{overlay}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+        ensure!(
+            kinds == ["Namespace", "Service", "DaemonSet"],
+            "{overlay}: {kinds:?}"
+        );
+        let argvs = invocations(&docs);
+        ensure!(argvs.len() == 2, "{overlay}: {argvs:?}");
+        for argv in argvs {
+            let cli = <Cli as clap::Parser>::try_parse_from(&argv)
+                .map_err(|e| anyhow::anyhow!("{overlay}: {argv:?}: {e}"))?;
+            match cli.command {
+                Sub::Run(run) => {
+                    let config = run
+                        .into_config()
+                        .map_err(|e| anyhow::anyhow!("{overlay}: {e}"))?;
+                    let want = match overlay {
+                        "dataplane-off" => DataplaneMode::Off,
+                        _ => DataplaneMode::Optional,
+                    };
+                    ensure!(
+                        config.dataplane.mode == want,
+                        "{overlay}: dataplane {:?}",
+                        config.dataplane.mode
+                    );
+                    ensure!(
+                        config.tls.is_some() == (overlay == "mtls"),
+                        "{overlay}: mTLS"
+                    );
+                }
+                Sub::ConfigureContainerd(c) => {
+                    let https = c.mirror_targets.iter().all(|t| t.starts_with("https://"));
+                    ensure!(
+                        https == (overlay == "mtls"),
+                        "{overlay}: {:?}",
+                        c.mirror_targets
+                    );
+                    ensure!(c.mirror_tls_ca.is_some() == (overlay == "mtls"));
+                }
+                other => anyhow::bail!("{overlay}: unexpected {other:?}"),
+            }
+        }
+    }
     Ok(())
 }

@@ -44,6 +44,46 @@ pub enum Command {
     CleanupContainerd(CleanupContainerd),
     /// Write a new random preshared key in libp2p's swarm key format.
     GeneratePsk(GeneratePsk),
+    /// Serve HTTPS bootstrap for the nodes (mTLS only): nodes register and
+    /// renew their entry; `GET /bootstrap-nodes` lists the live ones.
+    Bootstrapper(Bootstrapper),
+}
+
+#[derive(Debug, Args)]
+pub struct Bootstrapper {
+    /// Address of the mTLS port (`/bootstrap-nodes`).
+    #[arg(long, env = "PEERMIRROR_BOOTSTRAPPER_ADDR", default_value = ":8443", value_parser = parse_listen_addr)]
+    pub addr: SocketAddr,
+
+    /// Address of the plain status port (`/metrics`, `/healthz`, `/readyz`).
+    #[arg(long, env = "PEERMIRROR_BOOTSTRAPPER_METRICS_ADDR", default_value = ":9091", value_parser = parse_listen_addr)]
+    pub metrics_addr: SocketAddr,
+
+    /// A directory with `tls.crt` and `tls.key` (the server certificate)
+    /// and `ca.crt` (the CA, or CAs, whose client certificates are
+    /// accepted), as a Kubernetes TLS secret mounts them; reloaded when
+    /// they change.
+    #[arg(long, env = "PEERMIRROR_BOOTSTRAPPER_CERT_DIR")]
+    pub cert_dir: PathBuf,
+
+    /// How long a node's entry lives without renewal (nodes renew at a
+    /// third of it).
+    #[arg(long, env = "PEERMIRROR_BOOTSTRAPPER_ENTRY_TTL", default_value = "3m", value_parser = parse_duration)]
+    pub entry_ttl: Duration,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl Bootstrapper {
+    pub fn into_config(self) -> crate::bootstrapper::BootstrapperConfig {
+        crate::bootstrapper::BootstrapperConfig {
+            listen_addr: self.addr,
+            metrics_addr: self.metrics_addr,
+            tls: crate::tls::TlsFiles::from_secret_dir(&self.cert_dir),
+            entry_ttl: self.entry_ttl.max(Duration::from_secs(3)),
+        }
+    }
 }
 
 /// Where containerd's registry host configuration lives (shared by the
@@ -403,10 +443,24 @@ pub struct Run {
     #[arg(long, env = "PEERMIRROR_DNS_BOOTSTRAP_DOMAIN")]
     pub dns_bootstrap_domain: Option<String>,
 
-    /// With `--bootstrap-kind http`: an `http://` URL answering a JSON array of
-    /// peer multiaddrs (see `--http-bootstrap-addr`).
+    /// With `--bootstrap-kind http`: an `http://` or `https://` URL answering
+    /// a bootstrap document: a JSON array of peer multiaddrs (see
+    /// `--http-bootstrap-addr`), or Spegel's `{"ID", "Addrs"}` entries (see
+    /// `peermirror bootstrapper`).
     #[arg(long, env = "PEERMIRROR_HTTP_BOOTSTRAP_URL")]
     pub http_bootstrap_url: Option<String>,
+
+    /// For an `https://` bootstrap URL: a directory with `ca.crt` (verifies
+    /// the server), `tls.crt` and `tls.key` (this node's client
+    /// certificate), as a Kubernetes TLS secret mounts them; reloaded when
+    /// they change.
+    #[arg(long, env = "PEERMIRROR_HTTP_BOOTSTRAP_CERT_DIR")]
+    pub http_bootstrap_cert_dir: Option<PathBuf>,
+
+    /// Register this node's entry at the bootstrap URL (`PUT <url>/<peer
+    /// id>`, renewed while it runs), as `peermirror bootstrapper` expects.
+    #[arg(long, env = "PEERMIRROR_HTTP_BOOTSTRAP_REGISTER")]
+    pub http_bootstrap_register: bool,
 
     /// Serve this node's own entry (a JSON array of its multiaddrs) on this
     /// address, for other nodes' `--http-bootstrap-url`.
@@ -584,6 +638,11 @@ impl Run {
                         kind: "http",
                         flag: "--http-bootstrap-url",
                     })?,
+                tls: self
+                    .http_bootstrap_cert_dir
+                    .as_deref()
+                    .map(crate::tls::TlsFiles::from_secret_dir),
+                register: self.http_bootstrap_register,
             },
         };
         let filter =
@@ -810,14 +869,22 @@ mod readme {
             .expect("README.md");
         let cmd = Cli::command();
         for sub in cmd.get_subcommands() {
+            // A subcommand's own section first (flags of the same name
+            // differ between subcommands), else the whole README.
+            let heading = format!("`peermirror {}`", sub.get_name());
+            let section = readme
+                .split("\n### ")
+                .find(|s| s.lines().next().is_some_and(|h| h.contains(&heading)))
+                .unwrap_or(&readme);
             for arg in sub.get_arguments() {
                 let Some(long) = arg.get_long() else { continue };
                 if long == "help" || long == "version" {
                     continue;
                 }
                 let flag = format!("`--{long}`");
-                let row = readme
+                let row = section
                     .lines()
+                    .chain(readme.lines())
                     .find(|l| {
                         l.starts_with("| `--")
                             && l.split(" | ").next().is_some_and(|c| c.contains(&flag))
@@ -879,7 +946,7 @@ mod deploy_files {
     fn the_kubernetes_manifest_uses_real_flags() {
         let text = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../deploy/kubernetes/peermirror.yaml"
+            "/../deploy/kubernetes/base/daemonset.yaml"
         ))
         .expect("manifest");
         let invocations = manifest_invocations(&text);

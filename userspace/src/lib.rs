@@ -18,9 +18,11 @@
 //! | [`containerd_config`] | writing, backing up and restoring containerd's `hosts.toml` |
 //! | [`dataplane`] | the eBPF programs (aya) and the admission policy that drives them |
 //! | [`status`] | readiness, liveness and the debug page, from the parts that own each state |
+//! | [`bootstrapper`] | `peermirror bootstrapper`: the mTLS server nodes register with and bootstrap from |
 //! | [`daemon`] | the composition root: builds every part, runs them as supervised tasks, stops them in order |
 //! | [`cli`] | flags → each module's own configuration |
 
+pub mod bootstrapper;
 pub mod cli;
 pub mod containerd_config;
 pub mod daemon;

@@ -105,6 +105,16 @@ fn main() -> ExitCode {
                 .map_err(Into::into)
         }
         Command::GeneratePsk(args) => generate_psk(&args.psk_file),
+        Command::Bootstrapper(args) => init_logging(&args.log).and_then(|()| {
+            let config = args.into_config();
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                wait_for_signal(shutdown.clone()).await?;
+                peermirror::bootstrapper::run(config, shutdown).await?;
+                Ok(())
+            })
+        }),
         Command::Run(run) => init_logging(&run.log).and_then(|()| {
             let config = run.into_config()?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

@@ -36,6 +36,18 @@ pub struct TlsFiles {
     pub client_ca: PathBuf,
 }
 
+impl TlsFiles {
+    /// The files of a directory laid out as a Kubernetes TLS secret is
+    /// mounted: `tls.crt`, `tls.key` and `ca.crt`.
+    pub fn from_secret_dir(dir: &Path) -> TlsFiles {
+        TlsFiles {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+            client_ca: dir.join("ca.crt"),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("reading {path}: {reason}")]

@@ -1,4 +1,6 @@
-//! The Debian packages the tests and the demo use, installed when missing.
+//! The Debian packages the tests and the demo use, installed when missing,
+//! and the one tool from PyPI (`kubernetes-validate`, which ships the
+//! Kubernetes schemas the manifests are validated against).
 
 use std::path::Path;
 use std::process::Command;
@@ -76,6 +78,21 @@ fn on_path(program: &str) -> bool {
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// Installs `kubernetes-validate` (and PyYAML with it) from PyPI with the
+/// machine's pip when it is missing.
+pub fn ensure_kubernetes_validate() -> Result<()> {
+    if on_path("kubernetes-validate") {
+        return Ok(());
+    }
+    eprintln!("xtask: installing kubernetes-validate (PyPI)");
+    let pip = if on_path("pip3") { "pip3" } else { "pip" };
+    crate::run(Command::new(pip).args(["install", "-q", "kubernetes-validate==1.37.0"]))?;
+    if !on_path("kubernetes-validate") {
+        bail!("kubernetes-validate is still missing after `{pip} install kubernetes-validate`");
+    }
+    Ok(())
 }
 
 /// Installs the packages of every missing program with apt-get (as root), or

@@ -144,6 +144,7 @@ fn bench(part: Option<&str>) -> Result<()> {
 
 fn test(cargo_args: &[String]) -> Result<()> {
     deps::ensure(deps::TEST)?;
+    deps::ensure_kubernetes_validate()?;
     // The integration tests start the daemon binary, as it ships: in
     // release mode (a dozen daemons in namespaces share two cores; the
     // unit tests still run in debug, with overflow checks).

@@ -63,6 +63,8 @@ pub enum DaemonError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     P2p(#[from] P2pError),
+    #[error("bootstrap: {0}")]
+    Bootstrap(#[from] crate::routing::bootstrap::BootstrapError),
     #[error(
         "--serving-path io-uring: io_uring is not usable here ({0}); use --serving-path sendfile or auto"
     )]

@@ -22,7 +22,7 @@ use crate::metrics::{self, DataplaneLabels, HandshakeLabels, Metrics, ServingPat
 use crate::mirror::Mirror;
 use crate::registry::uring::UringGauges;
 use crate::registry::{FileBodies, Handler, HandlerConfig, Server};
-use crate::routing::bootstrap;
+use crate::routing::bootstrap::{self, Bootstrap};
 use crate::routing::identity;
 use crate::routing::p2p::{self, P2pConfig, P2pCounters, P2pRouter};
 use crate::routing::{Router, sync};
@@ -49,6 +49,11 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
         .map(identity::load_psk)
         .transpose()?;
     let tls = config.tls.clone().map(TlsState::load).transpose()?;
+    let bootstrap = config
+        .bootstrap
+        .is_configured()
+        .then(|| Bootstrap::new(config.bootstrap.clone()))
+        .transpose()?;
     // The dataplane before any socket: a socket's cgroup is fixed when it
     // is created. From here on every return detaches it, a failed start too.
     let dataplane = start_dataplane(&config.dataplane)?;
@@ -112,6 +117,7 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
         &store,
         &router,
         tls.as_ref(),
+        bootstrap.as_ref(),
     )
     .await?;
 
@@ -153,6 +159,7 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
         store,
         router,
         admission,
+        bootstrap,
         health: tasks.health(),
         facts: NodeFacts {
             registry_addr: config.registry_addr,
@@ -178,6 +185,16 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     Ok(result?)
 }
 
+/// This node's bootstrap entry as it is now (its listening addresses change).
+fn own_entry(
+    router: &P2pRouter,
+    config: &DaemonConfig,
+) -> Arc<dyn Fn() -> Vec<String> + Send + Sync> {
+    let status = router.watch_status();
+    let (peer_id, advertise) = (router.peer_id(), config.p2p.advertise_addr);
+    Arc::new(move || bootstrap::own_entry(&status.borrow().listen_addrs, advertise, peer_id))
+}
+
 /// The tasks that follow containerd, announce its content, find peers and
 /// reload certificates.
 async fn spawn_background(
@@ -187,6 +204,7 @@ async fn spawn_background(
     store: &Arc<ContainerdStore>,
     router: &P2pRouter,
     tls: Option<&Arc<TlsState>>,
+    bootstrap: Option<&Arc<Bootstrap>>,
 ) -> Result<(), DaemonError> {
     let stop = tasks.stop_token(stage);
     tasks.spawn_infallible(
@@ -206,21 +224,28 @@ async fn spawn_background(
             stop.clone(),
         ),
     );
-    if config.bootstrap.is_configured() {
+    if let Some(bootstrap) = bootstrap {
         tasks.spawn(
             stage,
             "bootstrap",
             Policy::Essential,
-            bootstrap::run(config.bootstrap.clone(), router.clone(), stop.clone()),
+            bootstrap.clone().run(router.clone(), stop.clone()),
         );
+        if bootstrap.registers() {
+            let entry = own_entry(router, config);
+            tasks.spawn_infallible(
+                stage,
+                "bootstrap registration",
+                Policy::Auxiliary,
+                bootstrap
+                    .clone()
+                    .register_loop(entry, router.peer_id(), stop.clone()),
+            );
+        }
     }
     if let Some(addr) = config.http_bootstrap_addr {
         let listener = listen("HTTP bootstrap entry", addr).await?;
-        let status = router.watch_status();
-        let (peer_id, advertise) = (router.peer_id(), config.p2p.advertise_addr);
-        let entry = Arc::new(move || {
-            bootstrap::own_entry(&status.borrow().listen_addrs, advertise, peer_id)
-        });
+        let entry = own_entry(router, config);
         tasks.spawn_infallible(
             stage,
             "bootstrap entry server",

@@ -1,7 +1,9 @@
 //! Finding the first peers: a static list, the A/AAAA records of a DNS name
-//! (a Kubernetes headless service), or a JSON list fetched over HTTP. The
-//! bootstrap loop retries with backoff until the routing table has a peer,
-//! and again whenever it becomes empty.
+//! (a Kubernetes headless service), or a JSON list fetched over HTTP or
+//! HTTPS with a client certificate (a bootstrapper, see
+//! [`crate::bootstrapper`]). The bootstrap loop retries with backoff until
+//! the routing table has a peer, and again whenever it becomes empty; its
+//! last failure is kept for `/readyz`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::p2p::P2pRouter;
 use super::{Router, RouterError};
+use crate::tls::{TlsFiles, TlsState};
 
 /// Where the first peers come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,8 +30,16 @@ pub enum BootstrapConfig {
     Static(Vec<Multiaddr>),
     /// Every A/AAAA record of a name, on the P2P port.
     Dns { domain: String, port: u16 },
-    /// A JSON array of multiaddr strings served at an `http://` URL.
-    Http { url: String },
+    /// A bootstrap document (see [`parse_entries`]) served at an `http://`
+    /// or `https://` URL; with `tls`, the server is verified against its CA
+    /// and this node presents a client certificate (files reloaded when
+    /// they change). With `register`, this node also puts its own entry
+    /// there (`PUT <url>/<peer id>`) and renews it.
+    Http {
+        url: String,
+        tls: Option<TlsFiles>,
+        register: bool,
+    },
 }
 
 impl BootstrapConfig {
@@ -45,8 +56,12 @@ pub enum BootstrapError {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid bootstrap URL {url:?}: only http://host[:port]/path is supported")]
+    #[error("invalid bootstrap URL {url:?}: only http(s)://host[:port]/path is supported")]
     Url { url: String },
+    #[error("{url} is https: it needs --http-bootstrap-cert-dir (ca.crt, tls.crt, tls.key)")]
+    NoTls { url: String },
+    #[error("bootstrap certificates: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("fetching {url}: {reason}")]
     Http { url: String, reason: String },
     #[error("{url} did not answer a JSON array of multiaddrs: {reason}")]
@@ -59,6 +74,19 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The peers to dial, according to `config`.
 pub async fn discover(config: &BootstrapConfig) -> Result<Vec<Multiaddr>, BootstrapError> {
+    match config {
+        BootstrapConfig::Http { url, tls, .. } => {
+            let client = HttpClient::new(url, tls.clone())?;
+            client.fetch().await
+        }
+        other => discover_with(other, None).await,
+    }
+}
+
+async fn discover_with(
+    config: &BootstrapConfig,
+    client: Option<&HttpClient>,
+) -> Result<Vec<Multiaddr>, BootstrapError> {
     match config {
         BootstrapConfig::None => Ok(Vec::new()),
         BootstrapConfig::Static(addrs) => Ok(addrs.clone()),
@@ -77,70 +105,219 @@ pub async fn discover(config: &BootstrapConfig) -> Result<Vec<Multiaddr>, Bootst
             out.dedup();
             Ok(out)
         }
-        BootstrapConfig::Http { url } => fetch_http(url).await,
+        BootstrapConfig::Http { url, tls, .. } => match client {
+            Some(c) => c.fetch().await,
+            None => HttpClient::new(url, tls.clone())?.fetch().await,
+        },
     }
 }
 
-fn split_url(url: &str) -> Option<(String, String)> {
-    let rest = url.strip_prefix("http://")?;
+/// A parsed `http://` or `https://` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Url {
+    https: bool,
+    /// `host:port`, for connecting and the `Host` header.
+    authority: String,
+    /// The host alone (no brackets), the name the server's certificate
+    /// must carry.
+    host: String,
+    path: String,
+}
+
+fn split_url(url: &str) -> Option<Url> {
+    let (https, rest) = match url.strip_prefix("https://") {
+        Some(rest) => (true, rest),
+        None => (false, url.strip_prefix("http://")?),
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    if authority.is_empty() {
+    if authority.is_empty() || authority.contains('@') {
         return None;
     }
-    let authority = if authority
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        && !authority.ends_with(']')
-    {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !authority.ends_with(']') => (h, Some(p.parse::<u16>().ok()?)),
+        _ => (authority, None),
     };
-    Some((authority, path.to_string()))
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.is_empty() {
+        return None;
+    }
+    let port = port.unwrap_or(if https { 443 } else { 80 });
+    Some(Url {
+        https,
+        authority: format!("{host}:{port}"),
+        host: bare.to_string(),
+        path: path.to_string(),
+    })
 }
 
-async fn fetch_http(url: &str) -> Result<Vec<Multiaddr>, BootstrapError> {
-    let (authority, path) = split_url(url).ok_or_else(|| BootstrapError::Url {
-        url: url.to_string(),
-    })?;
-    let http_err = |reason: String| BootstrapError::Http {
-        url: url.to_string(),
-        reason,
-    };
-    let body = tokio::time::timeout(HTTP_TIMEOUT, async {
-        let stream = TcpStream::connect(&authority)
+/// An error with its causes (`a: b: c`), each said once: hyper's own
+/// message alone hides why a TLS connection was closed.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// Fetches the bootstrap document (and registers this node) over HTTP or
+/// HTTPS with a client certificate.
+pub struct HttpClient {
+    url: String,
+    parsed: Url,
+    tls: Option<Arc<TlsState>>,
+}
+
+impl HttpClient {
+    pub fn new(url: &str, tls: Option<TlsFiles>) -> Result<HttpClient, BootstrapError> {
+        let parsed = split_url(url).ok_or_else(|| BootstrapError::Url {
+            url: url.to_string(),
+        })?;
+        if parsed.https && tls.is_none() {
+            return Err(BootstrapError::NoTls {
+                url: url.to_string(),
+            });
+        }
+        let tls = match tls {
+            Some(files) if parsed.https => Some(TlsState::load(files)?),
+            _ => None,
+        };
+        Ok(HttpClient {
+            url: url.to_string(),
+            parsed,
+            tls,
+        })
+    }
+
+    fn http_err(&self, reason: String) -> BootstrapError {
+        BootstrapError::Http {
+            url: self.url.clone(),
+            reason,
+        }
+    }
+
+    /// One request; the status and the body (at most [`MAX_BODY`]).
+    async fn send(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(hyper::StatusCode, Bytes), BootstrapError> {
+        if let Some(tls) = &self.tls
+            && let Err(e) = tls.reload_if_changed()
+        {
+            tracing::warn!(error = %e, "bootstrap certificates changed but do not load; keeping the previous ones");
+        }
+        let url = &self.parsed;
+        let exchange = async {
+            let stream = TcpStream::connect(&url.authority)
+                .await
+                .map_err(|e| self.http_err(chain(&e)))?;
+            let mut request = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", &url.authority);
+            if body.is_some() {
+                request = request.header("content-type", "application/json");
+            }
+            let request = request
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                .map_err(|e| self.http_err(chain(&e)))?;
+            match &self.tls {
+                Some(tls) => {
+                    let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+                        .map_err(|e| self.http_err(chain(&e)))?;
+                    let stream = tokio_rustls::TlsConnector::from(tls.client_config())
+                        .connect(name, stream)
+                        .await
+                        .map_err(|e| self.http_err(format!("TLS: {}", chain(&e))))?;
+                    self.exchange(stream, request).await
+                }
+                None => self.exchange(stream, request).await,
+            }
+        };
+        tokio::time::timeout(HTTP_TIMEOUT, exchange)
             .await
-            .map_err(|e| http_err(e.to_string()))?;
+            .map_err(|_| self.http_err(format!("no answer within {HTTP_TIMEOUT:?}")))?
+    }
+
+    async fn exchange<S>(
+        &self,
+        stream: S,
+        request: hyper::Request<Full<Bytes>>,
+    ) -> Result<(hyper::StatusCode, Bytes), BootstrapError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| http_err(e.to_string()))?;
+            .map_err(|e| self.http_err(chain(&e)))?;
         tokio::spawn(conn);
-        let request = hyper::Request::get(path)
-            .header("host", &authority)
-            .body(http_body_util::Empty::<Bytes>::new())
-            .map_err(|e| http_err(e.to_string()))?;
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| http_err(e.to_string()))?;
-        if !response.status().is_success() {
-            return Err(http_err(format!("status {}", response.status())));
-        }
-        Limited::new(response.into_body(), MAX_BODY)
+            .map_err(|e| self.http_err(chain(&e)))?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_BODY)
             .collect()
             .await
             .map(|b| b.to_bytes())
-            .map_err(|e| http_err(e.to_string()))
-    })
-    .await
-    .map_err(|_| http_err(format!("no answer within {HTTP_TIMEOUT:?}")))??;
-    parse_entries(&body).map_err(|reason| BootstrapError::Body {
-        url: url.to_string(),
-        reason,
-    })
+            .map_err(|e| self.http_err(chain(&*e)))?;
+        Ok((status, body))
+    }
+
+    /// The peers the document lists.
+    pub async fn fetch(&self) -> Result<Vec<Multiaddr>, BootstrapError> {
+        let (status, body) = self
+            .send(hyper::Method::GET, &self.parsed.path, None)
+            .await?;
+        if !status.is_success() {
+            return Err(self.http_err(format!("status {status}")));
+        }
+        parse_entries(&body).map_err(|reason| BootstrapError::Body {
+            url: self.url.clone(),
+            reason,
+        })
+    }
+
+    /// Puts this node's entry at `<url>/<peer id>`; returns how long the
+    /// server keeps it (when it says).
+    pub async fn register(
+        &self,
+        peer_id: PeerId,
+        addrs: Vec<String>,
+    ) -> Result<Option<Duration>, BootstrapError> {
+        let path = format!("{}/{peer_id}", self.parsed.path.trim_end_matches('/'));
+        let entry = serde_json::json!({ "ID": peer_id.to_string(), "Addrs": addrs });
+        let (status, body) = self
+            .send(
+                hyper::Method::PUT,
+                &path,
+                Some(entry.to_string().into_bytes()),
+            )
+            .await?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body);
+            return Err(self.http_err(format!(
+                "registration answered {status}: {}",
+                crate::oci::excerpt(text.trim())
+            )));
+        }
+        let ttl = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("ttl_seconds")?.as_u64())
+            .map(Duration::from_secs);
+        Ok(ttl)
+    }
 }
 
 /// One entry of Spegel's bootstrap document: a peer id (optional) and its
@@ -205,43 +382,130 @@ pub fn parse_entries(body: &[u8]) -> Result<Vec<Multiaddr>, String> {
     Ok(out)
 }
 
-/// Dials the bootstrap peers until the routing table has one, retrying with
-/// backoff; afterwards checks every 30 s and starts over when it is empty.
-/// Returns at `shutdown`, or with an error when the router has stopped.
-pub async fn run(
+/// The bootstrap source of a running node, and how its last attempt went.
+pub struct Bootstrap {
     config: BootstrapConfig,
-    router: P2pRouter,
-    shutdown: CancellationToken,
-) -> Result<(), RouterError> {
-    let mut status = router.watch_status();
-    let mut delay = Duration::from_millis(500);
-    loop {
-        if router.status().routing_table_peers == 0 {
-            match discover(&config).await {
-                Ok(addrs) if addrs.is_empty() => {
-                    tracing::warn!(?config, "bootstrap found no peers; retrying")
-                }
-                Ok(addrs) => {
-                    tracing::debug!(?addrs, "dialling bootstrap peers");
-                    for addr in addrs {
-                        router.dial(addr).await?;
+    client: Option<HttpClient>,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl Bootstrap {
+    /// Checks the configuration (URL, certificate files) once, at start.
+    pub fn new(config: BootstrapConfig) -> Result<Arc<Bootstrap>, BootstrapError> {
+        let client = match &config {
+            BootstrapConfig::Http { url, tls, .. } => Some(HttpClient::new(url, tls.clone())?),
+            _ => None,
+        };
+        Ok(Arc::new(Bootstrap {
+            config,
+            client,
+            last_error: std::sync::Mutex::new(None),
+        }))
+    }
+
+    /// Why the last attempt failed, while no later one succeeded.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn record(&self, error: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    /// Dials the bootstrap peers until the routing table has one, retrying
+    /// with backoff; afterwards checks every 30 s and starts over when it
+    /// is empty. Returns at `shutdown`, or with an error when the router
+    /// has stopped.
+    pub async fn run(
+        self: Arc<Self>,
+        router: P2pRouter,
+        shutdown: CancellationToken,
+    ) -> Result<(), RouterError> {
+        let mut status = router.watch_status();
+        let mut delay = Duration::from_millis(500);
+        loop {
+            if router.status().routing_table_peers == 0 {
+                match discover_with(&self.config, self.client.as_ref()).await {
+                    Ok(addrs) if addrs.is_empty() => {
+                        tracing::warn!(config = ?self.config, "bootstrap found no peers; retrying");
+                        self.record(Some("the bootstrap source lists no peers".into()));
+                    }
+                    Ok(addrs) => {
+                        tracing::debug!(?addrs, "dialling bootstrap peers");
+                        self.record(None);
+                        for addr in addrs {
+                            router.dial(addr).await?;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bootstrap failed; retrying");
+                        self.record(Some(e.to_string()));
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "bootstrap failed; retrying"),
+                // Give the dials a moment, then ask the new peers for theirs.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                router.bootstrap().await?;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            } else {
+                delay = Duration::from_millis(500);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    r = status.changed() => r.map_err(|_| RouterError::Stopped)?,
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                }
             }
-            // Give the dials a moment, then ask the new peers for theirs.
+        }
+    }
+
+    /// Whether this node puts its own entry at the bootstrap URL.
+    pub fn registers(&self) -> bool {
+        matches!(self.config, BootstrapConfig::Http { register: true, .. })
+    }
+
+    /// Registers this node's entry and renews it at a third of the time the
+    /// server keeps it (every minute when it does not say), retrying with
+    /// backoff; failures are logged.
+    pub async fn register_loop(
+        self: Arc<Self>,
+        entry: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
+        peer_id: PeerId,
+        shutdown: CancellationToken,
+    ) {
+        let Some(client) = self.client.as_ref().filter(|_| self.registers()) else {
+            return;
+        };
+        let mut failures = 0u32;
+        loop {
+            let addrs = entry();
+            let wait = if addrs.is_empty() {
+                // Not listening on a reachable address yet.
+                Duration::from_millis(500)
+            } else {
+                match client.register(peer_id, addrs).await {
+                    Ok(ttl) => {
+                        if failures > 0 {
+                            tracing::info!("registered with the bootstrapper again");
+                        }
+                        failures = 0;
+                        (ttl.unwrap_or(Duration::from_secs(180)) / 3).max(Duration::from_secs(1))
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!(error = %e, "cannot register with the bootstrapper; retrying");
+                        (Duration::from_millis(500) * 2u32.saturating_pow(failures.min(6)))
+                            .min(Duration::from_secs(30))
+                    }
+                }
+            };
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(delay) => {}
-            }
-            router.bootstrap().await?;
-            delay = (delay * 2).min(Duration::from_secs(30));
-        } else {
-            delay = Duration::from_millis(500);
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                r = status.changed() => r.map_err(|_| RouterError::Stopped)?,
-                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }
@@ -403,17 +667,37 @@ mod tests {
 
     #[test]
     fn urls() {
+        let parts = |u: &str| split_url(u).map(|u| (u.https, u.authority, u.host, u.path));
+        let t = |https, a: &str, h: &str, p: &str| Some((https, a.into(), h.into(), p.into()));
         assert_eq!(
-            split_url("http://a.b:8080/x/y"),
-            Some(("a.b:8080".into(), "/x/y".into()))
+            parts("http://a.b:8080/x/y"),
+            t(false, "a.b:8080", "a.b", "/x/y")
         );
-        assert_eq!(split_url("http://a.b"), Some(("a.b:80".into(), "/".into())));
+        assert_eq!(parts("http://a.b"), t(false, "a.b:80", "a.b", "/"));
         assert_eq!(
-            split_url("http://[::1]:81/p"),
-            Some(("[::1]:81".into(), "/p".into()))
+            parts("http://[::1]:81/p"),
+            t(false, "[::1]:81", "::1", "/p")
         );
-        assert_eq!(split_url("https://a.b/"), None);
-        assert_eq!(split_url("http:///x"), None);
+        assert_eq!(parts("https://[::1]/p"), t(true, "[::1]:443", "::1", "/p"));
+        assert_eq!(
+            parts("https://boot.example:8443/bootstrap-nodes"),
+            t(
+                true,
+                "boot.example:8443",
+                "boot.example",
+                "/bootstrap-nodes"
+            )
+        );
+        for bad in [
+            "ftp://a/",
+            "http:///x",
+            "https://",
+            "http://a:99999/",
+            "http://u@a/",
+            "http://[]/",
+        ] {
+            assert_eq!(split_url(bad), None, "{bad}");
+        }
     }
 
     #[tokio::test]
@@ -444,6 +728,8 @@ mod tests {
         tokio::spawn(serve_http(listener, entry, shutdown.clone()));
         let got = discover(&BootstrapConfig::Http {
             url: format!("http://{addr}/"),
+            tls: None,
+            register: false,
         })
         .await
         .expect("fetch");
@@ -464,6 +750,8 @@ mod tests {
         tokio::spawn(serve_http(bad, bad_entry, stop.clone()));
         let err = discover(&BootstrapConfig::Http {
             url: format!("http://{bad_addr}/"),
+            tls: None,
+            register: false,
         })
         .await
         .expect_err("bad entry");
@@ -471,9 +759,19 @@ mod tests {
         stop.cancel();
         let err = discover(&BootstrapConfig::Http {
             url: "ftp://x/".into(),
+            tls: None,
+            register: false,
         })
         .await
         .expect_err("bad url");
         assert!(matches!(err, BootstrapError::Url { .. }));
+        let err = discover(&BootstrapConfig::Http {
+            url: "https://x/".into(),
+            tls: None,
+            register: false,
+        })
+        .await
+        .expect_err("https without certificates");
+        assert!(matches!(err, BootstrapError::NoTls { .. }), "{err}");
     }
 }

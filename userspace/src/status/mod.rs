@@ -31,6 +31,8 @@ pub struct NodeStatus {
     pub store: Arc<dyn ContentStore>,
     pub router: P2pRouter,
     pub admission: Option<Arc<Admission>>,
+    /// The bootstrap source, when one is configured.
+    pub bootstrap: Option<Arc<crate::routing::bootstrap::Bootstrap>>,
     pub health: Arc<Health>,
     pub facts: NodeFacts,
     pub debug: DebugAccess,
@@ -67,7 +69,16 @@ impl NodeStatus {
         if !health.synced {
             waiting_for.push("the first image list from containerd".to_string());
         }
-        waiting_for.extend(self.router.status().waiting_for());
+        let routing = self.router.status().waiting_for();
+        // While the node has no peer, why the bootstrap source gave none.
+        if !routing.is_empty()
+            && let Some(e) = self.bootstrap.as_ref().and_then(|b| b.last_error())
+        {
+            waiting_for.push(format!(
+                "a peer from the bootstrap source (last attempt: {e})"
+            ));
+        }
+        waiting_for.extend(routing);
         if self.facts.dataplane_mode == DataplaneMode::Required && !self.facts.dataplane_attached {
             waiting_for.push("the eBPF dataplane (--dataplane required)".to_string());
         }

@@ -1,0 +1,479 @@
+//! `peermirror bootstrapper`: the seed side of HTTPS bootstrap.
+//!
+//! Nodes register themselves over mTLS (`PUT /bootstrap-nodes/<peer id>`
+//! with their `{"ID", "Addrs"}` entry) and renew the entry while they run;
+//! an entry that is not renewed within the TTL expires. `GET
+//! /bootstrap-nodes` answers the live entries in Spegel's format (a JSON
+//! array of `{"ID", "Addrs"}`), which `--bootstrap-kind http` reads. The
+//! port speaks only TLS and requires a client certificate from the
+//! configured CA; the certificate files are reloaded when they change, so
+//! a CA rotation needs no restart. `/healthz`, `/readyz` and `/metrics` are
+//! on a separate plain status port (kubelet's probes carry no certificate).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use libp2p::{Multiaddr, PeerId};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Readiness, Status};
+use crate::tls::{TlsFiles, TlsState};
+
+/// The path nodes list and register under.
+pub const PATH: &str = "/bootstrap-nodes";
+/// Nodes kept at most; a registration beyond is refused (507).
+const MAX_NODES: usize = 10_000;
+/// Addresses kept per node.
+const MAX_ADDRS: usize = 16;
+/// Largest registration body.
+const MAX_BODY: usize = 64 << 10;
+/// Connections served at once; beyond, a connection is closed at once.
+const MAX_CONNECTIONS: usize = 256;
+/// A connection that sends nothing, or reads nothing of its answer, for
+/// this long is closed (the TLS handshake included).
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct BootstrapperConfig {
+    pub listen_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub tls: TlsFiles,
+    /// How long an entry lives without renewal.
+    pub entry_ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapperError {
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+struct Entry {
+    addrs: Vec<String>,
+    expires: Instant,
+}
+
+#[derive(Default)]
+struct Counters {
+    nodes: Gauge,
+    registrations: Counter,
+    refused_registrations: Counter,
+    lists: Counter,
+    handshake_failures: Counter,
+}
+
+impl Counters {
+    fn register(registry: &mut Registry) -> Arc<Counters> {
+        let c = Arc::new(Counters::default());
+        let r = registry.sub_registry_with_prefix("peermirror_bootstrapper");
+        r.register("nodes", "Live registered nodes", c.nodes.clone());
+        r.register(
+            "registrations",
+            "Registrations and renewals accepted",
+            c.registrations.clone(),
+        );
+        r.register(
+            "refused_registrations",
+            "Registrations refused (malformed, or the table is full)",
+            c.refused_registrations.clone(),
+        );
+        r.register("lists", "Bootstrap documents served", c.lists.clone());
+        r.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed (no client certificate, another CA, not TLS)",
+            c.handshake_failures.clone(),
+        );
+        c
+    }
+}
+
+/// The registered nodes.
+pub struct Table {
+    ttl: Duration,
+    entries: Mutex<HashMap<PeerId, Entry>>,
+    counters: Arc<Counters>,
+}
+
+/// What a node sends when it registers: Spegel's `AddrInfo`.
+#[derive(serde::Deserialize)]
+struct Registration {
+    #[serde(rename = "ID", default)]
+    id: Option<String>,
+    #[serde(rename = "Addrs")]
+    addrs: Vec<String>,
+}
+
+impl Table {
+    fn new(ttl: Duration, counters: Arc<Counters>) -> Table {
+        Table {
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+            counters,
+        }
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Entry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops expired entries.
+    fn expire(&self, now: Instant) {
+        let mut entries = self.entries();
+        entries.retain(|_, e| e.expires > now);
+        self.counters.nodes.set(entries.len() as i64);
+    }
+
+    /// Registers or renews `peer` from a request body.
+    fn register(&self, peer: &str, body: &[u8], now: Instant) -> Result<(), (StatusCode, String)> {
+        let bad = |why: String| (StatusCode::BAD_REQUEST, why);
+        let peer: PeerId = peer
+            .parse()
+            .map_err(|_| bad(format!("{:?} is not a peer id", crate::oci::excerpt(peer))))?;
+        let reg: Registration = serde_json::from_slice(body)
+            .map_err(|_| bad("the body is not {\"ID\": ..., \"Addrs\": [...]}".into()))?;
+        if reg.id.as_deref().is_some_and(|id| id != peer.to_string()) {
+            return Err(bad("the body's ID is not the peer id of the path".into()));
+        }
+        if reg.addrs.is_empty() || reg.addrs.len() > MAX_ADDRS {
+            return Err(bad(format!(
+                "1 to {MAX_ADDRS} addresses, not {}",
+                reg.addrs.len()
+            )));
+        }
+        for a in &reg.addrs {
+            let addr: Multiaddr = a
+                .parse()
+                .map_err(|_| bad(format!("{:?} is not a multiaddr", crate::oci::excerpt(a))))?;
+            let dialable = addr.iter().any(|p| {
+                matches!(
+                    p,
+                    libp2p::multiaddr::Protocol::Ip4(_) | libp2p::multiaddr::Protocol::Ip6(_)
+                )
+            }) && addr
+                .iter()
+                .any(|p| matches!(p, libp2p::multiaddr::Protocol::Tcp(_)));
+            if !dialable {
+                return Err(bad(format!("{a:?} is not an IP and TCP address")));
+            }
+        }
+        let mut entries = self.entries();
+        if !entries.contains_key(&peer) && entries.len() >= MAX_NODES {
+            return Err((
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("{MAX_NODES} nodes are registered already"),
+            ));
+        }
+        entries.insert(
+            peer,
+            Entry {
+                addrs: reg.addrs,
+                expires: now + self.ttl,
+            },
+        );
+        self.counters.nodes.set(entries.len() as i64);
+        Ok(())
+    }
+
+    /// The live entries, as Spegel's bootstrap document.
+    fn document(&self, now: Instant) -> Vec<u8> {
+        self.expire(now);
+        let entries = self.entries();
+        let mut list: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|(id, e)| serde_json::json!({ "ID": id.to_string(), "Addrs": e.addrs }))
+            .collect();
+        list.sort_by(|a, b| a["ID"].as_str().cmp(&b["ID"].as_str()));
+        serde_json::to_vec(&list).unwrap_or_else(|_| b"[]".to_vec())
+    }
+}
+
+fn reply(code: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+fn error(code: StatusCode, message: String) -> Response<Full<Bytes>> {
+    reply(
+        code,
+        "text/plain; charset=utf-8",
+        format!("{message}\n").into_bytes(),
+    )
+}
+
+async fn handle(table: &Table, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let now = Instant::now();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, PATH) => {
+            table.counters.lists.inc();
+            reply(StatusCode::OK, "application/json", table.document(now))
+        }
+        (Method::PUT, p) if p.starts_with(PATH) && p[PATH.len()..].starts_with('/') => {
+            let peer = p[PATH.len() + 1..].to_string();
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    table.counters.refused_registrations.inc();
+                    return error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("a registration is at most {MAX_BODY} bytes"),
+                    );
+                }
+            };
+            match table.register(&peer, &body, now) {
+                Ok(()) => {
+                    table.counters.registrations.inc();
+                    let ttl = table.ttl.as_secs();
+                    reply(
+                        StatusCode::OK,
+                        "application/json",
+                        serde_json::json!({ "ttl_seconds": ttl })
+                            .to_string()
+                            .into_bytes(),
+                    )
+                }
+                Err((code, message)) => {
+                    table.counters.refused_registrations.inc();
+                    error(code, message)
+                }
+            }
+        }
+        (_, PATH) => error(StatusCode::METHOD_NOT_ALLOWED, "GET only".into()),
+        (_, p) if p.starts_with(PATH) => error(StatusCode::METHOD_NOT_ALLOWED, "PUT only".into()),
+        _ => error(StatusCode::NOT_FOUND, format!("not found; try {PATH}")),
+    }
+}
+
+/// Serves the mTLS port until `shutdown`.
+async fn serve(
+    listener: TcpListener,
+    tls: Arc<TlsState>,
+    table: Arc<Table>,
+    shutdown: CancellationToken,
+) {
+    let cap = crate::net::ConnectionCap::new(MAX_CONNECTIONS);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(slot) = cap.try_admit() else {
+            continue;
+        };
+        let (tls, table) = (tls.clone(), table.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let io = crate::net::Deadlined::new(stream, IO_TIMEOUT, IO_TIMEOUT);
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+            let stream = match tokio::time::timeout(IO_TIMEOUT, acceptor.accept(io)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    table.counters.handshake_failures.inc();
+                    tracing::info!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    table.counters.handshake_failures.inc();
+                    return;
+                }
+            };
+            let service = hyper::service::service_fn(move |req| {
+                let table = table.clone();
+                async move { Ok::<_, Infallible>(handle(&table, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(IO_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// The status port's view: always ready once serving; the debug page
+/// lists the live nodes (loopback only).
+struct BootstrapperStatus {
+    table: Arc<Table>,
+}
+
+#[async_trait::async_trait]
+impl Status for BootstrapperStatus {
+    fn readiness(&self) -> Readiness {
+        Readiness {
+            waiting_for: Vec::new(),
+        }
+    }
+
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn debug_page(&self) -> String {
+        String::from_utf8_lossy(&self.table.document(Instant::now())).into_owned() + "\n"
+    }
+
+    async fn debug_allowed(&self, client: IpAddr) -> bool {
+        client.to_canonical().is_loopback()
+    }
+}
+
+/// Runs the bootstrapper until `shutdown`.
+pub async fn run(
+    config: BootstrapperConfig,
+    shutdown: CancellationToken,
+) -> Result<(), BootstrapperError> {
+    let tls = TlsState::load(config.tls.clone())?;
+    let listen = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| BootstrapperError::Listen { addr, source })
+    };
+    let listener = listen(config.listen_addr).await?;
+    let status_listener = listen(config.metrics_addr).await?;
+    let mut registry = Registry::default();
+    let counters = Counters::register(&mut registry);
+    let table = Arc::new(Table::new(config.entry_ttl, counters));
+    tracing::info!(
+        addr = %listener.local_addr().map_or(config.listen_addr, |a| a),
+        metrics = %status_listener.local_addr().map_or(config.metrics_addr, |a| a),
+        ttl = ?config.entry_ttl,
+        "bootstrapper started"
+    );
+    let status = Arc::new(BootstrapperStatus {
+        table: table.clone(),
+    });
+    let expiry = {
+        let (table, stop) = (table.clone(), shutdown.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => table.expire(Instant::now()),
+                }
+            }
+        }
+    };
+    tokio::join!(
+        serve(listener, tls.clone(), table, shutdown.clone()),
+        crate::metrics::serve(
+            status_listener,
+            Arc::new(registry),
+            status,
+            shutdown.clone()
+        ),
+        tls.watch(Duration::from_secs(10), shutdown.clone()),
+        expiry,
+    );
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(ttl: Duration) -> Table {
+        Table::new(ttl, Arc::new(Counters::default()))
+    }
+
+    fn id() -> PeerId {
+        libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id()
+    }
+
+    #[test]
+    fn entries_register_renew_and_expire() {
+        let t = table(Duration::from_secs(60));
+        let start = Instant::now();
+        let (a, b) = (id(), id());
+        let body = |id: &PeerId| format!(r#"{{"ID":"{id}","Addrs":["/ip4/10.0.0.1/tcp/5001"]}}"#);
+        t.register(&a.to_string(), body(&a).as_bytes(), start)
+            .expect("a");
+        t.register(
+            &b.to_string(),
+            br#"{"Addrs":["/ip6/fd00::2/tcp/5001"]}"#,
+            start,
+        )
+        .expect("b, without an ID");
+        let doc: Vec<serde_json::Value> = serde_json::from_slice(&t.document(start)).expect("json");
+        assert_eq!(doc.len(), 2);
+        // What a node reads back is a bootstrap document it understands.
+        let addrs = crate::routing::bootstrap::parse_entries(&t.document(start)).expect("parses");
+        assert_eq!(addrs.len(), 2);
+        assert!(addrs.iter().all(|a| a.to_string().contains("/p2p/")));
+        // a renews, b does not: after the TTL only a is left.
+        t.register(
+            &a.to_string(),
+            body(&a).as_bytes(),
+            start + Duration::from_secs(50),
+        )
+        .expect("renew");
+        let later: Vec<serde_json::Value> =
+            serde_json::from_slice(&t.document(start + Duration::from_secs(61))).expect("json");
+        assert_eq!(later.len(), 1);
+        assert_eq!(later[0]["ID"], a.to_string());
+    }
+
+    #[test]
+    fn malformed_registrations_are_refused() {
+        let t = table(Duration::from_secs(60));
+        let now = Instant::now();
+        let a = id();
+        let other = id();
+        let cases: Vec<(String, String)> = vec![
+            (
+                "not-a-peer".into(),
+                r#"{"Addrs":["/ip4/10.0.0.1/tcp/1"]}"#.into(),
+            ),
+            (a.to_string(), "{".into()),
+            (a.to_string(), r#"{"Addrs":[]}"#.into()),
+            (a.to_string(), r#"{"Addrs":["nonsense"]}"#.into()),
+            (a.to_string(), r#"{"Addrs":["/dns4/x/tcp/1"]}"#.into()),
+            (a.to_string(), r#"{"Addrs":["/ip4/10.0.0.1/udp/1"]}"#.into()),
+            (
+                a.to_string(),
+                format!(r#"{{"ID":"{other}","Addrs":["/ip4/10.0.0.1/tcp/1"]}}"#),
+            ),
+            (
+                a.to_string(),
+                serde_json::json!({ "Addrs": vec!["/ip4/10.0.0.1/tcp/1"; 17] }).to_string(),
+            ),
+        ];
+        for (peer, body) in cases {
+            let e = t.register(&peer, body.as_bytes(), now).expect_err(&body);
+            assert_eq!(e.0, StatusCode::BAD_REQUEST, "{body}: {}", e.1);
+            assert!(e.1.len() < 200 && e.1.is_ascii(), "{}", e.1);
+        }
+        assert_eq!(t.document(now), b"[]");
+    }
+}
