@@ -15,22 +15,21 @@ fn repo_file(path: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
 }
 
-/// `systemd-analyze verify` of the unit (with `dropin`, when given, in
-/// `peermirror.service.d/`), the binary paths pointed at the one we built.
-fn verify_unit(dropin: Option<&str>) -> Result<()> {
+/// `systemd-analyze verify` of `unit` (with `dropin`, when given, in
+/// `<unit>.d/`), the binary paths pointed at the one we built.
+fn verify_unit(unit: &str, dropin: Option<&str>) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let ours = peermirror_bin().to_string_lossy().into_owned();
     let point = |text: String| {
         text.replace("/usr/local/bin/peermirror", &ours)
             .replace("/opt/bin/peermirror", &ours)
     };
-    let unit = point(std::fs::read_to_string(repo_file(
-        "deploy/systemd/peermirror.service",
-    ))?);
-    let path = dir.path().join("peermirror.service");
+    let name = Path::new(unit).file_name().context("unit name")?.to_owned();
+    let unit = point(std::fs::read_to_string(repo_file(unit))?);
+    let path = dir.path().join(&name);
     std::fs::write(&path, unit)?;
     if let Some(file) = dropin {
-        let d = dir.path().join("peermirror.service.d");
+        let d = dir.path().join(format!("{}.d", name.to_string_lossy()));
         std::fs::create_dir_all(&d)?;
         std::fs::write(
             d.join("opt-bin.conf"),
@@ -57,8 +56,12 @@ fn verify_unit(dropin: Option<&str>) -> Result<()> {
 
 #[test]
 fn the_systemd_unit_verifies_and_starts_before_the_kubelet() -> Result<()> {
-    verify_unit(None)?;
-    verify_unit(Some("deploy/systemd/opt-bin.conf"))?;
+    verify_unit("deploy/systemd/peermirror.service", None)?;
+    verify_unit(
+        "deploy/systemd/peermirror.service",
+        Some("deploy/systemd/opt-bin.conf"),
+    )?;
+    verify_unit("deploy/systemd/peermirror-bootstrapper.service", None)?;
     let unit = std::fs::read_to_string(repo_file("deploy/systemd/peermirror.service"))?;
     let value = |key: &str| -> Vec<String> {
         unit.lines()
