@@ -35,18 +35,21 @@ fn twelve_nodes_pull_an_image_spread_over_all_of_them() -> Result<()> {
         .map(|i| NodeSpec {
             name: format!("n{i}"),
             psk: KEY,
-            // Twelve daemons, twelve containerds and twelve pulls at once
+            // Twelve daemons, twelve containerds and twelve pulls of every
+            // platform at once (49 lookups per node within a second)
             // saturate this machine's two cores: a daemon goes unscheduled
             // for tens of milliseconds at a time (measured here: 30–100 ms
-            // between a lookup's request and its handling), so the 20 ms
-            // default resolve timeout would turn hits into misses.
+            // between a lookup's request and its handling, and once in CI a
+            // lookup past 500 ms), so the 20 ms default resolve timeout
+            // would turn hits into misses, and with the upstream stopped a
+            // miss fails the pull.
             extra: [
                 "--reannounce-interval",
                 "30s",
                 "--lookup-cache-ttl",
                 "1s",
                 "--mirror-resolve-timeout",
-                "500ms",
+                "2s",
             ]
             .iter()
             .map(|s| s.to_string())

@@ -150,8 +150,10 @@ fn test(cargo_args: &[String]) -> Result<()> {
     // unit tests still run in debug, with overflow checks).
     run(cargo().args(["build", "--release", "--package", "peermirror", "--bins"]))?;
     let daemon = target_dir().join("release/peermirror");
+    // Every test binary runs even when one fails, so that one failure
+    // does not hide the next.
     run(cargo()
-        .args(["test", "--workspace"])
+        .args(["test", "--workspace", "--no-fail-fast"])
         .env("PEERMIRROR_BIN", &daemon)
         .arg("--")
         .args(cargo_args))?;
