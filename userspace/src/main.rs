@@ -95,7 +95,23 @@ fn getrandom(buf: &mut [u8]) -> anyhow::Result<()> {
         .context("reading /dev/urandom")
 }
 
+/// Fixes glibc's mmap threshold at 1 MiB. By default glibc raises it each
+/// time a large block is freed (up to 32 MiB), after which large buffers
+/// come from the heap and fragment it: a node relaying blobs to 8 clients
+/// while its peers restarted grew from 19 to 46 MiB in 10 minutes, and to
+/// 18 MiB with the threshold fixed (`benches/README.md`, soak). Setting it
+/// also stops the dynamic adjustment.
+fn fix_malloc_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    fix_malloc_threshold();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::ConfigureContainerd(args) => configure_containerd(&args),
