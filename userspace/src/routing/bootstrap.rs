@@ -72,15 +72,10 @@ pub enum BootstrapError {
 const MAX_BODY: usize = 1 << 20;
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The peers to dial, according to `config`.
+/// The peers to dial, according to `config` (an HTTP source is checked
+/// and connected afresh; a running node keeps its client in [`Bootstrap`]).
 pub async fn discover(config: &BootstrapConfig) -> Result<Vec<Multiaddr>, BootstrapError> {
-    match config {
-        BootstrapConfig::Http { url, tls, .. } => {
-            let client = HttpClient::new(url, tls.clone())?;
-            client.fetch().await
-        }
-        other => discover_with(other, None).await,
-    }
+    discover_with(config, None).await
 }
 
 async fn discover_with(

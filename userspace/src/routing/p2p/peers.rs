@@ -191,7 +191,7 @@ impl PeerTable {
             .filter_map(|(a, outbound)| ip_of(a).map(|ip| (*outbound, ip)))
             .filter(|(_, ip)| !own.contains(ip))
             .collect();
-        // Outbound before inbound, routable before loopback.
+        // Routable before loopback; among those, dialled before accepted.
         candidates.sort_by_key(|(outbound, ip)| (!routable(ip), !outbound, *ip));
         candidates
             .iter()
