@@ -337,8 +337,13 @@ impl Status for BootstrapperStatus {
         Ok(())
     }
 
-    async fn debug_page(&self) -> String {
-        String::from_utf8_lossy(&self.table.document(Instant::now())).into_owned() + "\n"
+    async fn debug(&self, path: &str, _query: Option<&str>) -> Option<crate::metrics::DebugResponse> {
+        matches!(path, "/" | "/debug").then(|| {
+            crate::metrics::DebugResponse::ok(
+                "text/plain; charset=utf-8",
+                String::from_utf8_lossy(&self.table.document(Instant::now())).into_owned() + "\n",
+            )
+        })
     }
 
     async fn debug_allowed(&self, client: IpAddr) -> bool {

@@ -285,6 +285,12 @@ pub struct Run {
     #[arg(long, env = "PEERMIRROR_DEBUG_ENDPOINTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub debug_endpoints: bool,
 
+    /// Other daemons' metric names exported besides `peermirror_*`:
+    /// `spegel` (Spegel's names and labels, so that its queries and
+    /// dashboards work) or `none`.
+    #[arg(long, env = "PEERMIRROR_METRICS_COMPAT", value_enum, default_value_t = MetricsCompatArg::Spegel)]
+    pub metrics_compat: MetricsCompatArg,
+
     /// Networks allowed to see the debug endpoints besides loopback and the
     /// connected peers, comma-separated CIDRs.
     #[arg(long, env = "PEERMIRROR_DEBUG_ALLOWED_CIDRS", value_delimiter = ',')]
@@ -513,6 +519,13 @@ pub struct Run {
     pub mirror_max_attempts: usize,
 }
 
+/// Which other daemon's metric names to export too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MetricsCompatArg {
+    Spegel,
+    None,
+}
+
 /// Whether the eBPF dataplane must, may or must not load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DataplaneArg {
@@ -696,6 +709,10 @@ impl Run {
                 idle_timeout: self.idle_timeout,
                 max_connections: self.max_connections.max(1),
                 ..ServerConfig::default()
+            },
+            metrics_compat: match self.metrics_compat {
+                MetricsCompatArg::Spegel => crate::metrics::MetricsCompat::Spegel,
+                MetricsCompatArg::None => crate::metrics::MetricsCompat::None,
             },
             debug: crate::status::DebugAccess {
                 enabled: self.debug_endpoints,

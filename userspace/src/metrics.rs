@@ -108,6 +108,96 @@ label_values!(Source { File => "file", Grpc => "grpc", Memory => "memory", Mirro
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// Which other daemon's metric names are exported besides ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MetricsCompat {
+    /// Also Spegel's names and labels, for what the two daemons share.
+    #[default]
+    Spegel,
+    /// Only `peermirror_*`.
+    None,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpegelMirrorLabels {
+    pub registry: String,
+    /// `hit` or `miss`.
+    pub cache: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouterLabels {
+    router: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    handler: Route,
+    method: Method,
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandlerLabels {
+    handler: Route,
+}
+
+/// Spegel's metric names, kept beside ours (`--metrics-compat spegel`) so
+/// that Spegel's and K3s's queries and dashboards work unchanged.
+#[derive(Clone)]
+struct SpegelMetrics {
+    mirror_requests: Family<SpegelMirrorLabels, Counter>,
+    resolve_duration: HistogramFamily<RouterLabels>,
+    http_request_duration: HistogramFamily<HttpLabels>,
+    http_response_size: HistogramFamily<HttpLabels>,
+    http_requests_inflight: Family<HandlerLabels, Gauge>,
+}
+
+/// The default buckets of the Prometheus Go client, which Spegel uses.
+fn go_default_buckets() -> Histogram {
+    Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+}
+
+impl SpegelMetrics {
+    fn register(registry: &mut Registry) -> SpegelMetrics {
+        let m = SpegelMetrics {
+            mirror_requests: Family::default(),
+            resolve_duration: HistogramFamily::new_with_constructor(go_default_buckets),
+            http_request_duration: HistogramFamily::new_with_constructor(go_default_buckets),
+            http_response_size: HistogramFamily::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(100.0, 10.0, 8))
+            }),
+            http_requests_inflight: Family::default(),
+        };
+        registry.register(
+            "spegel_mirror_requests",
+            "Total number of mirror requests (Spegel's name for peermirror_mirror_requests, without the kind)",
+            m.mirror_requests.clone(),
+        );
+        registry.register(
+            "spegel_resolve_duration_seconds",
+            "The duration for router to resolve a peer (Spegel's name for peermirror_mirror_resolve_duration_seconds)",
+            m.resolve_duration.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Registry-port requests by handler (base, manifest, blob, other), method and code (Spegel's HTTP metric)",
+            m.http_request_duration.clone(),
+        );
+        registry.register(
+            "http_response_size_bytes",
+            "Registry-port response body sizes by handler, method and code (Spegel's HTTP metric)",
+            m.http_response_size.clone(),
+        );
+        registry.register(
+            "http_requests_inflight",
+            "Registry-port requests being answered, by handler (Spegel's HTTP metric)",
+            m.http_requests_inflight.clone(),
+        );
+        m
+    }
+}
+
 /// The daemon's metrics. Cheap to clone (`Arc` inside each metric).
 #[derive(Clone)]
 pub struct Metrics {
@@ -135,11 +225,20 @@ pub struct Metrics {
     pub upload_rejections: Counter,
     pub tls_handshake_failures: Counter,
     pub dataplane_active: Family<DataplaneLabels, Gauge>,
+    spegel: Option<SpegelMetrics>,
 }
 
 impl Metrics {
-    /// Creates every metric and registers it in `registry`.
+    /// Creates every metric, with Spegel's names too, and registers them in
+    /// `registry`.
     pub fn new(registry: &mut Registry) -> Metrics {
+        Self::with_compat(registry, MetricsCompat::Spegel)
+    }
+
+    /// Creates every metric and registers it in `registry`, with the other
+    /// names `compat` asks for.
+    pub fn with_compat(registry: &mut Registry, compat: MetricsCompat) -> Metrics {
+        let spegel = (compat == MetricsCompat::Spegel).then(|| SpegelMetrics::register(registry));
         let metrics = Metrics {
             http_request_duration: HistogramFamily::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0001, 4.0, 10))
@@ -167,6 +266,7 @@ impl Metrics {
             upload_rejections: Counter::default(),
             tls_handshake_failures: Counter::default(),
             dataplane_active: Family::default(),
+            spegel,
         };
         let r = registry.sub_registry_with_prefix("peermirror");
         r.register(
@@ -290,6 +390,200 @@ impl Metrics {
             metrics.dataplane_active.clone(),
         );
         metrics
+    }
+}
+
+impl Metrics {
+    /// One request the local store could not answer: `hit` when a peer
+    /// answered; `resolve` is the time until it did.
+    pub fn count_mirror(
+        &self,
+        registry: String,
+        kind: &str,
+        hit: bool,
+        resolve: Option<std::time::Duration>,
+    ) {
+        let cache = if hit { "hit" } else { "miss" };
+        if let Some(spegel) = &self.spegel {
+            spegel
+                .mirror_requests
+                .get_or_create(&SpegelMirrorLabels {
+                    registry: registry.clone(),
+                    cache: cache.to_string(),
+                })
+                .inc();
+            if let Some(d) = resolve {
+                spegel
+                    .resolve_duration
+                    .get_or_create(&RouterLabels { router: "libp2p" })
+                    .observe(d.as_secs_f64());
+            }
+        }
+        self.mirror_requests
+            .get_or_create(&MirrorLabels {
+                registry,
+                kind: kind.to_string(),
+                result: cache.to_string(),
+            })
+            .inc();
+        if let Some(d) = resolve {
+            self.mirror_resolve_duration.observe(d.as_secs_f64());
+        }
+    }
+
+    /// A registry request begins; the guard counts it in flight until it is
+    /// dropped.
+    pub fn request_started(&self, route: Route) -> InflightGuard {
+        let gauge = self.spegel.as_ref().map(|s| {
+            s.http_requests_inflight
+                .get_or_create(&HandlerLabels { handler: route })
+                .clone()
+        });
+        if let Some(g) = &gauge {
+            g.inc();
+        }
+        InflightGuard(gauge)
+    }
+
+    /// A registry request answered: its time from head to last body byte
+    /// and the body bytes it promised.
+    pub fn request_done(
+        &self,
+        route: Route,
+        method: Method,
+        code: u16,
+        elapsed: std::time::Duration,
+        body_bytes: u64,
+    ) {
+        let seconds = elapsed.as_secs_f64();
+        self.http_request_duration
+            .get_or_create(&RequestLabels {
+                route,
+                method,
+                code,
+            })
+            .observe(seconds);
+        if let Some(spegel) = &self.spegel {
+            let labels = HttpLabels {
+                handler: route,
+                method,
+                code,
+            };
+            spegel
+                .http_request_duration
+                .get_or_create(&labels)
+                .observe(seconds);
+            spegel
+                .http_response_size
+                .get_or_create(&labels)
+                .observe(body_bytes as f64);
+        }
+    }
+
+    /// Whether Spegel's names are exported.
+    pub fn spegel_compat(&self) -> bool {
+        self.spegel.is_some()
+    }
+}
+
+/// Counts one request in flight while it lives (see [`Metrics::request_started`]).
+pub struct InflightGuard(Option<Gauge>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        if let Some(g) = &self.0 {
+            g.dec();
+        }
+    }
+}
+
+/// A gauge family computed at each scrape: `read` returns each series'
+/// label pairs and value.
+pub type GaugeReader = Box<dyn Fn() -> Vec<(Vec<(String, String)>, i64)> + Send + Sync>;
+
+struct ComputedGauges {
+    name: &'static str,
+    help: &'static str,
+    read: GaugeReader,
+}
+
+impl std::fmt::Debug for ComputedGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl prometheus_client::collector::Collector for ComputedGauges {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::MetricType;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let series = (self.read)();
+        let mut family = encoder.encode_descriptor(self.name, self.help, None, MetricType::Gauge)?;
+        for (labels, value) in &series {
+            ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Registers a gauge family whose series `read` computes at each scrape
+/// (series that `read` stops returning disappear).
+pub fn register_computed_gauges(
+    registry: &mut Registry,
+    name: &'static str,
+    help: &'static str,
+    read: GaugeReader,
+) {
+    registry.register_collector(Box::new(ComputedGauges { name, help, read }));
+}
+
+/// A budget for log lines that may come in floods: at most `burst` lines,
+/// refilled at `per_second`; what was held back is counted and reported by
+/// the next line that passes.
+pub struct LogBudget {
+    state: std::sync::Mutex<BudgetState>,
+    burst: f64,
+    per_second: f64,
+}
+
+struct BudgetState {
+    tokens: f64,
+    last: std::time::Instant,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    pub fn new(burst: u32, per_second: u32) -> LogBudget {
+        LogBudget {
+            state: std::sync::Mutex::new(BudgetState {
+                tokens: f64::from(burst),
+                last: std::time::Instant::now(),
+                suppressed: 0,
+            }),
+            burst: f64::from(burst),
+            per_second: f64::from(per_second),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when a line may be
+    /// written now; `None` when it must be dropped.
+    pub fn take(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(s.last).as_secs_f64() * self.per_second;
+        s.tokens = (s.tokens + refill).min(self.burst);
+        s.last = now;
+        if s.tokens >= 1.0 {
+            s.tokens -= 1.0;
+            Some(std::mem::take(&mut s.suppressed))
+        } else {
+            s.suppressed += 1;
+            None
+        }
     }
 }
 
@@ -417,11 +711,30 @@ pub trait Status: Send + Sync + 'static {
     /// `/healthz`: `Err` with the reason once the daemon is failing (a task
     /// it cannot do without has stopped); it then exits and is restarted.
     fn health(&self) -> Result<(), String>;
-    /// A plain-text page describing the daemon's state, for humans.
-    async fn debug_page(&self) -> String;
+    /// The debug endpoint at `path` (see [`is_debug_path`]) with the
+    /// request's query string; `None` when there is none at `path`.
+    async fn debug(&self, path: &str, query: Option<&str>) -> Option<DebugResponse>;
     /// Whether `client` may see the debug endpoints (they show image names,
     /// digests and peer addresses).
     async fn debug_allowed(&self, client: std::net::IpAddr) -> bool;
+}
+
+/// A debug endpoint's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DebugResponse {
+    pub code: u16,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl DebugResponse {
+    pub fn ok(content_type: &'static str, body: String) -> DebugResponse {
+        DebugResponse {
+            code: 200,
+            content_type,
+            body,
+        }
+    }
 }
 
 /// Connections the status port serves at once; beyond, a connection is
@@ -566,11 +879,22 @@ async fn respond<B>(
                 text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", body)
             }
         }
-        "/" | "/debug" => text(
-            StatusCode::OK,
-            "text/plain; charset=utf-8",
-            status.debug_page().await,
-        ),
+        _ if is_debug_path(path) => match status.debug(path, req.uri().query()).await {
+            Some(answer) => {
+                let mut response = text(
+                    StatusCode::from_u16(answer.code).unwrap_or(StatusCode::OK),
+                    answer.content_type,
+                    answer.body,
+                );
+                // The page and its data are for this moment only.
+                response.headers_mut().insert(
+                    hyper::header::CACHE_CONTROL,
+                    hyper::header::HeaderValue::from_static("no-store"),
+                );
+                response
+            }
+            None => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        },
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }
@@ -594,8 +918,8 @@ mod tests {
         fn health(&self) -> Result<(), String> {
             self.failing.clone().map_or(Ok(()), Err)
         }
-        async fn debug_page(&self) -> String {
-            "page\n".into()
+        async fn debug(&self, path: &str, _query: Option<&str>) -> Option<DebugResponse> {
+            (path == "/debug").then(|| DebugResponse::ok("text/plain", "page\n".into()))
         }
         async fn debug_allowed(&self, client: std::net::IpAddr) -> bool {
             client.is_loopback()

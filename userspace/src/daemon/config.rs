@@ -42,6 +42,8 @@ pub struct DaemonConfig {
     pub mirror: MirrorConfig,
     /// Who may see the debug endpoints.
     pub debug: DebugAccess,
+    /// Other daemons' metric names exported too.
+    pub metrics_compat: crate::metrics::MetricsCompat,
 }
 
 #[derive(Debug, thiserror::Error)]

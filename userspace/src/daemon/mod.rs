@@ -61,7 +61,7 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     let registry_listener = listen("registry", config.registry_addr).await?;
     let metrics_listener = listen("metrics", config.metrics_addr).await?;
     let mut prometheus = Registry::default();
-    let metrics = Metrics::new(&mut prometheus);
+    let metrics = Metrics::with_compat(&mut prometheus, config.metrics_compat);
     let files = choose_serving_path(&config, &metrics).await?;
     announce_mode(
         &config,
@@ -121,10 +121,13 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     )
     .await?;
 
+    if metrics.spegel_compat() {
+        register_spegel_catalog_gauges(&mut prometheus, &store.catalog());
+    }
     let mirror = Mirror::with_tls(Arc::new(router.clone()), config.mirror.clone(), tls.clone());
     let handler = Arc::new(Handler::new(
         store.clone(),
-        Some(mirror),
+        Some(mirror.clone()),
         HandlerConfig {
             filter: config.filter.clone(),
             uploads: config.uploads,
@@ -170,6 +173,8 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
             dataplane_attached: dataplane.is_some(),
         },
         debug: config.debug.clone(),
+        mirror,
+        measuring: tokio::sync::Semaphore::new(1),
     });
     let stop = tasks.stop_token(status_stage);
     tasks.spawn_infallible(
@@ -283,6 +288,53 @@ fn p2p_counters(metrics: &Metrics) -> P2pCounters {
         routing_table_peers: metrics.routing_table_peers.clone(),
         advertised_keys: metrics.advertised_keys.clone(),
         pending_keys: metrics.advertise_pending_keys.clone(),
+    }
+}
+
+/// Spegel's per-registry counts of what this node advertises, read from the
+/// catalog at each scrape.
+fn register_spegel_catalog_gauges(
+    prometheus: &mut Registry,
+    catalog: &tokio::sync::watch::Receiver<Arc<crate::store::Catalog>>,
+) {
+    type Pick = fn(&crate::store::RegistryCounts) -> usize;
+    let families: [(&'static str, &'static str, Pick); 3] = [
+        (
+            "spegel_advertised_image_tags",
+            "Number of image tags advertised to be available (Spegel's name)",
+            |c| c.tags,
+        ),
+        (
+            "spegel_advertised_image_digests",
+            "Number of image digests advertised to be available (Spegel's name)",
+            |c| c.image_digests,
+        ),
+        (
+            "spegel_advertised_content_digests",
+            "Number of content digests advertised to be available (Spegel's name)",
+            |c| c.content_digests,
+        ),
+    ];
+    for (name, help, pick) in families {
+        let catalog = catalog.clone();
+        metrics::register_computed_gauges(
+            prometheus,
+            name,
+            help,
+            Box::new(move || {
+                catalog
+                    .borrow()
+                    .registry_counts()
+                    .iter()
+                    .map(|(registry, counts)| {
+                        (
+                            vec![("registry".to_string(), registry.clone())],
+                            pick(counts) as i64,
+                        )
+                    })
+                    .collect()
+            }),
+        );
     }
 }
 

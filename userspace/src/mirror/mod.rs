@@ -16,6 +16,8 @@
 //!   that digest. Manifests are verified before any header is sent.
 
 mod client;
+pub mod journal;
+pub mod measure;
 mod transfer;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -152,6 +154,7 @@ pub struct Mirror {
     bad: BadPeers,
     /// When set, peers are reached over mTLS with this node's certificate.
     tls: Option<Arc<TlsState>>,
+    journal: journal::Journal,
 }
 
 /// The peers a request may still try, in the order the lookup found them.
@@ -248,7 +251,32 @@ impl Mirror {
             config,
             bad: BadPeers::default(),
             tls,
+            journal: journal::Journal::default(),
         })
+    }
+
+    /// The last requests and the totals since start.
+    pub fn journal(&self) -> &journal::Journal {
+        &self.journal
+    }
+
+    fn record_miss(&self, kind: &'static str, key: String, miss: &MirrorMiss, started: Instant) {
+        let outcome = match miss {
+            MirrorMiss::NoProvider => journal::Outcome::Miss,
+            MirrorMiss::AllFailed { .. } => journal::Outcome::Failed,
+            // A peer answered: the range is outside the blob.
+            MirrorMiss::Unsatisfiable { .. } => return,
+        };
+        self.journal.record(journal::Entry {
+            kind,
+            key,
+            outcome,
+            peers: &[],
+            bytes: 0,
+            resolve: None,
+            duration: started.elapsed(),
+            verified: None,
+        });
     }
 
     /// The client TLS configuration for the next connection (it follows
@@ -390,9 +418,16 @@ impl Mirror {
             blob_answer(peer, response, &digest_text, range)
         };
         let mut tried = 0;
-        let (peer, answer) = self
+        let (peer, answer) = match self
             .first_answer(&mut candidates, &mut tried, method, &path, &headers, accept)
-            .await?;
+            .await
+        {
+            Ok(answer) => answer,
+            Err(miss) => {
+                self.record_miss("blob", digest_text, &miss, started);
+                return Err(miss);
+            }
+        };
         let resolve_time = started.elapsed();
         let BlobAnswer {
             size,
@@ -401,7 +436,19 @@ impl Mirror {
             body,
         } = answer;
         let body = match (head, body) {
-            (true, _) | (_, None) => None,
+            (true, _) | (_, None) => {
+                self.journal.record(journal::Entry {
+                    kind: "blob",
+                    key: digest_text,
+                    outcome: journal::Outcome::Hit,
+                    peers: std::slice::from_ref(&peer),
+                    bytes: 0,
+                    resolve: Some(resolve_time),
+                    duration: started.elapsed(),
+                    verified: None,
+                });
+                None
+            }
             (false, Some(body)) => {
                 // `bytes=0-` is how containerd 2.1+ asks for a whole blob:
                 // verify it like one.
@@ -412,7 +459,10 @@ impl Mirror {
                     path,
                     verify,
                     end: offset + len,
+                    first: offset,
                     pos: offset,
+                    started,
+                    resolve_time,
                     peer: peer.clone(),
                     body,
                     candidates,
@@ -506,6 +556,16 @@ impl Mirror {
                     tracing::debug!(peer = %peer.addr, "peer sent a document that is no manifest");
                     continue;
                 };
+                self.journal.record(journal::Entry {
+                    kind: "manifest",
+                    key: key.clone(),
+                    outcome: journal::Outcome::Hit,
+                    peers: std::slice::from_ref(&peer),
+                    bytes: bytes.len() as u64,
+                    resolve: Some(resolve_time),
+                    duration: started.elapsed(),
+                    verified: Some(true),
+                });
                 return Ok(MirroredManifest {
                     peer,
                     descriptor: Descriptor {
@@ -518,10 +578,14 @@ impl Mirror {
                 });
             }
         };
-        match tokio::time::timeout_at(deadline, fetch).await {
+        let result = match tokio::time::timeout_at(deadline, fetch).await {
             Ok(result) => result,
             Err(_) => Err(MirrorMiss::AllFailed { tried }),
+        };
+        if let Err(miss) = &result {
+            self.record_miss("manifest", key, miss, started);
         }
+        result
     }
 
     pub(crate) fn mark_bad(&self, digest: &Digest, peer: &Peer) {

@@ -16,6 +16,7 @@ use hyper::Method;
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
+use super::journal::Outcome;
 use super::{Candidates, Mirror, client, content_range};
 use crate::oci::{ByteRange, ContentRange, Digest, Hasher};
 use crate::routing::Peer;
@@ -40,8 +41,13 @@ pub(super) struct Transfer {
     pub verify: bool,
     /// Absolute offset one past the last byte wanted.
     pub end: u64,
+    /// Absolute offset of the first byte wanted.
+    pub first: u64,
     /// Absolute offset of the next byte to receive.
     pub pos: u64,
+    /// When the client's request began, and how long until a peer answered.
+    pub started: std::time::Instant,
+    pub resolve_time: Duration,
     pub peer: Peer,
     pub body: Incoming,
     pub candidates: Candidates,
@@ -67,11 +73,32 @@ enum Next {
 
 impl Transfer {
     async fn run(mut self, tx: mpsc::Sender<Result<Bytes, TransferError>>) {
+        let mut contributors = vec![self.peer.clone()];
+        let outcome = self.relay(&tx, &mut contributors).await;
+        self.mirror.journal.record(super::journal::Entry {
+            kind: "blob",
+            key: self.digest.to_string(),
+            outcome,
+            peers: &contributors,
+            bytes: self.pos - self.first,
+            resolve: Some(self.resolve_time),
+            duration: self.started.elapsed(),
+            verified: (self.verify && outcome != Outcome::Abandoned)
+                .then_some(outcome == Outcome::Hit),
+        });
+    }
+
+    /// Relays the body to `tx` until the end, the client leaves or no peer
+    /// can deliver; says which.
+    async fn relay(
+        &mut self,
+        tx: &mpsc::Sender<Result<Bytes, TransferError>>,
+        contributors: &mut Vec<Peer>,
+    ) -> Outcome {
         let stall = self.mirror.config.stall_timeout;
         let min_window_bytes = (self.mirror.config.min_speed as f64 * stall.as_secs_f64()) as u64;
         let mut hasher = self.verify.then(Hasher::new);
         let mut held: Option<Bytes> = None;
-        let mut contributors = vec![self.peer.clone()];
         let mut window_start = tokio::time::Instant::now();
         let mut window_bytes = 0u64;
         loop {
@@ -79,7 +106,7 @@ impl Transfer {
                 _ = tx.closed() => Next::ClientGone,
                 _ = tokio::time::sleep_until(self.deadline) => {
                     let _ = tx.send(Err(TransferError::Deadline { digest: self.digest })).await;
-                    return;
+                    return Outcome::Failed;
                 }
                 frame = tokio::time::timeout(stall, self.body.frame()) => match frame {
                     Err(_) => Next::Switch(format!("no byte for {stall:?}")),
@@ -94,7 +121,7 @@ impl Transfer {
             match next {
                 Next::ClientGone => {
                     tracing::debug!(digest = %self.digest, pos = self.pos, "client went away; stopping the transfer");
-                    return;
+                    return Outcome::Abandoned;
                 }
                 Next::Data(data) if data.is_empty() => {}
                 Next::Data(data) => {
@@ -102,11 +129,11 @@ impl Transfer {
                     if data.len() as u64 > room {
                         // Nothing of this chunk is used; another peer resumes.
                         if !self
-                            .switch(&mut contributors, "peer sent more than asked")
+                            .switch(contributors, "peer sent more than asked")
                             .await
                         {
                             let _ = tx.send(Err(self.exhausted())).await;
-                            return;
+                            return Outcome::Failed;
                         }
                         continue;
                     }
@@ -122,7 +149,7 @@ impl Transfer {
                     if let Some(chunk) = to_send
                         && tx.send(Ok(chunk)).await.is_err()
                     {
-                        return;
+                        return Outcome::Abandoned;
                     }
                     // Too slow while someone else may be faster: switch.
                     if window_start.elapsed() >= stall {
@@ -135,7 +162,7 @@ impl Transfer {
                             {
                                 tracing::info!(digest = %self.digest, peer = %self.peer.addr, %reason, "trying a faster peer");
                                 // If it cannot take over, the slow peer goes on.
-                                self.resume_from(next, &mut contributors).await;
+                                self.resume_from(next, contributors).await;
                             }
                         }
                         window_start = tokio::time::Instant::now();
@@ -147,7 +174,7 @@ impl Transfer {
                         let actual = h.finish();
                         if actual != self.digest {
                             tracing::warn!(digest = %self.digest, %actual, peers = ?contributors.iter().map(|p| p.addr).collect::<Vec<_>>(), "corrupt blob from peer; withholding the end of the body");
-                            for p in &contributors {
+                            for p in contributors.iter() {
                                 self.mirror.mark_bad(&self.digest, p);
                             }
                             let _ = tx
@@ -156,26 +183,28 @@ impl Transfer {
                                     actual,
                                 }))
                                 .await;
-                            return;
+                            return Outcome::Corrupt;
                         }
                     }
-                    if let Some(chunk) = held.take() {
-                        let _ = tx.send(Ok(chunk)).await;
+                    if let Some(chunk) = held.take()
+                        && tx.send(Ok(chunk)).await.is_err()
+                    {
+                        return Outcome::Abandoned;
                     }
-                    return;
+                    return Outcome::Hit;
                 }
                 Next::End => {
-                    if !self.switch(&mut contributors, "body ended early").await {
+                    if !self.switch(contributors, "body ended early").await {
                         let _ = tx.send(Err(self.exhausted())).await;
-                        return;
+                        return Outcome::Failed;
                     }
                     window_start = tokio::time::Instant::now();
                     window_bytes = 0;
                 }
                 Next::Switch(reason) => {
-                    if !self.switch(&mut contributors, &reason).await {
+                    if !self.switch(contributors, &reason).await {
                         let _ = tx.send(Err(self.exhausted())).await;
-                        return;
+                        return Outcome::Failed;
                     }
                     window_start = tokio::time::Instant::now();
                     window_bytes = 0;

@@ -12,7 +12,7 @@ use futures::stream::BoxStream;
 use futures::TryStreamExt;
 
 use super::limits::{UploadLimits, UploadPermit, Uploads};
-use crate::metrics::{self, Metrics, MirrorLabels, Source};
+use crate::metrics::{self, Metrics, Source};
 use crate::mirror::{Mirror, MirrorMiss};
 use crate::oci::manifest::{self, Kind, MAX_MANIFEST_SIZE, OCTET_STREAM};
 use crate::oci::{
@@ -67,6 +67,18 @@ impl std::fmt::Debug for Body {
                 path, offset, len, ..
             } => write!(f, "File({}, {offset}+{len})", path.display()),
             Body::Stream { len, source, .. } => write!(f, "Stream({len}, {source:?})"),
+        }
+    }
+}
+
+impl Body {
+    /// Where the bytes are read from; `None` when there are none.
+    pub fn source(&self) -> Option<Source> {
+        match self {
+            Body::Empty => None,
+            Body::Bytes(_) => Some(Source::Memory),
+            Body::File { .. } => Some(Source::File),
+            Body::Stream { source, .. } => Some(*source),
         }
     }
 }
@@ -311,19 +323,7 @@ impl Handler {
         resolve: Option<std::time::Duration>,
     ) {
         let registry = self.registry_label(name.registry.as_ref());
-        self.metrics
-            .mirror_requests
-            .get_or_create(&MirrorLabels {
-                registry,
-                kind: kind.to_string(),
-                result: if hit { "hit" } else { "miss" }.to_string(),
-            })
-            .inc();
-        if let Some(d) = resolve {
-            self.metrics
-                .mirror_resolve_duration
-                .observe(d.as_secs_f64());
-        }
+        self.metrics.count_mirror(registry, kind, hit, resolve);
     }
 
     async fn manifest(

@@ -22,7 +22,7 @@ use super::handler::{Body, Handler, Method, RequestHead, Response};
 use crate::tls::TlsState;
 use prometheus_client::metrics::counter::Counter;
 
-use crate::metrics::{self, Metrics, RequestLabels, Source, SourceLabels};
+use crate::metrics::{self, Metrics, Source, SourceLabels};
 use crate::oci::{MIRRORED_HEADER, OciError};
 
 /// Largest request head accepted (request line plus headers).
@@ -246,22 +246,34 @@ impl Server {
                 );
             }
             let (route, status) = (response.route, response.status);
+            let body_bytes = if head.method == Method::Head {
+                0
+            } else {
+                response.content_length
+            };
+            let source = response.body.source();
             tracing::debug!(%peer, method = ?head.method, target = %head.target, range = ?head.range, mirrored = head.mirrored, status, "request");
+            let inflight = self.metrics.request_started(route);
             let result = self
                 .write_response(&mut conn, response, head.method, close)
                 .await;
+            drop(inflight);
+            let elapsed = started.elapsed();
+            let method = match head.method {
+                Method::Get => metrics::Method::Get,
+                Method::Head => metrics::Method::Head,
+                Method::Other => metrics::Method::Other,
+            };
             self.metrics
-                .http_request_duration
-                .get_or_create(&RequestLabels {
-                    route,
-                    method: match head.method {
-                        Method::Get => metrics::Method::Get,
-                        Method::Head => metrics::Method::Head,
-                        Method::Other => metrics::Method::Other,
-                    },
-                    code: status,
-                })
-                .observe(started.elapsed().as_secs_f64());
+                .request_done(route, method, status, elapsed, body_bytes);
+            if result.is_ok()
+                && route == metrics::Route::Blob
+                && body_bytes > 0
+                && matches!(source, Some(Source::File | Source::Grpc))
+                && !peer.ip().to_canonical().is_loopback()
+            {
+                log_served_to_peer(&head.target, peer, body_bytes, elapsed);
+            }
             result?;
             if close {
                 let _ = conn.shutdown().await;
@@ -439,6 +451,29 @@ impl Server {
             .get_or_create(&SourceLabels { source })
             .clone()
     }
+}
+
+/// Lines about blobs served to other hosts: a few per second at most.
+static SERVED_LOG: std::sync::LazyLock<metrics::LogBudget> =
+    std::sync::LazyLock::new(|| metrics::LogBudget::new(20, 5));
+
+/// One info line per blob body sent from this node's store to another host.
+fn log_served_to_peer(target: &str, client: SocketAddr, bytes: u64, elapsed: Duration) {
+    let Some(suppressed) = SERVED_LOG.take() else {
+        return;
+    };
+    // The target routed to a blob, so its last segment is the digest.
+    let digest = target.rsplit('/').next().unwrap_or(target);
+    let seconds = elapsed.as_secs_f64().max(1e-6);
+    tracing::info!(
+        digest,
+        %client,
+        bytes,
+        ms = elapsed.as_millis() as u64,
+        mib_per_s = format!("{:.1}", bytes as f64 / seconds / (1 << 20) as f64),
+        suppressed,
+        "blob served to a peer"
+    );
 }
 
 /// The parts of a request head we use, copied out of the read buffer.

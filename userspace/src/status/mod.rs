@@ -1,7 +1,8 @@
 //! What the status port says about the node: readiness (`/readyz`),
-//! liveness (`/healthz`) and the debug page, computed from the parts that
-//! own each piece of state.
+//! liveness (`/healthz`) and the debug endpoints (`/debug`, `/debug/web`,
+//! `/debug/api/*`), computed from the parts that own each piece of state.
 
+mod api;
 mod debug;
 
 use std::net::{IpAddr, SocketAddr};
@@ -10,7 +11,8 @@ use std::sync::Arc;
 
 use crate::daemon::supervisor::Health;
 use crate::dataplane::{Admission, DataplaneMode};
-use crate::metrics::{self, Readiness};
+use crate::metrics::{self, DebugResponse, Readiness};
+use crate::mirror::Mirror;
 use crate::registry::ServingPath;
 use crate::routing::Router;
 use crate::routing::p2p::P2pRouter;
@@ -36,7 +38,14 @@ pub struct NodeStatus {
     pub health: Arc<Health>,
     pub facts: NodeFacts,
     pub debug: DebugAccess,
+    /// The mirror's journal (recent requests) and the measure's pulls.
+    pub mirror: Arc<Mirror>,
+    /// Held while a measure runs (one at a time).
+    pub measuring: tokio::sync::Semaphore,
 }
+
+/// The debug web page: one file, no external assets (works air-gapped).
+const WEB_PAGE: &str = include_str!("debug.html");
 
 /// Who may see the debug endpoints: loopback and this node's own
 /// addresses, the addresses of connected peers (they proved the preshared
@@ -97,8 +106,21 @@ impl metrics::Status for NodeStatus {
         self.health.check()
     }
 
-    async fn debug_page(&self) -> String {
-        debug::render(self).await
+    async fn debug(&self, path: &str, query: Option<&str>) -> Option<DebugResponse> {
+        match path {
+            "/" | "/debug" => Some(DebugResponse::ok(
+                "text/plain; charset=utf-8",
+                debug::render(self).await,
+            )),
+            "/debug/web" | "/debug/web/" => Some(DebugResponse::ok(
+                "text/html; charset=utf-8",
+                WEB_PAGE.to_string(),
+            )),
+            _ => match path.strip_prefix("/debug/api/") {
+                Some(what) => api::answer(self, what, query).await,
+                None => None,
+            },
+        }
     }
 
     async fn debug_allowed(&self, client: IpAddr) -> bool {

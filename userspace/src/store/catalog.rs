@@ -35,6 +35,19 @@ pub struct Catalog {
     content: HashMap<Digest, ContentEntry>,
     /// The registries of the images held (bounded by what the store holds).
     registries: BTreeSet<String>,
+    /// Per image root: the bytes of everything reachable from it and present.
+    image_sizes: HashMap<Digest, u64>,
+    /// Per registry: tags, image roots and content digests held for it.
+    by_registry: std::collections::BTreeMap<String, RegistryCounts>,
+}
+
+/// What the catalog holds for one registry (each digest counted under the
+/// first registry whose image reaches it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RegistryCounts {
+    pub tags: usize,
+    pub image_digests: usize,
+    pub content_digests: usize,
 }
 
 impl Catalog {
@@ -66,6 +79,22 @@ impl Catalog {
 
     pub fn tags(&self) -> impl Iterator<Item = (&String, &Descriptor)> {
         self.tags.iter()
+    }
+
+    /// The bytes of an image (everything reachable from its root that is
+    /// present), by the root's digest.
+    pub fn image_size(&self, root: &Digest) -> Option<u64> {
+        self.image_sizes.get(root).copied()
+    }
+
+    /// The bytes of all content listed.
+    pub fn content_bytes(&self) -> u64 {
+        self.content.values().map(|c| c.size).sum()
+    }
+
+    /// Tags, image digests and content digests per registry.
+    pub fn registry_counts(&self) -> &std::collections::BTreeMap<String, RegistryCounts> {
+        &self.by_registry
     }
 
     /// Whether an image of `registry` is held here.
@@ -100,40 +129,65 @@ where
     Fut: std::future::Future<Output = Result<Option<Bytes>, E>>,
 {
     let mut catalog = Catalog::default();
-    let mut seen: HashSet<Digest> = HashSet::new();
+    let mut image_roots: HashSet<Digest> = HashSet::new();
     for image in images {
         if !present.contains_key(&image.target.digest) {
             continue;
         }
+        let mut registry = None;
         match Reference::parse(&image.name) {
             Ok(reference) => {
                 if !filter.allows(&reference.registry, &reference.filter_key()) {
                     continue;
                 }
+                let counts = catalog
+                    .by_registry
+                    .entry(reference.registry.to_string())
+                    .or_default();
                 if let Some(name) = reference.tagged_name() {
                     catalog.tags.insert(name, image.target.clone());
+                    counts.tags += 1;
+                }
+                if image_roots.insert(image.target.digest) {
+                    counts.image_digests += 1;
                 }
                 catalog.registries.insert(reference.registry.to_string());
+                registry = Some(reference.registry.to_string());
             }
             // A name that is no reference cannot be matched by a filter.
             Err(_) if !filter.is_open() => continue,
             Err(_) => {}
         }
+        // Each image is walked whole (documents come from the cache after
+        // the first walk), so that its size counts shared layers too.
+        let mut visited: HashSet<Digest> = HashSet::new();
+        let mut image_bytes = 0u64;
         let mut stack = vec![image.target.clone()];
         while let Some(desc) = stack.pop() {
             let Some(&size) = present.get(&desc.digest) else {
                 continue;
             };
-            if !seen.insert(desc.digest) {
+            if !visited.insert(desc.digest) {
                 continue;
             }
-            catalog.content.insert(
-                desc.digest,
-                ContentEntry {
-                    size,
-                    media_type: desc.media_type.clone(),
-                },
-            );
+            image_bytes += size;
+            let new = catalog
+                .content
+                .insert(
+                    desc.digest,
+                    ContentEntry {
+                        size,
+                        media_type: desc.media_type.clone(),
+                    },
+                )
+                .is_none();
+            if new && let Some(r) = &registry {
+                catalog
+                    .by_registry
+                    .entry(r.clone())
+                    .or_default()
+                    .content_digests += 1;
+            }
             if oci::manifest::kind_of(&desc.media_type) == Kind::Blob {
                 continue;
             }
@@ -162,6 +216,7 @@ where
             };
             stack.extend(doc.children.iter().cloned());
         }
+        catalog.image_sizes.insert(image.target.digest, image_bytes);
     }
     // Forget documents that left the store, so the cache stays bounded by it.
     cache.retain(|digest, _| present.contains_key(digest));

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::oci::{Descriptor, Digest, Reference};
 
-pub use catalog::{Catalog, ContentEntry, ImageRecord};
+pub use catalog::{Catalog, ContentEntry, ImageRecord, RegistryCounts};
 pub use containerd::{ContainerdConfig, ContainerdStore, StoreGauges};
 pub use memory::MemoryStore;
 
