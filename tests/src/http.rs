@@ -149,6 +149,13 @@ pub fn read_response(
                 headers,
                 body: Vec::new(),
             };
+            let chunked = r
+                .header("transfer-encoding")
+                .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+            if chunked && !head_only {
+                r.body = read_chunked(stream, buffer)?;
+                return Ok(r);
+            }
             let len = if head_only {
                 0
             } else {
@@ -172,5 +179,37 @@ pub fn read_response(
             bail!("connection closed before a complete response head");
         }
         buffer.extend_from_slice(&chunk[..got]);
+    }
+}
+
+/// Reads a `Transfer-Encoding: chunked` body (as Go servers send large
+/// answers) from `buffer` and then `stream`.
+fn read_chunked(stream: &mut impl Read, buffer: &mut Vec<u8>) -> Result<Vec<u8>> {
+    let mut chunk = [0u8; 64 * 1024];
+    let mut body = Vec::new();
+    let mut fill = |buffer: &mut Vec<u8>| -> Result<()> {
+        let got = stream.read(&mut chunk)?;
+        if got == 0 {
+            bail!("connection closed inside a chunked body");
+        }
+        buffer.extend_from_slice(&chunk[..got]);
+        Ok(())
+    };
+    loop {
+        let Some(eol) = buffer.windows(2).position(|w| w == b"\r\n") else {
+            fill(buffer)?;
+            continue;
+        };
+        let line = String::from_utf8_lossy(&buffer[..eol]).into_owned();
+        let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+            .with_context(|| format!("bad chunk size line {line:?}"))?;
+        while buffer.len() < eol + 2 + size + 2 {
+            fill(buffer)?;
+        }
+        body.extend_from_slice(&buffer[eol + 2..eol + 2 + size]);
+        buffer.drain(..eol + 2 + size + 2);
+        if size == 0 {
+            return Ok(body);
+        }
     }
 }

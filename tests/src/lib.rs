@@ -1,6 +1,7 @@
 //! Test harness: real containerd, the CNCF registry, skopeo and ctr, started
 //! and torn down by the tests themselves.
 
+pub mod browser;
 pub mod cluster;
 pub mod cri;
 pub mod dht;
@@ -9,6 +10,7 @@ pub mod image;
 pub mod netns;
 pub mod pki;
 pub mod process;
+pub mod prometheus;
 pub mod services;
 
 use std::path::Path;

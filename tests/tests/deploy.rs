@@ -326,3 +326,79 @@ fn the_kubernetes_overlays_render_validate_and_use_real_flags() -> Result<()> {
     }
     Ok(())
 }
+
+/// The Grafana dashboard imports as is: a Prometheus datasource variable
+/// that every panel and query uses, and a query in every panel. (Grafana is
+/// not packaged here; `observe.rs` runs every query against Prometheus.)
+#[test]
+fn the_dashboard_is_importable_and_every_panel_queries() -> Result<()> {
+    let text = std::fs::read_to_string(repo_file("deploy/grafana/peermirror.json"))?;
+    let dashboard: serde_json::Value = serde_json::from_str(&text)?;
+    ensure!(dashboard["uid"].is_string() && dashboard["title"].is_string());
+    let vars = dashboard["templating"]["list"]
+        .as_array()
+        .context("no templating variables")?;
+    let ds = vars
+        .iter()
+        .find(|v| v["type"] == "datasource" && v["query"] == "prometheus")
+        .context("no Prometheus datasource variable")?;
+    let uid = format!("${{{}}}", ds["name"].as_str().context("unnamed variable")?);
+    let panels = dashboard["panels"].as_array().context("no panels")?;
+    ensure!(panels.len() >= 10, "{} panels", panels.len());
+    let mut ids = std::collections::HashSet::new();
+    for p in panels {
+        let title = p["title"].as_str().context("a panel without a title")?;
+        ensure!(ids.insert(p["id"].as_u64()), "{title}: duplicate panel id");
+        ensure!(p["datasource"]["uid"] == uid.as_str(), "{title}: not on {uid}");
+        let targets = p["targets"].as_array().context("no targets")?;
+        ensure!(!targets.is_empty(), "{title}: no targets");
+        for t in targets {
+            let expr = t["expr"].as_str().context("a target without expr")?;
+            ensure!(!expr.trim().is_empty(), "{title}: empty expr");
+            ensure!(t["datasource"]["uid"] == uid.as_str(), "{title}: a target not on {uid}");
+            ensure!(t["refId"].is_string(), "{title}: a target without refId");
+        }
+    }
+    // What the operators asked to see.
+    for needed in [
+        "peermirror_mirror_requests_total",
+        "peermirror_served_bytes_total",
+        "peermirror_peer_bytes_total",
+        "peermirror_mirror_resolve_duration_seconds_bucket",
+        "peermirror_p2p_connected_peers",
+        "peermirror_p2p_routing_table_peers",
+        "peermirror_advertised_keys",
+        "peermirror_upload_rejections_total",
+        "peermirror_dataplane_dropped_packets_total",
+        "peermirror_tls_handshake_failures_total",
+        "peermirror_p2p_handshake_failures_total",
+    ] {
+        ensure!(text.contains(needed), "the dashboard does not show {needed}");
+    }
+    Ok(())
+}
+
+/// The alert rules load, and their unit tests (series that fire and series
+/// that stay quiet) pass.
+#[test]
+fn the_alert_rules_check_and_pass_their_tests() -> Result<()> {
+    let dir = repo_file("deploy/prometheus");
+    for args in [
+        vec!["check", "rules", "peermirror-rules.yaml"],
+        vec!["test", "rules", "peermirror-rules.test.yaml"],
+    ] {
+        let out = Command::new(peermirror_tests::prometheus::PROMTOOL)
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .context("promtool (Debian's prometheus) is not installed")?;
+        ensure!(
+            out.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}

@@ -337,7 +337,11 @@ impl Status for BootstrapperStatus {
         Ok(())
     }
 
-    async fn debug(&self, path: &str, _query: Option<&str>) -> Option<crate::metrics::DebugResponse> {
+    async fn debug(
+        &self,
+        path: &str,
+        _query: Option<&str>,
+    ) -> Option<crate::metrics::DebugResponse> {
         matches!(path, "/" | "/debug").then(|| {
             crate::metrics::DebugResponse::ok(
                 "text/plain; charset=utf-8",

@@ -155,7 +155,9 @@ struct SpegelMetrics {
 
 /// The default buckets of the Prometheus Go client, which Spegel uses.
 fn go_default_buckets() -> Histogram {
-    Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+    Histogram::new([
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
 }
 
 impl SpegelMetrics {
@@ -522,7 +524,8 @@ impl prometheus_client::collector::Collector for ComputedGauges {
         use prometheus_client::metrics::MetricType;
         use prometheus_client::metrics::gauge::ConstGauge;
         let series = (self.read)();
-        let mut family = encoder.encode_descriptor(self.name, self.help, None, MetricType::Gauge)?;
+        let mut family =
+            encoder.encode_descriptor(self.name, self.help, None, MetricType::Gauge)?;
         for (labels, value) in &series {
             ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
         }
@@ -816,9 +819,69 @@ pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
     Ok(out)
 }
 
+/// The Prometheus text format (version 0.0.4) of the OpenMetrics text `om`,
+/// for clients that do not ask for OpenMetrics (curl, `promtool check
+/// metrics`, scrapers of old): a counter family is named with its `_total`
+/// suffix, `# UNIT` and `# EOF` are left out, `info` becomes a gauge named
+/// `_info` and `unknown` becomes `untyped`.
+pub fn to_prometheus_text(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    // HELP comes before TYPE; it is written once the TYPE says the name.
+    let mut help: Option<(&str, &str)> = None;
+    for line in om.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            if let Some((name, text)) = help.take() {
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            help = Some(rest.split_once(' ').unwrap_or((rest, "")));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (suffix, kind) = match kind {
+                "counter" => ("_total", "counter"),
+                "info" => ("_info", "gauge"),
+                "unknown" => ("", "untyped"),
+                other => ("", other),
+            };
+            let named = format!("{name}{suffix}");
+            match help.take() {
+                Some((n, text)) if n == name => {
+                    // OpenMetrics also escapes quotes; the older format does not.
+                    out.push_str(&format!("# HELP {named} {}\n", text.replace("\\\"", "\"")));
+                }
+                Some((n, text)) => out.push_str(&format!("# HELP {n} {text}\n")),
+                None => {}
+            }
+            out.push_str(&format!("# TYPE {named} {kind}\n"));
+            continue;
+        }
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        if let Some((name, text)) = help.take() {
+            out.push_str(&format!("# HELP {name} {text}\n"));
+        }
+        // Exemplars exist only in OpenMetrics.
+        let sample = line.split_once(" # {").map_or(line, |(s, _)| s);
+        out.push_str(sample);
+        out.push('\n');
+    }
+    out
+}
+
 /// Whether `path` is one of the debug endpoints (one access policy for all).
 pub fn is_debug_path(path: &str) -> bool {
     path == "/" || path == "/debug" || path.starts_with("/debug/")
+}
+
+/// Whether the client asked for OpenMetrics (Prometheus does by default).
+fn accepts_openmetrics<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
 }
 
 async fn respond<B>(
@@ -846,10 +909,15 @@ async fn respond<B>(
     }
     match path {
         "/metrics" => match encode(registry) {
-            Ok(out) => text(
+            Ok(out) if accepts_openmetrics(req) => text(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 out,
+            ),
+            Ok(out) => text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                to_prometheus_text(&out),
             ),
             Err(_) => text(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -980,7 +1048,10 @@ mod tests {
             body.contains("peermirror_upload_rejections_total 1"),
             "{body}"
         );
-        assert!(body.ends_with("# EOF\n"));
+        assert!(
+            !body.contains("# EOF"),
+            "the older format without an Accept"
+        );
         let bad = Fixed {
             waiting: vec!["containerd".into()],
             failing: Some("task sync stopped".into()),
@@ -1048,6 +1119,77 @@ mod tests {
             r#"peermirror_dataplane_dropped_packets_total{reason="registry_not_admitted"} 7"#
         ));
         assert!(text.contains("# HELP peermirror_peer_packets"));
+    }
+
+    #[test]
+    fn the_older_text_format_names_counters_with_their_suffix() {
+        let om = "# HELP a_requests Requests \\\"quoted\\\".\n# TYPE a_requests counter\n\
+                  a_requests_total{x=\"1\"} 3 # {trace=\"t\"} 1\n\
+                  # HELP b Bytes.\n# TYPE b gauge\n# UNIT b bytes\nb 7\n\
+                  # HELP c Build.\n# TYPE c info\nc_info{v=\"1\"} 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP a_requests_total Requests \"quoted\".\n# TYPE a_requests_total counter\n\
+             a_requests_total{x=\"1\"} 3\n\
+             # HELP b Bytes.\n# TYPE b gauge\nb 7\n\
+             # HELP c_info Build.\n# TYPE c_info gauge\nc_info{v=\"1\"} 1\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn metrics_are_openmetrics_only_when_asked_for() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        metrics.upload_rejections.inc();
+        metrics.count_mirror("docker.io".into(), "blob", true, None);
+        let ok = Fixed {
+            waiting: vec![],
+            failing: None,
+        };
+        let req = |accept: Option<&str>| {
+            let mut b = Request::builder().uri("/metrics");
+            if let Some(a) = accept {
+                b = b.header("accept", a);
+            }
+            b.body(()).expect("request")
+        };
+        let ip = "127.0.0.1".parse().expect("ip");
+        let om = respond(
+            &req(Some(
+                "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+            )),
+            ip,
+            &registry,
+            &ok,
+        )
+        .await;
+        assert!(
+            om.headers()["content-type"]
+                .to_str()
+                .expect("ascii")
+                .starts_with("application/openmetrics-text")
+        );
+        let plain = respond(&req(None), ip, &registry, &ok).await;
+        assert!(
+            plain.headers()["content-type"]
+                .to_str()
+                .expect("ascii")
+                .starts_with("text/plain; version=0.0.4")
+        );
+        let body = http_body_util::BodyExt::collect(plain.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.contains("# HELP peermirror_upload_rejections_total "),
+            "{body}"
+        );
+        assert!(
+            body.contains("# TYPE spegel_mirror_requests_total counter"),
+            "{body}"
+        );
+        assert!(!body.contains("# EOF"));
     }
 
     #[test]

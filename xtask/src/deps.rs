@@ -39,12 +39,33 @@ pub const TEST: &[Need] = &[
     need("systemd-analyze", "systemd"),
     need("bpftool", "bpftool"),
     need("setpriv", "util-linux"),
+    // The operator's tools: the debug page in a browser, a real scrape.
+    need("chromium", "chromium"),
+    need("chromedriver", "chromium-driver"),
+    need("prometheus", "prometheus"),
+    need("promtool", "prometheus"),
     EBPF[0],
     EBPF[1],
 ];
 
-/// What `cargo xtask demo` needs.
-pub const DEMO: &[Need] = TEST;
+/// What `cargo xtask demo` needs: what the tests need but the browser and
+/// Prometheus.
+pub const DEMO: &[Need] = &[
+    need("protoc", "protobuf-compiler"),
+    need("containerd", "containerd"),
+    need("ctr", "containerd"),
+    need("runc", "runc"),
+    need("skopeo", "skopeo"),
+    need("docker-registry", "docker-registry"),
+    need("ip", "iproute2"),
+    need("tc", "iproute2"),
+    need("nsenter", "util-linux"),
+    need("systemd-analyze", "systemd"),
+    need("bpftool", "bpftool"),
+    need("setpriv", "util-linux"),
+    EBPF[0],
+    EBPF[1],
+];
 
 /// What `cargo xtask bench` needs.
 pub const BENCH: &[Need] = &[

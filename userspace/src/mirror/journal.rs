@@ -167,17 +167,29 @@ impl Journal {
                 suppressed,
                 "miss: no peer holds it; the client goes to its next endpoint"
             ),
-            _ => tracing::info!(
+            Outcome::Failed if r.peers.is_empty() => tracing::info!(
                 kind = r.kind,
                 key = %r.key,
-                outcome = ?r.outcome,
+                ms = r.duration_ms,
+                suppressed,
+                "miss: holders were found and none answered; the client goes to its next endpoint"
+            ),
+            outcome => tracing::info!(
+                kind = r.kind,
+                key = %r.key,
                 peers = ?peers,
                 bytes = r.bytes,
                 ms = r.duration_ms,
                 mib_per_s = r.mib_per_s.unwrap_or(0.0),
                 verified = ?r.verified,
                 suppressed,
-                "relayed from a peer"
+                "{}",
+                match outcome {
+                    Outcome::Hit => "relayed from a peer",
+                    Outcome::Corrupt => "relayed from a peer: corrupt, the tail was withheld",
+                    Outcome::Abandoned => "relayed from a peer: the client left before the end",
+                    _ => "relayed from a peer: cut short, no holder could deliver the rest",
+                }
             ),
         }
     }

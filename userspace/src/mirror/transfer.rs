@@ -128,10 +128,7 @@ impl Transfer {
                     let room = self.end - self.pos;
                     if data.len() as u64 > room {
                         // Nothing of this chunk is used; another peer resumes.
-                        if !self
-                            .switch(contributors, "peer sent more than asked")
-                            .await
-                        {
+                        if !self.switch(contributors, "peer sent more than asked").await {
                             let _ = tx.send(Err(self.exhausted())).await;
                             return Outcome::Failed;
                         }

@@ -173,12 +173,15 @@ async fn peers(status: &NodeStatus) -> Value {
         .filter(|(a, _)| !listed.contains(a))
         .collect();
     others.sort_by_key(|(a, _)| *a);
+    let own = crate::routing::p2p::interface_addresses();
     json!({
         "sampled_at_unix_ms": unix_ms(SystemTime::now()),
         "counted_by_kernel": status.admission.is_some(),
         "peers": out,
         "other_addresses": others.iter().map(|(a, t)| json!({
             "address": a.to_string(),
+            // This node's own clients (containerd on loopback, say).
+            "local": a.is_loopback() || own.contains(a),
             "traffic": t.to_json(),
         })).collect::<Vec<_>>(),
     })
@@ -241,7 +244,10 @@ async fn measure(status: &NodeStatus, query: Option<&str>) -> DebugResponse {
         .map(|(_, v)| v.into_owned())
         .unwrap_or_default();
     if image.trim().is_empty() {
-        return json_answer(400, &json!({"error": "give the image as ?image=<reference>"}));
+        return json_answer(
+            400,
+            &json!({"error": "give the image as ?image=<reference>"}),
+        );
     }
     // One measure at a time: it pulls a whole image from peers.
     let Ok(_slot) = status.measuring.try_acquire() else {

@@ -135,7 +135,15 @@ where
             continue;
         }
         let mut registry = None;
-        match Reference::parse(&image.name) {
+        // The CRI plugin also names each image by its config digest
+        // (`sha256:<hex>`, the image id): that is no reference and has no
+        // tag to announce.
+        let parsed = if image.name.parse::<Digest>().is_ok() {
+            Err(())
+        } else {
+            Reference::parse(&image.name).map_err(drop)
+        };
+        match parsed {
             Ok(reference) => {
                 if !filter.allows(&reference.registry, &reference.filter_key()) {
                     continue;
@@ -282,6 +290,11 @@ mod tests {
                 name: "docker.io/library/gone:1".into(),
                 target: desc(OCI_MANIFEST, b"gone"),
             },
+            ImageRecord {
+                // the CRI plugin's image-id record: no tag of its own
+                name: cfg.digest.to_string(),
+                target: di.clone(),
+            },
         ];
         let reads = std::cell::Cell::new(0);
         let read = |d: Digest| {
@@ -309,6 +322,19 @@ mod tests {
         assert!(keys.contains(&la.digest.to_string()));
         assert_eq!(keys.len(), 5);
         assert_eq!(reads.get(), 2);
+        // What the image weighs, and what is counted per registry.
+        let size = (index.len() + m1.len() + config.len() + layer_a.len()) as u64;
+        assert_eq!(catalog.image_size(&di.digest), Some(size));
+        assert_eq!(catalog.content_bytes(), size);
+        assert_eq!(
+            catalog.registry_counts().get("docker.io"),
+            Some(&RegistryCounts {
+                tags: 1,
+                image_digests: 1,
+                content_digests: 4,
+            })
+        );
+        assert_eq!(catalog.registry_counts().len(), 1);
 
         // A second build reads nothing: documents are cached.
         build(&images, &present, &open, &mut cache, &read)
