@@ -349,13 +349,19 @@ fn the_dashboard_is_importable_and_every_panel_queries() -> Result<()> {
     for p in panels {
         let title = p["title"].as_str().context("a panel without a title")?;
         ensure!(ids.insert(p["id"].as_u64()), "{title}: duplicate panel id");
-        ensure!(p["datasource"]["uid"] == uid.as_str(), "{title}: not on {uid}");
+        ensure!(
+            p["datasource"]["uid"] == uid.as_str(),
+            "{title}: not on {uid}"
+        );
         let targets = p["targets"].as_array().context("no targets")?;
         ensure!(!targets.is_empty(), "{title}: no targets");
         for t in targets {
             let expr = t["expr"].as_str().context("a target without expr")?;
             ensure!(!expr.trim().is_empty(), "{title}: empty expr");
-            ensure!(t["datasource"]["uid"] == uid.as_str(), "{title}: a target not on {uid}");
+            ensure!(
+                t["datasource"]["uid"] == uid.as_str(),
+                "{title}: a target not on {uid}"
+            );
             ensure!(t["refId"].is_string(), "{title}: a target without refId");
         }
     }
@@ -373,7 +379,10 @@ fn the_dashboard_is_importable_and_every_panel_queries() -> Result<()> {
         "peermirror_tls_handshake_failures_total",
         "peermirror_p2p_handshake_failures_total",
     ] {
-        ensure!(text.contains(needed), "the dashboard does not show {needed}");
+        ensure!(
+            text.contains(needed),
+            "the dashboard does not show {needed}"
+        );
     }
     Ok(())
 }
