@@ -1193,6 +1193,47 @@ mod tests {
     }
 
     #[test]
+    fn spegel_names_count_what_ours_count_unless_switched_off() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let ms = std::time::Duration::from_millis(3);
+        metrics.count_mirror("docker.io".into(), "blob", true, Some(ms));
+        metrics.count_mirror("docker.io".into(), "manifest", true, Some(ms));
+        metrics.count_mirror("docker.io".into(), "blob", false, None);
+        {
+            let _inflight = metrics.request_started(Route::Blob);
+            let text = encode(&registry).expect("encode");
+            assert!(
+                text.contains(r#"http_requests_inflight{handler="blob"} 1"#),
+                "{text}"
+            );
+        }
+        metrics.request_done(Route::Blob, Method::Get, 200, ms, 1234);
+        let text = encode(&registry).expect("encode");
+        for line in [
+            r#"spegel_mirror_requests_total{registry="docker.io",cache="hit"} 2"#,
+            r#"spegel_mirror_requests_total{registry="docker.io",cache="miss"} 1"#,
+            r#"spegel_resolve_duration_seconds_count{router="libp2p"} 2"#,
+            r#"http_request_duration_seconds_count{handler="blob",method="GET",code="200"} 1"#,
+            r#"http_response_size_bytes_sum{handler="blob",method="GET",code="200"} 1234.0"#,
+            r#"http_requests_inflight{handler="blob"} 0"#,
+            r#"peermirror_mirror_resolve_duration_seconds_count 2"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        let mut plain = Registry::default();
+        let only_ours = Metrics::with_compat(&mut plain, MetricsCompat::None);
+        only_ours.count_mirror("docker.io".into(), "blob", true, Some(ms));
+        only_ours.request_done(Route::Blob, Method::Get, 200, ms, 1);
+        let text = encode(&plain).expect("encode");
+        assert!(
+            !text.contains("spegel_") && !text.contains("\nhttp_"),
+            "{text}"
+        );
+        assert!(text.contains("peermirror_mirror_requests_total"));
+    }
+
+    #[test]
     fn every_family_has_help_text() {
         let mut registry = Registry::default();
         let _ = Metrics::new(&mut registry);
