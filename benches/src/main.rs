@@ -10,6 +10,7 @@
 //! workers included). Each figure is the median of three runs, with the
 //! range.
 
+mod clients;
 mod dht;
 mod measure;
 
@@ -114,7 +115,14 @@ fn nginx(dir: &Path, blobs_dir: &Path, port: u16) -> Result<Proc> {
     Ok(proc)
 }
 
-fn serving(rows: &mut Vec<Row>, root: &Path) -> Result<()> {
+/// The 1 GiB blob served by every server: with the splice client for
+/// every serving path (`splice_table`), then with real clients.
+fn serving(
+    rows: &mut Vec<Row>,
+    cells: &mut Vec<clients::Cell>,
+    root: &Path,
+    splice_table: bool,
+) -> Result<()> {
     println!(
         "serving a 1 GiB blob (setting up: generating, pushing with skopeo, fetching into containerd)"
     );
@@ -137,6 +145,10 @@ fn serving(rows: &mut Vec<Row>, root: &Path) -> Result<()> {
     ])?;
     let blob = image.biggest_layer().clone();
     let v2_path = format!("/v2/{}/blobs/{}", image.repo, blob.digest);
+    if !splice_table {
+        cells.extend(clients::bench(root, &containerd, &upstream, &image)?);
+        return Ok(());
+    }
 
     // peermirror, each serving path.
     for path in ["io-uring", "sendfile", "buffered"] {
@@ -218,6 +230,7 @@ fn serving(rows: &mut Vec<Row>, root: &Path) -> Result<()> {
         d,
         None,
     )?;
+    cells.extend(clients::bench(root, &containerd, &upstream, &image)?);
     Ok(())
 }
 
@@ -532,7 +545,7 @@ fn report(rows: &[Row], pulls: &[PullRow]) -> String {
 }
 
 /// The parts `cargo xtask bench [part]` can run; no part runs them all.
-const PARTS: &[&str] = &["serving", "cluster", "dht"];
+const PARTS: &[&str] = &["serving", "clients", "cluster", "dht"];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -553,8 +566,12 @@ fn main() -> Result<()> {
     let dir = tempfile::Builder::new().prefix("pm-bench-").tempdir()?;
     let mut rows = Vec::new();
     let mut pulls = Vec::new();
+    let mut cells = Vec::new();
     if wanted("serving") {
-        serving(&mut rows, dir.path())?;
+        serving(&mut rows, &mut cells, dir.path(), true)?;
+    } else if only.as_deref() == Some("clients") {
+        // Only the real-client rounds of `serving`.
+        serving(&mut rows, &mut cells, dir.path(), false)?;
     }
     if wanted("cluster") {
         cluster_benches(&mut rows, &mut pulls)?;
@@ -564,6 +581,13 @@ fn main() -> Result<()> {
     } else {
         report(&rows, &pulls)
     };
+    if !cells.is_empty() {
+        let _ = writeln!(
+            text,
+            "\nServing with real clients, alternating rounds (each server once per round):"
+        );
+        text.push_str(&clients::report(&cells));
+    }
     if wanted("dht") {
         let _ = writeln!(text, "\nDHT, one process on 127.0.0.0/8, release build:\n");
         text.push_str(&dht::bench()?);

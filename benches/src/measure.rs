@@ -208,12 +208,22 @@ pub fn measure(
     clients: usize,
     download_one: Arc<dyn Fn() -> Result<u64> + Send + Sync>,
 ) -> Result<Run> {
+    measure_each(server_pid, clients, Arc::new(move |_| download_one()))
+}
+
+/// Like [`measure`], but each client's download is told its index
+/// (`0..clients`), for clients that each need their own state.
+pub fn measure_each(
+    server_pid: u32,
+    clients: usize,
+    download_one: Arc<dyn Fn(usize) -> Result<u64> + Send + Sync>,
+) -> Result<Run> {
     let cpu_before = server_cpu(server_pid);
     let started = Instant::now();
     let handles: Vec<_> = (0..clients)
-        .map(|_| {
+        .map(|i| {
             let d = download_one.clone();
-            std::thread::spawn(move || d())
+            std::thread::spawn(move || d(i))
         })
         .collect();
     let mut bytes = 0;

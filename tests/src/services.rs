@@ -30,8 +30,24 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+thread_local! {
+    static BINARY_OVERRIDE: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with daemons started from `binary` instead of
+/// [`peermirror_bin`] (on this thread), to compare two builds in one run.
+pub fn with_binary<T>(binary: &std::ffi::OsStr, f: impl FnOnce() -> T) -> T {
+    BINARY_OVERRIDE.with(|b| *b.borrow_mut() = Some(PathBuf::from(binary)));
+    let out = f();
+    BINARY_OVERRIDE.with(|b| *b.borrow_mut() = None);
+    out
+}
+
 /// The `peermirror` binary built next to this test binary.
 pub fn peermirror_bin() -> PathBuf {
+    if let Some(p) = BINARY_OVERRIDE.with(|b| b.borrow().clone()) {
+        return p;
+    }
     if let Some(p) = std::env::var_os("PEERMIRROR_BIN") {
         return PathBuf::from(p);
     }

@@ -78,6 +78,7 @@ pub const BENCH: &[Need] = &[
     need("ip", "iproute2"),
     need("nsenter", "util-linux"),
     need("nginx", "nginx"),
+    need("curl", "curl"),
     EBPF[0],
     EBPF[1],
 ];

@@ -53,7 +53,8 @@ enum Cmd {
     },
     /// Benchmarks: peermirror side by side with nginx and the CNCF registry, the DHT at scale (release build).
     Bench {
-        /// `serving`, `cluster` or `dht` to run only that part.
+        /// `serving`, `clients` (only the real-client rounds of `serving`),
+        /// `cluster` or `dht` to run only that part.
         part: Option<String>,
     },
 }

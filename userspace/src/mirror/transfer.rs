@@ -54,6 +54,44 @@ pub(super) struct Transfer {
     pub deadline: tokio::time::Instant,
 }
 
+/// Chunks queued for the hashing thread (each at most the client's read
+/// buffer, 512 KiB): bounds what a relay holds while the hash catches up.
+const HASH_QUEUE: usize = 8;
+
+/// Hashes a relayed blob on a blocking thread, beside the network I/O: the
+/// chunks are shared with the client's stream (`Bytes`), never copied, and
+/// the relay waits for the hash only for the last chunk it holds back.
+struct HashWorker {
+    chunks: mpsc::Sender<Bytes>,
+    digest: tokio::sync::oneshot::Receiver<Digest>,
+}
+
+impl HashWorker {
+    fn start() -> HashWorker {
+        let (chunks, mut rx) = mpsc::channel::<Bytes>(HASH_QUEUE);
+        let (tx, digest) = tokio::sync::oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            let mut hasher = Hasher::new();
+            while let Some(chunk) = rx.blocking_recv() {
+                hasher.update(&chunk);
+            }
+            let _ = tx.send(hasher.finish());
+        });
+        HashWorker { chunks, digest }
+    }
+
+    async fn update(&mut self, chunk: Bytes) {
+        // The thread only stops when the sender is dropped.
+        let _ = self.chunks.send(chunk).await;
+    }
+
+    /// The digest of every chunk given; `None` if the thread was lost.
+    async fn finish(self) -> Option<Digest> {
+        drop(self.chunks);
+        self.digest.await.ok()
+    }
+}
+
 /// Chunks buffered between the peer and the client.
 const CHANNEL_CHUNKS: usize = 8;
 
@@ -97,7 +135,7 @@ impl Transfer {
     ) -> Outcome {
         let stall = self.mirror.config.stall_timeout;
         let min_window_bytes = (self.mirror.config.min_speed as f64 * stall.as_secs_f64()) as u64;
-        let mut hasher = self.verify.then(Hasher::new);
+        let mut hasher = self.verify.then(HashWorker::start);
         let mut held: Option<Bytes> = None;
         let mut window_start = tokio::time::Instant::now();
         let mut window_bytes = 0u64;
@@ -138,7 +176,7 @@ impl Transfer {
                     window_bytes += data.len() as u64;
                     let to_send = match &mut hasher {
                         Some(h) => {
-                            h.update(&data);
+                            h.update(data.clone()).await;
                             held.replace(data)
                         }
                         None => Some(data),
@@ -168,7 +206,11 @@ impl Transfer {
                 }
                 Next::End if self.pos == self.end => {
                     if let Some(h) = hasher.take() {
-                        let actual = h.finish();
+                        let Some(actual) = h.finish().await else {
+                            tracing::error!(digest = %self.digest, "the hashing thread was lost; withholding the end of the body");
+                            let _ = tx.send(Err(self.exhausted())).await;
+                            return Outcome::Failed;
+                        };
                         if actual != self.digest {
                             tracing::warn!(digest = %self.digest, %actual, peers = ?contributors.iter().map(|p| p.addr).collect::<Vec<_>>(), "corrupt blob from peer; withholding the end of the body");
                             for p in contributors.iter() {
