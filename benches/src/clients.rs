@@ -161,17 +161,26 @@ fn curl(url: &str) -> Result<u64> {
 /// The syscalls a server makes for one curl download of the blob
 /// (`strace -c -f` attached to every thread of `pid`), as strace sums them.
 fn syscall_profile(dir: &Path, name: &str, pid: u32, url: &str) -> Result<String> {
-    let out = dir.join(format!("strace-{}.txt", name.replace([' ', '(', ')', ','], "_")));
+    let out = dir.join(format!(
+        "strace-{}.txt",
+        name.replace([' ', '(', ')', ','], "_")
+    ));
     let mut cmd = Command::new("strace");
-    cmd.args(["-c", "-f", "-o"]).arg(&out).args(["-p", &pid.to_string()]);
+    cmd.args(["-c", "-f", "-o"]).arg(&out);
+    // nginx serves from its workers, children of the master.
+    for p in crate::measure::process_tree(pid) {
+        cmd.args(["-p", &p.to_string()]);
+    }
     let mut strace = Proc::spawn("strace", cmd, &dir.join("strace.log"))?;
     // strace needs a moment to attach to every thread.
     std::thread::sleep(Duration::from_millis(500));
     curl(url)?;
     strace.signal(libc::SIGINT);
-    wait_for("strace to write its summary", Duration::from_secs(10), || {
-        (!strace.alive()).then_some(())
-    })?;
+    wait_for(
+        "strace to write its summary",
+        Duration::from_secs(10),
+        || (!strace.alive()).then_some(()),
+    )?;
     let text = std::fs::read_to_string(&out)?;
     // The header and the busiest calls.
     Ok(text.lines().take(12).collect::<Vec<_>>().join("\n"))
@@ -388,7 +397,10 @@ pub fn bench(
             let url = format!("http://{}{}", t.addr, t.blob_path);
             warm(&copies)?;
             let profile = syscall_profile(root, t.name, t.pid, &url)?;
-            println!("\n  syscalls of {} for one curl download of 1 GiB:\n{profile}", t.name);
+            println!(
+                "\n  syscalls of {} for one curl download of 1 GiB:\n{profile}",
+                t.name
+            );
         }
     }
     drop(ngx);

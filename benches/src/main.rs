@@ -315,6 +315,9 @@ fn cluster_benches(rows: &mut Vec<Row>, pulls: &mut Vec<PullRow>) -> Result<()> 
     );
     rows.push(row);
 
+    // The floor of the relay's CPU: SHA-256 alone, with the same crate.
+    rows.push(hash_floor());
+
     // ctr content fetch and ctr image pull: through peermirror from A, or
     // straight from the registry.
     let r = reference(&pull_image);
@@ -401,6 +404,38 @@ fn cluster_benches(rows: &mut Vec<Row>, pulls: &mut Vec<PullRow>) -> Result<()> 
         "A served only {served} bytes: the pulls did not go through the peer"
     );
     Ok(())
+}
+
+/// SHA-256 of 1 GiB in memory (the `sha2` crate the daemon uses, SHA-NI
+/// when the CPU has it), three times: the CPU floor of a verified relay.
+fn hash_floor() -> Row {
+    use sha2::Digest as _;
+    let buf = vec![0x5au8; 64 << 20];
+    let runs = (0..RUNS)
+        .map(|_| {
+            let started = Instant::now();
+            let mut h = sha2::Sha256::new();
+            for _ in 0..(GIB / buf.len()) {
+                h.update(&buf);
+            }
+            std::hint::black_box(h.finalize());
+            let seconds = started.elapsed().as_secs_f64();
+            // One thread, never waiting: its wall time is its CPU time.
+            Run {
+                bytes: GIB as u64,
+                seconds,
+                cpu_seconds: seconds,
+            }
+        })
+        .collect();
+    let row = Row {
+        scenario: "SHA-256 alone, in memory (the relay's floor)".into(),
+        clients: 1,
+        runs,
+        peak_rss: None,
+    };
+    println!("  sha256 floor: {:.3} CPU-s/GiB", row.cpu().0);
+    row
 }
 
 fn machine() -> String {

@@ -99,7 +99,7 @@ impl std::fmt::Display for ServingPath {
 /// the transmissions they release, by this thread when the call returns.
 /// With 16 MiB calls the server paid 0.44–0.51 CPU-s/GiB against curl on
 /// loopback; with 2 MiB, 0.29–0.42, level with nginx (`benches/README.md`).
-const SENDFILE_CHUNK: u64 = 1 << 20;
+const SENDFILE_CHUNK: u64 = 2 << 20;
 /// Buffer size of the buffered path.
 const BUFFERED_CHUNK: usize = 1 << 20;
 
