@@ -108,9 +108,27 @@ impl Cell {
     }
 }
 
+/// A running nginx. Dropping it stops the master with SIGTERM, which stops
+/// its workers first (SIGKILL would leave them running, orphaned).
+pub struct Nginx(pub Proc);
+
+impl Nginx {
+    pub fn pid(&self) -> u32 {
+        self.0.pid()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.terminate(Duration::from_secs(10)) {
+            eprintln!("nginx: {e}");
+        }
+    }
+}
+
 /// nginx serving the content store as a minimal read-only registry (for
 /// containerd) and plainly under `/blobs/` (for curl).
-fn nginx_registry(dir: &Path, blobs_dir: &Path, repo: &str, port: u16) -> Result<Proc> {
+fn nginx_registry(dir: &Path, blobs_dir: &Path, repo: &str, port: u16) -> Result<Nginx> {
     std::fs::create_dir_all(dir.join("logs"))?;
     let conf = format!(
         "user root;\nworker_processes 2;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log warn;\n\
@@ -138,7 +156,7 @@ fn nginx_registry(dir: &Path, blobs_dir: &Path, repo: &str, port: u16) -> Result
         std::net::TcpStream::connect(addr).ok()
     })
     .with_context(|| format!("nginx said:\n{}", proc.log_tail(10)))?;
-    Ok(proc)
+    Ok(Nginx(proc))
 }
 
 fn curl(url: &str) -> Result<u64> {

@@ -92,7 +92,7 @@ fn bench_server(
     Ok(())
 }
 
-fn nginx(dir: &Path, blobs_dir: &Path, port: u16) -> Result<Proc> {
+fn nginx(dir: &Path, blobs_dir: &Path, port: u16) -> Result<clients::Nginx> {
     std::fs::create_dir_all(dir.join("logs"))?;
     let conf = format!(
         "user root;\nworker_processes 2;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log warn;\n\
@@ -107,12 +107,12 @@ fn nginx(dir: &Path, blobs_dir: &Path, port: u16) -> Result<Proc> {
     std::fs::write(dir.join("nginx.conf"), conf)?;
     let mut cmd = Command::new("nginx");
     cmd.arg("-c").arg(dir.join("nginx.conf")).arg("-p").arg(dir);
-    let proc = Proc::spawn("nginx", cmd, &dir.join("nginx.out"))?;
+    let nginx = clients::Nginx(Proc::spawn("nginx", cmd, &dir.join("nginx.out"))?);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     wait_for("nginx", Duration::from_secs(10), || {
         std::net::TcpStream::connect(addr).ok()
     })?;
-    Ok(proc)
+    Ok(nginx)
 }
 
 /// The 1 GiB blob served by every server: with the splice client for
