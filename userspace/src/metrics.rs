@@ -1169,6 +1169,11 @@ mod tests {
                 .expect("ascii")
                 .starts_with("application/openmetrics-text")
         );
+        let om_body = http_body_util::BodyExt::collect(om.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        assert!(om_body.ends_with(b"# EOF\n"), "OpenMetrics ends with # EOF");
         let plain = respond(&req(None), ip, &registry, &ok).await;
         assert!(
             plain.headers()["content-type"]
