@@ -11,6 +11,7 @@ pub mod netns;
 pub mod pki;
 pub mod process;
 pub mod prometheus;
+pub mod release;
 pub mod services;
 
 use std::path::Path;

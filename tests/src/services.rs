@@ -185,9 +185,20 @@ impl Containerd {
     }
 
     fn write_config(&self) -> Result<()> {
+        let config = if crate::release::release().is_v2() {
+            self.config_v3()
+        } else {
+            self.config_v2()
+        };
+        std::fs::write(self.dir.join("config.toml"), config)?;
+        Ok(())
+    }
+
+    /// The settings every version shares, in either config version.
+    fn config_common(&self, version: u32) -> String {
         let d = self.dir.display();
-        let mut config = format!(
-            r#"version = 2
+        format!(
+            r#"version = {version}
 root = "{d}/root"
 state = "{d}/state"
 {disabled}
@@ -205,7 +216,13 @@ state = "{d}/state"
             } else {
                 r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]"#
             }
-        );
+        )
+    }
+
+    /// containerd 1.x: config version 2, the CRI plugin in one table.
+    fn config_v2(&self) -> String {
+        let d = self.dir.display();
+        let mut config = self.config_common(2);
         if let Some(certs) = &self.options.cri_config_path {
             config.push_str(&format!(
                 r#"[plugins."io.containerd.grpc.v1.cri"]
@@ -221,15 +238,64 @@ state = "{d}/state"
                 certs.display()
             ));
         }
-        std::fs::write(self.dir.join("config.toml"), config)?;
-        Ok(())
+        config
+    }
+
+    /// containerd 2.x: config version 3, the CRI plugin split into its
+    /// images and runtime plugins.
+    fn config_v3(&self) -> String {
+        let release = crate::release::release();
+        let d = self.dir.display();
+        let mut config = self.config_common(3);
+        if let Some(certs) = &self.options.cri_config_path {
+            config.push_str(&format!(
+                r#"[plugins."io.containerd.cri.v1.images"]
+  discard_unpacked_layers = false
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "registry.invalid/pause:3.6"
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "{}"
+[plugins."io.containerd.cri.v1.runtime".cni]
+  {bin_dir} = {bin}
+  conf_dir = "{d}/cni/conf"
+"#,
+                certs.display(),
+                // 2.1 renamed `bin_dir` to a list.
+                bin_dir = if release.at_least(2, 1, 0) {
+                    "bin_dirs"
+                } else {
+                    "bin_dir"
+                },
+                bin = if release.at_least(2, 1, 0) {
+                    format!(r#"["{d}/cni/bin"]"#)
+                } else {
+                    format!(r#""{d}/cni/bin""#)
+                },
+            ));
+        }
+        config
     }
 
     fn command(&self, program: &str) -> Command {
-        match &self.options.netns {
-            Some(ns) => ns.command(program),
-            None => Command::new(program),
+        let release = crate::release::release();
+        let program = release.program(program);
+        let program = program.to_string_lossy();
+        let mut cmd = match &self.options.netns {
+            Some(ns) => ns.command(&program),
+            None => Command::new(&*program),
+        };
+        if let Some(path) = release.path_env() {
+            cmd.env("PATH", path);
         }
+        cmd
+    }
+
+    /// A `ctr` command for this containerd (its socket; add `--namespace`
+    /// and the rest), in its network namespace.
+    pub fn ctr_command(&self) -> Command {
+        let mut cmd = self.command("ctr");
+        cmd.arg("--address").arg(&self.socket);
+        cmd
     }
 
     fn launch(&mut self) -> Result<()> {
@@ -260,9 +326,7 @@ state = "{d}/state"
     /// Runs `ctr` against this containerd, in its namespace.
     pub fn ctr(&self, args: &[&str]) -> Result<String> {
         run(self
-            .command("ctr")
-            .arg("--address")
-            .arg(&self.socket)
+            .ctr_command()
             .arg("--namespace")
             .arg(&self.namespace)
             .args(args))
@@ -275,16 +339,20 @@ state = "{d}/state"
     }
 
     /// Pulls an image with the registry hosts configured in `hosts_dir`
-    /// (`ctr images pull --hosts-dir`: the resolver runs in the ctr process).
+    /// (`ctr images pull --hosts-dir`). containerd 1.x resolves in the ctr
+    /// process; 2.x hands the pull to the daemon's Transfer service, which
+    /// reads `hosts_dir` itself and by default also fetches every other
+    /// platform's manifest and config: `--skip-metadata` keeps it to this
+    /// platform, as 1.x and the CRI plugin do, so that a node can pull what
+    /// its peers hold.
     pub fn pull_via(&self, hosts_dir: &Path, reference: &str) -> Result<()> {
-        self.ctr(&[
-            "images",
-            "pull",
-            "--hosts-dir",
-            &hosts_dir.to_string_lossy(),
-            reference,
-        ])
-        .map(drop)
+        let hosts = hosts_dir.to_string_lossy();
+        let mut args = vec!["images", "pull", "--hosts-dir", &hosts];
+        if crate::release::release().is_v2() {
+            args.push("--skip-metadata");
+        }
+        args.push(reference);
+        self.ctr(&args).map(drop)
     }
 
     /// The digests of all content in the namespace.

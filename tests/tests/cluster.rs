@@ -121,18 +121,21 @@ fn pull_in_background(
 ) -> std::thread::JoinHandle<Result<()>> {
     let socket = node.containerd.socket.clone();
     let certs = node.certs_d.clone();
-    let ns = node.host.ns.clone();
+    let mut ctr = node.containerd.ctr_command();
     let reference = reference.to_string();
     std::thread::spawn(move || {
         if cri {
             peermirror_tests::cri::pull_image(&socket, &reference).map(drop)
         } else {
             peermirror_tests::process::run(
-                ns.command("ctr")
-                    .arg("--address")
-                    .arg(&socket)
-                    .args(["--namespace", "k8s.io", "images", "pull", "--hosts-dir"])
+                ctr.args(["--namespace", "k8s.io", "images", "pull", "--hosts-dir"])
                     .arg(&certs)
+                    .args(
+                        // As in `Containerd::pull_via`.
+                        peermirror_tests::release::release()
+                            .is_v2()
+                            .then_some("--skip-metadata"),
+                    )
                     .arg(&reference),
             )
             .map(drop)

@@ -72,11 +72,8 @@ fn twelve_nodes_pull_an_image_spread_over_all_of_them() -> Result<()> {
     // Node i pulls platform i only, from upstream (through its peermirror,
     // which has nothing and answers 404).
     for (i, node) in cluster.nodes.iter().enumerate() {
-        node.host
-            .ns
-            .command("ctr")
-            .arg("--address")
-            .arg(&node.containerd.socket)
+        node.containerd
+            .ctr_command()
             .args([
                 "--namespace",
                 "k8s.io",
@@ -120,19 +117,15 @@ fn twelve_nodes_pull_an_image_spread_over_all_of_them() -> Result<()> {
         .nodes
         .iter()
         .map(|node| {
-            let (ns, socket, certs, reference, name) = (
-                node.host.ns.clone(),
-                node.containerd.socket.clone(),
+            let (mut ctr, certs, reference, name) = (
+                node.containerd.ctr_command(),
                 node.certs_d.clone(),
                 reference.clone(),
                 node.name.clone(),
             );
             std::thread::spawn(move || -> Result<()> {
                 peermirror_tests::process::run(
-                    ns.command("ctr")
-                        .arg("--address")
-                        .arg(&socket)
-                        .args(["--namespace", "k8s.io", "images", "pull", "--all-platforms"])
+                    ctr.args(["--namespace", "k8s.io", "images", "pull", "--all-platforms"])
                         .arg("--hosts-dir")
                         .arg(&certs)
                         .arg(&reference),

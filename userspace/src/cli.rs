@@ -161,6 +161,24 @@ pub struct ConfigureContainerd {
     /// Key of the client certificate.
     #[arg(long, env = "PEERMIRROR_MIRROR_TLS_KEY", requires = "mirror_tls_ca")]
     pub mirror_tls_key: Option<PathBuf>,
+
+    /// A K3s `registries.yaml`: every registry under `mirrors:` is
+    /// configured (`"*"` means every registry), its listed endpoints stay
+    /// after peermirror in their order, `configs.<host>.tls` is written for
+    /// those hosts. Replaces `--mirrored-registries`.
+    #[arg(
+        long,
+        env = "PEERMIRROR_REGISTRIES_YAML",
+        conflicts_with = "mirrored_registries"
+    )]
+    pub registries_yaml: Option<PathBuf>,
+
+    /// How long containerd waits for a mirror target to accept a
+    /// connection before trying the next (`dial_timeout` in `hosts.toml`;
+    /// containerd 2.0.7+/2.1+ honour it, older releases ignore it and wait
+    /// 30 s on a target that drops SYNs). `0s` leaves the key out.
+    #[arg(long, env = "PEERMIRROR_MIRROR_DIAL_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub mirror_dial_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -177,7 +195,13 @@ pub struct GeneratePsk {
 }
 
 impl ConfigureContainerd {
-    pub fn options(&self) -> crate::containerd_config::ConfigureOptions {
+    /// The options, with `--registries-yaml` read.
+    pub fn options(
+        &self,
+    ) -> Result<
+        crate::containerd_config::ConfigureOptions,
+        crate::containerd_config::registries_yaml::RegistriesYamlError,
+    > {
         let tls = match (
             &self.mirror_tls_ca,
             &self.mirror_tls_cert,
@@ -190,7 +214,7 @@ impl ConfigureContainerd {
             }),
             _ => None,
         };
-        crate::containerd_config::ConfigureOptions {
+        let options = crate::containerd_config::ConfigureOptions {
             config_path: self.hosts.containerd_registry_config_path.clone(),
             registries: self
                 .registries
@@ -203,6 +227,15 @@ impl ConfigureContainerd {
             prepend_existing: self.prepend_existing,
             disable_default_endpoint: self.disable_default_endpoint,
             tls,
+            endpoints: Default::default(),
+            server_tls: Default::default(),
+            dial_timeout: (!self.mirror_dial_timeout.is_zero()).then_some(self.mirror_dial_timeout),
+            credentials_left: Vec::new(),
+        };
+        match &self.registries_yaml {
+            Some(path) => Ok(options
+                .with_registries_yaml(crate::containerd_config::registries_yaml::load(path)?)),
+            None => Ok(options),
         }
     }
 }

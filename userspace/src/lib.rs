@@ -58,9 +58,41 @@ pub mod fuzzing {
             prepend_existing: true,
             disable_default_endpoint: false,
             tls: None,
+            endpoints: Default::default(),
+            server_tls: Default::default(),
+            dial_timeout: Some(std::time::Duration::from_secs(2)),
+            credentials_left: Vec::new(),
         };
         if let Ok(text) = crate::containerd_config::render("docker.io", &opts, Some(original)) {
             // What we write is TOML containerd can read.
+            assert!(text.parse::<toml_edit::DocumentMut>().is_ok(), "{text}");
+        }
+    }
+
+    /// A K3s `registries.yaml`: parsed or refused, and what it asks for
+    /// renders into TOML containerd can read.
+    pub fn registries_yaml(text: &str) {
+        use crate::containerd_config::{ConfigureOptions, registries_yaml};
+        let Ok(yaml) = registries_yaml::parse(text, std::path::Path::new("registries.yaml")) else {
+            return;
+        };
+        let opts = ConfigureOptions {
+            config_path: std::path::PathBuf::from("/nonexistent"),
+            registries: Vec::new(),
+            mirror_targets: vec!["http://127.0.0.1:5000".into()],
+            resolve_tags: true,
+            prepend_existing: false,
+            disable_default_endpoint: false,
+            tls: None,
+            endpoints: Default::default(),
+            server_tls: Default::default(),
+            dial_timeout: None,
+            credentials_left: Vec::new(),
+        }
+        .with_registries_yaml(yaml);
+        for registry in &opts.registries {
+            let text = crate::containerd_config::render(registry, &opts, None)
+                .unwrap_or_else(|e| panic!("rendering {registry}: {e}"));
             assert!(text.parse::<toml_edit::DocumentMut>().is_ok(), "{text}");
         }
     }

@@ -55,7 +55,14 @@ fn print_report(report: &peermirror::containerd_config::Report) {
 }
 
 fn configure_containerd(args: &peermirror::cli::ConfigureContainerd) -> anyhow::Result<()> {
-    let report = peermirror::containerd_config::configure(&args.options())?;
+    let options = args.options()?;
+    let report = peermirror::containerd_config::configure(&options)?;
+    for host in &options.credentials_left {
+        eprintln!(
+            "note: the credentials for {host} are not written (hosts.toml has no place for them); \
+             they stay in the CRI plugin's configuration"
+        );
+    }
     print_report(&report);
     for finding in peermirror::containerd_config::check_containerd_config(
         &args.containerd_config,

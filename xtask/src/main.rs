@@ -9,6 +9,7 @@
 mod demo;
 mod deps;
 mod fuzz;
+mod releases;
 
 use std::process::{Command, ExitCode};
 
@@ -166,6 +167,19 @@ fn test(cargo_args: &[String]) -> Result<()> {
         .args(RELEASE_TESTS.iter().flat_map(|t| ["--test", t]))
         .args(["--", "--test-threads", "1"])
         .args(cargo_args))?;
+    // The end-to-end tests again on Debian's newer containerd releases
+    // (the run above used the system's 1.6).
+    for (release, tests) in PER_RELEASE_TESTS {
+        let dir = releases::ensure(&target_dir(), release)?;
+        eprintln!("xtask: end-to-end tests on containerd {}", release.series);
+        run(cargo()
+            .args(["test", "--package", "peermirror-tests", "--no-fail-fast"])
+            .env("PEERMIRROR_BIN", &daemon)
+            .env("PM_CONTAINERD_DIR", &dir)
+            .args(tests.iter().flat_map(|t| ["--test", t]))
+            .arg("--")
+            .args(cargo_args))?;
+    }
     // A short run of every fuzz target (with a filter, only when asked).
     if cargo_args.is_empty() {
         fuzz::run(None, FUZZ_SECONDS_IN_TEST)?;
@@ -199,6 +213,13 @@ fn soak(load_seconds: u64, soak_seconds: u64) -> Result<()> {
 
 /// Seconds each fuzz target runs as part of `cargo xtask test`.
 const FUZZ_SECONDS_IN_TEST: u64 = 12;
+
+/// The end-to-end tests that run on each newer containerd release: the
+/// single-node ones (and airgap imports) on 1.7, the cluster too on 2.1.
+const PER_RELEASE_TESTS: &[(&releases::Release, &[&str])] = &[
+    (&releases::NEWER[0], &["single_node", "airgap"]),
+    (&releases::NEWER[1], &["single_node", "cluster", "airgap"]),
+];
 
 /// Integration tests that run in release mode (see `test`).
 const RELEASE_TESTS: &[&str] = &["scale"];

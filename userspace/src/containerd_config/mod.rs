@@ -20,7 +20,9 @@
 //!   when the CRI plugin (kubelet's pulls) would ignore these files, or would
 //!   leave nothing to share.
 
-use std::collections::BTreeSet;
+pub mod registries_yaml;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -60,6 +62,56 @@ pub struct ConfigureOptions {
     /// Never fall back to the registry itself for pulls.
     pub disable_default_endpoint: bool,
     pub tls: Option<TargetTls>,
+    /// Per registry, the endpoints tried after the mirror targets (from a
+    /// K3s `registries.yaml`), in order.
+    pub endpoints: BTreeMap<String, Vec<registries_yaml::Endpoint>>,
+    /// Per registry, TLS settings for its own server.
+    pub server_tls: BTreeMap<String, registries_yaml::Tls>,
+    /// containerd's `dial_timeout` for the mirror targets (containerd
+    /// 2.0.7+/2.1+; older releases ignore the key).
+    pub dial_timeout: Option<std::time::Duration>,
+    /// Hosts of a `registries.yaml` whose credentials are not written
+    /// (`hosts.toml` has no place for them), to tell the user.
+    pub credentials_left: Vec<String>,
+}
+
+impl ConfigureOptions {
+    /// The options for the registries a K3s `registries.yaml` lists.
+    pub fn with_registries_yaml(mut self, yaml: registries_yaml::RegistriesYaml) -> Self {
+        self.registries = yaml.registries.keys().cloned().collect();
+        self.endpoints = yaml.registries;
+        self.server_tls = yaml.server_tls;
+        self.credentials_left = yaml.credentials_left;
+        self
+    }
+}
+
+/// Writes a K3s TLS block into a `hosts.toml` table (the top level for the
+/// registry's server, a host table for a mirror).
+fn write_tls(table: &mut Table, tls: &registries_yaml::Tls) {
+    if let Some(ca) = &tls.ca_file {
+        table["ca"] = value(ca.to_string_lossy().as_ref());
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        let mut pair = Array::new();
+        pair.push(cert.to_string_lossy().as_ref());
+        pair.push(key.to_string_lossy().as_ref());
+        let mut pairs = Array::new();
+        pairs.push(pair);
+        table["client"] = value(pairs);
+    }
+    if tls.insecure_skip_verify {
+        table["skip_verify"] = value(true);
+    }
+}
+
+/// containerd's duration syntax (`1500ms`, `3s`).
+fn go_duration(d: std::time::Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -227,6 +279,9 @@ pub(crate) fn render(
     if let Some(server) = server {
         doc["server"] = value(server);
     }
+    if let Some(tls) = opts.server_tls.get(registry) {
+        write_tls(doc.as_table_mut(), tls);
+    }
     if opts.disable_default_endpoint {
         // The server entry is always tried last by containerd; without the
         // pull and resolve capabilities it is never asked for an image.
@@ -251,7 +306,24 @@ pub(crate) fn render(
             pairs.push(pair);
             t["client"] = value(pairs);
         }
+        if let Some(timeout) = opts.dial_timeout {
+            t["dial_timeout"] = value(go_duration(timeout));
+        }
         hosts.insert(target, Item::Table(t));
+    }
+    for endpoint in opts.endpoints.get(registry).into_iter().flatten() {
+        if hosts.contains_key(&endpoint.url) {
+            continue;
+        }
+        let mut t = Table::new();
+        t["capabilities"] = value(string_array(capabilities.iter().copied()));
+        if endpoint.override_path {
+            t["override_path"] = value(true);
+        }
+        if let Some(tls) = &endpoint.tls {
+            write_tls(&mut t, tls);
+        }
+        hosts.insert(&endpoint.url, Item::Table(t));
     }
     if opts.prepend_existing
         && let Some(existing) = original
@@ -584,6 +656,10 @@ mod tests {
             prepend_existing: false,
             disable_default_endpoint: false,
             tls: None,
+            endpoints: BTreeMap::new(),
+            server_tls: BTreeMap::new(),
+            dial_timeout: None,
+            credentials_left: Vec::new(),
         }
     }
 
