@@ -1,5 +1,6 @@
-//! Pulling images the way kubelet does: the CRI `PullImage` call over
-//! containerd's socket, which runs the pull inside the containerd daemon.
+//! Talking to containerd the way kubelet does: the CRI image service over
+//! containerd's socket (`PullImage` runs the pull inside the containerd
+//! daemon; `ListImages` is what kubelet's image GC reads, `pinned` included).
 
 use std::path::Path;
 use std::time::Duration;
@@ -7,12 +8,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::{ImageSpec, PullImageRequest};
-use tonic::transport::{Endpoint, Uri};
+use k8s_cri::v1::{ImageSpec, ListImagesRequest, PullImageRequest};
+use tonic::transport::{Channel, Endpoint, Uri};
 
-/// Pulls `image` through containerd's CRI plugin and returns the image
-/// reference the runtime reports.
-pub fn pull_image(socket: &Path, image: &str) -> Result<String> {
+/// Runs `f` with a CRI image client on `socket`.
+fn with_client<T>(
+    socket: &Path,
+    f: impl AsyncFnOnce(ImageServiceClient<Channel>) -> Result<T>,
+) -> Result<T> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -30,7 +33,14 @@ pub fn pull_image(socket: &Path, image: &str) -> Result<String> {
             }))
             .await
             .context("connecting to containerd's CRI socket")?;
-        let mut client = ImageServiceClient::new(channel);
+        f(ImageServiceClient::new(channel)).await
+    })
+}
+
+/// Pulls `image` through containerd's CRI plugin and returns the image
+/// reference the runtime reports.
+pub fn pull_image(socket: &Path, image: &str) -> Result<String> {
+    with_client(socket, async |mut client| {
         let response = tokio::time::timeout(
             Duration::from_secs(300),
             client.pull_image(PullImageRequest {
@@ -46,5 +56,36 @@ pub fn pull_image(socket: &Path, image: &str) -> Result<String> {
         .context("CRI PullImage timed out")?
         .with_context(|| format!("CRI PullImage {image}"))?;
         Ok(response.into_inner().image_ref)
+    })
+}
+
+/// An image as the CRI plugin reports it.
+#[derive(Debug, Clone)]
+pub struct CriImage {
+    pub id: String,
+    pub repo_tags: Vec<String>,
+    pub pinned: bool,
+}
+
+/// The CRI `ListImages` answer.
+pub fn list_images(socket: &Path) -> Result<Vec<CriImage>> {
+    with_client(socket, async |mut client| {
+        let response = tokio::time::timeout(
+            Duration::from_secs(30),
+            client.list_images(ListImagesRequest { filter: None }),
+        )
+        .await
+        .context("CRI ListImages timed out")?
+        .context("CRI ListImages")?;
+        Ok(response
+            .into_inner()
+            .images
+            .into_iter()
+            .map(|i| CriImage {
+                id: i.id,
+                repo_tags: i.repo_tags,
+                pinned: i.pinned,
+            })
+            .collect())
     })
 }

@@ -42,6 +42,9 @@ pub enum Command {
     ConfigureContainerd(ConfigureContainerd),
     /// Restore the `hosts.toml` files `configure-containerd` replaced, exactly.
     CleanupContainerd(CleanupContainerd),
+    /// Import image archives into containerd (pinned, so that kubelet's
+    /// image garbage collection keeps them); the running daemon shares them.
+    Import(Import),
     /// Write a new random preshared key in libp2p's swarm key format.
     GeneratePsk(GeneratePsk),
     /// Serve HTTPS bootstrap for the nodes (mTLS only): nodes register and
@@ -240,6 +243,9 @@ impl ConfigureContainerd {
     }
 }
 
+/// The `--registry-filters` expression `--resolve-latest-tag false` adds.
+pub const LATEST_TAG_FILTER: &str = ":latest$";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -271,11 +277,9 @@ pub struct LogArgs {
     pub log_format: LogFormat,
 }
 
+/// Which containerd and namespace (shared by `run` and `import`).
 #[derive(Debug, Args)]
-pub struct Run {
-    #[command(flatten)]
-    pub log: LogArgs,
-
+pub struct ContainerdArgs {
     /// containerd's gRPC socket.
     #[arg(
         long,
@@ -291,6 +295,37 @@ pub struct Run {
         default_value = "k8s.io"
     )]
     pub containerd_namespace: String,
+}
+
+#[derive(Debug, Args)]
+pub struct Import {
+    #[command(flatten)]
+    pub containerd: ContainerdArgs,
+
+    /// Image archives: `docker save` tarballs or OCI archives, plain, gzip
+    /// or zstd (`*.tar`, `*.tar.gz`, `*.tar.zst`).
+    #[arg(required = true)]
+    pub archives: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct Run {
+    #[command(flatten)]
+    pub log: LogArgs,
+
+    #[command(flatten)]
+    pub containerd: ContainerdArgs,
+
+    /// Import the image archives in this directory (as `peermirror import`
+    /// does, pinned) at start and whenever a new one appears.
+    #[arg(long, env = "PEERMIRROR_IMPORT_DIR")]
+    pub import_dir: Option<PathBuf>,
+
+    /// Share `latest` tags. With `false`, tags named `latest` are neither
+    /// advertised nor resolved through peers (as K3s's embedded mirror does
+    /// by default); digests are shared either way.
+    #[arg(long, env = "PEERMIRROR_RESOLVE_LATEST_TAG", default_value_t = true, action = clap::ArgAction::Set)]
+    pub resolve_latest_tag: bool,
 
     /// containerd's content store root (the directory holding `blobs/sha256`).
     /// Asked from containerd when not set. When its files cannot be read,
@@ -691,12 +726,15 @@ impl Run {
                 register: self.http_bootstrap_register,
             },
         };
-        let filter =
-            ReferenceFilter::new(self.registries.mirrored_registries, &self.registry_filters)?;
+        let mut filters = self.registry_filters.clone();
+        if !self.resolve_latest_tag {
+            filters.push(LATEST_TAG_FILTER.to_string());
+        }
+        let filter = ReferenceFilter::new(self.registries.mirrored_registries, &filters)?;
         Ok(DaemonConfig {
             containerd: ContainerdConfig {
-                socket: self.containerd_sock,
-                namespace: self.containerd_namespace,
+                socket: self.containerd.containerd_sock,
+                namespace: self.containerd.containerd_namespace,
                 content_path: self.containerd_content_path,
                 resync_interval: self.resync_interval,
             },
@@ -743,6 +781,7 @@ impl Run {
                 max_connections: self.max_connections.max(1),
                 ..ServerConfig::default()
             },
+            import_dir: self.import_dir,
             metrics_compat: match self.metrics_compat {
                 MetricsCompatArg::Spegel => crate::metrics::MetricsCompat::Spegel,
                 MetricsCompatArg::None => crate::metrics::MetricsCompat::None,
@@ -833,7 +872,7 @@ mod tests {
             panic!("not run")
         };
         assert_eq!(run.registry_addr, "127.0.0.1:6000".parse().expect("addr"));
-        assert_eq!(run.containerd_namespace, "k8s.io");
+        assert_eq!(run.containerd.containerd_namespace, "k8s.io");
         assert!(Cli::try_parse_from(["peermirror", "run", "--resync-interval", "soon"]).is_err());
         assert!(run.into_config().is_ok());
     }

@@ -73,6 +73,36 @@ fn configure_containerd(args: &peermirror::cli::ConfigureContainerd) -> anyhow::
     Ok(())
 }
 
+/// `peermirror import`: every archive in turn; one that fails leaves
+/// nothing behind and does not stop the others.
+fn import(args: &peermirror::cli::Import) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let importer = runtime.block_on(async {
+        peermirror::store::import::Importer::new(
+            &args.containerd.containerd_sock,
+            &args.containerd.containerd_namespace,
+        )
+    });
+    let mut failed = 0;
+    for path in &args.archives {
+        match runtime.block_on(importer.import(path)) {
+            Ok(images) => {
+                for image in images {
+                    println!("imported {} {} (pinned)", image.name, image.digest);
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} archives not imported", args.archives.len());
+    }
+    Ok(())
+}
+
 fn generate_psk(path: &std::path::Path) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -128,6 +158,7 @@ fn main() -> ExitCode {
                 .map_err(Into::into)
         }
         Command::GeneratePsk(args) => generate_psk(&args.psk_file),
+        Command::Import(args) => import(&args),
         Command::Bootstrapper(args) => init_logging(&args.log).and_then(|()| {
             let config = args.into_config();
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

@@ -44,6 +44,8 @@ pub struct DaemonConfig {
     pub debug: DebugAccess,
     /// Other daemons' metric names exported too.
     pub metrics_compat: crate::metrics::MetricsCompat,
+    /// Image archives imported (pinned) at start and as they appear.
+    pub import_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -258,6 +258,18 @@ async fn spawn_background(
             bootstrap::serve_http(listener, entry, stop.clone()),
         );
     }
+    if let Some(dir) = &config.import_dir {
+        let importer = crate::store::import::Importer::new(
+            &config.containerd.socket,
+            &config.containerd.namespace,
+        );
+        tasks.spawn_infallible(
+            stage,
+            "archive import",
+            Policy::Auxiliary,
+            crate::store::import::watch_dir(importer, dir.clone(), stop.clone()),
+        );
+    }
     if let Some(tls) = tls {
         tasks.spawn_infallible(
             stage,

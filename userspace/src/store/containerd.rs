@@ -85,6 +85,24 @@ pub struct ContainerdStore {
     changed: Notify,
 }
 
+/// A lazily connected gRPC channel to containerd's socket; `timeout`
+/// bounds each call.
+pub(crate) fn unix_channel(socket: PathBuf, timeout: Option<Duration>) -> Channel {
+    // The URI is ignored by the connector; tonic only needs a valid one.
+    let mut endpoint =
+        Endpoint::from_static("http://containerd.sock").connect_timeout(Duration::from_secs(2));
+    if let Some(t) = timeout {
+        endpoint = endpoint.timeout(t);
+    }
+    endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+        let socket = socket.clone();
+        async move {
+            let stream = tokio::net::UnixStream::connect(socket).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        }
+    }))
+}
+
 impl ContainerdStore {
     /// Creates the store; nothing is contacted until [`ContainerdStore::run`]
     /// or the first request.
@@ -93,18 +111,7 @@ impl ContainerdStore {
         filter: ReferenceFilter,
         gauges: StoreGauges,
     ) -> Arc<ContainerdStore> {
-        let socket = config.socket.clone();
-        // The URI is ignored by the connector; tonic only needs a valid one.
-        let channel = Endpoint::from_static("http://containerd.sock")
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(30))
-            .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-                let socket = socket.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(socket).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(stream))
-                }
-            }));
+        let channel = unix_channel(config.socket.clone(), Some(Duration::from_secs(30)));
         let blobs_dir = config
             .content_path
             .as_ref()

@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod conformance;
 pub mod containerd;
+pub mod import;
 pub mod memory;
 
 use std::io::{Read, Seek, SeekFrom};
