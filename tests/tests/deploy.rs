@@ -411,3 +411,83 @@ fn the_alert_rules_check_and_pass_their_tests() -> Result<()> {
     }
     Ok(())
 }
+
+/// K3s's `registries.yaml` as `configure-containerd` reads it: a good file
+/// writes one `hosts.toml` per registry with its endpoints after peermirror;
+/// a malformed or unsupported one is a clear error and nothing is written.
+#[test]
+fn configure_containerd_reads_a_k3s_registries_yaml() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs.d");
+    let configure = |yaml: &Path| {
+        Command::new(peermirror_bin())
+            .arg("configure-containerd")
+            .arg("--containerd-registry-config-path")
+            .arg(&certs)
+            .arg("--containerd-config")
+            .arg(dir.path().join("no-config.toml"))
+            .arg("--registries-yaml")
+            .arg(yaml)
+            .output()
+    };
+    for (name, text, wanted) in [
+        (
+            "list.yaml",
+            "mirrors: [docker.io]\n",
+            "not a registries.yaml",
+        ),
+        (
+            "typo.yaml",
+            "mirrors:\n  docker.io:\n    endpoints: [https://x]\n",
+            "endpoints",
+        ),
+        (
+            "rewrite.yaml",
+            "mirrors:\n  docker.io:\n    rewrite:\n      \"^a/(.*)\": \"b/$1\"\n",
+            "rewrite",
+        ),
+        ("empty.yaml", "", "no registries"),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text)?;
+        let out = configure(&path)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "{name} was accepted");
+        ensure!(
+            stderr.contains(wanted) && !stderr.contains("panicked"),
+            "{name}: {stderr}"
+        );
+        ensure!(!certs.exists(), "{name}: something was written");
+    }
+    let missing = configure(&dir.path().join("absent.yaml"))?;
+    ensure!(!missing.status.success() && !certs.exists());
+
+    let good = dir.path().join("registries.yaml");
+    std::fs::write(
+        &good,
+        "mirrors:\n  docker.io:\n  registry.example.com:\n    endpoint:\n      - https://mirror.example.com:5000\nconfigs:\n  mirror.example.com:5000:\n    auth: {username: u, password: p}\n",
+    )?;
+    let out = configure(&good)?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("credentials for mirror.example.com:5000 are not written")
+    );
+    let example = std::fs::read_to_string(certs.join("registry.example.com/hosts.toml"))?;
+    let ours = example
+        .find("[host.\"http://127.0.0.1:5000\"]")
+        .context("peermirror's entry")?;
+    let theirs = example
+        .find("[host.\"https://mirror.example.com:5000\"]")
+        .context("the listed endpoint")?;
+    ensure!(ours < theirs, "{example}");
+    ensure!(example.contains("server = \"https://registry.example.com\""));
+    ensure!(example.contains("dial_timeout = \"2s\""), "{example}");
+    ensure!(!example.contains("password"));
+    ensure!(certs.join("docker.io/hosts.toml").exists());
+    Ok(())
+}

@@ -682,6 +682,57 @@ mod tests {
     }
 
     #[test]
+    fn a_registries_yaml_keeps_its_endpoints_after_peermirror() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let yaml = registries_yaml::parse(
+            "mirrors:\n  docker.io:\n  ghcr.io:\n    endpoint:\n      - https://m1.example.com:5000\n      - https://m2.example.com/v2/ghcr\n  \"*\":\nconfigs:\n  m1.example.com:5000:\n    tls:\n      ca_file: /etc/ssl/m1.pem\n  ghcr.io:\n    tls:\n      insecure_skip_verify: true\n",
+            Path::new("registries.yaml"),
+        )
+        .expect("parse");
+        let mut o = opts(dir.path(), &[]).with_registries_yaml(yaml);
+        o.dial_timeout = Some(std::time::Duration::from_millis(1500));
+        let report = configure(&o).expect("configure");
+        assert_eq!(report.written.len(), 3);
+        let ghcr = std::fs::read_to_string(dir.path().join("ghcr.io/hosts.toml")).expect("read");
+        let doc: DocumentMut = ghcr.parse().expect("toml");
+        let hosts: Vec<&str> = doc["host"]
+            .as_table()
+            .expect("hosts")
+            .iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                "http://127.0.0.1:5000",
+                "https://m1.example.com:5000",
+                "https://m2.example.com/v2/ghcr"
+            ]
+        );
+        assert_eq!(doc["server"].as_str(), Some("https://ghcr.io"));
+        assert_eq!(doc["skip_verify"].as_bool(), Some(true));
+        let own = &doc["host"]["http://127.0.0.1:5000"];
+        assert_eq!(own["dial_timeout"].as_str(), Some("1500ms"));
+        let m1 = &doc["host"]["https://m1.example.com:5000"];
+        assert_eq!(m1["ca"].as_str(), Some("/etc/ssl/m1.pem"));
+        assert!(
+            m1.get("dial_timeout").is_none(),
+            "only our own targets get ours"
+        );
+        assert_eq!(
+            doc["host"]["https://m2.example.com/v2/ghcr"]["override_path"].as_bool(),
+            Some(true)
+        );
+        // "*" is containerd's _default; docker.io has only peermirror.
+        let default =
+            std::fs::read_to_string(dir.path().join("_default/hosts.toml")).expect("read");
+        assert!(default.contains("http://127.0.0.1:5000") && !default.contains("server"));
+        let docker =
+            std::fs::read_to_string(dir.path().join("docker.io/hosts.toml")).expect("read");
+        assert!(docker.contains("https://registry-1.docker.io"), "{docker}");
+    }
+
+    #[test]
     fn writes_peermirror_first_and_the_server_last() {
         let dir = tempfile::tempdir().expect("tempdir");
         let report = configure(&opts(dir.path(), &["docker.io", "ghcr.io"])).expect("configure");

@@ -267,7 +267,7 @@ configs:
       cert_file: /c.pem
       key_file: /k.pem
 "#)
-        .unwrap();
+        .expect("test input");
         assert_eq!(
             r.registries.keys().collect::<Vec<_>>(),
             ["_default", "docker.io", "ghcr.io", "registry.k8s.io"]
@@ -278,7 +278,7 @@ configs:
         assert_eq!(ghcr[0].url, "https://mirror.example.com:5000");
         assert!(!ghcr[0].override_path);
         assert_eq!(
-            ghcr[0].tls.as_ref().unwrap().ca_file.as_deref(),
+            ghcr[0].tls.as_ref().expect("test input").ca_file.as_deref(),
             Some(Path::new("/etc/ssl/ca.pem"))
         );
         assert_eq!(ghcr[1].url, "http://10.0.0.5:5000");

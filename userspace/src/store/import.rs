@@ -628,7 +628,7 @@ impl Importer {
                     "index {digest} has none of its manifests in it"
                 )));
             }
-            labels.insert(digest.clone(), own);
+            labels.insert(*digest, own);
             Ok(())
         })
     }
@@ -855,7 +855,7 @@ fn plan(path: &Path, archive: &mut Archive) -> Result<(Vec<Target>, Vec<Bytes>),
                 targets.push(Target {
                     name,
                     media_type: DOCKER_MANIFEST.to_string(),
-                    digest: digest.clone(),
+                    digest,
                     size: bytes.len() as u64,
                 });
             }
@@ -1050,17 +1050,17 @@ mod tests {
             h.set_size(data.len() as u64);
             h.set_mode(0o644);
             h.set_cksum();
-            b.append_data(&mut h, name, *data).unwrap();
+            b.append_data(&mut h, name, *data).expect("test input");
         }
-        b.into_inner().unwrap()
+        b.into_inner().expect("test input")
     }
 
     fn read_all(bytes: Vec<u8>) -> (Vec<String>, Option<String>) {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test input");
         let path = dir.path().join("a");
-        std::fs::write(&path, bytes).unwrap();
+        std::fs::write(&path, bytes).expect("test input");
         let (tx, mut rx) = mpsc::channel(1 << 16);
-        let result = read_archive(std::fs::File::open(&path).unwrap(), &tx);
+        let result = read_archive(std::fs::File::open(&path).expect("test input"), &tx);
         drop(tx);
         let mut names = Vec::new();
         while let Ok(m) = rx.try_recv() {
@@ -1080,9 +1080,9 @@ mod tests {
             (&format!("blobs/sha256/{hex}"), data),
         ]);
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut gz, &plain).unwrap();
-        let gz = gz.finish().unwrap();
-        let zst = zstd::encode_all(plain.as_slice(), 3).unwrap();
+        std::io::Write::write_all(&mut gz, &plain).expect("test input");
+        let gz = gz.finish().expect("test input");
+        let zst = zstd::encode_all(plain.as_slice(), 3).expect("test input");
         for bytes in [plain.clone(), gz, zst.clone()] {
             let (names, err) = read_all(bytes);
             assert_eq!(err, None);
@@ -1099,7 +1099,7 @@ mod tests {
             assert!(err.is_some(), "plain tar cut at {cut}");
         }
         let liar = tar_of(&[(&format!("blobs/sha256/{}", "b".repeat(64)), data)]);
-        assert!(read_all(liar).1.unwrap().contains("digest"));
+        assert!(read_all(liar).1.expect("test input").contains("digest"));
         assert!(read_all(Vec::new()).1.is_some());
         assert!(read_all(vec![0x42; 4096]).1.is_some());
     }
