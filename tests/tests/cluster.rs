@@ -160,6 +160,7 @@ struct Images {
     patterns: TestImage,
     fresh: TestImage,
     fresh2: TestImage,
+    dial: TestImage,
 }
 
 impl Images {
@@ -191,7 +192,7 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
     ])?;
     cluster.wait_ready(&["a", "b", "c"], Duration::from_secs(60))?;
     let images = images(&mut cluster)?;
-    let steps: [(&str, Step); 12] = [
+    let steps: [(&str, Step); 13] = [
         ("1", step_01_a_pulls_from_upstream),
         ("2", step_02_the_upstream_goes_away),
         ("3", step_03_b_and_c_pull_through_their_peers),
@@ -204,6 +205,10 @@ fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
         ("10", step_10_unknown_images_fall_through_fast),
         ("11", step_11_containerd_2_request_patterns),
         ("12", step_12_upload_limits_send_containerd_on),
+        (
+            "13",
+            step_13_a_target_that_drops_syns_costs_the_dial_timeout,
+        ),
     ];
     for (n, step) in steps {
         step(&mut cluster, &images).with_context(|| format!("step {n}"))?;
@@ -242,9 +247,14 @@ fn images(cluster: &mut Cluster) -> Result<Images> {
     let patterns = l.add_image("app/patterns", "v8", &[layer(32 << 20, false)])?;
     let fresh = l.add_image("app/fresh", "v9", &[layer(4 << 20, false)])?;
     let fresh2 = l.add_image("app/fresh2", "v10", &[layer(4 << 20, false)])?;
+    let dial = l.add_image(
+        "app/dial",
+        "v11",
+        &[layer(1 << 20, false), layer(1000, true)],
+    )?;
     l.finish()?;
     for image in [
-        &multi, &index, &big, &big2, &medium, &victim, &gone, &patterns, &fresh, &fresh2,
+        &multi, &index, &big, &big2, &medium, &victim, &gone, &patterns, &fresh, &fresh2, &dial,
     ] {
         cluster.upstream.push(&cluster.layout, image)?;
     }
@@ -260,6 +270,7 @@ fn images(cluster: &mut Cluster) -> Result<Images> {
         patterns,
         fresh,
         fresh2,
+        dial,
     })
 }
 
@@ -817,5 +828,59 @@ fn step_12_upload_limits_send_containerd_on(cluster: &mut Cluster, im: &Images) 
     println!(
         "step 12: A at its upload limit answered 503 ({rejected} times to containerd); the pull went on to upstream"
     );
+    Ok(())
+}
+
+/// A mirror target that drops SYNs instead of refusing (A's dataplane, for
+///     D, which lacks the key) costs containerd 2.1 the `dial_timeout` that
+///     `configure-containerd` writes, not its 30 s default, per request.
+///     containerd 1.x ignores the key (and would wait 30 s per request), so
+///     there the step only checks that the key is written.
+fn step_13_a_target_that_drops_syns_costs_the_dial_timeout(
+    cluster: &mut Cluster,
+    im: &Images,
+) -> Result<()> {
+    let Images { dial, .. } = im;
+    let (a, d) = (cluster.node("a"), cluster.node("d"));
+    let certs = d.dir.join("certs-via-a");
+    let upstream_dir = certs.join(cluster.upstream.host());
+    std::fs::create_dir_all(&upstream_dir)?;
+    std::fs::write(
+        upstream_dir.join("hosts.toml"),
+        format!("server = \"http://{}\"\n", cluster.upstream.host()),
+    )?;
+    peermirror_tests::process::run(
+        std::process::Command::new(peermirror_tests::services::peermirror_bin())
+            .arg("configure-containerd")
+            .arg("--containerd-registry-config-path")
+            .arg(&certs)
+            .args(["--mirrored-registries", &cluster.upstream.host()])
+            .args(["--mirror-targets", &format!("http://{}:5000", a.ip())])
+            .args(["--mirror-dial-timeout", "1s"])
+            .arg("--prepend-existing")
+            .arg("--containerd-config")
+            .arg(d.containerd.dir.join("config.toml")),
+    )?;
+    let hosts = std::fs::read_to_string(upstream_dir.join("hosts.toml"))?;
+    ensure!(hosts.contains("dial_timeout = \"1s\""), "{hosts}");
+    let release = peermirror_tests::release::release();
+    if !release.at_least(2, 1, 0) {
+        println!(
+            "step 13: containerd {} ignores dial_timeout; not timed",
+            release.version_text
+        );
+        return Ok(());
+    }
+    let started = Instant::now();
+    d.containerd.pull_via(&certs, &im.up(dial))?;
+    let took = started.elapsed();
+    // Resolve, manifest, config and two layers: five dials of 1 s at most,
+    // where one dial alone would wait 30 s without the key.
+    ensure!(
+        took < Duration::from_secs(15),
+        "D's pull past a SYN-dropping target took {took:?}"
+    );
+    d.assert_has(&cluster.layout, dial)?;
+    println!("step 13: pull past a SYN-dropping mirror target in {took:?}");
     Ok(())
 }

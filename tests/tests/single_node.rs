@@ -294,6 +294,75 @@ fn follows_containerd_through_restarts_new_images_and_removals() -> Result<()> {
     Ok(())
 }
 
+/// Content written for an image already known (a layer of another
+/// platform of an index, ingested without any image change) creates no image
+/// event. From containerd 2.1 on it sends `/content/create`, and the new
+/// blob is in the catalog (so advertised) at once; before 2.1 it waits for
+/// the resync.
+#[test]
+fn content_added_to_a_known_image_is_advertised_on_containerd_2_1_events() -> Result<()> {
+    let world = World::new()?;
+    let pm = Peermirror::start(
+        &world.path("pm"),
+        &world.containerd,
+        &["--resync-interval", "1h"],
+    )?;
+    let multi = world
+        .images
+        .iter()
+        .find(|i| i.is_index())
+        .context("the multi-platform image")?;
+    let arm64_layer = multi
+        .blobs
+        .iter()
+        .find(|b| b.media_type.contains("layer") && !multi.default_platform_blobs.contains(b))
+        .context("an arm64 layer")?;
+    wait_for("the first catalog", Duration::from_secs(10), || {
+        pm.metric("peermirror_catalog_blobs", &[])
+            .ok()
+            .filter(|b| *b > 0.0)
+    })?;
+    let before = pm.metric("peermirror_catalog_blobs", &[])?;
+    let bytes = world.layout.read_blob(&arm64_layer.digest)?;
+    let mut ingest = world
+        .containerd
+        .ctr_command()
+        .args(["--namespace", "k8s.io", "content", "ingest"])
+        .args(["--expected-size", &bytes.len().to_string()])
+        .args(["--expected-digest", &arm64_layer.digest, "pm-test-arm64"])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    ingest
+        .stdin
+        .take()
+        .context("ctr's stdin")?
+        .write_all(&bytes)?;
+    ensure!(ingest.wait()?.success(), "ctr content ingest failed");
+    let release = peermirror_tests::release::release();
+    // Only 2.x fetched the arm64 manifest that makes the layer part of the
+    // image; with 2.1 the event makes it count at once.
+    if release.at_least(2, 1, 0) {
+        wait_for(
+            "the arm64 layer in the catalog",
+            Duration::from_secs(10),
+            || {
+                pm.metric("peermirror_catalog_blobs", &[])
+                    .ok()
+                    .filter(|b| *b == before + 1.0)
+            },
+        )?;
+    } else {
+        std::thread::sleep(Duration::from_secs(3));
+        let after = pm.metric("peermirror_catalog_blobs", &[])?;
+        ensure!(
+            after == before,
+            "containerd {}: the catalog changed without an event: {before} -> {after}",
+            release.version_text
+        );
+    }
+    Ok(())
+}
+
 fn find<'a>(world: &'a World, tag: &str) -> &'a TestImage {
     world
         .images

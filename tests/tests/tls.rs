@@ -2,6 +2,12 @@
 //! cluster CA get in; containerd pulls through it with the entries
 //! `configure-containerd` writes; certificates rotate without dropping
 //! transfers in flight; and two nodes mirror over it.
+//!
+//! containerd reads the client certificate from `hosts.toml` (`ca`,
+//! `client`), never from ctr's `--tlscacert/--tlscert/--tlskey` flags: on
+//! 1.x the resolver runs in ctr, on 2.x in the daemon's Transfer service
+//! (where those flags would need `--local`), and `hosts.toml` is what both
+//! read, as the CRI plugin does.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};

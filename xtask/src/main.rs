@@ -215,10 +215,14 @@ fn soak(load_seconds: u64, soak_seconds: u64) -> Result<()> {
 const FUZZ_SECONDS_IN_TEST: u64 = 12;
 
 /// The end-to-end tests that run on each newer containerd release: the
-/// single-node ones (and airgap imports) on 1.7, the cluster too on 2.1.
+/// single-node ones (and airgap imports) on 1.7, the cluster and mTLS too
+/// on 2.1, whose Transfer service reads `hosts.toml` inside the daemon.
 const PER_RELEASE_TESTS: &[(&releases::Release, &[&str])] = &[
     (&releases::NEWER[0], &["single_node", "airgap"]),
-    (&releases::NEWER[1], &["single_node", "cluster", "airgap"]),
+    (
+        &releases::NEWER[1],
+        &["single_node", "cluster", "tls", "airgap"],
+    ),
 ];
 
 /// Integration tests that run in release mode (see `test`).

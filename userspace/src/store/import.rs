@@ -732,12 +732,11 @@ impl From<ImportError> for TreeError {
     }
 }
 
+/// A manifest's config, as opposed to its layers (Docker's and OCI's config
+/// types, and artifacts' own `…config…` types).
 fn is_config(media_type: &str) -> bool {
-    media_type == DOCKER_CONFIG
-        || media_type.ends_with(".config.v1+json")
-        || media_type.contains("config")
+    media_type == DOCKER_CONFIG || media_type.contains("config")
 }
-
 /// One file being written through `Content.Write`.
 struct Upload {
     reference: String,
@@ -987,6 +986,13 @@ pub async fn watch_dir(
                             for image in images {
                                 tracing::info!(archive = %path.display(), image = %image.name, digest = %image.digest, "imported and pinned");
                             }
+                        }
+                        Err(ImportError::Grpc { call, status })
+                            if status.code() == tonic::Code::Unavailable =>
+                        {
+                            // containerd is not there (yet): try again.
+                            tracing::debug!(call, error = %status, archive = %path.display(), "import waits for containerd");
+                            done.remove(&path);
                         }
                         Err(e) => tracing::warn!(error = %e, "import failed"),
                     }
