@@ -28,29 +28,35 @@ pub const NEWER: &[Release] = &[
     },
 ];
 
-/// The archive the machine's own Debian sources use (deb822 `URIs:` or a
-/// one-line `deb` entry), else Debian's main mirror.
+/// The Debian archive the machine's own sources use (a deb822 `URIs:` line
+/// or a one-line `deb` entry whose URI ends in `/debian`, so that neither
+/// the security archive nor third-party repositories are taken), else
+/// Debian's main mirror.
 fn archive_uri() -> String {
     let mut texts = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
-        for entry in dir.flatten() {
-            texts.extend(std::fs::read_to_string(entry.path()));
+        let mut paths: Vec<_> = dir.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        for path in paths {
+            texts.extend(std::fs::read_to_string(path));
         }
     }
     texts.extend(std::fs::read_to_string("/etc/apt/sources.list"));
     for text in &texts {
         for line in text.lines().map(str::trim) {
-            let uri = line
-                .strip_prefix("URIs:")
-                .and_then(|rest| rest.split_whitespace().next())
-                .or_else(|| {
-                    let rest = line.strip_prefix("deb ")?;
-                    rest.split_whitespace().find(|w| w.contains("://"))
-                });
-            if let Some(uri) = uri
-                && !uri.contains("security")
+            let uris: Vec<&str> = if let Some(rest) = line.strip_prefix("URIs:") {
+                rest.split_whitespace().collect()
+            } else if let Some(rest) = line.strip_prefix("deb ") {
+                rest.split_whitespace().filter(|w| w.contains("://")).collect()
+            } else {
+                Vec::new()
+            };
+            if let Some(uri) = uris
+                .into_iter()
+                .map(|u| u.trim_end_matches('/'))
+                .find(|u| u.ends_with("/debian"))
             {
-                return uri.trim_end_matches('/').to_string();
+                return uri.to_string();
             }
         }
     }
