@@ -13,7 +13,6 @@ use anyhow::{Context, Result, ensure};
 
 use crate::image::{Layout, TestImage};
 use crate::netns::{Host, Network};
-use crate::process::run;
 use crate::services::{
     Containerd, ContainerdOptions, DataplaneSlot, Peermirror, PeermirrorOptions, Upstream,
     peermirror_bin, write_psk,
@@ -228,8 +227,11 @@ impl Cluster {
                     netns: Some(host.ns.clone()),
                 },
             )?;
-            // The operator's step: point containerd at peermirror.
-            let out = run(Command::new(peermirror_bin())
+            // The operator's step: point containerd at peermirror. Its
+            // checks of config.toml (version 2 on 1.x, 3 on 2.x) find
+            // nothing to warn about in a config the CRI plugin reads
+            // certs.d from.
+            let out = Command::new(peermirror_bin())
                 .arg("configure-containerd")
                 .arg("--containerd-registry-config-path")
                 .arg(&certs_d)
@@ -240,10 +242,20 @@ impl Cluster {
                 ])
                 .arg("--prepend-existing")
                 .arg("--containerd-config")
-                .arg(containerd.dir.join("config.toml")))?;
+                .arg(containerd.dir.join("config.toml"))
+                .output()?;
+            let (stdout, stderr) = (
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+            );
             ensure!(
-                out.contains("wrote"),
-                "configure-containerd wrote nothing: {out}"
+                out.status.success() && stdout.contains("wrote"),
+                "configure-containerd wrote nothing: {stdout}{stderr}"
+            );
+            ensure!(
+                !stderr.contains("warning"),
+                "configure-containerd warned about containerd {}'s config: {stderr}",
+                crate::release::release().version_text
             );
             let bootstrap =
                 (i > 0).then(|| format!("/ip4/{}/tcp/{ROUTER_PORT}", Ipv4Addr::new(10, 88, 0, 1)));

@@ -888,6 +888,23 @@ mod tests {
     }
 
     #[test]
+    fn latest_tags_are_shared_unless_turned_off() {
+        let reg: crate::oci::Registry = "docker.io".parse().expect("registry");
+        let shared = config(&["--psk-file", "/k"]).expect("valid");
+        assert!(shared.filter.allows(&reg, "docker.io/library/nginx:latest"));
+        let k3s = config(&["--psk-file", "/k", "--resolve-latest-tag", "false"]).expect("valid");
+        assert!(!k3s.filter.allows(&reg, "docker.io/library/nginx:latest"));
+        assert!(k3s.filter.allows(&reg, "docker.io/library/nginx:1.27"));
+        assert!(k3s.filter.allows(&reg, "docker.io/library/latest-tools:1"));
+        let import =
+            config(&["--psk-file", "/k", "--import-dir", "/var/lib/images"]).expect("valid");
+        assert_eq!(
+            import.import_dir.as_deref(),
+            Some(std::path::Path::new("/var/lib/images"))
+        );
+    }
+
+    #[test]
     fn the_p2p_network_needs_a_key_or_an_explicit_choice() {
         let err = config(&[]).expect_err("no key");
         assert!(

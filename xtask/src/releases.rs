@@ -47,7 +47,9 @@ fn archive_uri() -> String {
             let uris: Vec<&str> = if let Some(rest) = line.strip_prefix("URIs:") {
                 rest.split_whitespace().collect()
             } else if let Some(rest) = line.strip_prefix("deb ") {
-                rest.split_whitespace().filter(|w| w.contains("://")).collect()
+                rest.split_whitespace()
+                    .filter(|w| w.contains("://"))
+                    .collect()
             } else {
                 Vec::new()
             };
