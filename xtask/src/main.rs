@@ -173,7 +173,9 @@ fn test(cargo_args: &[String]) -> Result<()> {
         let dir = releases::ensure(&target_dir(), release)?;
         eprintln!("xtask: end-to-end tests on containerd {}", release.series);
         run(cargo()
-            .args(["test", "--package", "peermirror-tests", "--no-fail-fast"])
+            // `--workspace` as above, so that the test binaries built there
+            // are reused (a package-only build unifies features differently).
+            .args(["test", "--workspace", "--no-fail-fast"])
             .env("PEERMIRROR_BIN", &daemon)
             .env("PM_CONTAINERD_DIR", &dir)
             .args(tests.iter().flat_map(|t| ["--test", t]))
