@@ -86,13 +86,12 @@ impl ConfigureOptions {
     }
 }
 
-/// Writes a K3s TLS block into a `hosts.toml` table (the top level for the
-/// registry's server, a host table for a mirror).
-fn write_tls(table: &mut Table, tls: &registries_yaml::Tls) {
-    if let Some(ca) = &tls.ca_file {
+/// Writes a CA and a client certificate pair into a `hosts.toml` table.
+fn write_ca_and_client(table: &mut Table, ca: Option<&Path>, client: Option<(&Path, &Path)>) {
+    if let Some(ca) = ca {
         table["ca"] = value(ca.to_string_lossy().as_ref());
     }
-    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+    if let Some((cert, key)) = client {
         let mut pair = Array::new();
         pair.push(cert.to_string_lossy().as_ref());
         pair.push(key.to_string_lossy().as_ref());
@@ -100,6 +99,13 @@ fn write_tls(table: &mut Table, tls: &registries_yaml::Tls) {
         pairs.push(pair);
         table["client"] = value(pairs);
     }
+}
+
+/// Writes a K3s TLS block into a `hosts.toml` table (the top level for the
+/// registry's server, a host table for a mirror).
+fn write_tls(table: &mut Table, tls: &registries_yaml::Tls) {
+    let client = tls.cert_file.as_deref().zip(tls.key_file.as_deref());
+    write_ca_and_client(table, tls.ca_file.as_deref(), client);
     if tls.insecure_skip_verify {
         table["skip_verify"] = value(true);
     }
@@ -298,13 +304,11 @@ pub(crate) fn render(
         let mut t = Table::new();
         t["capabilities"] = value(string_array(capabilities.iter().copied()));
         if let Some(tls) = &opts.tls {
-            t["ca"] = value(tls.ca.to_string_lossy().as_ref());
-            let mut pair = Array::new();
-            pair.push(tls.client_cert.to_string_lossy().as_ref());
-            pair.push(tls.client_key.to_string_lossy().as_ref());
-            let mut pairs = Array::new();
-            pairs.push(pair);
-            t["client"] = value(pairs);
+            write_ca_and_client(
+                &mut t,
+                Some(&tls.ca),
+                Some((&tls.client_cert, &tls.client_key)),
+            );
         }
         if let Some(timeout) = opts.dial_timeout {
             t["dial_timeout"] = value(go_duration(timeout));

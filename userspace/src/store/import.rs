@@ -735,7 +735,8 @@ impl From<ImportError> for TreeError {
 /// A manifest's config, as opposed to its layers (Docker's and OCI's config
 /// types, and artifacts' own `…config…` types).
 fn is_config(media_type: &str) -> bool {
-    media_type == DOCKER_CONFIG || media_type.contains("config")
+    // DOCKER_CONFIG and OCI's `…image.config.v1+json` both say so.
+    media_type.contains("config")
 }
 /// One file being written through `Content.Write`.
 struct Upload {
