@@ -231,6 +231,23 @@ fn imported_archives_are_pinned_and_pulled_by_peers_without_the_upstream() -> Re
     let a = cluster.node("a");
     for name in ["b", "c"] {
         let node = cluster.node(name);
+        // A restarted for --import-dir: wait until this node's peermirror
+        // finds A's records for both tags before containerd asks it.
+        let ns = host.replace(':', "%3A");
+        for image in [&oci, &docker] {
+            let path = format!("/v2/{}/manifests/{}?ns={ns}", image.repo, image.tag);
+            wait_for(
+                &format!("{name} to find {} through its peers", image.repo),
+                Duration::from_secs(30),
+                || {
+                    let pm = node.pm();
+                    pm.via
+                        .get(pm.registry, &path, &[])
+                        .ok()
+                        .filter(|r| r.status == 200)
+                },
+            )?;
+        }
         for (reference, image) in [(&oci_ref, &oci), (&docker_ref, &docker)] {
             node.cri_pull(reference)
                 .with_context(|| format!("{name}: CRI pull {reference}"))?;
