@@ -116,6 +116,8 @@ impl DhtCluster {
                     reannounce_interval: self.options.reannounce_interval,
                     lookup_cache_ttl: self.options.lookup_cache_ttl,
                     idle_connection_timeout: Duration::from_secs(600),
+                    fanout_followers: 4,
+                    fanout_lease: Duration::from_secs(600),
                 },
                 counters: counters.clone(),
                 events: None,

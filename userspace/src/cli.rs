@@ -585,6 +585,23 @@ pub struct Run {
     /// Most peers tried for one request.
     #[arg(long, env = "PEERMIRROR_MIRROR_MAX_ATTEMPTS", default_value_t = 5)]
     pub mirror_max_attempts: usize,
+
+    /// First-deploy fan-out: when no node holds a blob, the digest's
+    /// rendezvous node tells one node to fetch it and the others to follow
+    /// its in-flight ingest; this many followers per source (the rest
+    /// follow followers). 0 turns the fan-out off.
+    #[arg(long, env = "PEERMIRROR_FANOUT_FOLLOWERS", default_value_t = 4)]
+    pub fanout_followers: usize,
+
+    /// How long a fan-out decision is kept after its digest was last asked
+    /// about.
+    #[arg(long, env = "PEERMIRROR_FANOUT_LEASE", default_value = "10m", value_parser = parse_duration)]
+    pub fanout_lease: Duration,
+
+    /// How long a follower's request waits for the ingest of the blob it
+    /// follows to appear in this node's content store.
+    #[arg(long, env = "PEERMIRROR_FANOUT_INGEST_WAIT", default_value = "2s", value_parser = parse_duration)]
+    pub fanout_ingest_wait: Duration,
 }
 
 /// Which other daemon's metric names to export too.
@@ -797,6 +814,12 @@ impl Run {
                 reannounce_interval: self.reannounce_interval,
                 lookup_cache_ttl: self.lookup_cache_ttl,
                 idle_connection_timeout: self.router_idle_timeout,
+                fanout_followers: self.fanout_followers,
+                fanout_lease: self.fanout_lease,
+            },
+            in_flight: crate::registry::InFlightConfig {
+                wait: self.fanout_ingest_wait,
+                stall: self.mirror_stall_timeout,
             },
             psk_file: self.psk_file,
             bootstrap,
@@ -810,6 +833,8 @@ impl Run {
                 min_speed: self.mirror_min_speed,
                 total_timeout: self.mirror_total_timeout,
                 max_attempts: self.mirror_max_attempts.max(1),
+                // The source answers once its ingest is there.
+                follow_header_timeout: self.mirror_header_timeout + self.fanout_ingest_wait,
                 ..MirrorConfig::default()
             },
         })

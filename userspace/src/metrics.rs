@@ -56,6 +56,8 @@ pub enum Source {
     Memory,
     /// Relayed from a peer.
     Mirror,
+    /// A blob still being written by containerd, to a peer that follows it.
+    InFlight,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,7 +106,7 @@ macro_rules! label_values {
 
 label_values!(Route { Base => "base", Manifest => "manifest", Blob => "blob", Other => "other" });
 label_values!(Method { Get => "GET", Head => "HEAD", Other => "other" });
-label_values!(Source { File => "file", Grpc => "grpc", Memory => "memory", Mirror => "mirror" });
+label_values!(Source { File => "file", Grpc => "grpc", Memory => "memory", Mirror => "mirror", InFlight => "in_flight" });
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 

@@ -40,6 +40,8 @@ pub struct DaemonConfig {
     /// Where this node serves its own bootstrap entry, if anywhere.
     pub http_bootstrap_addr: Option<SocketAddr>,
     pub mirror: MirrorConfig,
+    /// Serving blobs still being written to peers that follow them.
+    pub in_flight: crate::registry::InFlightConfig,
     /// Who may see the debug endpoints.
     pub debug: DebugAccess,
     /// Other daemons' metric names exported too.

@@ -125,15 +125,19 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
         register_spegel_catalog_gauges(&mut prometheus, &store.catalog());
     }
     let mirror = Mirror::with_tls(Arc::new(router.clone()), config.mirror.clone(), tls.clone());
-    let handler = Arc::new(Handler::new(
-        store.clone(),
-        Some(mirror.clone()),
-        HandlerConfig {
-            filter: config.filter.clone(),
-            uploads: config.uploads,
-        },
-        metrics.clone(),
-    ));
+    let handler = Arc::new(
+        Handler::new(
+            store.clone(),
+            Some(mirror.clone()),
+            HandlerConfig {
+                filter: config.filter.clone(),
+                uploads: config.uploads,
+                in_flight: config.in_flight.clone(),
+            },
+            metrics.clone(),
+        )
+        .with_peers(Arc::new(FollowingPeers(router.clone()))),
+    );
     let server = Server::build(
         handler,
         config.server.clone(),
@@ -478,4 +482,15 @@ fn local(listener: &TcpListener) -> String {
 
 fn local_port(listener: &TcpListener, fallback: u16) -> u16 {
     listener.local_addr().map(|a| a.port()).unwrap_or(fallback)
+}
+
+/// Who may follow in-flight blobs: the hosts of live P2P connections (they
+/// proved the preshared key; the dataplane admits the same set).
+struct FollowingPeers(P2pRouter);
+
+#[async_trait::async_trait]
+impl crate::registry::PeerDirectory for FollowingPeers {
+    async fn is_peer(&self, ip: std::net::IpAddr) -> bool {
+        self.0.is_peer_address(ip).await
+    }
 }

@@ -39,9 +39,10 @@ use crate::oci::manifest::{
     self, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST,
 };
 use crate::oci::{
-    ByteRange, ContentRange, Descriptor, Digest, ManifestReference, Name, Reference, Route,
+    ByteRange, ContentRange, Descriptor, Digest, FOLLOW_HEADER, ManifestReference, Name, Reference,
+    Route,
 };
-use crate::routing::{Peer, Router};
+use crate::routing::{Fanout, Peer, Router};
 use crate::tls::TlsState;
 
 /// Time limits and policies of mirroring.
@@ -65,6 +66,12 @@ pub struct MirrorConfig {
     pub max_attempts: usize,
     /// How long a peer that sent corrupt bytes is avoided for that digest.
     pub bad_peer_ttl: Duration,
+    /// How long the fan-out rendezvous may take to answer before a blob
+    /// no node holds is answered as a miss, as without fan-out.
+    pub fanout_timeout: Duration,
+    /// How long a followed source may take to send its response head (it
+    /// waits for its ingest to appear first).
+    pub follow_header_timeout: Duration,
 }
 
 impl Default for MirrorConfig {
@@ -79,6 +86,8 @@ impl Default for MirrorConfig {
             total_timeout: Duration::from_secs(600),
             max_attempts: 5,
             bad_peer_ttl: Duration::from_secs(3600),
+            fanout_timeout: Duration::from_millis(250),
+            follow_header_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -418,11 +427,26 @@ impl Mirror {
             blob_answer(peer, response, &digest_text, range)
         };
         let mut tried = 0;
+        let mut followed = None;
         let (peer, answer) = match self
             .first_answer(&mut candidates, &mut tried, method, &path, &headers, accept)
             .await
         {
             Ok(answer) => answer,
+            // Nobody holds it: maybe somebody is fetching it right now.
+            Err(MirrorMiss::NoProvider) if !head => {
+                match self.follow(digest, &path, &headers, range).await {
+                    Some(answer) => {
+                        followed = Some(answer.0.id);
+                        answer
+                    }
+                    None => {
+                        let miss = MirrorMiss::NoProvider;
+                        self.record_miss("blob", digest_text, &miss, started);
+                        return Err(miss);
+                    }
+                }
+            }
             Err(miss) => {
                 self.record_miss("blob", digest_text, &miss, started);
                 return Err(miss);
@@ -467,6 +491,7 @@ impl Mirror {
                     body,
                     candidates,
                     deadline: tokio::time::Instant::now() + self.config.total_timeout,
+                    followed,
                 }))
             }
         };
@@ -586,6 +611,85 @@ impl Mirror {
             self.record_miss("manifest", key, miss, started);
         }
         result
+    }
+
+    /// The first-deploy fan-out: asks the digest's rendezvous whether
+    /// another node is fetching it, and if so, asks that node for its
+    /// in-flight bytes. `None`: this node's containerd is to fetch it (a
+    /// miss), or there is nothing to follow.
+    async fn follow(
+        &self,
+        digest: &Digest,
+        path: &str,
+        headers: &[(&str, String)],
+        range: Option<ByteRange>,
+    ) -> Option<(Peer, BlobAnswer)> {
+        let mut failed = None;
+        // A source that cannot serve is reported, and the next answer tried.
+        for _ in 0..3 {
+            let answer = tokio::time::timeout(
+                self.config.fanout_timeout,
+                self.router.fanout(digest, failed),
+            )
+            .await
+            .ok()
+            .flatten();
+            let source = match answer {
+                Some(Fanout::Follow(source)) => source,
+                Some(Fanout::Lead) => {
+                    tracing::debug!(%digest, "fan-out: this node fetches it");
+                    return None;
+                }
+                None => return None,
+            };
+            let mut follow_headers = headers.to_vec();
+            follow_headers.push((FOLLOW_HEADER, "1".to_string()));
+            let timeouts = Timeouts {
+                connect: self.config.connect_timeout,
+                header: self.config.follow_header_timeout,
+            };
+            let response = client::request(
+                source.addr,
+                Method::GET,
+                path,
+                &follow_headers,
+                timeouts,
+                self.client_tls(),
+            )
+            .await;
+            let answer = match response {
+                Ok(r) => blob_answer(&source, r, &digest.to_string(), range).map_err(|a| match a {
+                    Answer::Retry(reason) => reason,
+                    Answer::Unsatisfiable(size) => format!("416 for a blob of {size} bytes"),
+                }),
+                Err(e) => Err(e.to_string()),
+            };
+            match answer {
+                Ok(answer) => {
+                    tracing::debug!(%digest, source = %source.addr, "fan-out: following an in-flight blob");
+                    return Some((source, answer));
+                }
+                Err(reason) => {
+                    tracing::info!(%digest, source = %source.addr, %reason, "fan-out source cannot serve");
+                    failed = Some(source.id);
+                }
+            }
+        }
+        None
+    }
+
+    /// Tells the rendezvous that a followed source stopped delivering, so
+    /// that this node is placed again (it may be told to fetch it itself).
+    pub(crate) fn follow_failed(self: &Arc<Self>, digest: Digest, source: PeerId) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let answer = tokio::time::timeout(
+                me.config.fanout_timeout,
+                me.router.fanout(&digest, Some(source)),
+            )
+            .await;
+            tracing::debug!(%digest, %source, ?answer, "fan-out: reported a source that stopped");
+        });
     }
 
     pub(crate) fn mark_bad(&self, digest: &Digest, peer: &Peer) {

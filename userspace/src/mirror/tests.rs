@@ -177,6 +177,8 @@ fn fast_config() -> MirrorConfig {
         total_timeout: Duration::from_secs(20),
         max_attempts: 4,
         bad_peer_ttl: Duration::from_secs(60),
+        fanout_timeout: Duration::from_millis(200),
+        follow_header_timeout: Duration::from_secs(2),
     }
 }
 
@@ -739,5 +741,86 @@ mod properties {
             prop_assert_eq!(cr.map(|c| c.to_string()), Some(format!("bytes {pos}-{}/{size}", size - 1)));
             prop_assert_eq!(judge_span(Some(resume), 206, cr, size - pos).ok(), Some((pos, size)));
         }
+    }
+}
+
+#[tokio::test]
+async fn fanout_lead_is_a_fast_miss_and_follow_streams_the_source() {
+    let s = setup(1 << 20).await;
+    let mirror = Mirror::new(s.router.clone(), fast_config());
+    // No holder, and this node is told to fetch it: a miss at once.
+    s.router.answer_fanout(Fanout::Lead);
+    let started = Instant::now();
+    let miss = mirror.blob(&name(), &s.digest, None, false).await.err();
+    assert_eq!(miss, Some(MirrorMiss::NoProvider));
+    assert!(started.elapsed() < Duration::from_millis(300));
+    // HEAD never asks the rendezvous.
+    let head = mirror.blob(&name(), &s.digest, None, true).await.err();
+    assert_eq!(head, Some(MirrorMiss::NoProvider));
+    assert_eq!(s.router.fanout_asks(), [None]);
+
+    // Told to follow a source: its bytes are relayed, verified, and the
+    // request says it follows.
+    let mut raw = format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+        s.blob.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(&s.blob);
+    let source = fake_peer(Behaviour::Raw(raw.into())).await;
+    s.router
+        .answer_fanout(Fanout::Follow(peer("source", source.addr)));
+    let m = mirror
+        .blob(&name(), &s.digest, None, false)
+        .await
+        .expect("followed");
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(Bytes::from(bytes), s.blob);
+    let requests = source.requests.lock().expect("lock").clone();
+    assert!(
+        requests[0]
+            .to_ascii_lowercase()
+            .contains("x-peermirror-follow: 1")
+    );
+}
+
+#[tokio::test]
+async fn a_fanout_source_that_cannot_serve_is_reported() {
+    let s = setup(1 << 20).await;
+    let mirror = Mirror::new(s.router.clone(), fast_config());
+    // The source has no ingest (404): reported; then this node leads.
+    let none = fake_peer(Behaviour::Raw(Bytes::from_static(
+        b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+    )))
+    .await;
+    s.router
+        .answer_fanout(Fanout::Follow(peer("none", none.addr)));
+    s.router.answer_fanout(Fanout::Lead);
+    let miss = mirror.blob(&name(), &s.digest, None, false).await.err();
+    assert_eq!(miss, Some(MirrorMiss::NoProvider));
+    assert_eq!(s.router.fanout_asks(), [None, Some(id("none"))]);
+
+    // A source that stalls mid-body: the body ends short (containerd
+    // retries) and the source is reported so the retry is placed anew.
+    let stall = fake_peer(Behaviour::Stall {
+        body: s.blob.clone(),
+        after: 100_000,
+    })
+    .await;
+    s.router
+        .answer_fanout(Fanout::Follow(peer("stall", stall.addr)));
+    let m = mirror
+        .blob(&name(), &s.digest, None, false)
+        .await
+        .expect("followed");
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    // Never more than was sent (the held-back tail included).
+    assert!(bytes.len() <= 100_000, "{}", bytes.len());
+    assert!(err.is_some());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !s.router.fanout_asks().contains(&Some(id("stall"))) {
+        assert!(Instant::now() < deadline, "{:?}", s.router.fanout_asks());
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

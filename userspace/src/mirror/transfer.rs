@@ -52,6 +52,9 @@ pub(super) struct Transfer {
     pub body: Incoming,
     pub candidates: Candidates,
     pub deadline: tokio::time::Instant,
+    /// The source this transfer follows (an in-flight blob on a peer the
+    /// fan-out rendezvous named), if it does.
+    pub followed: Option<libp2p::PeerId>,
 }
 
 /// Chunks queued for the hashing thread (each at most the client's read
@@ -113,6 +116,11 @@ impl Transfer {
     async fn run(mut self, tx: mpsc::Sender<Result<Bytes, TransferError>>) {
         let mut contributors = vec![self.peer.clone()];
         let outcome = self.relay(&tx, &mut contributors).await;
+        if let Some(source) = self.followed
+            && matches!(outcome, Outcome::Failed | Outcome::Corrupt)
+        {
+            self.mirror.follow_failed(self.digest, source);
+        }
         self.mirror.journal.record(super::journal::Entry {
             kind: "blob",
             key: self.digest.to_string(),

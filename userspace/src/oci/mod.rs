@@ -21,6 +21,12 @@ pub use route::{ManifestReference, Name, Route, parse_target};
 /// request is answered from the local store only, never forwarded again.
 pub const MIRRORED_HEADER: &str = "x-peermirror-mirrored";
 
+/// The header with which a peer asks for a blob that may still be being
+/// written (it was told to follow this node by the fan-out rendezvous).
+/// Honoured only for peers that proved the preshared key (or a verified
+/// mTLS client): anyone else gets in-flight content as a miss.
+pub const FOLLOW_HEADER: &str = "x-peermirror-follow";
+
 /// Longest excerpt of an input that an error message quotes.
 const EXCERPT_CHARS: usize = 100;
 

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
@@ -36,6 +37,10 @@ pub struct RequestHead {
     pub range: Option<String>,
     /// Set when the request carries [`MIRRORED_HEADER`].
     pub mirrored: bool,
+    /// Set when the request carries [`FOLLOW_HEADER`](crate::oci::FOLLOW_HEADER).
+    pub follow: bool,
+    /// The connection is mTLS with a verified client certificate.
+    pub certified: bool,
     pub client: SocketAddr,
 }
 
@@ -129,6 +134,34 @@ pub struct HandlerConfig {
     /// Which registries and references are served and mirrored.
     pub filter: ReferenceFilter,
     pub uploads: UploadLimits,
+    /// Serving blobs still being written to peers that follow them.
+    pub in_flight: InFlightConfig,
+}
+
+/// How blobs still being written are served to peers that follow them.
+#[derive(Debug, Clone)]
+pub struct InFlightConfig {
+    /// How long a follower's request waits for the ingest to appear.
+    pub wait: Duration,
+    /// A followed ingest that grows by nothing for this long fails the
+    /// response (the follower resumes elsewhere or goes upstream).
+    pub stall: Duration,
+}
+
+impl Default for InFlightConfig {
+    fn default() -> Self {
+        InFlightConfig {
+            wait: Duration::from_secs(2),
+            stall: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Who proved the preshared key: the addresses of the live P2P
+/// connections.
+#[async_trait::async_trait]
+pub trait PeerDirectory: Send + Sync + 'static {
+    async fn is_peer(&self, ip: std::net::IpAddr) -> bool;
 }
 
 /// Answers registry requests from the local content store, and from peers
@@ -139,6 +172,8 @@ pub struct Handler {
     config: HandlerConfig,
     metrics: Metrics,
     uploads: Uploads,
+    /// Who may follow in-flight blobs; nobody when `None`.
+    peers: Option<Arc<dyn PeerDirectory>>,
 }
 
 /// How a request's name may be used.
@@ -164,6 +199,30 @@ impl Handler {
             mirror,
             config,
             metrics,
+            peers: None,
+        }
+    }
+
+    /// Lets the peers `peers` names follow blobs still being written.
+    pub fn with_peers(mut self, peers: Arc<dyn PeerDirectory>) -> Handler {
+        self.peers = Some(peers);
+        self
+    }
+
+    /// Whether `req` may have bytes of a blob still being written: it asks
+    /// for them, and it comes from a peer that proved the preshared key or
+    /// over verified mTLS. A header alone is not enough: the registry port
+    /// also admits loopback and client networks.
+    async fn may_follow(&self, req: &RequestHead) -> bool {
+        if !req.follow {
+            return false;
+        }
+        if req.certified {
+            return true;
+        }
+        match &self.peers {
+            Some(peers) => peers.is_peer(req.client.ip().to_canonical()).await,
+            None => false,
         }
     }
 
@@ -225,12 +284,20 @@ impl Handler {
                     },
                     _ => None,
                 };
-                self.blob(&name, &digest, req.range.as_deref(), req.method, scope)
-                    .await
-                    .map(|mut response| {
-                        response.permit = permit;
-                        response
-                    })
+                let follow = self.may_follow(req).await;
+                self.blob(
+                    &name,
+                    &digest,
+                    req.range.as_deref(),
+                    req.method,
+                    scope,
+                    follow,
+                )
+                .await
+                .map(|mut response| {
+                    response.permit = permit;
+                    response
+                })
             }
         };
         match result {
@@ -436,6 +503,7 @@ impl Handler {
         range: Option<&str>,
         method: Method,
         scope: Scope,
+        follow: bool,
     ) -> Result<Response, OciError> {
         if matches!(scope, Scope::Excluded) {
             return Err(OciError::blob_unknown());
@@ -461,6 +529,14 @@ impl Handler {
             if let Some(response) = self.local_blob(digest, info.size, range, method).await? {
                 return Ok(response);
             }
+        }
+        if follow
+            && let Some(in_flight) = self
+                .store
+                .in_flight(digest, self.config.in_flight.wait)
+                .await
+        {
+            return Ok(self.in_flight_blob(in_flight, range, method));
         }
         let (Scope::Mirrored, Some(mirror)) = (scope, &self.mirror) else {
             return Err(OciError::blob_unknown());
@@ -510,6 +586,51 @@ impl Handler {
                 tracing::debug!(?miss, %digest, "blob not found on peers");
                 Err(OciError::blob_unknown())
             }
+        }
+    }
+
+    /// A blob still being written, to a peer that follows it.
+    fn in_flight_blob(
+        &self,
+        in_flight: store::ingest::InFlight,
+        range: Result<Option<ByteRange>, String>,
+        method: Method,
+    ) -> Response {
+        let size = in_flight.total;
+        let (status, offset, len) = match range {
+            Err(message) => return range_not_satisfiable(message, Some(size)),
+            Ok(Some(r)) if size == 0 && r.is_from_start() => (200, 0, 0),
+            Ok(Some(r)) => match r.resolve(size) {
+                Ok(span) => (206, *span.start(), span.end() - span.start() + 1),
+                Err(e) => return range_not_satisfiable(e.to_string(), Some(size)),
+            },
+            Ok(None) => (200, 0, size),
+        };
+        let digest = in_flight.digest;
+        tracing::debug!(%digest, offset, len, "serving an in-flight blob to a follower");
+        let mut headers = blob_headers(&digest);
+        if status == 206
+            && let Some(span) = ContentRange::span(offset, len, size)
+        {
+            headers.push(("content-range", span.to_string()));
+        }
+        let body = if method == Method::Head {
+            Body::Empty
+        } else {
+            let stream = in_flight.stream(offset, offset + len, self.config.in_flight.stall);
+            Body::Stream {
+                stream: Box::pin(stream.map_err(std::io::Error::other)),
+                len,
+                source: Source::InFlight,
+            }
+        };
+        Response {
+            status,
+            headers,
+            content_length: len,
+            body,
+            route: metrics::Route::Blob,
+            permit: None,
         }
     }
 
@@ -680,6 +801,8 @@ mod tests {
             target: target.to_string(),
             range: None,
             mirrored: false,
+            follow: false,
+            certified: false,
             client: "127.0.0.1:1".parse().expect("addr"),
         }
     }

@@ -23,7 +23,7 @@ use crate::tls::TlsState;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::metrics::{self, Metrics, Source, SourceLabels};
-use crate::oci::{MIRRORED_HEADER, OciError};
+use crate::oci::{FOLLOW_HEADER, MIRRORED_HEADER, OciError};
 
 /// Largest request head accepted (request line plus headers).
 const MAX_HEAD: usize = 16 * 1024;
@@ -233,6 +233,9 @@ impl Server {
                 target: parsed.target,
                 range: parsed.range,
                 mirrored: parsed.mirrored,
+                follow: parsed.follow,
+                // Every mTLS client showed a certificate of the cluster's CA.
+                certified: self.tls.is_some(),
                 client: peer,
             };
             let mut response = self.handler.handle(&head).await;
@@ -482,6 +485,7 @@ pub(crate) struct ParsedHead {
     target: String,
     range: Option<String>,
     mirrored: bool,
+    follow: bool,
     keep_alive: bool,
     has_body: bool,
 }
@@ -515,6 +519,7 @@ pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<ParsedHead>, BadRe
     let version = req.version.unwrap_or(1);
     let mut range = None;
     let mut mirrored = false;
+    let mut follow = false;
     let mut keep_alive = version >= 1;
     let mut has_body = false;
     for h in req.headers.iter() {
@@ -533,6 +538,8 @@ pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<ParsedHead>, BadRe
             range = Some(value.to_string());
         } else if h.name.eq_ignore_ascii_case(MIRRORED_HEADER) {
             mirrored = true;
+        } else if h.name.eq_ignore_ascii_case(FOLLOW_HEADER) {
+            follow = true;
         } else if h.name.eq_ignore_ascii_case("connection") {
             for token in value.split(',').map(str::trim) {
                 if token.eq_ignore_ascii_case("close") {
@@ -553,6 +560,7 @@ pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<ParsedHead>, BadRe
         target,
         range,
         mirrored,
+        follow,
         keep_alive,
         has_body,
     }))

@@ -11,6 +11,8 @@ pub mod limits;
 pub mod uring;
 
 pub use body::{FileBodies, ServingPath, ServingPathChoice};
-pub use handler::{Body, Handler, HandlerConfig, Method, RequestHead, Response};
+pub use handler::{
+    Body, Handler, HandlerConfig, InFlightConfig, Method, PeerDirectory, RequestHead, Response,
+};
 pub use http::{Conn, Server, ServerConfig};
 pub use limits::{UploadLimits, UploadPermit, Uploads};

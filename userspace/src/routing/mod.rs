@@ -13,13 +13,15 @@ pub mod identity;
 pub mod p2p;
 pub mod sync;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use futures::stream::BoxStream;
 use libp2p::{Multiaddr, PeerId};
 use sha2::{Digest as _, Sha256};
+
+use crate::oci::Digest;
 use tokio::sync::watch;
 
 /// The Kademlia protocol name shared with Spegel.
@@ -42,6 +44,16 @@ pub struct Peer {
     pub id: PeerId,
     /// Where its registry port answers.
     pub addr: SocketAddr,
+}
+
+/// What the fan-out rendezvous says about a digest no node holds yet (see
+/// [`p2p::rendezvous`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fanout {
+    /// This node's containerd fetches it (from its next endpoint).
+    Lead,
+    /// Stream it from this peer's in-flight ingest.
+    Follow(Peer),
 }
 
 /// Which announcement a set of keys belongs to.
@@ -128,6 +140,14 @@ pub trait Router: Send + Sync + 'static {
     /// stream ends when the lookup is over; dropping it ends the lookup.
     fn lookup(&self, key: &str) -> BoxStream<'static, Peer>;
 
+    /// Asks the rendezvous of `digest` what to do about a digest no node
+    /// holds; `failed` is a source this node was told to follow that did not
+    /// deliver. `None`: no answer (fan-out off, or no rendezvous reachable):
+    /// behave as without fan-out.
+    async fn fanout(&self, _digest: &Digest, _failed: Option<PeerId>) -> Option<Fanout> {
+        None
+    }
+
     /// The latest status, and its changes.
     fn watch_status(&self) -> watch::Receiver<RouterStatus>;
 
@@ -143,6 +163,9 @@ pub struct MemoryRouter {
     providers: Mutex<HashMap<String, Vec<Peer>>>,
     advertised: Mutex<BTreeSet<String>>,
     status: watch::Sender<RouterStatus>,
+    /// The fan-out answers to give, in order (then `None`), and the
+    /// `failed` of every ask.
+    fanout: Mutex<(VecDeque<Fanout>, Vec<Option<PeerId>>)>,
 }
 
 impl MemoryRouter {
@@ -151,7 +174,26 @@ impl MemoryRouter {
             providers: Mutex::default(),
             advertised: Mutex::default(),
             status: watch::Sender::new(RouterStatus::default()),
+            fanout: Mutex::default(),
         })
+    }
+
+    /// Queues the answer to the next fan-out ask.
+    pub fn answer_fanout(&self, answer: Fanout) {
+        self.fanout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .push_back(answer);
+    }
+
+    /// The `failed` of every fan-out ask so far.
+    pub fn fanout_asks(&self) -> Vec<Option<PeerId>> {
+        self.fanout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
     }
 
     /// Makes `peer` a holder of `key`.
@@ -210,6 +252,12 @@ impl Router for MemoryRouter {
             .cloned()
             .unwrap_or_default();
         Box::pin(futures::stream::iter(peers))
+    }
+
+    async fn fanout(&self, _digest: &Digest, failed: Option<PeerId>) -> Option<Fanout> {
+        let mut fanout = self.fanout.lock().unwrap_or_else(|e| e.into_inner());
+        fanout.1.push(failed);
+        fanout.0.pop_front()
     }
 
     fn watch_status(&self) -> watch::Receiver<RouterStatus> {

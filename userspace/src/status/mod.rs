@@ -134,11 +134,6 @@ impl metrics::Status for NodeStatus {
         {
             return true;
         }
-        self.router
-            .peers()
-            .await
-            .unwrap_or_default()
-            .iter()
-            .any(|p| p.connection_ips.contains(&client))
+        self.router.is_peer_address(client).await
     }
 }

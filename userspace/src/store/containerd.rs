@@ -543,6 +543,12 @@ impl ContentStore for ContainerdStore {
         self.grpc_read(digest, offset, len).await
     }
 
+    async fn in_flight(&self, digest: &Digest, wait: Duration) -> Option<super::ingest::InFlight> {
+        // `<root>/blobs/sha256` → `<root>`.
+        let root = self.blobs_dir()?.parent()?.parent()?.to_path_buf();
+        super::ingest::wait_for(root, *digest, wait).await
+    }
+
     fn catalog(&self) -> watch::Receiver<Arc<Catalog>> {
         self.catalog.subscribe()
     }

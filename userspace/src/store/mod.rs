@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod conformance;
 pub mod containerd;
 pub mod import;
+pub mod ingest;
 pub mod memory;
 
 use std::io::{Read, Seek, SeekFrom};
@@ -104,6 +105,17 @@ pub trait ContentStore: Send + Sync + 'static {
         offset: u64,
         len: u64,
     ) -> Result<Option<BlobBody>, StoreError>;
+
+    /// Content being written into the store now (a blob containerd is
+    /// fetching), waiting up to `wait` for its ingest to appear. `None` when
+    /// there is none, or this store cannot follow its ingests.
+    async fn in_flight(
+        &self,
+        _digest: &Digest,
+        _wait: std::time::Duration,
+    ) -> Option<ingest::InFlight> {
+        None
+    }
 
     /// The latest catalog; changes whenever the store's images do.
     fn catalog(&self) -> watch::Receiver<Arc<Catalog>>;

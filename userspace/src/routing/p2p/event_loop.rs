@@ -2,8 +2,8 @@
 //! swarm events and commands to the parts ([`PeerTable`], [`Lookups`],
 //! [`Advertiser`]) and publishes the router's status.
 
-use std::collections::HashSet;
-use std::net::IpAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -13,17 +13,20 @@ use libp2p::core::transport::Boxed;
 use libp2p::kad::store::RecordStore;
 use libp2p::kad::{self, GetProvidersOk, InboundRequest, QueryResult};
 use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, Swarm, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, connection_limits, identify, ping};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::advertiser::{Advertiser, Outcome};
 use super::lookups::{Lookups, Net};
 use super::peers::{PeerTable, dialable, interface_addresses, ip_of};
 use super::records::{ProviderStore, StoreLimits};
+use super::rendezvous::{self, Ask, Board, Reply};
 use super::{Command, P2pConfig, P2pCounters, P2pError, PeerEvent};
-use crate::routing::{KAD_PROTOCOL, RouterStatus};
+use crate::routing::{Fanout, KAD_PROTOCOL, Peer, RouterStatus, record_key};
 
 /// The borrow of the loop's parts that [`Lookups`] works with.
 macro_rules! net {
@@ -46,7 +49,22 @@ pub(super) struct Behaviour {
     /// Finds dead connections (a peer whose link went silent) in seconds
     /// rather than at the end of TCP's retransmission timeout.
     ping: ping::Behaviour,
+    /// The first-deploy fan-out's asks and answers ([`rendezvous`]).
+    fanout: request_response::json::Behaviour<Ask, Reply>,
 }
+
+fn fanout_behaviour() -> request_response::json::Behaviour<Ask, Reply> {
+    request_response::json::Behaviour::new(
+        [(
+            StreamProtocol::new(rendezvous::PROTOCOL),
+            ProtocolSupport::Full,
+        )],
+        request_response::Config::default().with_request_timeout(FANOUT_TIMEOUT),
+    )
+}
+
+/// How long an ask of the fan-out rendezvous may take.
+const FANOUT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A swarm that listens nowhere and knows nobody, for unit tests of the
 /// parts.
@@ -68,6 +86,7 @@ pub(super) fn test_swarm() -> Swarm<Behaviour> {
             keypair.public(),
         )),
         ping: ping::Behaviour::default(),
+        fanout: fanout_behaviour(),
     };
     Swarm::new(
         transport,
@@ -107,6 +126,15 @@ pub(super) struct EventLoop {
     /// The routing table's size, and when it was counted (counting walks
     /// every bucket: not on every event).
     table: (usize, Option<Instant>),
+    /// The fan-out decisions this node makes as a rendezvous.
+    board: Board,
+    /// Whether the fan-out is on.
+    fanout: bool,
+    /// Asks sent to other rendezvous nodes, waiting for their answer.
+    fanout_asks: HashMap<OutboundRequestId, oneshot::Sender<Option<Fanout>>>,
+    /// Answers that name a source this node is not connected to yet,
+    /// waiting for the dial.
+    fanout_dials: HashMap<PeerId, Vec<oneshot::Sender<Option<Fanout>>>>,
 }
 
 /// How long a count of the routing table is reused.
@@ -166,6 +194,7 @@ impl EventLoop {
                     .with_interval(Duration::from_secs(5))
                     .with_timeout(Duration::from_secs(5)),
             ),
+            fanout: fanout_behaviour(),
         };
         let mut swarm = Swarm::new(
             transport,
@@ -207,6 +236,10 @@ impl EventLoop {
                 .chain(interface_addresses())
                 .collect(),
             table: (0, None),
+            board: Board::new(settings.fanout_followers, settings.fanout_lease),
+            fanout: settings.fanout_followers > 0,
+            fanout_asks: HashMap::new(),
+            fanout_dials: HashMap::new(),
         };
         Ok((event_loop, status_rx))
     }
@@ -235,6 +268,10 @@ impl EventLoop {
                     self.own_ips.extend(interface_addresses());
                     self.lookups.housekeeping(now);
                     self.swarm.behaviour_mut().kad.store_mut().expire(now);
+                    self.fanout_dials.retain(|_, waiters| {
+                        waiters.retain(|w| !w.is_closed());
+                        !waiters.is_empty()
+                    });
                 }
             }
             self.advertiser
@@ -330,6 +367,168 @@ impl EventLoop {
             Command::Peers(reply) => {
                 let _ = reply.send(self.peers.infos(&self.own_ips));
             }
+            Command::Fanout {
+                digest,
+                failed,
+                reply,
+            } => self.ask_rendezvous(digest, failed, reply),
+        }
+    }
+
+    /// The rendezvous of `digest`: of this node and the peers in its
+    /// routing table, the one closest to the digest's record key. Nodes
+    /// with the same routing table agree on it.
+    fn rendezvous_for(&mut self, digest: &str) -> PeerId {
+        let target = kad::KBucketKey::new(kad::RecordKey::new(&record_key(digest)));
+        let local = *self.swarm.local_peer_id();
+        let mut best = (kad::KBucketKey::from(local).distance(&target), local);
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            for entry in bucket.iter() {
+                let distance = entry.node.key.distance(&target);
+                if distance < best.0 {
+                    best = (distance, *entry.node.key.preimage());
+                }
+            }
+        }
+        best.1
+    }
+
+    fn ask_rendezvous(
+        &mut self,
+        digest: String,
+        failed: Option<PeerId>,
+        reply: oneshot::Sender<Option<Fanout>>,
+    ) {
+        if !self.fanout {
+            let _ = reply.send(None);
+            return;
+        }
+        let rendezvous = self.rendezvous_for(&digest);
+        let ask = Ask {
+            digest,
+            failed: failed.map(|p| p.to_string()),
+        };
+        let local = *self.swarm.local_peer_id();
+        if rendezvous == local {
+            let answer = self.board.assign(local, &ask, Instant::now());
+            self.fanout_answer(answer, reply);
+        } else {
+            tracing::debug!(digest = %ask.digest, %rendezvous, "asking the fan-out rendezvous");
+            let id = self
+                .swarm
+                .behaviour_mut()
+                .fanout
+                .send_request(&rendezvous, ask);
+            self.fanout_asks.insert(id, reply);
+        }
+    }
+
+    /// Turns a rendezvous answer into what the mirror acts on: a source is
+    /// reported once this node holds a connection to it (so the source's
+    /// dataplane admits this node's registry requests).
+    fn fanout_answer(&mut self, answer: Reply, reply: oneshot::Sender<Option<Fanout>>) {
+        let source = match answer {
+            Reply::Lead => {
+                let _ = reply.send(Some(Fanout::Lead));
+                return;
+            }
+            Reply::Refused => {
+                let _ = reply.send(None);
+                return;
+            }
+            Reply::Follow { peer } => peer.parse::<PeerId>(),
+        };
+        let source = match source {
+            Ok(p) if p != *self.swarm.local_peer_id() => p,
+            _ => {
+                let _ = reply.send(None);
+                return;
+            }
+        };
+        if let Some(ip) = self.peers.endpoint_ip(&source, &self.own_ips) {
+            let _ = reply.send(Some(Fanout::Follow(Peer {
+                id: source,
+                addr: SocketAddr::new(ip, self.registry_port),
+            })));
+            return;
+        }
+        let condition = if self.peers.is_connected(&source) {
+            PeerCondition::Always
+        } else {
+            PeerCondition::DisconnectedAndNotDialing
+        };
+        match self
+            .swarm
+            .dial(DialOpts::peer_id(source).condition(condition).build())
+        {
+            Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {
+                self.fanout_dials.entry(source).or_default().push(reply);
+            }
+            Err(e) => {
+                tracing::debug!(%source, error = %e, "cannot dial the fan-out source");
+                let _ = reply.send(None);
+            }
+        }
+    }
+
+    /// A connection to `peer` is up, or its dial failed: answer the asks
+    /// that wait for it.
+    fn fanout_dialled(&mut self, peer: &PeerId) {
+        let Some(waiters) = self.fanout_dials.remove(peer) else {
+            return;
+        };
+        let source = self.peers.endpoint_ip(peer, &self.own_ips).map(|ip| Peer {
+            id: *peer,
+            addr: SocketAddr::new(ip, self.registry_port),
+        });
+        for w in waiters {
+            let _ = w.send(source.clone().map(Fanout::Follow));
+        }
+    }
+
+    fn on_fanout_event(&mut self, event: request_response::Event<Ask, Reply>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let answer = self.board.assign(peer, &request, Instant::now());
+                tracing::debug!(digest = %request.digest, asker = %peer, ?answer, "fan-out rendezvous answered");
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .fanout
+                    .send_response(channel, answer);
+            }
+            request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.fanout_asks.remove(&request_id) {
+                    self.fanout_answer(response, reply);
+                }
+            }
+            request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                peer,
+                ..
+            } => {
+                tracing::debug!(%peer, %error, "fan-out rendezvous did not answer");
+                if let Some(reply) = self.fanout_asks.remove(&request_id) {
+                    let _ = reply.send(None);
+                }
+            }
+            request_response::Event::InboundFailure { .. }
+            | request_response::Event::ResponseSent { .. } => {}
         }
     }
 
@@ -358,6 +557,7 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(_)) => {}
             SwarmEvent::Behaviour(BehaviourEvent::Limits(never)) => match never {},
+            SwarmEvent::Behaviour(BehaviourEvent::Fanout(event)) => self.on_fanout_event(event),
             SwarmEvent::NewListenAddr { address, .. } => self.on_listening(address),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -389,6 +589,7 @@ impl EventLoop {
                 }
                 let net = net!(self);
                 self.lookups.connected(net, peer_id);
+                self.fanout_dialled(&peer_id);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -424,6 +625,7 @@ impl EventLoop {
                 if let Some(peer) = peer_id {
                     let net = net!(self);
                     self.lookups.dial_failed(net, peer);
+                    self.fanout_dialled(&peer);
                 }
             }
             _ => {}

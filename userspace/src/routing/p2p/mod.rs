@@ -25,6 +25,7 @@ mod event_loop;
 mod lookups;
 mod peers;
 mod records;
+pub mod rendezvous;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -62,6 +63,10 @@ pub struct P2pSettings {
     pub lookup_cache_ttl: Duration,
     /// How long an unused connection to a peer is kept open.
     pub idle_connection_timeout: Duration,
+    /// First-deploy fan-out: followers per source (0: fan-out off).
+    pub fanout_followers: usize,
+    /// How long a fan-out entry lives after it was last asked about.
+    pub fanout_lease: Duration,
 }
 
 /// The metric handles the router updates itself.
@@ -135,6 +140,11 @@ enum Command {
     Dial(Multiaddr),
     Bootstrap,
     Peers(oneshot::Sender<Vec<PeerInfo>>),
+    Fanout {
+        digest: String,
+        failed: Option<PeerId>,
+        reply: oneshot::Sender<Option<super::Fanout>>,
+    },
 }
 
 /// The handle the daemon uses. Cheap to clone.
@@ -173,6 +183,16 @@ impl P2pRouter {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Peers(tx)).await?;
         rx.await.map_err(|_| RouterError::Stopped)
+    }
+
+    /// Whether a live P2P connection (a peer that proved the preshared
+    /// key) comes from or goes to `ip`.
+    pub async fn is_peer_address(&self, ip: IpAddr) -> bool {
+        self.peers()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .any(|p| p.connection_ips.contains(&ip))
     }
 }
 
@@ -223,6 +243,22 @@ impl Router for P2pRouter {
                 Box::pin(futures::stream::once(sent).flatten())
             }
         }
+    }
+
+    async fn fanout(
+        &self,
+        digest: &crate::oci::Digest,
+        failed: Option<PeerId>,
+    ) -> Option<super::Fanout> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Fanout {
+            digest: digest.to_string(),
+            failed,
+            reply,
+        })
+        .await
+        .ok()?;
+        answer.await.ok().flatten()
     }
 
     fn watch_status(&self) -> watch::Receiver<RouterStatus> {

@@ -40,6 +40,8 @@ fn node(n: u8, psk: Option<PreSharedKey>, bootstrap: bool) -> Node {
             reannounce_interval: Duration::from_secs(30),
             lookup_cache_ttl: Duration::from_millis(10),
             idle_connection_timeout: Duration::from_secs(30),
+            fanout_followers: 4,
+            fanout_lease: Duration::from_secs(600),
         },
         counters: counters.clone(),
         events: None,
