@@ -5,6 +5,7 @@ pub mod browser;
 pub mod cluster;
 pub mod cri;
 pub mod dht;
+pub mod fanout;
 pub mod http;
 pub mod image;
 pub mod netns;

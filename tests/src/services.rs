@@ -323,6 +323,19 @@ state = "{d}/state"
         Ok(())
     }
 
+    /// containerd's PID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
+    /// SIGKILLs containerd (a node that dies mid-pull); [`Self::restart`]
+    /// starts it again.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
     /// Runs `ctr` against this containerd, in its namespace.
     pub fn ctr(&self, args: &[&str]) -> Result<String> {
         run(self

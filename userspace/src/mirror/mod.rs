@@ -164,7 +164,16 @@ pub struct Mirror {
     /// When set, peers are reached over mTLS with this node's certificate.
     tls: Option<Arc<TlsState>>,
     journal: journal::Journal,
+    /// Followed sources that stopped delivering, per digest, and when: an
+    /// answer naming one again is treated as failed at once (the report to
+    /// the rendezvous may still be on its way when containerd retries).
+    stopped: Mutex<HashMap<Digest, (PeerId, Instant)>>,
 }
+
+/// How long a followed source that stopped is not followed again.
+const STOPPED_TTL: Duration = Duration::from_secs(30);
+/// Most stopped sources remembered.
+const MAX_STOPPED: usize = 1024;
 
 /// The peers a request may still try, in the order the lookup found them.
 /// When the lookup is over, a long transfer may look again (at most once per
@@ -261,6 +270,7 @@ impl Mirror {
             bad: BadPeers::default(),
             tls,
             journal: journal::Journal::default(),
+            stopped: Mutex::default(),
         })
     }
 
@@ -635,6 +645,10 @@ impl Mirror {
             .ok()
             .flatten();
             let source = match answer {
+                Some(Fanout::Follow(source)) if self.has_stopped(digest, &source.id) => {
+                    failed = Some(source.id);
+                    continue;
+                }
                 Some(Fanout::Follow(source)) => source,
                 Some(Fanout::Lead) => {
                     tracing::debug!(%digest, "fan-out: this node fetches it");
@@ -676,6 +690,24 @@ impl Mirror {
             }
         }
         None
+    }
+
+    /// Remembers that `source` stopped delivering `digest`.
+    pub(crate) fn note_stopped(&self, digest: Digest, source: PeerId) {
+        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        if stopped.len() >= MAX_STOPPED {
+            stopped.retain(|_, (_, at)| at.elapsed() < STOPPED_TTL);
+        }
+        if stopped.len() < MAX_STOPPED {
+            stopped.insert(digest, (source, Instant::now()));
+        }
+    }
+
+    fn has_stopped(&self, digest: &Digest, source: &PeerId) -> bool {
+        let stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        stopped
+            .get(digest)
+            .is_some_and(|(p, at)| p == source && at.elapsed() < STOPPED_TTL)
     }
 
     /// Tells the rendezvous that a followed source stopped delivering, so

@@ -261,6 +261,10 @@ impl Transfer {
     }
 
     fn exhausted(&self) -> TransferError {
+        // Before the client hears of it (containerd retries at once).
+        if let Some(source) = self.followed {
+            self.mirror.note_stopped(self.digest, source);
+        }
         TransferError::Exhausted {
             digest: self.digest,
             pos: self.pos,
