@@ -223,7 +223,7 @@ const PER_RELEASE_TESTS: &[(&releases::Release, &[&str])] = &[
     (&releases::NEWER[0], &["single_node", "airgap"]),
     (
         &releases::NEWER[1],
-        &["single_node", "cluster", "tls", "airgap"],
+        &["single_node", "cluster", "tls", "airgap", "fanout"],
     ),
 ];
 
