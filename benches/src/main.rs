@@ -12,6 +12,7 @@
 
 mod clients;
 mod dht;
+mod fanout;
 mod measure;
 
 use std::fmt::Write as _;
@@ -580,7 +581,7 @@ fn report(rows: &[Row], pulls: &[PullRow]) -> String {
 }
 
 /// The parts `cargo xtask bench [part]` can run; no part runs them all.
-const PARTS: &[&str] = &["serving", "clients", "cluster", "dht"];
+const PARTS: &[&str] = &["serving", "clients", "cluster", "dht", "fanout"];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -626,6 +627,13 @@ fn main() -> Result<()> {
     if wanted("dht") {
         let _ = writeln!(text, "\nDHT, one process on 127.0.0.0/8, release build:\n");
         text.push_str(&dht::bench()?);
+    }
+    if wanted("fanout") {
+        let _ = writeln!(
+            text,
+            "\nFirst deploy: nodes pulling a new image at once, upstream capped at 400 Mbit/s:\n"
+        );
+        text.push_str(&fanout::bench()?);
     }
     println!("\n{text}");
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(

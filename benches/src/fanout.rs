@@ -1,0 +1,226 @@
+//! `cargo xtask bench fanout`: the first deploy. 1, 4, 8 and 16 nodes in
+//! network namespaces (containerd and peermirror each, dataplane required)
+//! pull an image no node holds at the same moment, through an upstream
+//! registry whose link is capped at 400 Mbit/s (`tc tbf`). Two images: 128
+//! MiB in two layers, and 512 MiB in one layer. Each case runs with the
+//! fan-out on and off (`--fanout-followers 0`: every node goes upstream),
+//! in the same run. Reported: the time until every node is done, against
+//! one node alone; the bytes the upstream sent (its qdisc's counter),
+//! against one node's pull; CPU per node (peermirror and containerd).
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use peermirror_tests::cluster::{Cluster, ClusterNode, NodeSpec};
+use peermirror_tests::fanout::{UpstreamLink, node_spec, pull_all, wait_full_mesh};
+use peermirror_tests::image::{TestImage, layer};
+
+use crate::measure::server_cpu;
+
+const KEY: [u8; 32] = [0x44; 32];
+const MIB: usize = 1 << 20;
+const DEFAULT_NODES: &[usize] = &[1, 4, 8, 16];
+
+/// One measured case.
+struct Case {
+    fanout: bool,
+    image: &'static str,
+    nodes: usize,
+    seconds: f64,
+    upstream: u64,
+    /// Mean CPU seconds per node: peermirror, containerd.
+    cpu: (f64, f64),
+}
+
+/// The node counts to run (`PM_BENCH_FANOUT_NODES=1,4`), largest last.
+fn node_counts() -> Vec<usize> {
+    let mut counts: Vec<usize> = std::env::var("PM_BENCH_FANOUT_NODES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| DEFAULT_NODES.to_vec());
+    counts.retain(|n| *n >= 1);
+    counts.sort_unstable();
+    counts.dedup();
+    if !counts.contains(&1) {
+        counts.insert(0, 1);
+    }
+    counts
+}
+
+/// Free bytes on the filesystem of the temporary directory.
+fn free_bytes() -> u64 {
+    rustix::fs::statvfs(std::env::temp_dir())
+        .map(|s| s.f_bavail * s.f_frsize)
+        .unwrap_or(0)
+}
+
+pub fn bench() -> Result<String> {
+    let counts = node_counts();
+    let max = *counts.last().unwrap_or(&1);
+    let images: [(&'static str, Vec<peermirror_tests::image::LayerSpec>); 2] = [
+        (
+            "128 MiB, 2 layers",
+            vec![layer(64 * MIB, false), layer(64 * MIB, false)],
+        ),
+        ("512 MiB, 1 layer", vec![layer(512 * MIB, false)]),
+    ];
+    let mut cases = Vec::new();
+    let mut notes = Vec::new();
+    for fanout in [true, false] {
+        let specs: Vec<NodeSpec> = (1..=max)
+            .map(|i| {
+                let mut spec = node_spec(&format!("n{i}"), KEY);
+                if !fanout {
+                    spec.extra.extend(["--fanout-followers".into(), "0".into()]);
+                }
+                spec
+            })
+            .collect();
+        let mut cluster = Cluster::start(&specs)?;
+        let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        cluster.wait_ready(&refs, Duration::from_secs(120))?;
+        wait_full_mesh(&cluster, Duration::from_secs(120))?;
+        let link = UpstreamLink::cap(&cluster, "400mbit")?;
+        for (which, (label, layers)) in images.iter().enumerate() {
+            for &n in &counts {
+                let size: u64 = layers.iter().map(|l| l.size as u64).sum();
+                // Content plus its unpacked snapshot on every node, and the
+                // upstream's copy.
+                let needed = size * (2 * n as u64 + 2) + (1 << 30);
+                if free_bytes() < needed {
+                    notes.push(format!(
+                        "skipped {label} × {n} nodes (fan-out {}): needs about {} GiB free, {} GiB are",
+                        if fanout { "on" } else { "off" },
+                        needed >> 30,
+                        free_bytes() >> 30
+                    ));
+                    continue;
+                }
+                let tag = format!("{}{which}n{n}", if fanout { "on" } else { "off" });
+                let image = cluster.layout.add_image(
+                    &format!("bench/{}", label.split(' ').next().unwrap_or("img")),
+                    &tag,
+                    layers,
+                )?;
+                cluster.layout.finish()?;
+                cluster.upstream.push(&cluster.layout, &image)?;
+                let case = measure(&cluster, &link, &image, n, fanout, label)?;
+                eprintln!(
+                    "fanout bench: {label}, {n} nodes, fan-out {}: {:.2} s, {} MiB upstream",
+                    if fanout { "on" } else { "off" },
+                    case.seconds,
+                    case.upstream >> 20
+                );
+                cases.push(case);
+                remove(&cluster.nodes[..n], &cluster.upstream.reference(&image))?;
+            }
+        }
+    }
+    Ok(report(&cases, &notes))
+}
+
+fn measure(
+    cluster: &Cluster,
+    link: &UpstreamLink,
+    image: &TestImage,
+    n: usize,
+    fanout: bool,
+    label: &'static str,
+) -> Result<Case> {
+    let nodes: Vec<&ClusterNode> = cluster.nodes[..n].iter().collect();
+    let cpu = |node: &ClusterNode| {
+        (
+            server_cpu(node.pm().proc.pid()),
+            node.containerd.pid().map_or(0.0, server_cpu),
+        )
+    };
+    let before: Vec<(f64, f64)> = nodes.iter().map(|n| cpu(n)).collect();
+    let sent = link.sent()?;
+    let started = Instant::now();
+    pull_all(&nodes, &cluster.upstream.reference(image), |node, r| {
+        node.ctr_pull(r)
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    let upstream = link.sent()? - sent;
+    for node in &nodes {
+        node.assert_has(&cluster.layout, image)?;
+    }
+    let after: Vec<(f64, f64)> = nodes.iter().map(|n| cpu(n)).collect();
+    let per_node = |f: fn(&(f64, f64)) -> f64| {
+        after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| f(a) - f(b))
+            .sum::<f64>()
+            / n as f64
+    };
+    Ok(Case {
+        fanout,
+        image: label,
+        nodes: n,
+        seconds,
+        upstream,
+        cpu: (per_node(|c| c.0), per_node(|c| c.1)),
+    })
+}
+
+/// Removes the image and its content from `nodes` (garbage-collected at
+/// once), so that the next case starts from nothing.
+fn remove(nodes: &[ClusterNode], reference: &str) -> Result<()> {
+    for node in nodes {
+        node.containerd
+            .ctr(&["images", "rm", "--sync", reference])?;
+    }
+    Ok(())
+}
+
+fn report(cases: &[Case], notes: &[String]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| image | nodes | fan-out | all done, s | ÷ one node | upstream sent, MiB | ÷ one node's | CPU-s per node (peermirror / containerd) | target |"
+    );
+    let _ = writeln!(
+        out,
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | --- |"
+    );
+    for c in cases {
+        let alone = cases
+            .iter()
+            .find(|o| o.fanout == c.fanout && o.image == c.image && o.nodes == 1);
+        let (t, b) = alone.map_or((f64::NAN, f64::NAN), |a| {
+            (c.seconds / a.seconds, c.upstream as f64 / a.upstream as f64)
+        });
+        let limit = if c.nodes >= 16 { 2.0 } else { 1.5 };
+        let target = if !c.fanout || c.nodes == 1 {
+            String::new()
+        } else {
+            let met = t <= limit && b <= limit;
+            format!(
+                "≤ {limit}× both: {}",
+                if met { "met" } else { "**missed**" }
+            )
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.2} | {t:.2} | {} | {b:.2} | {:.2} / {:.2} | {target} |",
+            c.image,
+            c.nodes,
+            if c.fanout {
+                "on"
+            } else {
+                "off (upstream only)"
+            },
+            c.seconds,
+            c.upstream >> 20,
+            c.cpu.0,
+            c.cpu.1,
+        );
+    }
+    for n in notes {
+        let _ = writeln!(out, "\n{n}");
+    }
+    out
+}
