@@ -15,6 +15,8 @@ pub fn node_spec(name: &str, psk: [u8; 32]) -> NodeSpec {
         name: name.to_string(),
         psk,
         extra: [
+            "--fanout-followers",
+            "4",
             "--lookup-cache-ttl",
             "1s",
             "--mirror-stall-timeout",

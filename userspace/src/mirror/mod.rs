@@ -645,7 +645,15 @@ impl Mirror {
             .ok()
             .flatten();
             let source = match answer {
-                Some(Fanout::Follow(source)) if self.has_stopped(digest, &source.id) => {
+                // A source that stopped, or that sent corrupt bytes of this
+                // digest (a rendezvous entry outlives the fetch it was made
+                // for: its leader may hold a bad copy now).
+                Some(Fanout::Follow(source))
+                    if self.has_stopped(digest, &source.id)
+                        || self
+                            .bad
+                            .is_bad(digest, &source.id, self.config.bad_peer_ttl) =>
+                {
                     failed = Some(source.id);
                     continue;
                 }
