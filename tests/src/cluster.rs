@@ -34,6 +34,17 @@ pub struct NodeSpec {
     pub extra: Vec<String>,
 }
 
+impl NodeSpec {
+    /// A node named `name` that knows `psk`, started with `extra` flags.
+    pub fn new(name: &str, psk: [u8; 32], extra: &[&str]) -> NodeSpec {
+        NodeSpec {
+            name: name.to_string(),
+            psk,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
 pub struct ClusterNode {
     pub name: String,
     pub host: Host,

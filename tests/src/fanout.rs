@@ -11,10 +11,10 @@ use crate::cluster::{Cluster, ClusterNode, NodeSpec};
 /// A node of the fan-out scenario: short stall timeout (a dead leader is
 /// noticed quickly), short lookup cache (holders that commit are found).
 pub fn node_spec(name: &str, psk: [u8; 32]) -> NodeSpec {
-    NodeSpec {
-        name: name.to_string(),
+    NodeSpec::new(
+        name,
         psk,
-        extra: [
+        &[
             "--fanout-followers",
             "4",
             "--lookup-cache-ttl",
@@ -23,11 +23,8 @@ pub fn node_spec(name: &str, psk: [u8; 32]) -> NodeSpec {
             "2s",
             "--resync-interval",
             "5s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-    }
+        ],
+    )
 }
 
 /// Waits until every node has every other in its routing table: then they

@@ -23,10 +23,10 @@ const PROVIDER_TTL: Duration = Duration::from_secs(15);
 const MIB: u64 = 1 << 20;
 
 fn spec(name: &str, psk: [u8; 32]) -> NodeSpec {
-    NodeSpec {
-        name: name.to_string(),
+    NodeSpec::new(
+        name,
         psk,
-        extra: [
+        &[
             "--provider-ttl",
             "15s",
             "--reannounce-interval",
@@ -37,11 +37,8 @@ fn spec(name: &str, psk: [u8; 32]) -> NodeSpec {
             "2s",
             "--resync-interval",
             "5s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-    }
+        ],
+    )
 }
 
 /// The peer id a node prints on its debug page.

@@ -597,23 +597,21 @@ impl Handler {
         method: Method,
     ) -> Response {
         let size = in_flight.total;
-        let (status, offset, len) = match range {
+        let range = match range {
+            Ok(r) => r,
             Err(message) => return range_not_satisfiable(message, Some(size)),
-            Ok(Some(r)) if size == 0 && r.is_from_start() => (200, 0, 0),
-            Ok(Some(r)) => match r.resolve(size) {
-                Ok(span) => (206, *span.start(), span.end() - span.start() + 1),
-                Err(e) => return range_not_satisfiable(e.to_string(), Some(size)),
-            },
-            Ok(None) => (200, 0, size),
         };
         let digest = in_flight.digest;
+        let BlobSpan {
+            status,
+            offset,
+            len,
+            headers,
+        } = match blob_span(&digest, size, range) {
+            Ok(span) => span,
+            Err(unsatisfiable) => return unsatisfiable,
+        };
         tracing::debug!(%digest, offset, len, "serving an in-flight blob to a follower");
-        let mut headers = blob_headers(&digest);
-        if status == 206
-            && let Some(span) = ContentRange::span(offset, len, size)
-        {
-            headers.push(("content-range", span.to_string()));
-        }
         let body = if method == Method::Head {
             Body::Empty
         } else {
@@ -642,25 +640,15 @@ impl Handler {
         range: Option<ByteRange>,
         method: Method,
     ) -> Result<Option<Response>, OciError> {
-        let (status, offset, len) = match range {
-            // An empty blob has no satisfiable range, but `bytes=0-` is how
-            // containerd 2.1+ asks for any whole blob: send it.
-            Some(r) if size == 0 && r.is_from_start() => (200, 0, 0),
-            Some(r) => {
-                let span = match r.resolve(size) {
-                    Ok(span) => span,
-                    Err(e) => return Ok(Some(range_not_satisfiable(e.to_string(), Some(size)))),
-                };
-                (206, *span.start(), span.end() - span.start() + 1)
-            }
-            None => (200, 0, size),
+        let BlobSpan {
+            status,
+            offset,
+            len,
+            headers,
+        } = match blob_span(digest, size, range) {
+            Ok(span) => span,
+            Err(unsatisfiable) => return Ok(Some(unsatisfiable)),
         };
-        let mut headers = blob_headers(digest);
-        if status == 206
-            && let Some(span) = ContentRange::span(offset, len, size)
-        {
-            headers.push(("content-range", span.to_string()));
-        }
         let body = if method == Method::Head {
             Body::Empty
         } else {
@@ -692,6 +680,42 @@ impl Handler {
             permit: None,
         }))
     }
+}
+
+/// What a blob response of `size` bytes carries for `range`.
+struct BlobSpan {
+    status: u16,
+    offset: u64,
+    len: u64,
+    /// The blob headers, with `Content-Range` on a `206`.
+    headers: Vec<(&'static str, String)>,
+}
+
+/// The status, span and headers of a blob response; the `416` to answer
+/// when the range is outside the blob.
+fn blob_span(digest: &Digest, size: u64, range: Option<ByteRange>) -> Result<BlobSpan, Response> {
+    let (status, offset, len) = match range {
+        // An empty blob has no satisfiable range, but `bytes=0-` is how
+        // containerd 2.1+ asks for any whole blob: send it.
+        Some(r) if size == 0 && r.is_from_start() => (200, 0, 0),
+        Some(r) => match r.resolve(size) {
+            Ok(span) => (206, *span.start(), span.end() - span.start() + 1),
+            Err(e) => return Err(range_not_satisfiable(e.to_string(), Some(size))),
+        },
+        None => (200, 0, size),
+    };
+    let mut headers = blob_headers(digest);
+    if status == 206
+        && let Some(span) = ContentRange::span(offset, len, size)
+    {
+        headers.push(("content-range", span.to_string()));
+    }
+    Ok(BlobSpan {
+        status,
+        offset,
+        len,
+        headers,
+    })
 }
 
 fn blob_headers(digest: &Digest) -> Vec<(&'static str, String)> {
