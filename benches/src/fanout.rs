@@ -72,10 +72,7 @@ pub fn bench() -> Result<String> {
             .map(|i| {
                 let mut spec = node_spec(&format!("n{i}"), KEY);
                 if !fanout {
-                    // The scenario's nodes enable it; this run leaves it off.
-                    if let Some(i) = spec.extra.iter().position(|a| a == "--fanout-followers") {
-                        spec.extra.drain(i..i + 2);
-                    }
+                    spec.extra.extend(["--fanout-followers".into(), "0".into()]);
                 }
                 spec
             })

@@ -15,8 +15,6 @@ pub fn node_spec(name: &str, psk: [u8; 32]) -> NodeSpec {
         name,
         psk,
         &[
-            "--fanout-followers",
-            "4",
             "--lookup-cache-ttl",
             "1s",
             "--mirror-stall-timeout",

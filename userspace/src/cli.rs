@@ -589,8 +589,8 @@ pub struct Run {
     /// First-deploy fan-out: when no node holds a blob, the digest's
     /// rendezvous node tells one node to fetch it and the others to follow
     /// its in-flight ingest; this many followers per source (the rest
-    /// follow followers). 0 (the default for now) leaves the fan-out off.
-    #[arg(long, env = "PEERMIRROR_FANOUT_FOLLOWERS", default_value_t = 0)]
+    /// follow followers). 0 turns the fan-out off.
+    #[arg(long, env = "PEERMIRROR_FANOUT_FOLLOWERS", default_value_t = 4)]
     pub fanout_followers: usize,
 
     /// How long a fan-out decision is kept after its digest was last asked

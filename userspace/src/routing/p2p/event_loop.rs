@@ -130,8 +130,13 @@ pub(super) struct EventLoop {
     board: Board,
     /// Whether the fan-out is on.
     fanout: bool,
-    /// Asks sent to other rendezvous nodes, waiting for their answer.
-    fanout_asks: HashMap<OutboundRequestId, oneshot::Sender<Option<Fanout>>>,
+    /// Asks sent to other rendezvous nodes, waiting for their answer: the
+    /// digest, the rendezvous, who waits.
+    fanout_asks: HashMap<OutboundRequestId, (String, PeerId, oneshot::Sender<Option<Fanout>>)>,
+    /// Digests this node was told to fetch itself, with their rendezvous
+    /// and when: once it announces one, it tells the rendezvous.
+    leading: HashMap<String, (PeerId, Instant)>,
+    fanout_lease: Duration,
     /// Answers that name a source this node is not connected to yet,
     /// waiting for the dial.
     fanout_dials: HashMap<PeerId, Vec<oneshot::Sender<Option<Fanout>>>>,
@@ -240,6 +245,8 @@ impl EventLoop {
             fanout: settings.fanout_followers > 0,
             fanout_asks: HashMap::new(),
             fanout_dials: HashMap::new(),
+            leading: HashMap::new(),
+            fanout_lease: settings.fanout_lease,
         };
         Ok((event_loop, status_rx))
     }
@@ -272,6 +279,8 @@ impl EventLoop {
                         waiters.retain(|w| !w.is_closed());
                         !waiters.is_empty()
                     });
+                    let lease = self.fanout_lease;
+                    self.leading.retain(|_, (_, at)| now.duration_since(*at) < lease);
                 }
             }
             self.advertiser
@@ -340,6 +349,7 @@ impl EventLoop {
         match command {
             // The status is current before the caller hears back.
             Command::Advertise { keys, round, done } => {
+                self.fanout_done(&keys);
                 self.advertiser.add(keys, round);
                 self.publish_status();
                 let _ = done.send(());
@@ -407,28 +417,67 @@ impl EventLoop {
         let ask = Ask {
             digest,
             failed: failed.map(|p| p.to_string()),
+            done: false,
         };
         let local = *self.swarm.local_peer_id();
         if rendezvous == local {
             let answer = self.board.assign(local, &ask, Instant::now());
-            self.fanout_answer(answer, reply);
+            self.fanout_answer(ask.digest, rendezvous, answer, reply);
         } else {
             tracing::debug!(digest = %ask.digest, %rendezvous, "asking the fan-out rendezvous");
+            let digest = ask.digest.clone();
             let id = self
                 .swarm
                 .behaviour_mut()
                 .fanout
                 .send_request(&rendezvous, ask);
-            self.fanout_asks.insert(id, reply);
+            self.fanout_asks.insert(id, (digest, rendezvous, reply));
+        }
+    }
+
+    /// Of `keys` (this node now holds them), the digests whose fetch it led:
+    /// tells their rendezvous that the fetch is done.
+    fn fanout_done(&mut self, keys: &[String]) {
+        if self.leading.is_empty() {
+            return;
+        }
+        let local = *self.swarm.local_peer_id();
+        for key in keys {
+            let Some((rendezvous, _)) = self.leading.remove(key) else {
+                continue;
+            };
+            let ask = Ask {
+                digest: key.clone(),
+                failed: None,
+                done: true,
+            };
+            if rendezvous == local {
+                self.board.assign(local, &ask, Instant::now());
+            } else {
+                // The answer says nothing; it finds no asker waiting.
+                self.swarm
+                    .behaviour_mut()
+                    .fanout
+                    .send_request(&rendezvous, ask);
+            }
         }
     }
 
     /// Turns a rendezvous answer into what the mirror acts on: a source is
     /// reported once this node holds a connection to it (so the source's
     /// dataplane admits this node's registry requests).
-    fn fanout_answer(&mut self, answer: Reply, reply: oneshot::Sender<Option<Fanout>>) {
+    fn fanout_answer(
+        &mut self,
+        digest: String,
+        rendezvous: PeerId,
+        answer: Reply,
+        reply: oneshot::Sender<Option<Fanout>>,
+    ) {
         let source = match answer {
             Reply::Lead => {
+                if self.leading.len() < rendezvous::MAX_ENTRIES {
+                    self.leading.insert(digest, (rendezvous, Instant::now()));
+                }
                 let _ = reply.send(Some(Fanout::Lead));
                 return;
             }
@@ -497,7 +546,8 @@ impl EventLoop {
                 ..
             } => {
                 let answer = self.board.assign(peer, &request, Instant::now());
-                tracing::debug!(digest = %request.digest, asker = %peer, ?answer, "fan-out rendezvous answered");
+                // Logged as the rendezvous's own bookkeeping.
+                tracing::debug!(target: "peermirror::routing::p2p::rendezvous", digest = %request.digest, asker = %peer, ?answer, "fan-out rendezvous answered");
                 let _ = self
                     .swarm
                     .behaviour_mut()
@@ -512,8 +562,8 @@ impl EventLoop {
                     },
                 ..
             } => {
-                if let Some(reply) = self.fanout_asks.remove(&request_id) {
-                    self.fanout_answer(response, reply);
+                if let Some((digest, rendezvous, reply)) = self.fanout_asks.remove(&request_id) {
+                    self.fanout_answer(digest, rendezvous, response, reply);
                 }
             }
             request_response::Event::OutboundFailure {
@@ -523,7 +573,7 @@ impl EventLoop {
                 ..
             } => {
                 tracing::debug!(%peer, %error, "fan-out rendezvous did not answer");
-                if let Some(reply) = self.fanout_asks.remove(&request_id) {
+                if let Some((_, _, reply)) = self.fanout_asks.remove(&request_id) {
                     let _ = reply.send(None);
                 }
             }

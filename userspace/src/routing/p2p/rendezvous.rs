@@ -15,8 +15,11 @@
 //!
 //! A follower that gets nothing from its source says so in its next ask
 //! (`failed`): a failed leader ends the digest's entry (the next asker
-//! leads), a failed follower leaves the tree. Entries expire `lease` after
-//! they were last touched, and there are at most [`MAX_ENTRIES`].
+//! leads), a failed follower leaves the tree. A leader that holds the blob
+//! (it announces it in the DHT) says so (`done`), which ends the entry too:
+//! later misses of the digest are not sent to a fetch that is over. Entries
+//! expire `lease` after they were last touched, and there are at most
+//! [`MAX_ENTRIES`].
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -38,6 +41,10 @@ pub struct Ask {
     /// A source (peer id) this node was told to follow and that did not
     /// deliver.
     pub failed: Option<String>,
+    /// The asker led the digest's fetch and now holds the blob: the entry
+    /// has done its work (new askers find the blob in the DHT).
+    #[serde(default)]
+    pub done: bool,
 }
 
 /// What the asker is to do.
@@ -115,6 +122,18 @@ impl Board {
             return Reply::Refused;
         }
         self.expire(now);
+        if ask.done {
+            if self
+                .trees
+                .get(&ask.digest)
+                .and_then(|t| t.members.first())
+                .is_some_and(|leader| leader.peer == asker)
+            {
+                tracing::debug!(digest = %ask.digest, leader = %asker, "fan-out fetch done");
+                self.trees.remove(&ask.digest);
+            }
+            return Reply::Refused;
+        }
         let failed = ask.failed.as_deref().and_then(|f| f.parse::<PeerId>().ok());
         if let Some(failed) = failed
             && let Some(tree) = self.trees.get_mut(&ask.digest)
@@ -203,6 +222,7 @@ mod tests {
         Ask {
             digest: D.to_string(),
             failed: failed.map(|p| p.to_string()),
+            done: false,
         }
     }
 
@@ -272,6 +292,7 @@ mod tests {
         let bad = Ask {
             digest: "../etc/passwd".into(),
             failed: None,
+            done: false,
         };
         assert_eq!(board.assign(a, &bad, now), Reply::Refused);
         for i in 0..(MAX_ENTRIES + 10) {
@@ -281,10 +302,31 @@ mod tests {
                 &Ask {
                     digest,
                     failed: None,
+                    done: false,
                 },
                 now + Duration::from_secs(11),
             );
         }
         assert_eq!(board.len(), MAX_ENTRIES);
+    }
+
+    #[test]
+    fn a_leader_that_is_done_ends_the_entry_and_only_the_leader_can() {
+        let now = Instant::now();
+        let mut board = Board::new(4, Duration::from_secs(60));
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        assert_eq!(board.assign(a, &ask(None), now), Reply::Lead);
+        assert_eq!(follows(&board.assign(b, &ask(None), now)), a);
+        let done = Ask {
+            done: true,
+            ..ask(None)
+        };
+        // A follower's "done" changes nothing.
+        assert_eq!(board.assign(b, &done, now), Reply::Refused);
+        assert_eq!(follows(&board.assign(c, &ask(None), now)), a);
+        assert_eq!(board.assign(a, &done, now), Reply::Refused);
+        assert!(board.is_empty());
+        // The next miss of the digest is a fetch of its own.
+        assert_eq!(board.assign(c, &ask(None), now), Reply::Lead);
     }
 }
