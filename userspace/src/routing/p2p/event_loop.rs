@@ -409,7 +409,9 @@ impl EventLoop {
         failed: Option<PeerId>,
         reply: oneshot::Sender<Option<Fanout>>,
     ) {
-        if !self.fanout {
+        // Alone, there is nobody to follow and nobody to lead: no entry is
+        // made (a client asking for random digests would fill the board).
+        if !self.fanout || self.routing_table_peers(false) == 0 {
             let _ = reply.send(None);
             return;
         }
