@@ -586,6 +586,16 @@ pub struct Run {
     #[arg(long, env = "PEERMIRROR_MIRROR_MAX_ATTEMPTS", default_value_t = 5)]
     pub mirror_max_attempts: usize,
 
+    /// Most holders a large blob is fetched from at once, in segments (the
+    /// busy ones used less). 1 fetches from one holder at a time.
+    #[arg(long, env = "PEERMIRROR_MIRROR_PARALLEL_PEERS", default_value_t = 4)]
+    pub mirror_parallel_peers: usize,
+
+    /// Size (K, M, G) from which a blob that several peers hold is fetched
+    /// from them at once.
+    #[arg(long, env = "PEERMIRROR_MIRROR_PARALLEL_MIN_SIZE", default_value = "32M", value_parser = parse_size)]
+    pub mirror_parallel_min_size: u64,
+
     /// First-deploy fan-out: when no node holds a blob, the digest's
     /// rendezvous node tells one node to fetch it and the others to follow
     /// its in-flight ingest; this many followers per source (the rest
@@ -833,6 +843,8 @@ impl Run {
                 min_speed: self.mirror_min_speed,
                 total_timeout: self.mirror_total_timeout,
                 max_attempts: self.mirror_max_attempts.max(1),
+                parallel_peers: self.mirror_parallel_peers.max(1),
+                parallel_min_size: self.mirror_parallel_min_size,
                 // The source answers once its ingest is there.
                 follow_header_timeout: self.mirror_header_timeout + self.fanout_ingest_wait,
                 ..MirrorConfig::default()

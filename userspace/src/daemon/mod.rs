@@ -21,7 +21,7 @@ use crate::dataplane::{Admission, Dataplane, DataplaneConfig, DataplaneMode};
 use crate::metrics::{self, DataplaneLabels, HandshakeLabels, Metrics, ServingPathLabels};
 use crate::mirror::Mirror;
 use crate::registry::uring::UringGauges;
-use crate::registry::{FileBodies, Handler, HandlerConfig, Server};
+use crate::registry::{FileBodies, Handler, HandlerConfig, Server, UploadRate};
 use crate::routing::bootstrap::{self, Bootstrap};
 use crate::routing::identity;
 use crate::routing::p2p::{self, P2pConfig, P2pCounters, P2pRouter};
@@ -125,6 +125,19 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
         register_spegel_catalog_gauges(&mut prometheus, &store.catalog());
     }
     let mirror = Mirror::with_tls(Arc::new(router.clone()), config.mirror.clone(), tls.clone());
+    let upload_rate = UploadRate::default();
+    if let Some(dp) = &dataplane {
+        tasks.spawn_infallible(
+            background,
+            "upload rate",
+            Policy::Auxiliary,
+            measure_upload_rate(
+                dp.clone(),
+                upload_rate.clone(),
+                tasks.stop_token(background),
+            ),
+        );
+    }
     let handler = Arc::new(
         Handler::new(
             store.clone(),
@@ -136,7 +149,8 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
             },
             metrics.clone(),
         )
-        .with_peers(Arc::new(FollowingPeers(router.clone()))),
+        .with_peers(Arc::new(FollowingPeers(router.clone())))
+        .with_upload_rate(upload_rate),
     );
     let server = Server::build(
         handler,
@@ -192,6 +206,45 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     drop(_detach);
     tracing::info!("stopped");
     Ok(result?)
+}
+
+/// How often the upload rate told to peers is measured.
+const UPLOAD_RATE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Measures what this node's registry port sends to other hosts, from the
+/// dataplane's per-peer counters, once a second until `stop`.
+async fn measure_upload_rate(dataplane: Arc<Dataplane>, rate: UploadRate, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(UPLOAD_RATE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<(tokio::time::Instant, u64)> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let dp = dataplane.clone();
+        let total = tokio::task::spawn_blocking(move || {
+            let own = crate::dataplane::interface_addresses();
+            dp.counters()
+                .map(|counters| crate::dataplane::uploaded_bytes(&counters, &own))
+        })
+        .await;
+        let total = match total {
+            Ok(Ok(total)) => total,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot read the peer counters");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let now = tokio::time::Instant::now();
+        if let Some((at, before)) = last {
+            // Counters of long-gone addresses are aged out: a total may shrink.
+            let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+            rate.set((total.saturating_sub(before) as f64 / secs) as u64);
+        }
+        last = Some((now, total));
+    }
 }
 
 /// This node's bootstrap entry as it is now (its listening addresses change).

@@ -179,6 +179,19 @@ pub struct PeerCounter {
     pub last_seen_ns: u64,
 }
 
+/// Bytes this node's registry port has sent to other hosts, summed over the
+/// per-peer counters. Loopback and this node's `own` addresses are its own
+/// clients (its containerd), not uploads. Outbound registry-port traffic
+/// also holds this node's own requests to peers, which are a few hundred
+/// bytes each.
+pub fn uploaded_bytes(counters: &[PeerCounter], own: &HashSet<IpAddr>) -> u64 {
+    counters
+        .iter()
+        .filter(|c| c.registry && !c.inbound)
+        .filter(|c| !c.addr.to_canonical().is_loopback() && !own.contains(&c.addr))
+        .fold(0u64, |sum, c| sum.saturating_add(c.bytes))
+}
+
 /// Packets dropped at the boundary, by reason.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Drops {
@@ -650,6 +663,30 @@ fn remove_pins(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uploads_are_registry_bytes_sent_to_other_hosts() {
+        let counter = |addr: &str, inbound: bool, registry: bool, bytes: u64| PeerCounter {
+            addr: addr.parse().expect("ip"),
+            inbound,
+            registry,
+            bytes,
+            packets: 1,
+            last_seen_ns: 0,
+        };
+        let own: HashSet<IpAddr> = ["10.0.0.1".parse().expect("ip")].into();
+        let counters = [
+            counter("10.0.0.2", false, true, 1000),  // an upload
+            counter("fd00::3", false, true, 500),    // an upload
+            counter("10.0.0.2", true, true, 70),     // its request
+            counter("10.0.0.2", false, false, 900),  // P2P traffic
+            counter("127.0.0.1", false, true, 5000), // own containerd
+            counter("::ffff:127.0.0.1", false, true, 5000),
+            counter("10.0.0.1", false, true, 3000), // own address
+        ];
+        assert_eq!(uploaded_bytes(&counters, &own), 1500);
+        assert_eq!(uploaded_bytes(&[], &own), 0);
+    }
 
     #[test]
     fn address_keys_round_trip() {

@@ -10,6 +10,8 @@
 //!   holder exists.
 //! - A peer that fails mid-body is replaced and the transfer resumes with
 //!   `Range: bytes=<next byte>-`: the client sees one uninterrupted response.
+//! - A large blob that several peers hold is fetched from them side by side,
+//!   in segments, the busy ones used less (see `parallel`).
 //! - Whole-blob responses are hashed on the way through and their last chunk
 //!   is held back until the digest is confirmed; on a mismatch the client gets
 //!   a short body and the peers that sent the bytes are not used again for
@@ -18,6 +20,7 @@
 mod client;
 pub mod journal;
 pub mod measure;
+mod parallel;
 mod transfer;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -40,7 +43,7 @@ use crate::oci::manifest::{
 };
 use crate::oci::{
     ByteRange, ContentRange, Descriptor, Digest, FOLLOW_HEADER, ManifestReference, Name, Reference,
-    Route,
+    Route, UPLOAD_RATE_HEADER,
 };
 use crate::routing::{Fanout, Peer, Router};
 use crate::tls::TlsState;
@@ -72,6 +75,10 @@ pub struct MirrorConfig {
     /// How long a followed source may take to send its response head (it
     /// waits for its ingest to appear first).
     pub follow_header_timeout: Duration,
+    /// Most holders a large blob is fetched from at once (1: one at a time).
+    pub parallel_peers: usize,
+    /// Bytes left to relay from which several holders are asked at once.
+    pub parallel_min_size: u64,
 }
 
 impl Default for MirrorConfig {
@@ -88,6 +95,8 @@ impl Default for MirrorConfig {
             bad_peer_ttl: Duration::from_secs(3600),
             fanout_timeout: Duration::from_millis(250),
             follow_header_timeout: Duration::from_secs(5),
+            parallel_peers: 4,
+            parallel_min_size: 32 << 20,
         }
     }
 }
@@ -468,6 +477,7 @@ impl Mirror {
             offset,
             len,
             body,
+            upload_rate,
         } = answer;
         let body = match (head, body) {
             (true, _) | (_, None) => {
@@ -498,7 +508,8 @@ impl Mirror {
                     started,
                     resolve_time,
                     peer: peer.clone(),
-                    body,
+                    peer_upload_rate: upload_rate,
+                    body: Some(body),
                     candidates,
                     deadline: tokio::time::Instant::now() + self.config.total_timeout,
                     followed,
@@ -750,6 +761,8 @@ struct BlobAnswer {
     offset: u64,
     len: u64,
     body: Option<Incoming>,
+    /// What the peer says it uploads to other hosts, bytes per second.
+    upload_rate: Option<u64>,
 }
 
 fn header<'a>(response: &'a hyper::Response<Incoming>, name: &str) -> Option<&'a str> {
@@ -789,11 +802,13 @@ fn blob_answer(
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| Answer::Retry("no content-length".into()))?;
     let (offset, size) = judge_span(range, status, content_range(&response), len)?;
+    let upload_rate = header(&response, UPLOAD_RATE_HEADER).and_then(|v| v.parse().ok());
     Ok(BlobAnswer {
         size,
         offset,
         len,
         body: Some(response.into_body()),
+        upload_rate,
     })
 }
 

@@ -35,14 +35,24 @@ fn random_blob(len: usize) -> Bytes {
 
 /// peermirror's registry server over a memory store.
 async fn real_peer(store: Arc<MemoryStore>) -> (SocketAddr, Metrics, CancellationToken) {
+    real_peer_uploading(store, None).await
+}
+
+/// peermirror's registry server over a memory store, telling peers that it
+/// uploads `upload_rate` bytes per second.
+async fn real_peer_uploading(
+    store: Arc<MemoryStore>,
+    upload_rate: Option<u64>,
+) -> (SocketAddr, Metrics, CancellationToken) {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut registry);
-    let handler = Arc::new(Handler::new(
-        store,
-        None,
-        HandlerConfig::default(),
-        metrics.clone(),
-    ));
+    let rate = crate::registry::UploadRate::default();
+    if let Some(r) = upload_rate {
+        rate.set(r);
+    }
+    let handler = Arc::new(
+        Handler::new(store, None, HandlerConfig::default(), metrics.clone()).with_upload_rate(rate),
+    );
     let server = Server::new(handler, ServerConfig::default(), metrics.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -65,6 +75,34 @@ enum Behaviour {
     Slow { body: Bytes, chunk: usize },
     /// A fixed response (head and body).
     Raw(Bytes),
+    /// Honours `Range` (206, or 200 without one), then behaves as `mode`.
+    Ranged { body: Bytes, mode: RangedMode },
+}
+
+#[derive(Clone, Copy)]
+enum RangedMode {
+    /// Sends half of what was asked, then closes.
+    Half,
+    /// Sends what was asked with its first byte flipped.
+    Corrupt,
+    /// Sends 64 KiB every 25 ms (2.5 MB/s: above the minimum speed).
+    Slow,
+}
+
+/// The span a request head's `Range: bytes=a-b` asks of `size` bytes.
+fn asked_span(head: &str, size: usize) -> Option<(usize, usize)> {
+    let line = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("range:"))?;
+    let spec = line.split_once('=')?.1.trim();
+    let (a, b) = spec.split_once('-')?;
+    let a: usize = a.parse().ok()?;
+    let b: usize = if b.is_empty() {
+        size - 1
+    } else {
+        b.parse().ok()?
+    };
+    Some((a, b.min(size - 1)))
 }
 
 struct Fake {
@@ -128,6 +166,39 @@ async fn fake_peer(behaviour: Behaviour) -> Fake {
                             }
                         }
                         Behaviour::Raw(bytes) => socket.write_all(&bytes).await?,
+                        Behaviour::Ranged { body, mode } => {
+                            let text = String::from_utf8_lossy(&head).into_owned();
+                            let (status, a, b) = match asked_span(&text, body.len()) {
+                                Some((a, b)) => ("206 Partial Content", a, b),
+                                None => ("200 OK", 0, body.len() - 1),
+                            };
+                            let mut part = body[a..=b].to_vec();
+                            socket
+                                .write_all(
+                                    format!(
+                                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-range: bytes {a}-{b}/{}\r\n\r\n",
+                                        part.len(),
+                                        body.len()
+                                    )
+                                    .as_bytes(),
+                                )
+                                .await?;
+                            match mode {
+                                RangedMode::Half => {
+                                    socket.write_all(&part[..part.len() / 2]).await?
+                                }
+                                RangedMode::Corrupt => {
+                                    part[0] ^= 0xff;
+                                    socket.write_all(&part).await?;
+                                }
+                                RangedMode::Slow => {
+                                    for piece in part.chunks(64 << 10) {
+                                        socket.write_all(piece).await?;
+                                        tokio::time::sleep(Duration::from_millis(25)).await;
+                                    }
+                                }
+                            }
+                        }
                     }
                     Ok(())
                 }
@@ -179,6 +250,7 @@ fn fast_config() -> MirrorConfig {
         bad_peer_ttl: Duration::from_secs(60),
         fanout_timeout: Duration::from_millis(200),
         follow_header_timeout: Duration::from_secs(2),
+        ..MirrorConfig::default()
     }
 }
 
@@ -823,4 +895,253 @@ async fn a_fanout_source_that_cannot_serve_is_reported() {
         assert!(Instant::now() < deadline, "{:?}", s.router.fanout_asks());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Several holders of one large blob, each peermirror's server over the same
+/// store; the first one's upload rate as given, the others' zero.
+struct Holders {
+    blob: Bytes,
+    digest: Digest,
+    addrs: Vec<SocketAddr>,
+    metrics: Vec<Metrics>,
+    router: Arc<MemoryRouter>,
+    _stops: Vec<CancellationToken>,
+}
+
+async fn holders(size: usize, count: usize, first_upload_rate: u64) -> Holders {
+    let blob = random_blob(size);
+    let store = Arc::new(MemoryStore::new());
+    let desc = store.add_blob(LAYER, blob.clone()).await;
+    let router = MemoryRouter::new();
+    let (mut addrs, mut metrics, mut stops) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..count {
+        let rate = if i == 0 { first_upload_rate } else { 0 };
+        let (addr, m, stop) = real_peer_uploading(store.clone(), Some(rate)).await;
+        router.add(&desc.digest.to_string(), peer(&format!("holder{i}"), addr));
+        addrs.push(addr);
+        metrics.push(m);
+        stops.push(stop);
+    }
+    Holders {
+        blob,
+        digest: desc.digest,
+        addrs,
+        metrics,
+        router,
+        _stops: stops,
+    }
+}
+
+fn parallel_config() -> MirrorConfig {
+    MirrorConfig {
+        parallel_peers: 3,
+        parallel_min_size: 8 << 20,
+        ..fast_config()
+    }
+}
+
+/// The peers of the last journal record.
+fn last_record_peers(mirror: &Mirror) -> Vec<String> {
+    mirror
+        .journal()
+        .recent()
+        .last()
+        .map(|r| r.peers.iter().map(|p| p.addr.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_large_blob_is_fetched_from_several_holders_at_once() {
+    let h = holders(48 << 20, 3, 0).await;
+    let mirror = Mirror::new(h.router.clone(), parallel_config());
+    let m = mirror
+        .blob(&name(), &h.digest, None, false)
+        .await
+        .expect("hit");
+    assert_eq!((m.offset, m.len, m.size), (0, 48 << 20, 48 << 20));
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!(bytes[..] == h.blob[..], "the relayed bytes differ");
+    // The first holder answered the request, and every holder was asked for
+    // segments of the rest.
+    assert_eq!(requests_with_status(&h.metrics[0], 200), 1);
+    let segments: Vec<u64> = h
+        .metrics
+        .iter()
+        .map(|m| requests_with_status(m, 206))
+        .collect();
+    assert!(
+        segments[1] >= 1 && segments[2] >= 1,
+        "segments per holder: {segments:?}"
+    );
+    assert!(
+        segments.iter().sum::<u64>() >= 6,
+        "48 MiB in 4 MiB segments: {segments:?}"
+    );
+    let mut peers = last_record_peers(&mirror);
+    peers.sort();
+    let mut all: Vec<String> = h.addrs.iter().map(|a| a.to_string()).collect();
+    all.sort();
+    assert_eq!(peers, all, "the journal names every holder");
+    let record = mirror.journal().recent().last().cloned().expect("record");
+    assert_eq!(record.verified, Some(true));
+}
+
+#[tokio::test]
+async fn a_range_of_a_large_blob_is_fetched_in_parallel_too() {
+    let h = holders(40 << 20, 2, 0).await;
+    let mirror = Mirror::new(h.router.clone(), parallel_config());
+    // containerd 2.1's way of asking for a blob from its middle on.
+    let range = ByteRange::FromTo {
+        first: 3 << 20,
+        last: None,
+    };
+    let m = mirror
+        .blob(&name(), &h.digest, Some(range), false)
+        .await
+        .expect("hit");
+    assert_eq!((m.offset, m.len, m.partial), (3 << 20, 37 << 20, true));
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!(bytes[..] == h.blob[3 << 20..], "the relayed range differs");
+    assert!(requests_with_status(&h.metrics[1], 206) >= 1);
+}
+
+#[tokio::test]
+async fn busy_holders_are_used_less() {
+    // The first holder says it uploads 50 GiB/s to other hosts: after the
+    // segment it started with, the idle ones fetch the rest.
+    let h = holders(48 << 20, 3, 50 << 30).await;
+    let mirror = Mirror::new(h.router.clone(), parallel_config());
+    let m = mirror
+        .blob(&name(), &h.digest, None, false)
+        .await
+        .expect("hit");
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!(bytes[..] == h.blob[..], "the relayed bytes differ");
+    let segments: Vec<u64> = h
+        .metrics
+        .iter()
+        .map(|m| requests_with_status(m, 206))
+        .collect();
+    assert_eq!(
+        segments[0], 0,
+        "the busy holder was asked again: {segments:?}"
+    );
+    assert!(
+        segments[1] + segments[2] >= 10,
+        "the idle holders fetched the rest: {segments:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_holder_failing_mid_segment_gives_its_bytes_to_another() {
+    let h = holders(24 << 20, 1, 0).await;
+    let half = fake_peer(Behaviour::Ranged {
+        body: h.blob.clone(),
+        mode: RangedMode::Half,
+    })
+    .await;
+    h.router.add(&h.digest.to_string(), peer("half", half.addr));
+    let mirror = Mirror::new(h.router.clone(), parallel_config());
+    let m = mirror
+        .blob(&name(), &h.digest, None, false)
+        .await
+        .expect("hit");
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!(bytes[..] == h.blob[..], "the relayed bytes differ");
+    assert_eq!(
+        half.requests.lock().expect("lock").len(),
+        1,
+        "a holder that failed is not asked again"
+    );
+    let record = mirror.journal().recent().last().cloned().expect("record");
+    assert_eq!(record.verified, Some(true));
+}
+
+#[tokio::test]
+async fn a_corrupt_segment_withholds_the_end_and_avoids_the_holders() {
+    let h = holders(24 << 20, 1, 0).await;
+    let corrupt = fake_peer(Behaviour::Ranged {
+        body: h.blob.clone(),
+        mode: RangedMode::Corrupt,
+    })
+    .await;
+    h.router.add(
+        &h.digest.to_string(),
+        peer("corrupt-segments", corrupt.addr),
+    );
+    let mirror = Mirror::new(h.router.clone(), parallel_config());
+    let m = mirror
+        .blob(&name(), &h.digest, None, false)
+        .await
+        .expect("hit");
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(
+        matches!(err, Some(TransferError::DigestMismatch { .. })),
+        "{err:?}"
+    );
+    assert!(
+        bytes.len() < h.blob.len(),
+        "a corrupt blob was relayed whole"
+    );
+    // Which holder lied cannot be told: neither is asked for it again.
+    assert_eq!(
+        mirror.blob(&name(), &h.digest, None, false).await.err(),
+        Some(MirrorMiss::NoProvider)
+    );
+}
+
+#[tokio::test]
+async fn a_slow_holder_gives_its_segment_to_a_faster_idle_one() {
+    let h = holders(32 << 20, 1, 0).await;
+    let slow = fake_peer(Behaviour::Ranged {
+        body: h.blob.clone(),
+        mode: RangedMode::Slow,
+    })
+    .await;
+    h.router
+        .add(&h.digest.to_string(), peer("slow-segments", slow.addr));
+    let mirror = Mirror::new(h.router.clone(), parallel_config());
+    let m = mirror
+        .blob(&name(), &h.digest, None, false)
+        .await
+        .expect("hit");
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!(bytes[..] == h.blob[..], "the relayed bytes differ");
+    // At 2.5 MB/s its first 4 MiB segment would take 1.7 s, while the real
+    // holder fetches the other 28 MiB: it is stopped, and not asked again.
+    assert_eq!(slow.requests.lock().expect("lock").len(), 1);
+    assert!(
+        slow.client_gone.lock().expect("lock").is_some(),
+        "the slow holder's segment was abandoned"
+    );
+}
+
+#[tokio::test]
+async fn small_blobs_and_one_holder_stay_on_one_connection() {
+    // Below the size: one peer, even when several hold it.
+    let h = holders(4 << 20, 2, 0).await;
+    let mirror = Mirror::new(h.router.clone(), parallel_config());
+    let m = mirror
+        .blob(&name(), &h.digest, None, false)
+        .await
+        .expect("hit");
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(err.is_none() && bytes[..] == h.blob[..]);
+    let total: u64 = h.metrics.iter().map(|m| requests_with_status(m, 206)).sum();
+    assert_eq!(total, 0, "a small blob was fetched in segments");
+    // Large, one holder: no segments either.
+    let one = holders(40 << 20, 1, 0).await;
+    let mirror = Mirror::new(one.router.clone(), parallel_config());
+    let m = mirror
+        .blob(&name(), &one.digest, None, false)
+        .await
+        .expect("hit");
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(err.is_none() && bytes[..] == one.blob[..]);
+    assert_eq!(requests_with_status(&one.metrics[0], 206), 0);
 }

@@ -49,7 +49,10 @@ pub(super) struct Transfer {
     pub started: std::time::Instant,
     pub resolve_time: Duration,
     pub peer: Peer,
-    pub body: Incoming,
+    /// What the current peer says it uploads to other hosts.
+    pub peer_upload_rate: Option<u64>,
+    /// The current peer's response body (taken by the relay).
+    pub body: Option<Incoming>,
     pub candidates: Candidates,
     pub deadline: tokio::time::Instant,
     /// The source this transfer follows (an in-flight blob on a peer the
@@ -112,10 +115,58 @@ enum Next {
     ClientGone,
 }
 
+/// The client's side of a transfer: bytes go out in order, hashed on the
+/// way when the whole blob is verified, with the last chunk held back until
+/// the digest is confirmed.
+pub(super) struct Delivery {
+    tx: mpsc::Sender<Result<Bytes, TransferError>>,
+    hasher: Option<HashWorker>,
+    held: Option<Bytes>,
+}
+
+/// The client's stream was dropped.
+pub(super) struct ClientGone;
+
+impl Delivery {
+    fn new(tx: mpsc::Sender<Result<Bytes, TransferError>>, verify: bool) -> Delivery {
+        Delivery {
+            tx,
+            hasher: verify.then(HashWorker::start),
+            held: None,
+        }
+    }
+
+    /// Hands on the next bytes of the body.
+    pub(super) async fn push(&mut self, data: Bytes) -> Result<(), ClientGone> {
+        let to_send = match &mut self.hasher {
+            Some(h) => {
+                h.update(data.clone()).await;
+                self.held.replace(data)
+            }
+            None => Some(data),
+        };
+        match to_send {
+            Some(chunk) => self.tx.send(Ok(chunk)).await.map_err(|_| ClientGone),
+            None => Ok(()),
+        }
+    }
+
+    /// Ends the client's body short with `error`.
+    pub(super) async fn fail(&self, error: TransferError) {
+        let _ = self.tx.send(Err(error)).await;
+    }
+
+    /// Resolves when the client is gone.
+    pub(super) async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
+
 impl Transfer {
     async fn run(mut self, tx: mpsc::Sender<Result<Bytes, TransferError>>) {
         let mut contributors = vec![self.peer.clone()];
-        let outcome = self.relay(&tx, &mut contributors).await;
+        let mut delivery = Delivery::new(tx, self.verify);
+        let outcome = self.relay(&mut delivery, &mut contributors).await;
         if let Some(source) = self.followed
             && matches!(outcome, Outcome::Failed | Outcome::Corrupt)
         {
@@ -134,27 +185,46 @@ impl Transfer {
         });
     }
 
-    /// Relays the body to `tx` until the end, the client leaves or no peer
-    /// can deliver; says which.
-    async fn relay(
-        &mut self,
-        tx: &mpsc::Sender<Result<Bytes, TransferError>>,
-        contributors: &mut Vec<Peer>,
-    ) -> Outcome {
+    /// Whether the rest may be fetched from several holders at once: a
+    /// large remainder of a complete blob (an in-flight one has one source).
+    fn may_go_parallel(&self) -> bool {
+        let config = &self.mirror.config;
+        self.followed.is_none()
+            && config.parallel_peers > 1
+            && self.end - self.pos >= config.parallel_min_size.max(1)
+    }
+
+    /// Relays the body until the end, the client leaves or no peer can
+    /// deliver; says which.
+    async fn relay(&mut self, delivery: &mut Delivery, contributors: &mut Vec<Peer>) -> Outcome {
+        let Some(mut body) = self.body.take() else {
+            delivery.fail(self.exhausted()).await;
+            return Outcome::Failed;
+        };
         let stall = self.mirror.config.stall_timeout;
         let min_window_bytes = (self.mirror.config.min_speed as f64 * stall.as_secs_f64()) as u64;
-        let mut hasher = self.verify.then(HashWorker::start);
-        let mut held: Option<Bytes> = None;
         let mut window_start = tokio::time::Instant::now();
         let mut window_bytes = 0u64;
+        // When another holder was last looked for (at once the first time).
+        let mut parallel_checked: Option<tokio::time::Instant> = None;
         loop {
+            if self.may_go_parallel()
+                && parallel_checked.is_none_or(|at| at.elapsed() >= super::parallel::RECHECK)
+            {
+                parallel_checked = Some(tokio::time::Instant::now());
+                if let Some(helper) = self.candidates.next(Duration::ZERO).await {
+                    return self
+                        .relay_parallel(body, helper, delivery, contributors)
+                        .await;
+                }
+            }
             let next = tokio::select! {
-                _ = tx.closed() => Next::ClientGone,
+                _ = delivery.closed() => Next::ClientGone,
                 _ = tokio::time::sleep_until(self.deadline) => {
-                    let _ = tx.send(Err(TransferError::Deadline { digest: self.digest })).await;
+                    delivery.fail(TransferError::Deadline { digest: self.digest }).await;
                     return Outcome::Failed;
                 }
-                frame = tokio::time::timeout(stall, self.body.frame()) => match frame {
+                frame = tokio::time::timeout(stall, body.frame()) => match frame {
                     Err(_) => Next::Switch(format!("no byte for {stall:?}")),
                     Ok(None) => Next::End,
                     Ok(Some(Err(e))) => Next::Switch(e.to_string()),
@@ -174,24 +244,18 @@ impl Transfer {
                     let room = self.end - self.pos;
                     if data.len() as u64 > room {
                         // Nothing of this chunk is used; another peer resumes.
-                        if !self.switch(contributors, "peer sent more than asked").await {
-                            let _ = tx.send(Err(self.exhausted())).await;
-                            return Outcome::Failed;
+                        match self.switch(contributors, "peer sent more than asked").await {
+                            Some(b) => body = b,
+                            None => {
+                                delivery.fail(self.exhausted()).await;
+                                return Outcome::Failed;
+                            }
                         }
                         continue;
                     }
                     self.pos += data.len() as u64;
                     window_bytes += data.len() as u64;
-                    let to_send = match &mut hasher {
-                        Some(h) => {
-                            h.update(data.clone()).await;
-                            held.replace(data)
-                        }
-                        None => Some(data),
-                    };
-                    if let Some(chunk) = to_send
-                        && tx.send(Ok(chunk)).await.is_err()
-                    {
+                    if delivery.push(data).await.is_err() {
                         return Outcome::Abandoned;
                     }
                     // Too slow while someone else may be faster: switch.
@@ -205,7 +269,9 @@ impl Transfer {
                             {
                                 tracing::info!(digest = %self.digest, peer = %self.peer.addr, %reason, "trying a faster peer");
                                 // If it cannot take over, the slow peer goes on.
-                                self.resume_from(next, contributors).await;
+                                if let Some(b) = self.resume_from(next, contributors).await {
+                                    body = b;
+                                }
                             }
                         }
                         window_start = tokio::time::Instant::now();
@@ -213,45 +279,19 @@ impl Transfer {
                     }
                 }
                 Next::End if self.pos == self.end => {
-                    if let Some(h) = hasher.take() {
-                        let Some(actual) = h.finish().await else {
-                            tracing::error!(digest = %self.digest, "the hashing thread was lost; withholding the end of the body");
-                            let _ = tx.send(Err(self.exhausted())).await;
+                    return self.finish(delivery, contributors).await;
+                }
+                Next::End | Next::Switch(_) => {
+                    let reason = match next {
+                        Next::Switch(reason) => reason,
+                        _ => "body ended early".to_string(),
+                    };
+                    match self.switch(contributors, &reason).await {
+                        Some(b) => body = b,
+                        None => {
+                            delivery.fail(self.exhausted()).await;
                             return Outcome::Failed;
-                        };
-                        if actual != self.digest {
-                            tracing::warn!(digest = %self.digest, %actual, peers = ?contributors.iter().map(|p| p.addr).collect::<Vec<_>>(), "corrupt blob from peer; withholding the end of the body");
-                            for p in contributors.iter() {
-                                self.mirror.mark_bad(&self.digest, p);
-                            }
-                            let _ = tx
-                                .send(Err(TransferError::DigestMismatch {
-                                    digest: self.digest,
-                                    actual,
-                                }))
-                                .await;
-                            return Outcome::Corrupt;
                         }
-                    }
-                    if let Some(chunk) = held.take()
-                        && tx.send(Ok(chunk)).await.is_err()
-                    {
-                        return Outcome::Abandoned;
-                    }
-                    return Outcome::Hit;
-                }
-                Next::End => {
-                    if !self.switch(contributors, "body ended early").await {
-                        let _ = tx.send(Err(self.exhausted())).await;
-                        return Outcome::Failed;
-                    }
-                    window_start = tokio::time::Instant::now();
-                    window_bytes = 0;
-                }
-                Next::Switch(reason) => {
-                    if !self.switch(contributors, &reason).await {
-                        let _ = tx.send(Err(self.exhausted())).await;
-                        return Outcome::Failed;
                     }
                     window_start = tokio::time::Instant::now();
                     window_bytes = 0;
@@ -260,7 +300,43 @@ impl Transfer {
         }
     }
 
-    fn exhausted(&self) -> TransferError {
+    /// Every byte was handed on: confirms the digest (when verifying) and
+    /// releases the chunk held back, or withholds it and avoids the peers
+    /// that sent the bytes.
+    pub(super) async fn finish(
+        &mut self,
+        delivery: &mut Delivery,
+        contributors: &[Peer],
+    ) -> Outcome {
+        if let Some(h) = delivery.hasher.take() {
+            let Some(actual) = h.finish().await else {
+                tracing::error!(digest = %self.digest, "the hashing thread was lost; withholding the end of the body");
+                delivery.fail(self.exhausted()).await;
+                return Outcome::Failed;
+            };
+            if actual != self.digest {
+                tracing::warn!(digest = %self.digest, %actual, peers = ?contributors.iter().map(|p| p.addr).collect::<Vec<_>>(), "corrupt blob from peer; withholding the end of the body");
+                for p in contributors {
+                    self.mirror.mark_bad(&self.digest, p);
+                }
+                delivery
+                    .fail(TransferError::DigestMismatch {
+                        digest: self.digest,
+                        actual,
+                    })
+                    .await;
+                return Outcome::Corrupt;
+            }
+        }
+        if let Some(chunk) = delivery.held.take()
+            && delivery.tx.send(Ok(chunk)).await.is_err()
+        {
+            return Outcome::Abandoned;
+        }
+        Outcome::Hit
+    }
+
+    pub(super) fn exhausted(&self) -> TransferError {
         // Before the client hears of it (containerd retries at once).
         if let Some(source) = self.followed {
             self.mirror.note_stopped(self.digest, source);
@@ -272,8 +348,9 @@ impl Transfer {
         }
     }
 
-    /// Replaces the failed current peer with the next one that resumes.
-    async fn switch(&mut self, contributors: &mut Vec<Peer>, reason: &str) -> bool {
+    /// Replaces the failed current peer with the next one that resumes; its
+    /// body, or `None` when no peer could.
+    async fn switch(&mut self, contributors: &mut Vec<Peer>, reason: &str) -> Option<Incoming> {
         tracing::info!(digest = %self.digest, peer = %self.peer.addr, pos = self.pos, reason, "peer failed mid-body; resuming from another");
         let wait = self
             .mirror
@@ -281,19 +358,17 @@ impl Transfer {
             .resolve_timeout
             .max(Duration::from_millis(100));
         for _ in 0..self.mirror.config.max_attempts {
-            let Some(next) = self.candidates.next_or_relookup(wait).await else {
-                return false;
-            };
-            if self.resume_from(next, contributors).await {
-                return true;
+            let next = self.candidates.next_or_relookup(wait).await?;
+            if let Some(body) = self.resume_from(next, contributors).await {
+                return Some(body);
             }
         }
-        false
+        None
     }
 
-    /// Asks `peer` for the rest (`Range: bytes=<pos>-<end-1>`) and makes it
-    /// the current peer if it answers correctly.
-    async fn resume_from(&mut self, peer: Peer, contributors: &mut Vec<Peer>) -> bool {
+    /// Asks `peer` for the rest (`Range: bytes=<pos>-<end-1>`); when it
+    /// answers correctly it becomes the current peer, and this is its body.
+    async fn resume_from(&mut self, peer: Peer, contributors: &mut Vec<Peer>) -> Option<Incoming> {
         let timeouts = self.mirror.timeouts();
         let range = ByteRange::FromTo {
             first: self.pos,
@@ -314,7 +389,7 @@ impl Transfer {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(peer = %peer.addr, error = %e, "resume request failed");
-                return false;
+                return None;
             }
         };
         let range_ok = response.status().as_u16() == 206
@@ -324,12 +399,13 @@ impl Transfer {
             );
         if !range_ok {
             tracing::debug!(peer = %peer.addr, status = %response.status(), "peer did not resume at the right byte");
-            return false;
+            return None;
         }
         tracing::debug!(peer = %peer.addr, from = self.pos, "resumed");
-        self.body = response.into_body();
+        self.peer_upload_rate =
+            super::header(&response, crate::oci::UPLOAD_RATE_HEADER).and_then(|v| v.parse().ok());
         self.peer = peer.clone();
         contributors.push(peer);
-        true
+        Some(response.into_body())
     }
 }

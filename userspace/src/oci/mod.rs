@@ -27,6 +27,12 @@ pub const MIRRORED_HEADER: &str = "x-peermirror-mirrored";
 /// mTLS client): anyone else gets in-flight content as a miss.
 pub const FOLLOW_HEADER: &str = "x-peermirror-follow";
 
+/// The header in which a node answering a mirrored blob request says how
+/// many bytes per second its registry port is sending to other hosts (from
+/// the dataplane's per-peer counters): a node fetching ranges from several
+/// holders uses the busy ones less.
+pub const UPLOAD_RATE_HEADER: &str = "x-peermirror-upload-rate";
+
 /// Longest excerpt of an input that an error message quotes.
 const EXCERPT_CHARS: usize = 100;
 

@@ -12,13 +12,13 @@ use futures::stream::BoxStream;
 
 use futures::TryStreamExt;
 
-use super::limits::{UploadLimits, UploadPermit, Uploads};
+use super::limits::{UploadLimits, UploadPermit, UploadRate, Uploads};
 use crate::metrics::{self, Metrics, Source};
 use crate::mirror::{Mirror, MirrorMiss};
 use crate::oci::manifest::{self, Kind, MAX_MANIFEST_SIZE, OCTET_STREAM};
 use crate::oci::{
     ByteRange, ContentRange, Descriptor, Digest, ManifestReference, Name, OciError, RangeRequest,
-    Reference, ReferenceFilter, Route, parse_range_header, parse_target,
+    Reference, ReferenceFilter, Route, UPLOAD_RATE_HEADER, parse_range_header, parse_target,
 };
 use crate::store::{self, BlobBody, ContentStore, StoreError};
 
@@ -174,6 +174,8 @@ pub struct Handler {
     uploads: Uploads,
     /// Who may follow in-flight blobs; nobody when `None`.
     peers: Option<Arc<dyn PeerDirectory>>,
+    /// What this node uploads, told to peers fetching blobs.
+    upload_rate: UploadRate,
 }
 
 /// How a request's name may be used.
@@ -200,7 +202,14 @@ impl Handler {
             config,
             metrics,
             peers: None,
+            upload_rate: UploadRate::default(),
         }
+    }
+
+    /// Tells peers that fetch blobs what `rate` says this node uploads.
+    pub fn with_upload_rate(mut self, rate: UploadRate) -> Handler {
+        self.upload_rate = rate;
+        self
     }
 
     /// Lets the peers `peers` names follow blobs still being written.
@@ -285,6 +294,7 @@ impl Handler {
                     _ => None,
                 };
                 let follow = self.may_follow(req).await;
+                let rate = self.upload_rate.get().filter(|_| req.mirrored);
                 self.blob(
                     &name,
                     &digest,
@@ -296,6 +306,13 @@ impl Handler {
                 .await
                 .map(|mut response| {
                     response.permit = permit;
+                    if let Some(rate) = rate
+                        && matches!(response.status, 200 | 206)
+                    {
+                        response
+                            .headers
+                            .push((UPLOAD_RATE_HEADER, rate.to_string()));
+                    }
                     response
                 })
             }
@@ -967,6 +984,50 @@ mod tests {
         assert_eq!(r.status, 200);
         assert_eq!(r.content_length, 10_000);
         assert!(matches!(r.body, Body::Empty));
+    }
+
+    #[tokio::test]
+    async fn peers_fetching_blobs_are_told_the_upload_rate() {
+        let f = fixture().await;
+        let rate = UploadRate::default();
+        let handler = Handler::new(
+            f.store.clone(),
+            None,
+            HandlerConfig::default(),
+            Metrics::new(&mut prometheus_client::registry::Registry::default()),
+        )
+        .with_upload_rate(rate.clone());
+        let target = format!("/v2/library/app/blobs/{}", f.layer_desc.digest);
+        let mirrored = RequestHead {
+            mirrored: true,
+            ..get(&target)
+        };
+        // Unknown until measured: nothing said.
+        let r = handler.handle(&mirrored).await;
+        assert_eq!(header(&r, UPLOAD_RATE_HEADER), None);
+        rate.set(123_456);
+        for req in [mirrored.clone(), ranged(&target, "bytes=5-9")] {
+            let r = handler
+                .handle(&RequestHead {
+                    mirrored: true,
+                    ..req
+                })
+                .await;
+            assert!(matches!(r.status, 200 | 206));
+            assert_eq!(header(&r, UPLOAD_RATE_HEADER), Some("123456"));
+        }
+        // Only peers are told; misses say nothing.
+        let r = handler.handle(&get(&target)).await;
+        assert_eq!(header(&r, UPLOAD_RATE_HEADER), None);
+        let missing = format!("/v2/library/app/blobs/sha256:{}", "0".repeat(64));
+        let r = handler
+            .handle(&RequestHead {
+                mirrored: true,
+                ..get(&missing)
+            })
+            .await;
+        assert_eq!(r.status, 404);
+        assert_eq!(header(&r, UPLOAD_RATE_HEADER), None);
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +25,33 @@ impl Default for UploadLimits {
             total: 64,
             per_client: 8,
         }
+    }
+}
+
+/// How many bytes per second this node's registry port sends to other hosts,
+/// as last measured (the daemon samples the dataplane's counters). Told to
+/// peers that fetch from this node, so that a node fetching from several
+/// holders uses the busy ones less. Unknown until measured (no dataplane).
+#[derive(Debug, Clone)]
+pub struct UploadRate(Arc<AtomicU64>);
+
+/// The stored value of an unknown rate.
+const UNKNOWN_RATE: u64 = u64::MAX;
+
+impl Default for UploadRate {
+    fn default() -> Self {
+        UploadRate(Arc::new(AtomicU64::new(UNKNOWN_RATE)))
+    }
+}
+
+impl UploadRate {
+    pub fn set(&self, bytes_per_second: u64) {
+        self.0
+            .store(bytes_per_second.min(UNKNOWN_RATE - 1), Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Option<u64> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|r| *r != UNKNOWN_RATE)
     }
 }
 

@@ -15,4 +15,4 @@ pub use handler::{
     Body, Handler, HandlerConfig, InFlightConfig, Method, PeerDirectory, RequestHead, Response,
 };
 pub use http::{Conn, Server, ServerConfig};
-pub use limits::{UploadLimits, UploadPermit, Uploads};
+pub use limits::{UploadLimits, UploadPermit, UploadRate, Uploads};
