@@ -101,6 +101,12 @@ impl HashWorker {
 /// Chunks buffered between the peer and the client.
 const CHANNEL_CHUNKS: usize = 8;
 
+/// Bytes relayed from the first peer before other holders are asked too.
+/// The channel to the client holds at most `CHANNEL_CHUNKS` chunks of the
+/// client's 512 KiB read buffer (4 MiB) plus the chunk held back: past
+/// 8 MiB relayed, the client has read at least 3.5 MiB.
+const PARALLEL_AFTER: u64 = 8 << 20;
+
 pub(super) fn start(transfer: Transfer) -> BoxStream<'static, Result<Bytes, TransferError>> {
     let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
     tokio::spawn(transfer.run(tx));
@@ -186,11 +192,15 @@ impl Transfer {
     }
 
     /// Whether the rest may be fetched from several holders at once: a
-    /// large remainder of a complete blob (an in-flight one has one source).
+    /// large remainder of a complete blob (an in-flight one has one source),
+    /// once the client has read a few MiB. containerd 2.1's parallel
+    /// layer fetch sends `bytes=N-` requests that it drops after one chunk:
+    /// those must not set several holders sending.
     fn may_go_parallel(&self) -> bool {
         let config = &self.mirror.config;
         self.followed.is_none()
             && config.parallel_peers > 1
+            && self.pos - self.first >= PARALLEL_AFTER
             && self.end - self.pos >= config.parallel_min_size.max(1)
     }
 
