@@ -597,15 +597,21 @@ fn main() -> Result<()> {
             "unknown part {part:?}: one of {PARTS:?}"
         );
     }
-    let wanted = |part: &str| only.as_deref().is_none_or(|o| o == part);
     peermirror_tests::services::require_root();
+    let result = run_parts(only.as_deref());
+    measure::release_cgroups();
+    result
+}
+
+fn run_parts(only: Option<&str>) -> Result<()> {
+    let wanted = |part: &str| only.is_none_or(|o| o == part);
     let dir = tempfile::Builder::new().prefix("pm-bench-").tempdir()?;
     let mut rows = Vec::new();
     let mut pulls = Vec::new();
     let mut cells = Vec::new();
     if wanted("serving") {
         serving(&mut rows, &mut cells, dir.path(), true)?;
-    } else if only.as_deref() == Some("clients") {
+    } else if only == Some("clients") {
         // Only the real-client rounds of `serving`.
         serving(&mut rows, &mut cells, dir.path(), false)?;
     }

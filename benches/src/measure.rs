@@ -5,10 +5,11 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use peermirror_tests::http::Via;
 
 /// Clock ticks per second of `/proc/<pid>/stat`.
@@ -59,9 +60,111 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
     all
 }
 
-/// CPU seconds used so far by a server (its whole process tree).
+/// CPU seconds used so far by a server (its whole process tree): exact,
+/// from the cgroup v2 `cpu.stat` of a cgroup that holds only the server
+/// (`usage_usec` is the scheduler's runtime of every task that ran in it,
+/// threads that exited included), see [`meter_cgroup`]. When no cgroup can
+/// be had, the 10 ms clock ticks of `/proc/<pid>/stat`.
 pub fn server_cpu(pid: u32) -> f64 {
-    process_tree(pid).into_iter().filter_map(cpu_of).sum()
+    match meter_cgroup(pid).and_then(|cg| cgroup_usage(&cg)) {
+        Ok(seconds) => seconds,
+        Err(e) => {
+            eprintln!("bench: CPU of {pid} in clock ticks ({e:#})");
+            process_tree(pid).into_iter().filter_map(cpu_of).sum()
+        }
+    }
+}
+
+fn cgroup_usage(cgroup: &Path) -> Result<f64> {
+    let stat = std::fs::read_to_string(cgroup.join("cpu.stat"))
+        .with_context(|| format!("reading {}/cpu.stat", cgroup.display()))?;
+    let usec: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("cpu.stat without usage_usec")?;
+    Ok(usec as f64 / 1e6)
+}
+
+/// The unified cgroup `pid` is in.
+fn cgroup_of(pid: u32) -> Result<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("no cgroup v2 membership")?;
+    Ok(peermirror_tests::services::cgroup2_root()?.join(rel.trim_start_matches('/')))
+}
+
+/// The cgroups that measure servers.
+struct Meters {
+    /// Made by this bench (removed by [`release_cgroups`]).
+    made: Vec<PathBuf>,
+    /// The cgroup of each server measured, by PID.
+    by_pid: Vec<(u32, PathBuf)>,
+}
+
+static METERS: Mutex<Meters> = Mutex::new(Meters {
+    made: Vec::new(),
+    by_pid: Vec::new(),
+});
+
+/// The cgroup whose CPU is `pid`'s process tree's alone. A server that is
+/// already alone in its cgroup keeps it (a daemon with the dataplane joins
+/// its own, to which the eBPF programs are attached: it is never moved).
+/// Any other server is moved, with its children, into a new cgroup of its
+/// own the first time it is measured.
+fn meter_cgroup(pid: u32) -> Result<PathBuf> {
+    let mut meters = METERS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, cg)) = meters.by_pid.iter().find(|(p, _)| *p == pid) {
+        return Ok(cg.clone());
+    }
+    let tree = process_tree(pid);
+    let current = cgroup_of(pid)?;
+    let root = peermirror_tests::services::cgroup2_root()?;
+    let members: Vec<u32> = std::fs::read_to_string(current.join("cgroup.procs"))?
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let cgroup = if current != root && members.iter().all(|m| tree.contains(m)) {
+        current
+    } else {
+        let new = root.join(format!("pm-bench-{}-{pid}", std::process::id()));
+        std::fs::create_dir_all(&new).with_context(|| format!("creating {}", new.display()))?;
+        meters.made.push(new.clone());
+        for p in &tree {
+            // A process may have exited meanwhile.
+            let _ = std::fs::write(new.join("cgroup.procs"), p.to_string());
+        }
+        ensure!(
+            cgroup_of(pid)? == new,
+            "could not move {pid} into {}",
+            new.display()
+        );
+        new
+    };
+    meters.by_pid.push((pid, cgroup.clone()));
+    Ok(cgroup)
+}
+
+/// Removes the measuring cgroups, moving what still runs in them back to
+/// the root cgroup first.
+pub fn release_cgroups() {
+    let mut meters = METERS.lock().unwrap_or_else(|e| e.into_inner());
+    let Ok(root) = peermirror_tests::services::cgroup2_root() else {
+        return;
+    };
+    for cg in meters.made.drain(..) {
+        if let Ok(procs) = std::fs::read_to_string(cg.join("cgroup.procs")) {
+            for p in procs.lines() {
+                let _ = std::fs::write(root.join("cgroup.procs"), p.trim());
+            }
+        }
+        if let Err(e) = std::fs::remove_dir(&cg) {
+            eprintln!("bench: cannot remove {}: {e}", cg.display());
+        }
+    }
+    meters.by_pid.clear();
 }
 
 /// Peak resident set size (VmHWM) of a process, in bytes.

@@ -6,6 +6,9 @@
 //! others follow its in-flight ingest, so the upstream sends each blob
 //! about once.
 //!
+//! Once the image is everywhere, a node that lost it pulls it from several
+//! holders at once (step 6).
+//!
 //! The steps share one cluster and run in order; each says what it checks.
 //! `cargo xtask bench fanout` measures the same scenario at 1, 4, 8 and 16
 //! nodes and with a 512 MiB layer.
@@ -55,11 +58,12 @@ fn a_first_deploy_fetches_each_blob_from_upstream_about_once() -> Result<()> {
     peermirror_tests::fanout::wait_full_mesh(&cluster, Duration::from_secs(60))?;
     let images = images(&mut cluster)?;
     let link = UpstreamLink::cap(&cluster, "400mbit")?;
-    let steps: [(&str, Step); 4] = [
+    let steps: [(&str, Step); 5] = [
         ("1", step_1_eight_nodes_pull_at_once),
         ("2", step_2_cri_pulls_at_once),
         ("3", step_3_the_leaders_containerd_dies_mid_blob),
         ("4 and 5", step_4_a_corrupt_ingest_is_never_completed),
+        ("6", step_6_a_late_puller_fetches_from_several_holders),
     ];
     for (n, step) in steps {
         step(&mut cluster, &images, &link).with_context(|| format!("step {n}"))?;
@@ -301,5 +305,94 @@ fn step_4_a_corrupt_ingest_is_never_completed(
     n6.ctr_pull(&im.up(&im.corrupt))?;
     n6.assert_has(&c.layout, &im.corrupt)?;
     std::fs::remove_dir_all(planted)?;
+    Ok(())
+}
+
+/// 6. Once all eight hold an image, a node that lost it pulls it again:
+///    each 64 MiB layer comes from several holders at once and is verified
+///    as one blob (the node's mirror journal names the holders), and the
+///    upstream sends nothing of it. Holders tell peers their upload rate,
+///    measured by their dataplane.
+fn step_6_a_late_puller_fetches_from_several_holders(
+    c: &mut Cluster,
+    im: &Images,
+    link: &UpstreamLink,
+) -> Result<()> {
+    let reference = im.up(&im.fan);
+    let node = &c.nodes[7];
+    node.containerd
+        .ctr(&["images", "rm", "--sync", &reference])?;
+    let layers: Vec<_> = im
+        .fan
+        .default_platform_blobs
+        .iter()
+        .filter(|b| b.media_type.contains("layer"))
+        .collect();
+    // The image record alone does not hold the layers: remove the content,
+    // then collect garbage at once (deleting a lease with --sync runs it).
+    let mut rm = vec!["content", "rm"];
+    rm.extend(
+        im.fan
+            .default_platform_blobs
+            .iter()
+            .map(|b| b.digest.as_str()),
+    );
+    node.containerd.ctr(&rm)?;
+    let lease = node.containerd.ctr(&["leases", "create"])?;
+    let lease = lease.split_whitespace().next().context("a lease id")?;
+    node.containerd
+        .ctr(&["leases", "delete", "--sync", lease])?;
+    let content = node.content()?;
+    ensure!(
+        layers.iter().all(|l| !content.contains(&l.digest)),
+        "{}'s layers are still in its store",
+        node.name
+    );
+    let before = link.sent()?;
+    node.ctr_pull(&reference)?;
+    let sent = link.sent()? - before;
+    node.assert_has(&c.layout, &im.fan)?;
+    ensure!(
+        sent < image_bytes(&im.fan) / 10,
+        "the upstream sent {sent} bytes of an image every peer holds"
+    );
+    let pm = node.pm();
+    let r = pm.via.get(pm.metrics, "/debug/api/requests", &[])?;
+    ensure!(r.status == 200, "/debug/api/requests answered {}", r.status);
+    let api: serde_json::Value = serde_json::from_slice(&r.body)?;
+    let recent = api["recent"].as_array().cloned().unwrap_or_default();
+    for l in &layers {
+        let record = recent
+            .iter()
+            .find(|r| r["key"] == l.digest.as_str() && r["outcome"] == "hit")
+            .with_context(|| format!("no hit for {} in {recent:?}", l.digest))?;
+        let holders = record["peers"].as_array().map_or(0, Vec::len);
+        println!(
+            "fan-out: {} MiB layer from {holders} holders at {:.0} MiB/s, verified {}",
+            l.size >> 20,
+            record["mib_per_s"].as_f64().unwrap_or(0.0),
+            record["verified"]
+        );
+        ensure!(record["verified"] == true, "not verified: {record}");
+        ensure!(holders >= 2, "one holder only: {record}");
+    }
+    // A holder answers a peer with its upload rate.
+    let path = format!(
+        "/v2/{}/blobs/{}?ns={}",
+        im.fan.repo, layers[0].digest, im.upstream
+    );
+    let r = c.nodes[6].host.ns.via().request(
+        c.nodes[0].registry_addr(),
+        "HEAD",
+        &path,
+        &[("x-peermirror-mirrored", "1")],
+    )?;
+    ensure!(r.status == 200, "n1 answered {} to a peer", r.status);
+    let rate = r.header("x-peermirror-upload-rate");
+    ensure!(
+        rate.and_then(|v| v.parse::<u64>().ok()).is_some(),
+        "n1 told no upload rate: {:?}",
+        r.headers
+    );
     Ok(())
 }
