@@ -7,11 +7,16 @@
 //! in the same run. Reported: the time until every node is done, against
 //! one node alone; the bytes the upstream sent (its qdisc's counter),
 //! against one node's pull; CPU per node (peermirror and containerd).
+//!
+//! Then the late puller: once four nodes hold a 512 MiB layer, their links
+//! capped at 400 Mbit/s each, a fifth node pulls it through peermirror
+//! fetching from all four at once (`--mirror-parallel-peers 4`, the
+//! default), and again from one at a time (`1`), in the same run.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use peermirror_tests::cluster::{Cluster, ClusterNode, NodeSpec};
 use peermirror_tests::fanout::{UpstreamLink, node_spec, pull_all, wait_full_mesh};
 use peermirror_tests::image::{TestImage, layer};
@@ -67,6 +72,7 @@ pub fn bench() -> Result<String> {
     ];
     let mut cases = Vec::new();
     let mut notes = Vec::new();
+    let mut late = None;
     for fanout in [true, false] {
         let specs: Vec<NodeSpec> = (1..=max)
             .map(|i| {
@@ -117,8 +123,158 @@ pub fn bench() -> Result<String> {
                 remove(&cluster.nodes[..n], &cluster.upstream.reference(&image))?;
             }
         }
+        if fanout && max > LATE_HOLDERS {
+            let needed = (LATE_LAYER as u64) * (2 * LATE_HOLDERS as u64 + 4) + (1 << 30);
+            if free_bytes() < needed {
+                notes.push(format!(
+                    "skipped the late puller: needs about {} GiB free",
+                    needed >> 30
+                ));
+            } else {
+                late = Some(late_puller(&mut cluster)?);
+            }
+        }
     }
-    Ok(report(&cases, &notes))
+    let mut text = report(&cases, &notes);
+    if let Some(l) = late {
+        text.push_str(&l);
+    }
+    Ok(text)
+}
+
+/// Holders of the late puller's layer, and the layer's size.
+const LATE_HOLDERS: usize = 4;
+const LATE_LAYER: usize = 512 * MIB;
+
+/// One node pulls a 512 MiB layer that four others hold, their links capped
+/// at 400 Mbit/s: from all four at once, then from one at a time.
+fn late_puller(cluster: &mut Cluster) -> Result<String> {
+    let image = cluster
+        .layout
+        .add_image("bench/late", "v1", &[layer(LATE_LAYER, false)])?;
+    cluster.layout.finish()?;
+    cluster.upstream.push(&cluster.layout, &image)?;
+    let reference = cluster.upstream.reference(&image);
+    // The puller bootstraps from n1 when it restarts: it is the last of
+    // the five.
+    let p = LATE_HOLDERS;
+    let holders: Vec<&ClusterNode> = cluster.nodes[..p].iter().collect();
+    pull_all(&holders, &reference, |n, r| n.ctr_pull(r))?;
+    let cap = |node: &ClusterNode, rate: Option<&str>| match rate {
+        Some(rate) => node.host.ns.tc(&[
+            "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "512kb",
+            "latency", "200ms",
+        ]),
+        None => node.host.ns.tc(&["qdisc", "del", "dev", "eth0", "root"]),
+    };
+    for h in &holders {
+        cap(h, Some("400mbit"))?;
+    }
+    let mut rows = Vec::new();
+    let mut result = Ok(());
+    let name = cluster.nodes[p].name.clone();
+    let layer_digest = image.biggest_layer().digest.clone();
+    let blob_url = format!(
+        "http://{}/v2/{}/blobs/{layer_digest}?ns={}",
+        cluster.nodes[p].registry_addr(),
+        image.repo,
+        cluster.upstream.host()
+    );
+    // The puller's flags as the cluster started it (fan-out on).
+    let original = node_spec(&name, KEY).extra;
+    let original: Vec<&str> = original.iter().map(String::as_str).collect();
+    for peers in ["4", "1"] {
+        let outcome = (|| -> Result<(f64, f64)> {
+            cluster.nodes[p].restart_peermirror(&["--mirror-parallel-peers", peers])?;
+            cluster.wait_ready(&[&name], Duration::from_secs(60))?;
+            let puller = &cluster.nodes[p];
+            puller.pm().wait_metric(
+                "the puller's routing table to hold the holders",
+                "peermirror_p2p_routing_table_peers",
+                &[],
+                Duration::from_secs(60),
+                |v| v >= LATE_HOLDERS as f64,
+            )?;
+            // The relay alone: curl on the puller asks its peermirror.
+            let started = Instant::now();
+            let got = curl_in(&puller.host.ns, &blob_url)?;
+            let relay = started.elapsed().as_secs_f64();
+            anyhow::ensure!(got == LATE_LAYER as u64, "curl got {got} bytes");
+            // What a user waits for: the pull, unpacking included.
+            let started = Instant::now();
+            puller.ctr_pull(&reference)?;
+            let pull = started.elapsed().as_secs_f64();
+            puller.assert_has(&cluster.layout, &image)?;
+            forget(puller, &image, &reference)?;
+            Ok((relay, pull))
+        })();
+        cluster.nodes[p].set_extra(&original);
+        match outcome {
+            Ok(times) => rows.push((peers, times)),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    let restarted = cluster.nodes[p]
+        .restart_peermirror(&[])
+        .and_then(|()| cluster.wait_ready(&[&name], Duration::from_secs(60)));
+    for h in &cluster.nodes[..p] {
+        cap(h, None)?;
+    }
+    remove(&cluster.nodes[..p], &reference)?;
+    result?;
+    restarted?;
+    let mut out = format!(
+        "\nLate puller: {} MiB layer held by {LATE_HOLDERS} nodes, each link capped at 400 Mbit/s (50 MB/s):\n\n\
+         | holders asked at once | curl through the puller's peermirror, s | MiB/s | ÷ one at a time | `ctr image pull`, s | ÷ one at a time |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        LATE_LAYER >> 20
+    );
+    let one = rows.iter().find(|(p, _)| *p == "1").map(|r| r.1);
+    for (peers, (relay, pull)) in &rows {
+        let _ = writeln!(
+            out,
+            "| {peers} | {relay:.2} | {:.0} | {:.2} | {pull:.2} | {:.2} |",
+            (LATE_LAYER >> 20) as f64 / relay,
+            one.map_or(f64::NAN, |o| relay / o.0),
+            one.map_or(f64::NAN, |o| pull / o.1),
+        );
+    }
+    Ok(out)
+}
+
+/// `curl -o /dev/null` of `url` inside `ns`; the bytes it received.
+pub fn curl_in(ns: &peermirror_tests::netns::Netns, url: &str) -> Result<u64> {
+    let out = peermirror_tests::process::run(ns.command("curl").args([
+        "-sS",
+        "--fail",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        "300",
+        "-w",
+        "%{size_download}",
+        url,
+    ]))?;
+    out.trim()
+        .parse()
+        .with_context(|| format!("curl said {out:?}"))
+}
+
+/// Removes `image` and its content from `node` and collects garbage at
+/// once (the image record alone does not hold the layers).
+fn forget(node: &ClusterNode, image: &TestImage, reference: &str) -> Result<()> {
+    node.containerd
+        .ctr(&["images", "rm", "--sync", reference])?;
+    let mut rm = vec!["content", "rm"];
+    rm.extend(image.blobs.iter().map(|b| b.digest.as_str()));
+    node.containerd.ctr(&rm)?;
+    let lease = node.containerd.ctr(&["leases", "create"])?;
+    let id = lease.split_whitespace().next().context("a lease id")?;
+    node.containerd.ctr(&["leases", "delete", "--sync", id])?;
+    Ok(())
 }
 
 fn measure(

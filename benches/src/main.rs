@@ -170,6 +170,8 @@ fn serving(
         )?;
     }
 
+    peak_memory(rows, root, &containerd, &v2_path)?;
+
     // peermirror over mTLS.
     let certs = root.join("certs");
     std::fs::create_dir_all(&certs)?;
@@ -297,9 +299,9 @@ fn cluster_benches(rows: &mut Vec<Row>, pulls: &mut Vec<PullRow>) -> Result<()> 
         blob.digest,
         cluster.upstream.host()
     );
-    let (via, addr) = (b.host.ns.via(), b.registry_addr());
+    let (via, addr, p) = (b.host.ns.via(), b.registry_addr(), path.clone());
     let d: Arc<dyn Fn() -> Result<u64> + Send + Sync> =
-        Arc::new(move || download(&via, addr, &path, &Transport::Plain));
+        Arc::new(move || download(&via, addr, &p, &Transport::Plain));
     println!("  mirror path");
     let pid = b.pm().proc.pid();
     let measured = runs(pid, 1, d)?;
@@ -318,6 +320,42 @@ fn cluster_benches(rows: &mut Vec<Row>, pulls: &mut Vec<PullRow>) -> Result<()> 
 
     // The floor of the relay's CPU: SHA-256 alone, with the same crate.
     rows.push(hash_floor());
+
+    // The relay with curl as the client (it reads the body into userspace,
+    // as real clients do), and what serving the same blob costs A when curl
+    // asks A itself: the relay's floor is that plus SHA-256.
+    let a = cluster.node("a");
+    let local_path = format!("/v2/{}/blobs/{}", blob_image.repo, blob.digest);
+    for (node, scenario, url) in [
+        (
+            a,
+            "serving, curl on A asks A (the relay's other floor)",
+            format!("http://{}{local_path}", a.registry_addr()),
+        ),
+        (
+            b,
+            "mirror path, curl on B: B relays from A (digest verified)",
+            format!("http://{}{path}", b.registry_addr()),
+        ),
+    ] {
+        let ns = node.host.ns.clone();
+        let d: Arc<dyn Fn() -> Result<u64> + Send + Sync> =
+            Arc::new(move || fanout::curl_in(&ns, &url));
+        println!("  {scenario}");
+        let pid = node.pm().proc.pid();
+        let row = Row {
+            scenario: scenario.into(),
+            clients: 1,
+            runs: runs(pid, 1, d)?,
+            peak_rss: Some(peak_rss(pid)),
+        };
+        println!(
+            "    {:.2} GiB/s, {:.3} CPU-s/GiB",
+            row.gibs().0,
+            row.cpu().0
+        );
+        rows.push(row);
+    }
 
     // ctr content fetch and ctr image pull: through peermirror from A, or
     // straight from the registry.
@@ -409,6 +447,48 @@ fn cluster_benches(rows: &mut Vec<Row>, pulls: &mut Vec<PullRow>) -> Result<()> 
 
 /// SHA-256 of 1 GiB in memory (the `sha2` crate the daemon uses, SHA-NI
 /// when the CPU has it), three times: the CPU floor of a verified relay.
+/// Peak RSS of the default daemon (sendfile, dataplane attached) while 8,
+/// then 64 clients download the blob at once; its high-water mark is reset
+/// (`/proc/<pid>/clear_refs`) before each.
+fn peak_memory(
+    rows: &mut Vec<Row>,
+    root: &Path,
+    containerd: &Containerd,
+    v2_path: &str,
+) -> Result<()> {
+    let slot = peermirror_tests::services::DataplaneSlot::new()?;
+    let mut flags = slot.flags();
+    flags.extend(["--log-level".into(), "warn".into()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let pm = Peermirror::start(&root.join("pm-memory"), containerd, &flags)?;
+    let pid = pm.proc.pid();
+    let (addr, p) = (pm.registry, v2_path.to_string());
+    let d: Arc<dyn Fn() -> Result<u64> + Send + Sync> =
+        Arc::new(move || download(&Via::root(), addr, &p, &Transport::Plain));
+    for clients in MEMORY_CLIENTS {
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5").context("resetting the peak RSS")?;
+        let run = measure(pid, clients, d.clone())?;
+        let rss = peak_rss(pid);
+        println!(
+            "  peak RSS with {clients} clients: {} MiB ({:.2} GiB/s)",
+            rss >> 20,
+            run.gib_per_s()
+        );
+        rows.push(Row {
+            scenario: MEMORY_ROW.into(),
+            clients,
+            runs: vec![run],
+            peak_rss: Some(rss),
+        });
+    }
+    drop(pm);
+    drop(slot);
+    Ok(())
+}
+
+const MEMORY_CLIENTS: [usize; 2] = [8, 64];
+const MEMORY_ROW: &str = "peermirror default (sendfile, dataplane), memory";
+
 fn hash_floor() -> Row {
     use sha2::Digest as _;
     let buf = vec![0x5au8; 64 << 20];
@@ -541,17 +621,34 @@ fn report(rows: &[Row], pulls: &[PullRow]) -> String {
             );
         }
     }
-    for name in best {
-        if let Some(pm) = find(name, 8) {
+    for (clients, limit) in MEMORY_CLIENTS.into_iter().zip([32.0, 64.0]) {
+        if let Some(pm) = find(MEMORY_ROW, clients) {
             let rss = pm.peak_rss.unwrap_or(0) as f64 / (1 << 20) as f64;
             verdict(
-                &format!("{name} peak RSS, MiB (8 clients)"),
-                8,
+                "peermirror default peak RSS, MiB",
+                clients,
                 rss,
-                "< 64",
-                rss < 64.0,
+                &format!("≤ {limit}"),
+                rss <= limit,
             );
         }
+    }
+    if let (Some(relay), Some(serving), Some(hash)) = (
+        find("mirror path, curl on B", 1),
+        find("serving, curl on A", 1),
+        find("SHA-256 alone", 1),
+    ) {
+        let floor = serving.cpu().0 + hash.cpu().0;
+        let cpu = relay.cpu().0 / floor;
+        verdict(
+            "relay CPU-s/GiB (curl on B) ÷ (SHA-256 + serving)",
+            1,
+            cpu,
+            "≤ 1.4",
+            cpu <= 1.4,
+        );
+        let thr = relay.gibs().0;
+        verdict("relay GiB/s (curl on B)", 1, thr, "≥ 1.0", thr >= 1.0);
     }
     if !pulls.is_empty() {
         let _ = writeln!(

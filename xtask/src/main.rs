@@ -138,6 +138,17 @@ fn bench(part: Option<&str>) -> Result<()> {
     );
     let mut cmd = Command::new(target.join("release/peermirror-bench"));
     cmd.env("PEERMIRROR_BIN", target.join("release/peermirror"));
+    // `PM_BENCH_CONTAINERD=1.7|2.1`: Debian's newer containerd instead of
+    // the system's (fetched as for the tests).
+    if let Ok(series) = std::env::var("PM_BENCH_CONTAINERD") {
+        let Some(release) = releases::NEWER.iter().find(|r| r.series == series) else {
+            bail!(
+                "PM_BENCH_CONTAINERD={series}: one of {:?}",
+                releases::NEWER.iter().map(|r| r.series).collect::<Vec<_>>()
+            );
+        };
+        cmd.env("PM_CONTAINERD_DIR", releases::ensure(&target, release)?);
+    }
     if let Some(p) = part {
         cmd.arg(p);
     }
