@@ -385,7 +385,16 @@ pub fn bench(
                             })
                         }
                     };
-                    let r = measure_each(t.pid, clients, one)?;
+                    // The first round of each cell is profiled when asked.
+                    let r = if round == 0 {
+                        crate::measure::profiled(
+                            &format!("{} {} x{clients} {}", client.short(), t.name, round + 1),
+                            t.pid,
+                            || measure_each(t.pid, clients, one),
+                        )?
+                    } else {
+                        measure_each(t.pid, clients, one)?
+                    };
                     if r.bytes < (blob.size * clients as u64) {
                         bail!("{}: {} bytes in a round", t.name, r.bytes);
                     }

@@ -343,10 +343,12 @@ fn cluster_benches(rows: &mut Vec<Row>, pulls: &mut Vec<PullRow>) -> Result<()> 
             Arc::new(move || fanout::curl_in(&ns, &url));
         println!("  {scenario}");
         let pid = node.pm().proc.pid();
+        // Once before: connections, threads and the page cache warm.
+        d()?;
         let row = Row {
             scenario: scenario.into(),
             clients: 1,
-            runs: runs(pid, 1, d)?,
+            runs: measure::profiled(scenario, pid, || runs(pid, 1, d))?,
             peak_rss: Some(peak_rss(pid)),
         };
         println!(

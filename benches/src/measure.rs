@@ -342,6 +342,51 @@ pub fn measure_each(
     })
 }
 
+/// With `PM_BENCH_PERF=<dir>`: records where `pid` spends its CPU while
+/// `f` runs (`perf record -e cpu-clock -g`, the software clock, which works
+/// without hardware counters), and writes `<dir>/<name>.txt`, the report
+/// of the busiest call chains. Without it, just runs `f`.
+pub fn profiled<T>(name: &str, pid: u32, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let Some(dir) = std::env::var_os("PM_BENCH_PERF").map(PathBuf::from) else {
+        return f();
+    };
+    std::fs::create_dir_all(&dir)?;
+    let file = name.replace(|c: char| !c.is_ascii_alphanumeric(), "_");
+    let data = dir.join(format!("{file}.data"));
+    // Every process of the server (nginx's workers); `perf -p` follows the
+    // threads that exist when it attaches, so measured code should have
+    // run once before (tokio's blocking threads live on for 10 s).
+    let pids: Vec<String> = process_tree(pid).iter().map(u32::to_string).collect();
+    let mut cmd = std::process::Command::new("perf");
+    cmd.args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-o"])
+        .arg(&data)
+        .args(["-p", &pids.join(",")]);
+    let mut perf = peermirror_tests::process::Proc::spawn("perf", cmd, &dir.join("perf.log"))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let result = f();
+    perf.signal(libc::SIGINT);
+    peermirror_tests::process::wait_for("perf to write its data", Duration::from_secs(30), || {
+        (!perf.alive()).then_some(())
+    })?;
+    let report = std::process::Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--percent-limit",
+            "1",
+            "-i",
+        ])
+        .arg(&data)
+        .output()?;
+    std::fs::write(dir.join(format!("{file}.txt")), &report.stdout)?;
+    println!(
+        "    perf profile of {name}: {}",
+        dir.join(format!("{file}.txt")).display()
+    );
+    result
+}
+
 /// Median and range of a metric over runs.
 pub fn summary(values: &mut [f64]) -> (f64, f64, f64) {
     values.sort_by(|a, b| a.total_cmp(b));

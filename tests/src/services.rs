@@ -336,6 +336,43 @@ state = "{d}/state"
         }
     }
 
+    /// The refs of the ingests in progress (`ctr content active`).
+    pub fn active_ingests(&self) -> Result<Vec<String>> {
+        let out = self.ctr(&["content", "active"])?;
+        Ok(out
+            .lines()
+            .skip(1) // REF SIZE AGE
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// Aborts the ingest `reference` through the gRPC `Content.Abort`, as a
+    /// client that gives up on a fetch does (`ctr` has no command for it).
+    pub fn abort_ingest(&self, reference: &str) -> Result<()> {
+        use containerd_client::services::v1::AbortRequest;
+        use containerd_client::services::v1::content_client::ContentClient;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let channel = containerd_client::connect(&self.socket)
+                .await
+                .context("connecting to containerd")?;
+            let mut request = tonic::Request::new(AbortRequest {
+                r#ref: reference.to_string(),
+            });
+            request
+                .metadata_mut()
+                .insert("containerd-namespace", self.namespace.parse()?);
+            ContentClient::new(channel)
+                .abort(request)
+                .await
+                .with_context(|| format!("Content.Abort of {reference}"))?;
+            Ok(())
+        })
+    }
+
     /// Runs `ctr` against this containerd, in its namespace.
     pub fn ctr(&self, args: &[&str]) -> Result<String> {
         run(self

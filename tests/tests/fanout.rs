@@ -36,6 +36,7 @@ struct Images {
     fan: TestImage,
     cri: TestImage,
     killed: TestImage,
+    aborted: TestImage,
     corrupt: TestImage,
 }
 
@@ -58,10 +59,11 @@ fn a_first_deploy_fetches_each_blob_from_upstream_about_once() -> Result<()> {
     peermirror_tests::fanout::wait_full_mesh(&cluster, Duration::from_secs(60))?;
     let images = images(&mut cluster)?;
     let link = UpstreamLink::cap(&cluster, "400mbit")?;
-    let steps: [(&str, Step); 5] = [
+    let steps: [(&str, Step); 6] = [
         ("1", step_1_eight_nodes_pull_at_once),
         ("2", step_2_cri_pulls_at_once),
         ("3", step_3_the_leaders_containerd_dies_mid_blob),
+        ("3b", step_3b_the_leaders_ingest_is_aborted_mid_blob),
         ("4 and 5", step_4_a_corrupt_ingest_is_never_completed),
         ("6", step_6_a_late_puller_fetches_from_several_holders),
     ];
@@ -80,9 +82,10 @@ fn images(cluster: &mut Cluster) -> Result<Images> {
     let fan = l.add_image("fan/all", "v2", &two)?;
     let cri = l.add_image("fan/cri", "v3", &[layer(48 * MIB, false)])?;
     let killed = l.add_image("fan/killed", "v4", &[layer(96 * MIB, false)])?;
+    let aborted = l.add_image("fan/aborted", "v6", &[layer(96 * MIB, false)])?;
     let corrupt = l.add_image("fan/corrupt", "v5", &[layer(8 * MIB, false)])?;
     l.finish()?;
-    for image in [&solo, &fan, &cri, &killed, &corrupt] {
+    for image in [&solo, &fan, &cri, &killed, &aborted, &corrupt] {
         cluster.upstream.push(&cluster.layout, image)?;
     }
     Ok(Images {
@@ -91,6 +94,7 @@ fn images(cluster: &mut Cluster) -> Result<Images> {
         fan,
         cri,
         killed,
+        aborted,
         corrupt,
     })
 }
@@ -210,6 +214,54 @@ fn step_3_the_leaders_containerd_dies_mid_blob(
     followed?;
     for node in [&c.nodes[0], &c.nodes[1], &c.nodes[7]] {
         node.assert_has(&c.layout, &im.killed)?;
+    }
+    Ok(())
+}
+
+/// 3b. The leader's ingest is aborted through the gRPC `Content.Abort`
+///     mid-blob (what a client that gives up does) while three nodes follow
+///     it: every follower's pull still succeeds, byte for byte.
+fn step_3b_the_leaders_ingest_is_aborted_mid_blob(
+    c: &mut Cluster,
+    im: &Images,
+    _link: &UpstreamLink,
+) -> Result<()> {
+    let reference = im.up(&im.aborted);
+    let layer = im.aborted.biggest_layer().digest.clone();
+    // n2 asks first, so it leads.
+    let leader = &c.nodes[1];
+    let root = leader.containerd.content_root();
+    let followers: Vec<&ClusterNode> = vec![&c.nodes[2], &c.nodes[3], &c.nodes[4]];
+    thread::scope(|s| -> Result<()> {
+        // The leader's own pull fails when its ingest goes.
+        let lead = s.spawn(|| leader.ctr_pull(&reference));
+        wait_for(
+            "the leader's ingest to grow",
+            Duration::from_secs(30),
+            || (ingest_bytes(&root) > 16 * MIB as u64).then_some(()),
+        )?;
+        let pulls = s.spawn(|| pull_all(&followers, &reference, |n, r| n.ctr_pull(r)));
+        thread::sleep(Duration::from_millis(300));
+        let ingest = leader
+            .containerd
+            .active_ingests()?
+            .into_iter()
+            .find(|r| r.ends_with(&layer))
+            .with_context(|| format!("no active ingest of {layer} on n2"))?;
+        let written = ingest_bytes(&root);
+        leader.containerd.abort_ingest(&ingest)?;
+        println!(
+            "fan-out: aborted the leader's ingest {ingest} at {} MiB of {} MiB",
+            written >> 20,
+            im.aborted.biggest_layer().size >> 20
+        );
+        let _ = lead.join();
+        pulls
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("pull thread panicked")))
+    })?;
+    for node in &followers {
+        node.assert_has(&c.layout, &im.aborted)?;
     }
     Ok(())
 }
