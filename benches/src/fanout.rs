@@ -27,9 +27,22 @@ const KEY: [u8; 32] = [0x44; 32];
 const MIB: usize = 1 << 20;
 const DEFAULT_NODES: &[usize] = &[1, 4, 8, 16];
 
+/// How the nodes of a case get the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// No node holds it; the fan-out coordinates.
+    FanOut,
+    /// No node holds it; every node goes upstream (`--fanout-followers 0`).
+    UpstreamOnly,
+    /// One node already holds it and the others pull it from peers: no
+    /// upstream, nothing to coordinate. What so many simultaneous pulls
+    /// cost this machine anyway.
+    FromAPeer,
+}
+
 /// One measured case.
 struct Case {
-    fanout: bool,
+    mode: Mode,
     image: &'static str,
     nodes: usize,
     seconds: f64,
@@ -112,15 +125,37 @@ pub fn bench() -> Result<String> {
                 )?;
                 cluster.layout.finish()?;
                 cluster.upstream.push(&cluster.layout, &image)?;
-                let case = measure(&cluster, &link, &image, n, fanout, label)?;
+                let mode = if fanout {
+                    Mode::FanOut
+                } else {
+                    Mode::UpstreamOnly
+                };
+                let reference = cluster.upstream.reference(&image);
+                let nodes: Vec<&ClusterNode> = cluster.nodes[..n].iter().collect();
+                let case = measure(&cluster, &link, &image, &nodes, mode, label)?;
                 eprintln!(
-                    "fanout bench: {label}, {n} nodes, fan-out {}: {:.2} s, {} MiB upstream",
-                    if fanout { "on" } else { "off" },
+                    "fanout bench: {label}, {n} nodes, {mode:?}: {:.2} s, {} MiB upstream",
                     case.seconds,
                     case.upstream >> 20
                 );
                 cases.push(case);
-                remove(&cluster.nodes[..n], &cluster.upstream.reference(&image))?;
+                if mode == Mode::FanOut && n >= 2 {
+                    // The floor: the others pull it again while n1 holds it.
+                    for node in &cluster.nodes[1..n] {
+                        forget(node, &image, &reference)?;
+                    }
+                    let others: Vec<&ClusterNode> = cluster.nodes[1..n].iter().collect();
+                    let case = measure(&cluster, &link, &image, &others, Mode::FromAPeer, label)?;
+                    eprintln!(
+                        "fanout bench: {label}, {} nodes from a peer: {:.2} s",
+                        n - 1,
+                        case.seconds
+                    );
+                    cases.push(case);
+                }
+                for node in &cluster.nodes[..n] {
+                    forget(node, &image, &reference)?;
+                }
             }
         }
         if fanout && max > LATE_HOLDERS {
@@ -143,6 +178,19 @@ pub fn bench() -> Result<String> {
         text.push_str(&l);
     }
     Ok(text)
+}
+
+/// `cargo xtask bench late`: only the late puller, on five nodes.
+pub fn late_bench() -> Result<String> {
+    let specs: Vec<NodeSpec> = (1..=LATE_HOLDERS + 1)
+        .map(|i| node_spec(&format!("n{i}"), KEY))
+        .collect();
+    let mut cluster = Cluster::start(&specs)?;
+    let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    cluster.wait_ready(&refs, Duration::from_secs(120))?;
+    wait_full_mesh(&cluster, Duration::from_secs(120))?;
+    late_puller(&mut cluster)
 }
 
 /// Holders of the late puller's layer, and the layer's size.
@@ -227,7 +275,9 @@ fn late_puller(cluster: &mut Cluster) -> Result<String> {
     for h in &cluster.nodes[..p] {
         cap(h, None)?;
     }
-    remove(&cluster.nodes[..p], &reference)?;
+    for node in &cluster.nodes[..p] {
+        forget(node, &image, &reference)?;
+    }
     result?;
     restarted?;
     let mut out = format!(
@@ -285,11 +335,11 @@ fn measure(
     cluster: &Cluster,
     link: &UpstreamLink,
     image: &TestImage,
-    n: usize,
-    fanout: bool,
+    nodes: &[&ClusterNode],
+    mode: Mode,
     label: &'static str,
 ) -> Result<Case> {
-    let nodes: Vec<&ClusterNode> = cluster.nodes[..n].iter().collect();
+    let n = nodes.len();
     let cpu = |node: &ClusterNode| {
         (
             server_cpu(node.pm().proc.pid()),
@@ -299,12 +349,12 @@ fn measure(
     let before: Vec<(f64, f64)> = nodes.iter().map(|n| cpu(n)).collect();
     let sent = link.sent()?;
     let started = Instant::now();
-    pull_all(&nodes, &cluster.upstream.reference(image), |node, r| {
+    pull_all(nodes, &cluster.upstream.reference(image), |node, r| {
         node.ctr_pull(r)
     })?;
     let seconds = started.elapsed().as_secs_f64();
     let upstream = link.sent()? - sent;
-    for node in &nodes {
+    for node in nodes {
         node.assert_has(&cluster.layout, image)?;
     }
     let after: Vec<(f64, f64)> = nodes.iter().map(|n| cpu(n)).collect();
@@ -317,23 +367,13 @@ fn measure(
             / n as f64
     };
     Ok(Case {
-        fanout,
+        mode,
         image: label,
         nodes: n,
         seconds,
         upstream,
         cpu: (per_node(|c| c.0), per_node(|c| c.1)),
     })
-}
-
-/// Removes the image and its content from `nodes` (garbage-collected at
-/// once), so that the next case starts from nothing.
-fn remove(nodes: &[ClusterNode], reference: &str) -> Result<()> {
-    for node in nodes {
-        node.containerd
-            .ctr(&["images", "rm", "--sync", reference])?;
-    }
-    Ok(())
 }
 
 fn report(cases: &[Case], notes: &[String]) -> String {
@@ -347,14 +387,20 @@ fn report(cases: &[Case], notes: &[String]) -> String {
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | --- |"
     );
     for c in cases {
+        // One node alone, fetching from upstream, in the same cluster.
+        let alone_mode = if c.mode == Mode::UpstreamOnly {
+            Mode::UpstreamOnly
+        } else {
+            Mode::FanOut
+        };
         let alone = cases
             .iter()
-            .find(|o| o.fanout == c.fanout && o.image == c.image && o.nodes == 1);
+            .find(|o| o.mode == alone_mode && o.image == c.image && o.nodes == 1);
         let (t, b) = alone.map_or((f64::NAN, f64::NAN), |a| {
             (c.seconds / a.seconds, c.upstream as f64 / a.upstream as f64)
         });
         let limit = if c.nodes >= 16 { 2.0 } else { 1.5 };
-        let target = if !c.fanout || c.nodes == 1 {
+        let target = if c.mode != Mode::FanOut || c.nodes == 1 {
             String::new()
         } else {
             let met = t <= limit && b <= limit;
@@ -368,10 +414,10 @@ fn report(cases: &[Case], notes: &[String]) -> String {
             "| {} | {} | {} | {:.2} | {t:.2} | {} | {b:.2} | {:.2} / {:.2} | {target} |",
             c.image,
             c.nodes,
-            if c.fanout {
-                "on"
-            } else {
-                "off (upstream only)"
+            match c.mode {
+                Mode::FanOut => "on",
+                Mode::UpstreamOnly => "off (upstream only)",
+                Mode::FromAPeer => "a peer already holds it (the floor)",
             },
             c.seconds,
             c.upstream >> 20,

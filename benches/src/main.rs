@@ -116,13 +116,24 @@ fn nginx(dir: &Path, blobs_dir: &Path, port: u16) -> Result<clients::Nginx> {
     Ok(nginx)
 }
 
+/// What of the serving part runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ServingPart {
+    /// Everything: every path, nginx, the registry, memory, real clients.
+    All,
+    /// Only the rounds with real clients (`clients`).
+    Clients,
+    /// Only the peak memory with 8 and 64 clients (`memory`).
+    Memory,
+}
+
 /// The 1 GiB blob served by every server: with the splice client for
-/// every serving path (`splice_table`), then with real clients.
+/// every serving path, peermirror's peak memory, then with real clients.
 fn serving(
     rows: &mut Vec<Row>,
     cells: &mut Vec<clients::Cell>,
     root: &Path,
-    splice_table: bool,
+    part: ServingPart,
 ) -> Result<()> {
     println!(
         "serving a 1 GiB blob (setting up: generating, pushing with skopeo, fetching into containerd)"
@@ -146,9 +157,13 @@ fn serving(
     ])?;
     let blob = image.biggest_layer().clone();
     let v2_path = format!("/v2/{}/blobs/{}", image.repo, blob.digest);
-    if !splice_table {
-        cells.extend(clients::bench(root, &containerd, &upstream, &image)?);
-        return Ok(());
+    match part {
+        ServingPart::Clients => {
+            cells.extend(clients::bench(root, &containerd, &upstream, &image)?);
+            return Ok(());
+        }
+        ServingPart::Memory => return peak_memory(rows, root, &containerd, &v2_path),
+        ServingPart::All => {}
     }
 
     // peermirror, each serving path.
@@ -680,7 +695,9 @@ fn report(rows: &[Row], pulls: &[PullRow]) -> String {
 }
 
 /// The parts `cargo xtask bench [part]` can run; no part runs them all.
-const PARTS: &[&str] = &["serving", "clients", "cluster", "dht", "fanout"];
+const PARTS: &[&str] = &[
+    "serving", "clients", "memory", "cluster", "dht", "fanout", "late",
+];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -709,10 +726,11 @@ fn run_parts(only: Option<&str>) -> Result<()> {
     let mut pulls = Vec::new();
     let mut cells = Vec::new();
     if wanted("serving") {
-        serving(&mut rows, &mut cells, dir.path(), true)?;
+        serving(&mut rows, &mut cells, dir.path(), ServingPart::All)?;
     } else if only == Some("clients") {
-        // Only the real-client rounds of `serving`.
-        serving(&mut rows, &mut cells, dir.path(), false)?;
+        serving(&mut rows, &mut cells, dir.path(), ServingPart::Clients)?;
+    } else if only == Some("memory") {
+        serving(&mut rows, &mut cells, dir.path(), ServingPart::Memory)?;
     }
     if wanted("cluster") {
         cluster_benches(&mut rows, &mut pulls)?;
@@ -739,6 +757,9 @@ fn run_parts(only: Option<&str>) -> Result<()> {
             "\nFirst deploy: nodes pulling a new image at once, upstream capped at 400 Mbit/s:\n"
         );
         text.push_str(&fanout::bench()?);
+    }
+    if only == Some("late") {
+        text.push_str(&fanout::late_bench()?);
     }
     println!("\n{text}");
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(

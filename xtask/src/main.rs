@@ -55,7 +55,9 @@ enum Cmd {
     /// Benchmarks: peermirror side by side with nginx and the CNCF registry, the DHT at scale (release build).
     Bench {
         /// `serving`, `clients` (only the real-client rounds of `serving`),
-        /// `cluster` or `dht` to run only that part.
+        /// `memory` (only its peak RSS with 8 and 64 clients), `cluster`,
+        /// `dht`, `fanout` or `late` (only the fan-out's late puller) to run
+        /// only that part.
         part: Option<String>,
     },
 }
