@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use peermirror_tests::http::Via;
 use peermirror_tests::image::TestImage;
-use peermirror_tests::process::{Proc, run, wait_for};
+use peermirror_tests::process::{Proc, wait_for};
 use peermirror_tests::services::{
     Containerd, ContainerdOptions, DataplaneSlot, Peermirror, Upstream, free_port,
 };
@@ -160,20 +160,7 @@ fn nginx_registry(dir: &Path, blobs_dir: &Path, repo: &str, port: u16) -> Result
 }
 
 fn curl(url: &str) -> Result<u64> {
-    let out = run(Command::new("curl").args([
-        "-sS",
-        "--fail",
-        "-o",
-        "/dev/null",
-        "--max-time",
-        "300",
-        "-w",
-        "%{size_download}",
-        url,
-    ]))?;
-    out.trim()
-        .parse()
-        .with_context(|| format!("curl said {out:?}"))
+    crate::measure::curl_with(Command::new("curl"), url)
 }
 
 /// The syscalls a server makes for one curl download of the blob

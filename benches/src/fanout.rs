@@ -96,11 +96,7 @@ pub fn bench() -> Result<String> {
                 spec
             })
             .collect();
-        let mut cluster = Cluster::start(&specs)?;
-        let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        cluster.wait_ready(&refs, Duration::from_secs(120))?;
-        wait_full_mesh(&cluster, Duration::from_secs(120))?;
+        let mut cluster = start(&specs)?;
         let link = UpstreamLink::cap(&cluster, "400mbit")?;
         for (which, (label, layers)) in images.iter().enumerate() {
             for &n in &counts {
@@ -185,12 +181,17 @@ pub fn late_bench() -> Result<String> {
     let specs: Vec<NodeSpec> = (1..=LATE_HOLDERS + 1)
         .map(|i| node_spec(&format!("n{i}"), KEY))
         .collect();
-    let mut cluster = Cluster::start(&specs)?;
+    late_puller(&mut start(&specs)?)
+}
+
+/// Starts the nodes and waits until each is ready and knows every other.
+fn start(specs: &[NodeSpec]) -> Result<Cluster> {
+    let mut cluster = Cluster::start(specs)?;
     let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     cluster.wait_ready(&refs, Duration::from_secs(120))?;
     wait_full_mesh(&cluster, Duration::from_secs(120))?;
-    late_puller(&mut cluster)
+    Ok(cluster)
 }
 
 /// Holders of the late puller's layer, and the layer's size.
@@ -301,20 +302,7 @@ fn late_puller(cluster: &mut Cluster) -> Result<String> {
 
 /// `curl -o /dev/null` of `url` inside `ns`; the bytes it received.
 pub fn curl_in(ns: &peermirror_tests::netns::Netns, url: &str) -> Result<u64> {
-    let out = peermirror_tests::process::run(ns.command("curl").args([
-        "-sS",
-        "--fail",
-        "-o",
-        "/dev/null",
-        "--max-time",
-        "300",
-        "-w",
-        "%{size_download}",
-        url,
-    ]))?;
-    out.trim()
-        .parse()
-        .with_context(|| format!("curl said {out:?}"))
+    crate::measure::curl_with(ns.command("curl"), url)
 }
 
 /// Removes `image` and its content from `node` and collects garbage at

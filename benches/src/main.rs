@@ -315,47 +315,33 @@ fn cluster_benches(rows: &mut Vec<Row>, pulls: &mut Vec<PullRow>) -> Result<()> 
         cluster.upstream.host()
     );
     let (via, addr, p) = (b.host.ns.via(), b.registry_addr(), path.clone());
-    let d: Arc<dyn Fn() -> Result<u64> + Send + Sync> =
+    let splice: Arc<dyn Fn() -> Result<u64> + Send + Sync> =
         Arc::new(move || download(&via, addr, &p, &Transport::Plain));
-    println!("  mirror path");
-    let pid = b.pm().proc.pid();
-    let measured = runs(pid, 1, d)?;
-    let row = Row {
-        scenario: "mirror path: B relays from A (digest verified)".into(),
-        clients: 1,
-        runs: measured,
-        peak_rss: Some(peak_rss(pid)),
-    };
-    println!(
-        "    {:.2} GiB/s, {:.3} CPU-s/GiB",
-        row.gibs().0,
-        row.cpu().0
-    );
-    rows.push(row);
-
-    // The floor of the relay's CPU: SHA-256 alone, with the same crate.
-    rows.push(hash_floor());
-
-    // The relay with curl as the client (it reads the body into userspace,
-    // as real clients do), and what serving the same blob costs A when curl
-    // asks A itself: the relay's floor is that plus SHA-256.
+    // The relay with curl as the client too (it reads the body into
+    // userspace, as real clients do), and what serving the same blob costs
+    // A when curl asks A itself: the relay's floor is that plus SHA-256.
     let a = cluster.node("a");
     let local_path = format!("/v2/{}/blobs/{}", blob_image.repo, blob.digest);
-    for (node, scenario, url) in [
+    let curl = |node: &peermirror_tests::cluster::ClusterNode, url: String| {
+        let ns = node.host.ns.clone();
+        let d: Arc<dyn Fn() -> Result<u64> + Send + Sync> =
+            Arc::new(move || fanout::curl_in(&ns, &url));
+        d
+    };
+    let measured = [
+        (b, "mirror path: B relays from A (digest verified)", splice),
         (
             a,
             "serving, curl on A asks A (the relay's other floor)",
-            format!("http://{}{local_path}", a.registry_addr()),
+            curl(a, format!("http://{}{local_path}", a.registry_addr())),
         ),
         (
             b,
             "mirror path, curl on B: B relays from A (digest verified)",
-            format!("http://{}{path}", b.registry_addr()),
+            curl(b, format!("http://{}{path}", b.registry_addr())),
         ),
-    ] {
-        let ns = node.host.ns.clone();
-        let d: Arc<dyn Fn() -> Result<u64> + Send + Sync> =
-            Arc::new(move || fanout::curl_in(&ns, &url));
+    ];
+    for (node, scenario, d) in measured {
         println!("  {scenario}");
         let pid = node.pm().proc.pid();
         // Once before: connections, threads and the page cache warm.
@@ -373,6 +359,8 @@ fn cluster_benches(rows: &mut Vec<Row>, pulls: &mut Vec<PullRow>) -> Result<()> 
         );
         rows.push(row);
     }
+    // The floor of the relay's CPU: SHA-256 alone, with the same crate.
+    rows.push(hash_floor());
 
     // ctr content fetch and ctr image pull: through peermirror from A, or
     // straight from the registry.

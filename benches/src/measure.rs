@@ -387,6 +387,25 @@ pub fn profiled<T>(name: &str, pid: u32, f: impl FnOnce() -> Result<T>) -> Resul
     result
 }
 
+/// Runs `curl` (a `Command` for it: here, or in a network namespace) to
+/// download `url` into `/dev/null`; the bytes it received.
+pub fn curl_with(mut curl: std::process::Command, url: &str) -> Result<u64> {
+    let out = peermirror_tests::process::run(curl.args([
+        "-sS",
+        "--fail",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        "300",
+        "-w",
+        "%{size_download}",
+        url,
+    ]))?;
+    out.trim()
+        .parse()
+        .with_context(|| format!("curl said {out:?}"))
+}
+
 /// Median and range of a metric over runs.
 pub fn summary(values: &mut [f64]) -> (f64, f64, f64) {
     values.sort_by(|a, b| a.total_cmp(b));

@@ -940,6 +940,16 @@ fn parallel_config() -> MirrorConfig {
     }
 }
 
+/// Asks `mirror` for the whole blob and reads its body: the bytes, and the
+/// error it ended with, if any.
+async fn fetch_whole(mirror: &Arc<Mirror>, digest: &Digest) -> (Vec<u8>, Option<TransferError>) {
+    let m = mirror
+        .blob(&name(), digest, None, false)
+        .await
+        .expect("hit");
+    drain(m.body.expect("body")).await
+}
+
 /// The peers of the last journal record.
 fn last_record_peers(mirror: &Mirror) -> Vec<String> {
     mirror
@@ -1013,11 +1023,7 @@ async fn busy_holders_are_used_less() {
     // segment it started with, the idle ones fetch the rest.
     let h = holders(48 << 20, 3, 50 << 30).await;
     let mirror = Mirror::new(h.router.clone(), parallel_config());
-    let m = mirror
-        .blob(&name(), &h.digest, None, false)
-        .await
-        .expect("hit");
-    let (bytes, err) = drain(m.body.expect("body")).await;
+    let (bytes, err) = fetch_whole(&mirror, &h.digest).await;
     assert!(err.is_none(), "{err:?}");
     assert!(bytes[..] == h.blob[..], "the relayed bytes differ");
     let segments: Vec<u64> = h
@@ -1048,11 +1054,7 @@ async fn a_holder_failing_mid_segment_gives_its_bytes_to_another() {
     .await;
     h.router.add(&h.digest.to_string(), peer("half", half.addr));
     let mirror = Mirror::new(h.router.clone(), parallel_config());
-    let m = mirror
-        .blob(&name(), &h.digest, None, false)
-        .await
-        .expect("hit");
-    let (bytes, err) = drain(m.body.expect("body")).await;
+    let (bytes, err) = fetch_whole(&mirror, &h.digest).await;
     assert!(err.is_none(), "{err:?}");
     assert!(bytes[..] == h.blob[..], "the relayed bytes differ");
     assert_eq!(
@@ -1077,11 +1079,7 @@ async fn a_corrupt_segment_withholds_the_end_and_avoids_the_holders() {
         peer("corrupt-segments", corrupt.addr),
     );
     let mirror = Mirror::new(h.router.clone(), parallel_config());
-    let m = mirror
-        .blob(&name(), &h.digest, None, false)
-        .await
-        .expect("hit");
-    let (bytes, err) = drain(m.body.expect("body")).await;
+    let (bytes, err) = fetch_whole(&mirror, &h.digest).await;
     assert!(
         matches!(err, Some(TransferError::DigestMismatch { .. })),
         "{err:?}"
@@ -1108,11 +1106,7 @@ async fn a_slow_holder_gives_its_segment_to_a_faster_idle_one() {
     h.router
         .add(&h.digest.to_string(), peer("slow-segments", slow.addr));
     let mirror = Mirror::new(h.router.clone(), parallel_config());
-    let m = mirror
-        .blob(&name(), &h.digest, None, false)
-        .await
-        .expect("hit");
-    let (bytes, err) = drain(m.body.expect("body")).await;
+    let (bytes, err) = fetch_whole(&mirror, &h.digest).await;
     assert!(err.is_none(), "{err:?}");
     assert!(bytes[..] == h.blob[..], "the relayed bytes differ");
     // At 2.5 MB/s its first 4 MiB segment would take 1.7 s, while the real
@@ -1135,22 +1129,14 @@ async fn small_blobs_and_one_holder_stay_on_one_connection() {
     // Below the size: one peer, even when several hold it.
     let h = holders(4 << 20, 2, 0).await;
     let mirror = Mirror::new(h.router.clone(), parallel_config());
-    let m = mirror
-        .blob(&name(), &h.digest, None, false)
-        .await
-        .expect("hit");
-    let (bytes, err) = drain(m.body.expect("body")).await;
+    let (bytes, err) = fetch_whole(&mirror, &h.digest).await;
     assert!(err.is_none() && bytes[..] == h.blob[..]);
     let total: u64 = h.metrics.iter().map(|m| requests_with_status(m, 206)).sum();
     assert_eq!(total, 0, "a small blob was fetched in segments");
     // Large, one holder: no segments either.
     let one = holders(40 << 20, 1, 0).await;
     let mirror = Mirror::new(one.router.clone(), parallel_config());
-    let m = mirror
-        .blob(&name(), &one.digest, None, false)
-        .await
-        .expect("hit");
-    let (bytes, err) = drain(m.body.expect("body")).await;
+    let (bytes, err) = fetch_whole(&mirror, &one.digest).await;
     assert!(err.is_none() && bytes[..] == one.blob[..]);
     assert_eq!(requests_with_status(&one.metrics[0], 206), 0);
 }
