@@ -135,22 +135,34 @@ pub fn bench() -> Result<String> {
                     case.upstream >> 20
                 );
                 cases.push(case);
-                if mode == Mode::FanOut && n >= 2 {
-                    // The floor: the others pull it again while n1 holds it.
-                    for node in &cluster.nodes[1..n] {
-                        forget(node, &image, &reference)?;
-                    }
-                    let others: Vec<&ClusterNode> = cluster.nodes[1..n].iter().collect();
-                    let case = measure(&cluster, &link, &image, &others, Mode::FromAPeer, label)?;
-                    eprintln!(
-                        "fanout bench: {label}, {} nodes from a peer: {:.2} s",
-                        n - 1,
-                        case.seconds
-                    );
-                    cases.push(case);
-                }
                 for node in &cluster.nodes[..n] {
                     forget(node, &image, &reference)?;
+                }
+                if mode == Mode::FanOut && n >= 2 {
+                    // The floor: a fresh image that n1 pulls alone first (a
+                    // re-pull of this one would meet the records of nodes
+                    // that just removed it), then the others at once.
+                    let floor = cluster.layout.add_image(
+                        &format!("bench/{}", label.split(' ').next().unwrap_or("img")),
+                        &format!("floor{which}n{n}"),
+                        layers,
+                    )?;
+                    cluster.layout.finish()?;
+                    cluster.upstream.push(&cluster.layout, &floor)?;
+                    let floor_ref = cluster.upstream.reference(&floor);
+                    cluster.nodes[0].ctr_pull(&floor_ref)?;
+                    let others: Vec<&ClusterNode> = cluster.nodes[1..n].iter().collect();
+                    let case = measure(&cluster, &link, &floor, &others, Mode::FromAPeer, label)?;
+                    eprintln!(
+                        "fanout bench: {label}, {} nodes from a peer: {:.2} s, {} MiB upstream",
+                        n - 1,
+                        case.seconds,
+                        case.upstream >> 20
+                    );
+                    cases.push(case);
+                    for node in &cluster.nodes[..n] {
+                        forget(node, &floor, &floor_ref)?;
+                    }
                 }
             }
         }

@@ -137,13 +137,18 @@ fn getrandom(buf: &mut [u8]) -> anyhow::Result<()> {
 /// come from the heap and fragment it: a node relaying blobs to 8 clients
 /// while its peers restarted grew from 19 to 46 MiB in 10 minutes, and to
 /// 18 MiB with the threshold fixed (`benches/README.md`, soak). Setting it
-/// also stops the dynamic adjustment.
+/// also stops the dynamic adjustment, which would have raised the trim
+/// threshold with it: that is set too. At the default 128 KiB, the relay's
+/// 512 KiB read buffers went back to the kernel whenever the hash and the
+/// client caught up, and were faulted in again by the next reads (4 % of
+/// the relay's CPU in a profile).
 fn fix_malloc_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before any
     // other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
     }
 }
 

@@ -260,6 +260,10 @@ impl Candidates {
     }
 }
 
+/// Holders that answered `404` (stale records) that one request may skip
+/// past, per attempt of its budget.
+const STALE_PER_ATTEMPT: usize = 4;
+
 /// The media types a manifest request accepts.
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
@@ -372,6 +376,8 @@ impl Mirror {
         // Sizes named by 416 answers, and whether any other answer came.
         let mut unsatisfiable: Vec<u64> = Vec::new();
         let mut other_answers = false;
+        // Peers that answered 404, not counted as attempts.
+        let mut stale = 0;
         let hedge = tokio::time::sleep(self.config.hedge_delay);
         tokio::pin!(hedge);
         let mut hedged = false;
@@ -382,6 +388,17 @@ impl Mirror {
                         Ok(response) => match accept(&peer, response) {
                             Ok(v) => return Ok((peer, v)),
                             Err(Answer::Unsatisfiable(size)) => unsatisfiable.push(size),
+                            Err(Answer::NotHere) => {
+                                other_answers = true;
+                                // A stale record costs a fast round trip, not
+                                // an attempt (within a bound of its own): a
+                                // holder may be behind several of them.
+                                if stale < self.config.max_attempts * STALE_PER_ATTEMPT {
+                                    stale += 1;
+                                    *tried -= 1;
+                                }
+                                tracing::debug!(peer = %peer.addr, "peer no longer holds it");
+                            }
                             Err(Answer::Retry(reason)) => {
                                 other_answers = true;
                                 tracing::debug!(peer = %peer.addr, %reason, "peer cannot serve this request");
@@ -692,6 +709,7 @@ impl Mirror {
             .await;
             let answer = match response {
                 Ok(r) => blob_answer(&source, r, &digest.to_string(), range).map_err(|a| match a {
+                    Answer::NotHere => "404".to_string(),
                     Answer::Retry(reason) => reason,
                     Answer::Unsatisfiable(size) => format!("416 for a blob of {size} bytes"),
                 }),
@@ -750,6 +768,9 @@ impl Mirror {
 
 /// Why a peer's answer is not taken.
 enum Answer {
+    /// The peer says it does not hold it (`404`): its provider record is
+    /// stale (containerd removed the content; Kademlia has no withdraw).
+    NotHere,
     /// Try another peer.
     Retry(String),
     /// The peer says the range is outside a blob of this size (`416`).
@@ -791,6 +812,9 @@ fn blob_answer(
             }
             _ => Answer::Retry(format!("{} answered 416", peer.addr)),
         });
+    }
+    if status == 404 {
+        return Err(Answer::NotHere);
     }
     if status != 200 && status != 206 {
         return Err(Answer::Retry(format!("status {status}")));
@@ -856,6 +880,9 @@ fn judge_span(
 type ManifestHead = (Option<String>, Option<Digest>, Incoming);
 
 fn manifest_head(response: hyper::Response<Incoming>) -> Result<ManifestHead, Answer> {
+    if response.status().as_u16() == 404 {
+        return Err(Answer::NotHere);
+    }
     if response.status().as_u16() != 200 {
         return Err(Answer::Retry(format!("status {}", response.status())));
     }

@@ -1177,3 +1177,52 @@ async fn a_chunk_request_dropped_early_sets_no_other_holder_sending() {
     assert_eq!(asked, [0, 0], "other holders were asked for segments");
     drop(body);
 }
+
+#[tokio::test]
+async fn stale_holders_answering_404_do_not_use_up_the_attempts() {
+    // Nodes that held the blob and had it removed: their records outlive
+    // the content (Kademlia has no withdraw), and they answer 404.
+    let s = setup(100_000).await;
+    let not_found = Bytes::from_static(
+        b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\ncontent-type: application/json\r\n\r\n{}",
+    );
+    let mut stale = Vec::new();
+    for i in 0..6 {
+        let fake = fake_peer(Behaviour::Raw(not_found.clone())).await;
+        s.router
+            .add(&s.digest.to_string(), peer(&format!("stale{i}"), fake.addr));
+        stale.push(fake);
+    }
+    s.router.add(&s.digest.to_string(), peer("real", s.real));
+    let config = MirrorConfig {
+        max_attempts: 3,
+        ..fast_config()
+    };
+    let mirror = Mirror::new(s.router.clone(), config);
+    let (bytes, err) = fetch_whole(&mirror, &s.digest).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!(bytes[..] == s.blob[..]);
+    assert!(
+        stale
+            .iter()
+            .all(|f| f.requests.lock().expect("lock").len() == 1)
+    );
+    // Other failures still count: three holders that never answer end it.
+    let t = setup(1000).await;
+    for i in 0..3 {
+        let fake = fake_peer(Behaviour::Silent).await;
+        t.router.add(
+            &t.digest.to_string(),
+            peer(&format!("silent{i}"), fake.addr),
+        );
+    }
+    t.router.add(&t.digest.to_string(), peer("real2", t.real));
+    let config = MirrorConfig {
+        max_attempts: 3,
+        header_timeout: Duration::from_millis(300),
+        ..fast_config()
+    };
+    let mirror = Mirror::new(t.router.clone(), config);
+    let miss = mirror.blob(&name(), &t.digest, None, false).await.err();
+    assert_eq!(miss, Some(MirrorMiss::AllFailed { tried: 3 }));
+}
