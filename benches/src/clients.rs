@@ -35,6 +35,18 @@ fn rounds() -> usize {
         .unwrap_or(ROUNDS)
 }
 
+/// The numbers of concurrent clients to run: 1 and 8, or those
+/// `PM_BENCH_COUNTS` names (`1`, `8` or `1,8`).
+fn client_counts() -> Vec<usize> {
+    match std::env::var("PM_BENCH_COUNTS") {
+        Ok(list) => CLIENTS
+            .into_iter()
+            .filter(|c| list.split(',').any(|n| n.trim() == c.to_string()))
+            .collect(),
+        Err(_) => CLIENTS.to_vec(),
+    }
+}
+
 /// The client kinds to run: all, or those `PM_BENCH_CLIENTS` names
 /// (`curl,ctr,splice`), for a quicker look at one.
 fn client_kinds() -> Vec<Client> {
@@ -325,7 +337,9 @@ pub fn bench(
         );
     }
     // One containerd per concurrent ctr client.
-    let fetchers: Vec<Containerd> = (0..CLIENTS[1])
+    let counts = client_counts();
+    let most = counts.iter().copied().max().unwrap_or(0);
+    let fetchers: Vec<Containerd> = (0..most)
         .map(|i| {
             Containerd::start(
                 &root.join(format!("fetcher-{i}")),
@@ -342,7 +356,7 @@ pub fn bench(
 
     let mut cells: Vec<Cell> = Vec::new();
     for client in client_kinds() {
-        for clients in CLIENTS {
+        for &clients in &counts {
             println!("  {} × {clients}", client.name());
             let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
             for round in 0..rounds() {

@@ -364,6 +364,37 @@ impl Server {
         }
         head.push_str("\r\n");
         let stall = self.config.write_timeout;
+        let body = if method == Method::Head {
+            Body::Empty
+        } else {
+            response.body
+        };
+        // Large bodies on plain TCP go out corked (as nginx's `tcp_nopush`):
+        // the head rides in the first full segment, and each opening of a
+        // slow reader's window releases full segments only, not a small
+        // tail per write (the socket has TCP_NODELAY). Uncorking at the end,
+        // whatever happened, sends the last segment.
+        let cork = matches!(body, Body::File { .. } | Body::Stream { .. })
+            && conn
+                .plain_tcp()
+                .is_some_and(|tcp| rustix::net::sockopt::set_tcp_cork(tcp, true).is_ok());
+        let result = self.write_body(conn, head, body, stall).await;
+        if cork && let Some(tcp) = conn.plain_tcp() {
+            let _ = rustix::net::sockopt::set_tcp_cork(tcp, false);
+        }
+        result?;
+        conn.flush().await
+    }
+
+    /// Writes `head` and `body` (the part of [`Server::write_response`]
+    /// that may be corked).
+    async fn write_body<C: Conn>(
+        &self,
+        conn: &mut C,
+        head: String,
+        body: Body,
+        stall: Duration,
+    ) -> io::Result<()> {
         let timed = |what: &'static str| {
             move |_| {
                 io::Error::new(
@@ -371,11 +402,6 @@ impl Server {
                     format!("client did not read the {what} for {stall:?}"),
                 )
             }
-        };
-        let body = if method == Method::Head {
-            Body::Empty
-        } else {
-            response.body
         };
         match body {
             Body::Empty => {
@@ -441,7 +467,7 @@ impl Server {
                 }
             }
         }
-        conn.flush().await
+        Ok(())
     }
 
     fn count(&self, source: Source, bytes: u64) {
@@ -697,6 +723,81 @@ mod tests {
         let mut out = Vec::new();
         theirs.read_to_end(&mut out).await.expect("read");
         (result, String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// A connected pair of loopback TCP sockets: (server side, client side).
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        server.set_nodelay(true).expect("nodelay");
+        (server, client)
+    }
+
+    #[tokio::test]
+    async fn large_bodies_leave_corked_and_the_socket_is_uncorked_after() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("blob");
+        // Not a multiple of any segment size: the last one is partial.
+        let data: Vec<u8> = (0..(3 << 20) + 777).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).expect("write");
+        for files in [FileBodies::Sendfile, FileBodies::Buffered] {
+            let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+            let handler = Arc::new(Handler::new(
+                Arc::new(MemoryStore::new()),
+                None,
+                HandlerConfig::default(),
+                metrics.clone(),
+            ));
+            let server = Server::build(handler, ServerConfig::default(), metrics, files, None);
+            let (mut ours, mut theirs) = tcp_pair().await;
+            let file = std::fs::File::open(&path).expect("open");
+            let body = Body::File {
+                file,
+                path: path.clone(),
+                offset: 0,
+                len: data.len() as u64,
+            };
+            let reader = tokio::spawn(async move {
+                let mut out = Vec::new();
+                theirs.read_to_end(&mut out).await.map(|_| out)
+            });
+            server
+                .write_response(
+                    &mut ours,
+                    response(body, data.len() as u64),
+                    Method::Get,
+                    false,
+                )
+                .await
+                .expect("written");
+            assert!(
+                !rustix::net::sockopt::tcp_cork(&ours).expect("cork"),
+                "left corked"
+            );
+            drop(ours);
+            let out = reader.await.expect("join").expect("read");
+            assert!(out.ends_with(&data), "the body arrived whole");
+        }
+        // A body that fails half-way still leaves the socket uncorked.
+        let server = server();
+        let (mut ours, _theirs) = tcp_pair().await;
+        let stream = futures::stream::iter([
+            Ok(Bytes::from_static(b"ab")),
+            Err(io::Error::other("peer gone")),
+        ]);
+        let body = Body::Stream {
+            stream: Box::pin(stream),
+            len: 4,
+            source: Source::Mirror,
+        };
+        let result = server
+            .write_response(&mut ours, response(body, 4), Method::Get, false)
+            .await;
+        assert!(result.is_err());
+        assert!(!rustix::net::sockopt::tcp_cork(&ours).expect("cork"));
     }
 
     #[tokio::test]
