@@ -725,6 +725,19 @@ mod tests {
         (result, String::from_utf8_lossy(&out).into_owned())
     }
 
+    /// A 4-byte mirrored body whose source fails after 2 bytes.
+    fn failing_body() -> Body {
+        let stream = futures::stream::iter([
+            Ok(Bytes::from_static(b"ab")),
+            Err(io::Error::other("peer gone")),
+        ]);
+        Body::Stream {
+            stream: Box::pin(stream),
+            len: 4,
+            source: Source::Mirror,
+        }
+    }
+
     /// A connected pair of loopback TCP sockets: (server side, client side).
     async fn tcp_pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -784,15 +797,7 @@ mod tests {
         // A body that fails half-way still leaves the socket uncorked.
         let server = server();
         let (mut ours, _theirs) = tcp_pair().await;
-        let stream = futures::stream::iter([
-            Ok(Bytes::from_static(b"ab")),
-            Err(io::Error::other("peer gone")),
-        ]);
-        let body = Body::Stream {
-            stream: Box::pin(stream),
-            len: 4,
-            source: Source::Mirror,
-        };
+        let body = failing_body();
         let result = server
             .write_response(&mut ours, response(body, 4), Method::Get, false)
             .await;
@@ -859,15 +864,7 @@ mod tests {
             assert!(text.starts_with(&format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n")));
         }
         // An error from the source ends the response too.
-        let stream = futures::stream::iter([
-            Ok(Bytes::from_static(b"ab")),
-            Err(io::Error::other("peer gone")),
-        ]);
-        let body = Body::Stream {
-            stream: Box::pin(stream),
-            len: 4,
-            source: Source::Mirror,
-        };
+        let body = failing_body();
         let (r, _) = written(response(body, 4), Method::Get, false).await;
         assert!(r.is_err());
     }
