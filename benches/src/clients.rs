@@ -20,7 +20,9 @@ use peermirror_tests::services::{
     Containerd, ContainerdOptions, DataplaneSlot, Peermirror, Upstream, free_port,
 };
 
-use crate::measure::{Run, Transport, download, measure_each, peak_rss, summary};
+use crate::measure::{
+    Run, Transport, context_switches, download, measure_each, peak_rss, server_cpu, summary,
+};
 
 /// Rounds per cell; each round measures every server once
 /// (`PM_BENCH_ROUNDS` for more).
@@ -354,6 +356,23 @@ pub fn bench(
     let mut copies = vec![blobs_dir.join(blob.hex())];
     copies.extend(registry_copy(&upstream.dir, blob.hex()));
 
+    // What each server spends doing nothing: at containerd's pace a GiB
+    // takes seconds, and an idle cost is charged to it too.
+    let idle = Duration::from_secs(5);
+    let before: Vec<(f64, u64)> = targets
+        .iter()
+        .map(|t| (server_cpu(t.pid), context_switches(t.pid)))
+        .collect();
+    std::thread::sleep(idle);
+    for (t, (cpu, switches)) in targets.iter().zip(before) {
+        println!(
+            "  idle {}: {:.2} ms CPU/s, {:.0} context switches/s",
+            t.name,
+            (server_cpu(t.pid) - cpu) * 1000.0 / idle.as_secs_f64(),
+            context_switches(t.pid).saturating_sub(switches) as f64 / idle.as_secs_f64()
+        );
+    }
+
     let mut cells: Vec<Cell> = Vec::new();
     for client in client_kinds() {
         for &clients in &counts {
@@ -400,11 +419,12 @@ pub fn bench(
                         bail!("{}: {} bytes in a round", t.name, r.bytes);
                     }
                     println!(
-                        "    round {} {}: {:.2} GiB/s, {:.3} CPU-s/GiB",
+                        "    round {} {}: {:.2} GiB/s, {:.3} CPU-s/GiB, {:.0} context switches/GiB",
                         round + 1,
                         t.name,
                         r.gib_per_s(),
-                        r.cpu_per_gib()
+                        r.cpu_per_gib(),
+                        r.switches_per_gib()
                     );
                     runs[i].push(r);
                 }

@@ -511,6 +511,7 @@ fn hash_floor() -> Row {
                 bytes: GIB as u64,
                 seconds,
                 cpu_seconds: seconds,
+                switches: 0,
             }
         })
         .collect();

@@ -293,6 +293,9 @@ pub struct Run {
     pub bytes: u64,
     pub seconds: f64,
     pub cpu_seconds: f64,
+    /// Context switches of the server's threads meanwhile (voluntary and
+    /// not; threads that exited in between are not counted).
+    pub switches: u64,
 }
 
 impl Run {
@@ -303,6 +306,32 @@ impl Run {
     pub fn cpu_per_gib(&self) -> f64 {
         self.cpu_seconds / (self.bytes as f64 / (1u64 << 30) as f64)
     }
+
+    pub fn switches_per_gib(&self) -> f64 {
+        self.switches as f64 / (self.bytes as f64 / (1u64 << 30) as f64)
+    }
+}
+
+/// Context switches so far of every thread of `pid`'s process tree
+/// (`voluntary_ctxt_switches` + `nonvoluntary_ctxt_switches`).
+pub fn context_switches(pid: u32) -> u64 {
+    let mut total = 0;
+    for p in process_tree(pid) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+                continue;
+            };
+            total += status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split(':').nth(1)?.trim().parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    total
 }
 
 /// Runs `clients` concurrent downloads and measures the server's CPU.
@@ -322,6 +351,7 @@ pub fn measure_each(
     download_one: Arc<dyn Fn(usize) -> Result<u64> + Send + Sync>,
 ) -> Result<Run> {
     let cpu_before = server_cpu(server_pid);
+    let switches_before = context_switches(server_pid);
     let started = Instant::now();
     let handles: Vec<_> = (0..clients)
         .map(|i| {
@@ -335,10 +365,12 @@ pub fn measure_each(
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu_seconds = server_cpu(server_pid) - cpu_before;
+    let switches = context_switches(server_pid).saturating_sub(switches_before);
     Ok(Run {
         bytes,
         seconds,
         cpu_seconds,
+        switches,
     })
 }
 

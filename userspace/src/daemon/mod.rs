@@ -8,6 +8,7 @@ pub mod supervisor;
 
 pub use config::{DaemonConfig, DaemonError};
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -211,31 +212,53 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
 /// How often the upload rate told to peers is measured.
 const UPLOAD_RATE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often the upload-rate sampler lists this node's own addresses again
+/// (traffic to them is not an upload to a peer).
+const OWN_ADDRESSES_REFRESH: Duration = Duration::from_secs(30);
+
 /// Measures what this node's registry port sends to other hosts, from the
 /// dataplane's per-peer counters, once a second until `stop`.
 async fn measure_upload_rate(dataplane: Arc<Dataplane>, rate: UploadRate, stop: CancellationToken) {
     let mut tick = tokio::time::interval(UPLOAD_RATE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<(tokio::time::Instant, u64)> = None;
+    // This node's own addresses, listed again now and then: a netlink dump
+    // of every link each second was most of an idle daemon's CPU, and a
+    // Kubernetes node has a link per pod.
+    let mut own = Arc::new(HashSet::new());
+    let mut own_listed: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let dp = dataplane.clone();
-        let total = tokio::task::spawn_blocking(move || {
-            let own = crate::dataplane::interface_addresses();
-            dp.counters()
-                .map(|counters| crate::dataplane::uploaded_bytes(&counters, &own))
+        let relist = own_listed.is_none_or(|at| at.elapsed() >= OWN_ADDRESSES_REFRESH);
+        let (dp, known) = (dataplane.clone(), own.clone());
+        let sampled = tokio::task::spawn_blocking(move || {
+            let addrs = if relist {
+                Arc::new(crate::dataplane::interface_addresses())
+            } else {
+                known
+            };
+            let total = dp
+                .counters()
+                .map(|counters| crate::dataplane::uploaded_bytes(&counters, &addrs));
+            (addrs, total)
         })
         .await;
+        let Ok((addrs, total)) = sampled else {
+            continue;
+        };
+        if relist {
+            own = addrs;
+            own_listed = Some(tokio::time::Instant::now());
+        }
         let total = match total {
-            Ok(Ok(total)) => total,
-            Ok(Err(e)) => {
+            Ok(total) => total,
+            Err(e) => {
                 tracing::debug!(error = %e, "cannot read the peer counters");
                 continue;
             }
-            Err(_) => continue,
         };
         let now = tokio::time::Instant::now();
         if let Some((at, before)) = last {
