@@ -693,6 +693,11 @@ mod tests {
     }
 
     fn server() -> Arc<Server> {
+        server_with(FileBodies::Sendfile)
+    }
+
+    /// A server over an empty store whose file bodies go out as `files` says.
+    fn server_with(files: FileBodies) -> Arc<Server> {
         let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
         let handler = Arc::new(Handler::new(
             Arc::new(MemoryStore::new()),
@@ -700,7 +705,7 @@ mod tests {
             HandlerConfig::default(),
             metrics.clone(),
         ));
-        Server::new(handler, ServerConfig::default(), metrics)
+        Server::build(handler, ServerConfig::default(), metrics, files, None)
     }
 
     fn response(body: Body, len: u64) -> Response {
@@ -757,14 +762,7 @@ mod tests {
         let data: Vec<u8> = (0..(3 << 20) + 777).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).expect("write");
         for files in [FileBodies::Sendfile, FileBodies::Buffered] {
-            let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
-            let handler = Arc::new(Handler::new(
-                Arc::new(MemoryStore::new()),
-                None,
-                HandlerConfig::default(),
-                metrics.clone(),
-            ));
-            let server = Server::build(handler, ServerConfig::default(), metrics, files, None);
+            let server = server_with(files);
             let (mut ours, mut theirs) = tcp_pair().await;
             let file = std::fs::File::open(&path).expect("open");
             let body = Body::File {
