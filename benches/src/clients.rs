@@ -37,29 +37,33 @@ fn rounds() -> usize {
         .unwrap_or(ROUNDS)
 }
 
+/// Those of `all` that the comma-separated list in `var` names (each
+/// named by `name`), or all of them when `var` is unset.
+fn chosen<T: Copy>(var: &str, all: &[T], name: impl Fn(T) -> String) -> Vec<T> {
+    match std::env::var(var) {
+        Ok(list) => all
+            .iter()
+            .copied()
+            .filter(|&x| list.split(',').any(|n| n.trim() == name(x)))
+            .collect(),
+        Err(_) => all.to_vec(),
+    }
+}
+
 /// The numbers of concurrent clients to run: 1 and 8, or those
 /// `PM_BENCH_COUNTS` names (`1`, `8` or `1,8`).
 fn client_counts() -> Vec<usize> {
-    match std::env::var("PM_BENCH_COUNTS") {
-        Ok(list) => CLIENTS
-            .into_iter()
-            .filter(|c| list.split(',').any(|n| n.trim() == c.to_string()))
-            .collect(),
-        Err(_) => CLIENTS.to_vec(),
-    }
+    chosen("PM_BENCH_COUNTS", &CLIENTS, |n| n.to_string())
 }
 
 /// The client kinds to run: all, or those `PM_BENCH_CLIENTS` names
 /// (`curl,ctr,splice`), for a quicker look at one.
 fn client_kinds() -> Vec<Client> {
-    let all = [Client::Curl, Client::Ctr, Client::Splice];
-    match std::env::var("PM_BENCH_CLIENTS") {
-        Ok(list) => all
-            .into_iter()
-            .filter(|c| list.split(',').any(|n| c.short() == n.trim()))
-            .collect(),
-        Err(_) => all.to_vec(),
-    }
+    chosen(
+        "PM_BENCH_CLIENTS",
+        &[Client::Curl, Client::Ctr, Client::Splice],
+        |c| c.short().to_string(),
+    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

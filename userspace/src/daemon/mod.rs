@@ -8,7 +8,6 @@ pub mod supervisor;
 
 pub use config::{DaemonConfig, DaemonError};
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -127,13 +126,14 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     }
     let mirror = Mirror::with_tls(Arc::new(router.clone()), config.mirror.clone(), tls.clone());
     let upload_rate = UploadRate::default();
-    if let Some(dp) = &dataplane {
+    if let (Some(dp), Some(admission)) = (&dataplane, &admission) {
         tasks.spawn_infallible(
             background,
             "upload rate",
             Policy::Auxiliary,
             measure_upload_rate(
                 dp.clone(),
+                admission.clone(),
                 upload_rate.clone(),
                 tasks.stop_token(background),
             ),
@@ -212,53 +212,38 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
 /// How often the upload rate told to peers is measured.
 const UPLOAD_RATE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// How often the upload-rate sampler lists this node's own addresses again
-/// (traffic to them is not an upload to a peer).
-const OWN_ADDRESSES_REFRESH: Duration = Duration::from_secs(30);
-
 /// Measures what this node's registry port sends to other hosts, from the
-/// dataplane's per-peer counters, once a second until `stop`.
-async fn measure_upload_rate(dataplane: Arc<Dataplane>, rate: UploadRate, stop: CancellationToken) {
+/// dataplane's per-peer counters, once a second until `stop`. Traffic to
+/// this node's own addresses is not an upload: those come from the
+/// admission's upkeep, which lists them anyway (a netlink dump of every
+/// link each second here was most of an idle daemon's CPU).
+async fn measure_upload_rate(
+    dataplane: Arc<Dataplane>,
+    admission: Arc<Admission>,
+    rate: UploadRate,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(UPLOAD_RATE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<(tokio::time::Instant, u64)> = None;
-    // This node's own addresses, listed again now and then: a netlink dump
-    // of every link each second was most of an idle daemon's CPU, and a
-    // Kubernetes node has a link per pod.
-    let mut own = Arc::new(HashSet::new());
-    let mut own_listed: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let relist = own_listed.is_none_or(|at| at.elapsed() >= OWN_ADDRESSES_REFRESH);
-        let (dp, known) = (dataplane.clone(), own.clone());
-        let sampled = tokio::task::spawn_blocking(move || {
-            let addrs = if relist {
-                Arc::new(crate::dataplane::interface_addresses())
-            } else {
-                known
-            };
-            let total = dp
-                .counters()
-                .map(|counters| crate::dataplane::uploaded_bytes(&counters, &addrs));
-            (addrs, total)
+        let (dp, own) = (dataplane.clone(), admission.own_addresses());
+        let total = tokio::task::spawn_blocking(move || {
+            dp.counters()
+                .map(|counters| crate::dataplane::uploaded_bytes(&counters, &own))
         })
         .await;
-        let Ok((addrs, total)) = sampled else {
-            continue;
-        };
-        if relist {
-            own = addrs;
-            own_listed = Some(tokio::time::Instant::now());
-        }
         let total = match total {
-            Ok(total) => total,
-            Err(e) => {
+            Ok(Ok(total)) => total,
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "cannot read the peer counters");
                 continue;
             }
+            Err(_) => continue,
         };
         let now = tokio::time::Instant::now();
         if let Some((at, before)) = last {

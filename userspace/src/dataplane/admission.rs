@@ -117,6 +117,11 @@ impl Admission {
         self.lock().peers.clone()
     }
 
+    /// This node's own addresses, as the upkeep last listed them.
+    pub fn own_addresses(&self) -> HashSet<IpAddr> {
+        self.lock().own.clone()
+    }
+
     fn admit(&self, ips: &[IpAddr]) {
         for ip in ips {
             if let Err(e) = self.boundary.admit(*ip) {
