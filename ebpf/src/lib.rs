@@ -105,17 +105,35 @@ pub enum BuildError {
     Compile { stderr: String },
 }
 
+/// The build host's multiarch include directory (Debian's
+/// `/usr/include/<arch>-linux-gnu`, where `asm/types.h` lives): the one
+/// `cc -print-multiarch` names, else the one of the architecture this
+/// builder runs on.
+pub fn multiarch_include() -> PathBuf {
+    let cc = std::env::var("HOST_CC").unwrap_or_else(|_| "cc".to_string());
+    let tuple = Command::new(cc)
+        .arg("-print-multiarch")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| format!("{}-linux-gnu", std::env::consts::ARCH));
+    Path::new("/usr/include").join(tuple)
+}
+
 /// Compiles the programs into `<out_dir>/peermirror.bpf.o` with
 /// `clang -O2 -g -target bpf` (Debian's clang; libbpf-dev provides
-/// `bpf/bpf_helpers.h`, and `-I/usr/include/x86_64-linux-gnu` finds
-/// `asm/types.h`). `CLANG` overrides the compiler.
+/// `bpf/bpf_helpers.h`, and the build host's multiarch include directory,
+/// such as `/usr/include/aarch64-linux-gnu`, finds `asm/types.h`). `CLANG`
+/// overrides the compiler.
 pub fn build(out_dir: &Path) -> Result<PathBuf, BuildError> {
     let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".to_string());
     let out = out_dir.join(OBJECT);
     let dir = source_dir();
     let output = Command::new(&clang)
         .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
-        .arg("-I/usr/include/x86_64-linux-gnu")
+        .arg(format!("-I{}", multiarch_include().display()))
         .arg(format!("-I{}", dir.display()))
         .arg("-c")
         .arg(dir.join("peermirror.bpf.c"))
@@ -169,7 +187,7 @@ int main(void) {
         let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
         let status = Command::new(&cc)
             .arg(format!("-I{}", source_dir().display()))
-            .arg("-I/usr/include/x86_64-linux-gnu")
+            .arg(format!("-I{}", multiarch_include().display()))
             .arg(&program)
             .arg("-o")
             .arg(&binary)

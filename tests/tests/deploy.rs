@@ -79,6 +79,49 @@ fn the_systemd_unit_verifies_and_starts_before_the_kubelet() -> Result<()> {
     );
     let dropin = std::fs::read_to_string(repo_file("deploy/systemd/opt-bin.conf"))?;
     ensure!(dropin.contains("ExecStart=\nExecStart=/opt/bin/peermirror run"));
+    // A path the unit may write that is missing on a host does not fail it.
+    for unit in [
+        "deploy/systemd/peermirror.service",
+        "deploy/systemd/k3s/peermirror.service",
+    ] {
+        let text = std::fs::read_to_string(repo_file(unit))?;
+        let paths = unit_values(&text, "ReadWritePaths");
+        ensure!(!paths.is_empty(), "{unit}: no ReadWritePaths");
+        ensure!(
+            paths.iter().all(|p| p.starts_with('-')),
+            "{unit}: ReadWritePaths not optional: {paths:?}"
+        );
+    }
+    Ok(())
+}
+
+/// The values of `key=` lines of a unit, split on whitespace.
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .flat_map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .collect()
+}
+
+#[test]
+fn the_k3s_unit_verifies_and_orders_after_k3s() -> Result<()> {
+    verify_unit("deploy/systemd/k3s/peermirror.service", None)?;
+    let unit = std::fs::read_to_string(repo_file("deploy/systemd/k3s/peermirror.service"))?;
+    let after = unit_values(&unit, "After");
+    for k3s in ["k3s.service", "k3s-agent.service"] {
+        ensure!(after.iter().any(|u| u == k3s), "not after {k3s}: {after:?}");
+    }
+    // K3s has no containerd.service or kubelet.service of its own, and owns
+    // certs.d (no configure-containerd).
+    ensure!(!unit.contains("containerd.service") && !unit.contains("kubelet.service"));
+    ensure!(unit_values(&unit, "ExecStartPre").is_empty(), "{unit}");
+    let env = env_file(&repo_file("deploy/systemd/k3s/peermirror.env"))?;
+    let get = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    ensure!(get("PEERMIRROR_CONTAINERD_SOCK") == Some("/run/k3s/containerd/containerd.sock"));
+    ensure!(
+        get("PEERMIRROR_CONTAINERD_CONTENT_PATH")
+            == Some("/var/lib/rancher/k3s/agent/containerd/io.containerd.content.v1.content")
+    );
     Ok(())
 }
 

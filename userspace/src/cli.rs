@@ -25,7 +25,7 @@ use crate::store::ContainerdConfig;
 #[derive(Debug, Parser)]
 #[command(
     name = "peermirror",
-    version,
+    version = crate::VERSION,
     about = "Peer-to-peer container image mirror for containerd nodes"
 )]
 pub struct Cli {
@@ -110,7 +110,7 @@ pub struct MirroredRegistries {
     /// Registries mirrored, comma-separated (`docker.io,ghcr.io`); empty means
     /// every registry (`configure-containerd` then writes the `_default`
     /// folder, which applies to every registry without a folder of its own).
-    #[arg(long, env = "PEERMIRROR_MIRRORED_REGISTRIES", value_delimiter = ',')]
+    #[arg(long, env = "PEERMIRROR_MIRRORED_REGISTRIES", value_delimiter = ',', num_args = 1.., value_parser = parse_registry)]
     pub mirrored_registries: Vec<Registry>,
 }
 
@@ -126,7 +126,7 @@ pub struct ConfigureContainerd {
     #[arg(
         long,
         env = "PEERMIRROR_MIRROR_TARGETS",
-        value_delimiter = ',',
+        value_delimiter = ',', num_args = 1..,
         default_value = "http://127.0.0.1:5000"
     )]
     pub mirror_targets: Vec<String>,
@@ -269,7 +269,7 @@ pub enum ServingPathArg {
 pub struct LogArgs {
     /// Log level (error, warn, info, debug, trace) or a tracing filter such as
     /// `info,peermirror::registry=debug`.
-    #[arg(long, env = "PEERMIRROR_LOG_LEVEL", default_value = "info")]
+    #[arg(long, env = "PEERMIRROR_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
     pub log_level: String,
 
     /// Log line format.
@@ -350,7 +350,7 @@ pub struct Run {
     /// Serve the debug endpoints (/debug, which shows image names, digests
     /// and peer addresses). They answer loopback, connected peers and
     /// `--debug-allowed-cidrs`; anyone else gets 403.
-    #[arg(long, env = "PEERMIRROR_DEBUG_ENDPOINTS", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "PEERMIRROR_DEBUG_ENDPOINTS", default_value_t = true, action = clap::ArgAction::Set, alias = "debug-web-enabled")]
     pub debug_endpoints: bool,
 
     /// Other daemons' metric names exported besides `peermirror_*`:
@@ -361,7 +361,7 @@ pub struct Run {
 
     /// Networks allowed to see the debug endpoints besides loopback and the
     /// connected peers, comma-separated CIDRs.
-    #[arg(long, env = "PEERMIRROR_DEBUG_ALLOWED_CIDRS", value_delimiter = ',')]
+    #[arg(long, env = "PEERMIRROR_DEBUG_ALLOWED_CIDRS", value_delimiter = ',', num_args = 1..)]
     pub debug_allowed_cidrs: Vec<ipnet::IpNet>,
 
     /// Directory for the daemon's state.
@@ -439,12 +439,12 @@ pub struct Run {
 
     /// Networks allowed to reach the P2P port, comma-separated CIDRs (the
     /// node network); empty: everyone (the preshared key is the gate).
-    #[arg(long, env = "PEERMIRROR_ALLOWED_CIDRS", value_delimiter = ',')]
+    #[arg(long, env = "PEERMIRROR_ALLOWED_CIDRS", value_delimiter = ',', num_args = 1..)]
     pub allowed_cidrs: Vec<ipnet::IpNet>,
 
     /// Networks admitted to the registry port besides loopback, this node's
     /// addresses and the peers that proved the preshared key.
-    #[arg(long, env = "PEERMIRROR_REGISTRY_CLIENT_CIDRS", value_delimiter = ',')]
+    #[arg(long, env = "PEERMIRROR_REGISTRY_CLIENT_CIDRS", value_delimiter = ',', num_args = 1..)]
     pub registry_client_cidrs: Vec<ipnet::IpNet>,
 
     /// How long a peer stays admitted to the registry port after its last
@@ -509,7 +509,7 @@ pub struct Run {
 
     /// Peers to dial with `--bootstrap-kind static`, comma-separated
     /// multiaddrs (`/ip4/10.0.0.1/tcp/5001[/p2p/<peer id>]`).
-    #[arg(long, env = "PEERMIRROR_STATIC_BOOTSTRAP_PEERS", value_delimiter = ',')]
+    #[arg(long, env = "PEERMIRROR_STATIC_BOOTSTRAP_PEERS", value_delimiter = ',', num_args = 1..)]
     pub static_bootstrap_peers: Vec<Multiaddr>,
 
     /// With `--bootstrap-kind dns`: a name whose A/AAAA records are the peers
@@ -521,7 +521,7 @@ pub struct Run {
     /// a bootstrap document: a JSON array of peer multiaddrs (see
     /// `--http-bootstrap-addr`), or Spegel's `{"ID", "Addrs"}` entries (see
     /// `peermirror bootstrapper`).
-    #[arg(long, env = "PEERMIRROR_HTTP_BOOTSTRAP_URL")]
+    #[arg(long, env = "PEERMIRROR_HTTP_BOOTSTRAP_URL", alias = "http-bootstrap-peer")]
     pub http_bootstrap_url: Option<String>,
 
     /// For an `https://` bootstrap URL: a directory with `ca.crt` (verifies
@@ -547,7 +547,7 @@ pub struct Run {
     /// Regular expressions on `<registry>/<repository>[:<tag>]`,
     /// comma-separated; a reference that matches one is neither advertised
     /// nor served (write a comma inside an expression as `\x2c`).
-    #[arg(long, env = "PEERMIRROR_REGISTRY_FILTERS", value_delimiter = ',')]
+    #[arg(long, env = "PEERMIRROR_REGISTRY_FILTERS", value_delimiter = ',', num_args = 1..)]
     pub registry_filters: Vec<String>,
 
     /// How long a local miss waits for a first peer that has the content
@@ -583,7 +583,7 @@ pub struct Run {
     pub mirror_total_timeout: Duration,
 
     /// Most peers tried for one request.
-    #[arg(long, env = "PEERMIRROR_MIRROR_MAX_ATTEMPTS", default_value_t = 5)]
+    #[arg(long, env = "PEERMIRROR_MIRROR_MAX_ATTEMPTS", default_value_t = 5, alias = "mirror-resolve-retries")]
     pub mirror_max_attempts: usize,
 
     /// Most holders a large blob is fetched from at once, in segments (the
@@ -675,6 +675,64 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// `90s`, `2m`, `500ms`, `1h 30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 2m)"))
+}
+
+/// The log levels `--log-level` takes alone.
+const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// A log level, or a filter of `target=level` directives: every level must
+/// be one of [`LOG_LEVELS`] (a bare word that is not a level would be taken
+/// for a target, and the daemon would log nothing).
+pub fn parse_log_level(s: &str) -> Result<String, String> {
+    let bad = |what: &str| {
+        format!(
+            "{what:?} is not a log level: use one of {} or a filter such as info,peermirror::registry=debug",
+            LOG_LEVELS.join(", ")
+        )
+    };
+    if s.trim().is_empty() {
+        return Err(bad(s));
+    }
+    for directive in s.split(',').map(str::trim) {
+        let level = match directive.rsplit_once('=') {
+            Some((target, level)) if !target.is_empty() => level,
+            _ => directive,
+        };
+        if !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(bad(directive));
+        }
+    }
+    Ok(s.to_string())
+}
+
+/// A registry host, also written as Spegel writes it (`https://docker.io`).
+pub fn parse_registry(s: &str) -> Result<Registry, String> {
+    let host = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .unwrap_or(s)
+        .trim_end_matches('/');
+    host.parse().map_err(|e: crate::oci::ReferenceError| e.to_string())
+}
+
+/// The environment variables that hold lists. They are split on commas by
+/// clap; Spegel's users also write them space-separated.
+pub const LIST_VARIABLES: [&str; 7] = [
+    "PEERMIRROR_MIRRORED_REGISTRIES",
+    "PEERMIRROR_MIRROR_TARGETS",
+    "PEERMIRROR_DEBUG_ALLOWED_CIDRS",
+    "PEERMIRROR_ALLOWED_CIDRS",
+    "PEERMIRROR_REGISTRY_CLIENT_CIDRS",
+    "PEERMIRROR_STATIC_BOOTSTRAP_PEERS",
+    "PEERMIRROR_REGISTRY_FILTERS",
+];
+
+/// A list written with spaces, commas or both, written with commas.
+pub fn comma_separated(list: &str) -> String {
+    list.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|item| !item.is_empty())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `host:port`, `[v6]:port`, or `:port` for every address.

@@ -22,6 +22,15 @@
 //! | [`daemon`] | the composition root: builds every part, runs them as supervised tasks, stops them in order |
 //! | [`cli`] | flags → each module's own configuration |
 
+/// `0.1.0 (commit 0123456789ab)`: the release and the commit it was built
+/// from, as `--version`, the status API and the debug page say it.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("PEERMIRROR_COMMIT"),
+    ")"
+);
+
 pub mod bootstrapper;
 pub mod cli;
 pub mod containerd_config;

@@ -9,6 +9,7 @@ use peermirror::cli::{Cli, Command, LogArgs, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
+    // The level was checked when the flags were read (`parse_log_level`).
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .with_context(|| format!("invalid --log-level {:?}", args.log_level))?;
     let builder = tracing_subscriber::fmt()
@@ -105,7 +106,17 @@ fn import(args: &peermirror::cli::Import) -> anyhow::Result<()> {
 
 fn generate_psk(path: &std::path::Path) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        println!("created {} (mode 0700)", parent.display());
+    }
     let mut key = [0u8; 32];
     getrandom(&mut key)?;
     let text = libp2p::pnet::PreSharedKey::new(key).to_key_file();
@@ -152,8 +163,37 @@ fn fix_malloc_threshold() {
     }
 }
 
+/// An error and its causes, each said once: a message that already quotes
+/// its cause (`psk: no such file`) is not followed by it again.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+/// List variables written with spaces (as Spegel's users write them) are
+/// rewritten with commas, which is what the flags split on.
+fn normalise_list_variables() {
+    for name in peermirror::cli::LIST_VARIABLES {
+        if let Ok(value) = std::env::var(name) {
+            let commas = peermirror::cli::comma_separated(&value);
+            if commas != value {
+                // SAFETY: called before any other thread exists.
+                unsafe { std::env::set_var(name, commas) };
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     fix_malloc_threshold();
+    normalise_list_variables();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::ConfigureContainerd(args) => configure_containerd(&args),
@@ -188,7 +228,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("peermirror: {e:#}");
+            eprintln!("peermirror: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }

@@ -219,6 +219,7 @@ pub struct Metrics {
     pub handshake_failures: Family<HandshakeLabels, Counter>,
     pub connected_peers: Gauge,
     pub routing_table_peers: Gauge,
+    pub bootstrap: crate::routing::bootstrap::SourceGauges,
     pub advertised_keys: Gauge,
     pub advertise_pending_keys: Gauge,
     pub p2p_open_network: Gauge,
@@ -260,6 +261,7 @@ impl Metrics {
             handshake_failures: Family::default(),
             connected_peers: Gauge::default(),
             routing_table_peers: Gauge::default(),
+            bootstrap: Default::default(),
             advertised_keys: Gauge::default(),
             advertise_pending_keys: Gauge::default(),
             p2p_open_network: Gauge::default(),
@@ -342,6 +344,16 @@ impl Metrics {
             "p2p_routing_table_peers",
             "Peers in the Kademlia routing table",
             metrics.routing_table_peers.clone(),
+        );
+        r.register(
+            "bootstrap_source_nodes",
+            "Nodes other than this one that the bootstrap source named in its last answer (0: a single-node cluster)",
+            metrics.bootstrap.nodes.clone(),
+        );
+        r.register(
+            "bootstrap_source_up",
+            "1 while the last query of the bootstrap source succeeded, 0 after a failure",
+            metrics.bootstrap.up.clone(),
         );
         r.register(
             "advertised_keys",

@@ -48,6 +48,20 @@ pub const TEST: &[Need] = &[
     EBPF[1],
 ];
 
+/// What `cargo xtask image` needs: the eBPF build, the arm64 cross
+/// toolchain (the libc headers are only a recommendation of the compiler,
+/// so they are named), and qemu to run the arm64 binary here.
+pub const IMAGE: &[Need] = &[
+    need("protoc", "protobuf-compiler"),
+    need("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+    need("aarch64-linux-gnu-strip", "binutils-aarch64-linux-gnu"),
+    need("/usr/aarch64-linux-gnu/include/stdio.h", "libc6-dev-arm64-cross"),
+    need("qemu-aarch64-static", "qemu-user-static"),
+    need("dpkg", "dpkg"),
+    EBPF[0],
+    EBPF[1],
+];
+
 /// What `cargo xtask demo` needs: what the tests need but the browser and
 /// Prometheus.
 pub const DEMO: &[Need] = &[

@@ -2,6 +2,7 @@
 //!
 //! - `test`: installs what the tests need, builds, runs the whole suite.
 //! - `build-ebpf`: compiles the eBPF programs (the daemon's build does too).
+//! - `image`: the multi-arch container image, as an OCI layout and archive.
 //! - `soak`: the load test for longer and the restarting-peers soak.
 //! - `demo`: a three-node cluster in network namespaces on this machine and
 //!   an air-gapped pull served by a peer.
@@ -9,6 +10,7 @@
 mod demo;
 mod deps;
 mod fuzz;
+mod image;
 mod releases;
 
 use std::process::{Command, ExitCode};
@@ -35,6 +37,10 @@ enum Cmd {
     Demo,
     /// Compile the eBPF programs (C, clang) into target/bpf/peermirror.bpf.o.
     BuildEbpf,
+    /// Build the container image (linux/amd64 and linux/arm64) into
+    /// target/image/: an OCI layout and an archive for `ctr image import` or
+    /// `skopeo copy oci-archive:…`.
+    Image,
     /// Fuzz the parsers (cargo fuzz, libFuzzer): every target, or one, for a while each.
     Fuzz {
         /// One target (see fuzz/fuzz_targets/); all when omitted.
@@ -67,6 +73,7 @@ fn main() -> ExitCode {
         Cmd::Test { cargo_args } => test(&cargo_args),
         Cmd::Demo => demo::run(),
         Cmd::BuildEbpf => build_ebpf(),
+        Cmd::Image => image::build().map(drop),
         Cmd::Bench { part } => bench(part.as_deref()),
         Cmd::Fuzz { target, seconds } => fuzz(target.as_deref(), seconds),
         Cmd::Soak {

@@ -34,6 +34,20 @@ use supervisor::{Policy, StageId, Supervisor};
 /// Runs the daemon until `shutdown` is cancelled, or until a task it
 /// cannot do without stops (then it returns that task's error).
 pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    // Every input file is read before anything is written.
+    let psk = config
+        .psk_file
+        .as_deref()
+        .map(identity::load_psk)
+        .transpose()?;
+    let tls = config.tls.clone().map(TlsState::load).transpose()?;
+    let mut prometheus = Registry::default();
+    let metrics = Metrics::with_compat(&mut prometheus, config.metrics_compat);
+    let bootstrap = config
+        .bootstrap
+        .is_configured()
+        .then(|| Bootstrap::new(config.bootstrap.clone(), metrics.bootstrap.clone()))
+        .transpose()?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| DaemonError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -43,25 +57,12 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     let needed = config.server.max_connections as u64 * 4 + 512;
     crate::net::raise_open_file_limit(needed);
     let keypair = identity::load_or_create(&config.data_dir)?;
-    let psk = config
-        .psk_file
-        .as_deref()
-        .map(identity::load_psk)
-        .transpose()?;
-    let tls = config.tls.clone().map(TlsState::load).transpose()?;
-    let bootstrap = config
-        .bootstrap
-        .is_configured()
-        .then(|| Bootstrap::new(config.bootstrap.clone()))
-        .transpose()?;
     // The dataplane before any socket: a socket's cgroup is fixed when it
     // is created. From here on every return detaches it, a failed start too.
     let dataplane = start_dataplane(&config.dataplane)?;
     let _detach = DetachOnReturn(dataplane.clone());
     let registry_listener = listen("registry", config.registry_addr).await?;
     let metrics_listener = listen("metrics", config.metrics_addr).await?;
-    let mut prometheus = Registry::default();
-    let metrics = Metrics::with_compat(&mut prometheus, config.metrics_compat);
     let files = choose_serving_path(&config, &metrics).await?;
     announce_mode(
         &config,

@@ -119,8 +119,8 @@ pub struct DataplaneConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("no bpf filesystem at {path} (mount one: mount -t bpf bpf {path})")]
-    NoBpffs { path: PathBuf },
+    #[error("no bpf filesystem at {path}, and {reason} (mount one: mount -t bpf bpf {path})")]
+    NoBpffs { path: PathBuf, reason: String },
     #[error(
         "no cgroup v2 hierarchy found (mount one, or pass --dataplane-cgroup <cgroup v2 directory>)"
     )]
@@ -294,6 +294,36 @@ impl std::fmt::Debug for Dataplane {
     }
 }
 
+/// Mounts a bpf filesystem at `path` (none was mounted there), as
+/// `mount -t bpf bpf <path>` would, and says so.
+fn mount_bpffs(path: &Path) -> Result<(), DataplaneError> {
+    let no_bpffs = |reason: String| DataplaneError::NoBpffs {
+        path: path.to_path_buf(),
+        reason,
+    };
+    std::fs::create_dir_all(path).map_err(|e| no_bpffs(format!("creating it: {e}")))?;
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| no_bpffs("the path holds a NUL byte".into()))?;
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(no_bpffs(format!(
+            "mounting one failed: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    tracing::info!(path = %path.display(), "no bpf filesystem was mounted: mounted one");
+    Ok(())
+}
+
 impl Dataplane {
     /// Joins the cgroup and loads and attaches the programs. Must run before
     /// the daemon opens its sockets.
@@ -302,9 +332,7 @@ impl Dataplane {
         if statfs_type(&config.bpffs) != Some(BPF_FS_MAGIC)
             && statfs_type(bpffs_root) != Some(BPF_FS_MAGIC)
         {
-            return Err(DataplaneError::NoBpffs {
-                path: bpffs_root.to_path_buf(),
-            });
+            mount_bpffs(bpffs_root)?;
         }
         let cgroup = match &config.cgroup {
             Some(path) => path.clone(),

@@ -377,16 +377,42 @@ pub fn parse_entries(body: &[u8]) -> Result<Vec<Multiaddr>, String> {
     Ok(out)
 }
 
+/// What the bootstrap source said last.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SourceState {
+    /// Not asked yet.
+    #[default]
+    Unasked,
+    /// It answered, naming this many nodes other than this one. Zero makes
+    /// a single-node cluster: ready on its own.
+    Named { others: usize },
+    /// The last query failed, for this reason.
+    Failed(String),
+}
+
+/// Gauges of the bootstrap source (see [`crate::metrics`]).
+#[derive(Clone, Default)]
+pub struct SourceGauges {
+    /// Nodes other than this one that the last successful answer named.
+    pub nodes: prometheus_client::metrics::gauge::Gauge,
+    /// 1 while the last query succeeded, 0 after a failure.
+    pub up: prometheus_client::metrics::gauge::Gauge,
+}
+
 /// The bootstrap source of a running node, and how its last attempt went.
 pub struct Bootstrap {
     config: BootstrapConfig,
     client: Option<HttpClient>,
-    last_error: std::sync::Mutex<Option<String>>,
+    state: std::sync::Mutex<SourceState>,
+    gauges: SourceGauges,
 }
 
 impl Bootstrap {
     /// Checks the configuration (URL, certificate files) once, at start.
-    pub fn new(config: BootstrapConfig) -> Result<Arc<Bootstrap>, BootstrapError> {
+    pub fn new(
+        config: BootstrapConfig,
+        gauges: SourceGauges,
+    ) -> Result<Arc<Bootstrap>, BootstrapError> {
         let client = match &config {
             BootstrapConfig::Http { url, tls, .. } => Some(HttpClient::new(url, tls.clone())?),
             _ => None,
@@ -394,26 +420,47 @@ impl Bootstrap {
         Ok(Arc::new(Bootstrap {
             config,
             client,
-            last_error: std::sync::Mutex::new(None),
+            state: std::sync::Mutex::new(SourceState::Unasked),
+            gauges,
         }))
     }
 
-    /// Why the last attempt failed, while no later one succeeded.
-    pub fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    /// What the source said last.
+    pub fn state(&self) -> SourceState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn record(&self, error: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    /// Why the node has no peer from its source yet, while it has none: the
+    /// last failure, or the nodes it named that did not answer.
+    pub fn last_error(&self) -> Option<String> {
+        match self.state() {
+            SourceState::Failed(e) => Some(e),
+            SourceState::Named { others } if others > 0 => Some(format!(
+                "it named {others} other node{}, none reachable yet",
+                if others == 1 { "" } else { "s" }
+            )),
+            _ => None,
+        }
+    }
+
+    fn record(&self, state: SourceState) {
+        match &state {
+            SourceState::Named { others } => {
+                self.gauges.nodes.set(*others as i64);
+                self.gauges.up.set(1);
+            }
+            SourceState::Failed(_) => self.gauges.up.set(0),
+            SourceState::Unasked => {}
+        }
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
     }
 
     /// Dials the bootstrap peers until the routing table has one, retrying
     /// with backoff; afterwards checks every 30 s and starts over when it
-    /// is empty. Returns at `shutdown`, or with an error when the router
-    /// has stopped.
+    /// is empty. A source that answers and names no other node makes this
+    /// a single-node cluster: the router stops waiting for peers (it keeps
+    /// asking, so a node that joins later is found). Returns at `shutdown`,
+    /// or with an error when the router has stopped.
     pub async fn run(
         self: Arc<Self>,
         router: P2pRouter,
@@ -424,20 +471,30 @@ impl Bootstrap {
         loop {
             if router.status().routing_table_peers == 0 {
                 match discover_with(&self.config, self.client.as_ref()).await {
-                    Ok(addrs) if addrs.is_empty() => {
-                        tracing::warn!(config = ?self.config, "bootstrap found no peers; retrying");
-                        self.record(Some("the bootstrap source lists no peers".into()));
-                    }
                     Ok(addrs) => {
-                        tracing::debug!(?addrs, "dialling bootstrap peers");
-                        self.record(None);
-                        for addr in addrs {
+                        let own = OwnNode {
+                            id: router.peer_id(),
+                            ips: super::p2p::interface_addresses(),
+                            ports: tcp_ports(&router.status().listen_addrs),
+                        };
+                        let others = own.others(addrs);
+                        if others.is_empty() {
+                            tracing::debug!(config = ?self.config, "the bootstrap source names no other node: a single-node cluster so far");
+                        } else {
+                            tracing::debug!(addrs = ?others, "dialling bootstrap peers");
+                        }
+                        router.expect_peers(!others.is_empty()).await?;
+                        self.record(SourceState::Named {
+                            others: others.len(),
+                        });
+                        for addr in others {
                             router.dial(addr).await?;
                         }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "bootstrap failed; retrying");
-                        self.record(Some(e.to_string()));
+                        router.expect_peers(true).await?;
+                        self.record(SourceState::Failed(e.to_string()));
                     }
                 }
                 // Give the dials a moment, then ask the new peers for theirs.
@@ -504,6 +561,53 @@ impl Bootstrap {
             }
         }
     }
+}
+
+/// What identifies this node among the addresses a source names.
+struct OwnNode {
+    id: PeerId,
+    ips: std::collections::HashSet<IpAddr>,
+    /// The TCP ports the P2P port listens on.
+    ports: Vec<u16>,
+}
+
+impl OwnNode {
+    /// The addresses that name another node: not this node's peer id, nor
+    /// one of its own addresses on its own P2P port (a headless Service or
+    /// a static list names every node, this one too).
+    fn others(&self, addrs: Vec<Multiaddr>) -> Vec<Multiaddr> {
+        addrs
+            .into_iter()
+            .filter(|addr| {
+                let mut ip = None;
+                let mut port = None;
+                for p in addr.iter() {
+                    match p {
+                        Protocol::P2p(id) if id == self.id => return false,
+                        Protocol::Ip4(a) => ip = Some(IpAddr::V4(a)),
+                        Protocol::Ip6(a) => ip = Some(IpAddr::V6(a)),
+                        Protocol::Tcp(p) => port = Some(p),
+                        _ => {}
+                    }
+                }
+                let own_ip = ip.is_some_and(|ip| self.ips.contains(&ip.to_canonical()));
+                let own_port = port.is_some_and(|p| self.ports.contains(&p));
+                !(own_ip && own_port)
+            })
+            .collect()
+    }
+}
+
+/// The TCP ports of `addrs`.
+fn tcp_ports(addrs: &[Multiaddr]) -> Vec<u16> {
+    addrs
+        .iter()
+        .flat_map(|a| a.iter())
+        .filter_map(|p| match p {
+            Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .collect()
 }
 
 /// This node's bootstrap entry: its reachable P2P addresses with its peer
@@ -768,5 +872,32 @@ mod tests {
         .await
         .expect_err("https without certificates");
         assert!(matches!(err, BootstrapError::NoTls { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_source_naming_only_this_node_names_no_other() {
+        let id = PeerId::random();
+        let other = PeerId::random();
+        let own = OwnNode {
+            id,
+            ips: ["10.0.0.1".parse().expect("ip"), "127.0.0.1".parse().expect("ip")]
+                .into_iter()
+                .collect(),
+            ports: vec![5001],
+        };
+        let addr = |s: &str| s.parse::<Multiaddr>().expect("multiaddr");
+        // Itself by address (a headless Service, a static list) or by id.
+        assert!(own.others(vec![addr("/ip4/10.0.0.1/tcp/5001")]).is_empty());
+        assert!(
+            own.others(vec![addr(&format!("/ip4/10.9.9.9/tcp/5001/p2p/{id}"))])
+                .is_empty()
+        );
+        // Another node: another address, or another port on this host.
+        let named = vec![
+            addr("/ip4/10.0.0.1/tcp/5001"),
+            addr("/ip4/10.0.0.2/tcp/5001"),
+            addr(&format!("/ip4/10.0.0.1/tcp/6001/p2p/{other}")),
+        ];
+        assert_eq!(own.others(named.clone()), named[1..].to_vec());
     }
 }

@@ -58,7 +58,7 @@ fn node(status: &NodeStatus) -> Value {
         FirstRound::Stored => json!({"state": "stored"}),
     };
     json!({
-        "version": env!("CARGO_PKG_VERSION"),
+        "version": crate::VERSION,
         "peer_id": status.router.peer_id().to_string(),
         "p2p_listen_addrs": routing.listen_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "registry_addr": facts.registry_addr.to_string(),

@@ -16,7 +16,7 @@ pub(super) async fn render(status: &NodeStatus) -> String {
     let health = status.store.health();
     let catalog = status.store.catalog().borrow().clone();
     let routing = status.router.status();
-    let _ = writeln!(out, "peermirror {}", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(out, "peermirror {}", crate::VERSION);
     let _ = writeln!(out, "peer id:       {}", status.router.peer_id());
     let _ = writeln!(out, "registry:      {}", facts.registry_addr);
     let _ = writeln!(out, "serving path:  {}", facts.serving_path);

@@ -300,6 +300,24 @@ impl Advertiser {
         }
     }
 
+    /// Whether a node alone waits for peers before its first round is
+    /// done. When it no longer does (its bootstrap source names no other
+    /// node), keys announced alone count as stored.
+    pub(super) fn expect_peers(&mut self, expect: bool) {
+        self.needs_peers = expect;
+        if !expect {
+            let alone: Vec<RecordKey> = self
+                .keys
+                .iter()
+                .filter(|(_, s)| s.alone)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in alone {
+                self.stored(&key);
+            }
+        }
+    }
+
     /// The routing table gained its first peer: keys announced while this
     /// node was alone go out now.
     pub(super) fn peers_appeared(&mut self) {
@@ -464,6 +482,29 @@ mod tests {
             assert_eq!(a.first_round(), FirstRound::Stored);
             assert_eq!(a.failures.get(), 0);
         }
+    }
+
+    #[test]
+    fn a_source_that_names_no_other_node_ends_the_wait_for_peers() {
+        let mut a = Advertiser::new(Duration::from_secs(600), true, Counter::default());
+        a.add(names(3), Round::Initial);
+        let now = Instant::now();
+        let started = start_all(&mut a, now);
+        // Two announcements finish alone, one is still running.
+        for (q, _) in &started[..2] {
+            a.finished(*q, ok(0, 0), now);
+        }
+        assert!(matches!(a.first_round(), FirstRound::Announcing { .. }));
+        a.expect_peers(false);
+        assert!(matches!(
+            a.first_round(),
+            FirstRound::Announcing {
+                stored: 2,
+                total: 3
+            }
+        ));
+        a.finished(started[2].0, ok(0, 0), now);
+        assert_eq!(a.first_round(), FirstRound::Stored);
     }
 
     #[test]

@@ -374,6 +374,13 @@ impl EventLoop {
                     tracing::debug!(error = %e, "kademlia bootstrap not possible yet");
                 }
             }
+            Command::ExpectPeers(expect) => {
+                self.advertiser.expect_peers(expect);
+                self.status.send_if_modified(|s| {
+                    std::mem::replace(&mut s.needs_peers, expect) != expect
+                });
+                self.publish_status();
+            }
             Command::Peers(reply) => {
                 let _ = reply.send(self.peers.infos(&self.own_ips));
             }

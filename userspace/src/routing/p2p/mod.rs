@@ -139,6 +139,7 @@ enum Command {
     },
     Dial(Multiaddr),
     Bootstrap,
+    ExpectPeers(bool),
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     Fanout {
         digest: String,
@@ -176,6 +177,12 @@ impl P2pRouter {
     /// Refreshes the routing table from the peers known so far.
     pub async fn bootstrap(&self) -> Result<(), RouterError> {
         self.send(Command::Bootstrap).await
+    }
+
+    /// Whether readiness waits for a first peer: the bootstrap source says
+    /// `false` when it names no other node (a single-node cluster).
+    pub async fn expect_peers(&self, expect: bool) -> Result<(), RouterError> {
+        self.send(Command::ExpectPeers(expect)).await
     }
 
     /// The connected peers, for the debug page.
