@@ -8,6 +8,7 @@ pub mod dht;
 pub mod fanout;
 pub mod http;
 pub mod image;
+pub mod k3s;
 pub mod netns;
 pub mod pki;
 pub mod process;

@@ -112,12 +112,16 @@ fn the_k3s_unit_verifies_and_orders_after_k3s() -> Result<()> {
         ensure!(after.iter().any(|u| u == k3s), "not after {k3s}: {after:?}");
     }
     // K3s has no containerd.service or kubelet.service of its own, and owns
-    // certs.d (no configure-containerd).
+    // certs.d: configure-containerd runs in K3s mode.
     ensure!(!unit.contains("containerd.service") && !unit.contains("kubelet.service"));
-    ensure!(unit_values(&unit, "ExecStartPre").is_empty(), "{unit}");
     let env = env_file(&repo_file("deploy/systemd/k3s/peermirror.env"))?;
-    let get = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    let get = |k: &str| {
+        env.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
     ensure!(get("PEERMIRROR_CONTAINERD_SOCK") == Some("/run/k3s/containerd/containerd.sock"));
+    ensure!(get("PEERMIRROR_K3S_REGISTRIES_YAML") == Some("/etc/rancher/k3s/registries.yaml"));
     ensure!(
         get("PEERMIRROR_CONTAINERD_CONTENT_PATH")
             == Some("/var/lib/rancher/k3s/agent/containerd/io.containerd.content.v1.content")
@@ -305,14 +309,14 @@ fn strings_of(v: &serde_json::Value) -> Vec<serde_json::Value> {
     v.as_array().cloned().unwrap_or_default()
 }
 
-/// Each overlay (plain, mtls, dataplane-off) renders, passes
+/// Each overlay (plain, mtls, dataplane-off, k3s) renders, passes
 /// `kubernetes-validate --strict`, and runs peermirror with flags it
 /// accepts, in the mode the overlay names.
 #[test]
 fn the_kubernetes_overlays_render_validate_and_use_real_flags() -> Result<()> {
     use peermirror::cli::{Cli, Command as Sub};
     use peermirror::dataplane::DataplaneMode;
-    for overlay in ["plain", "mtls", "dataplane-off"] {
+    for overlay in ["plain", "mtls", "dataplane-off", "k3s"] {
         let (path, docs, _dir) = render(overlay)?;
         let out = Command::new("kubernetes-validate")
             .args(["--strict", "--quiet"])
@@ -330,6 +334,23 @@ fn the_kubernetes_overlays_render_validate_and_use_real_flags() -> Result<()> {
             kinds == ["Namespace", "Service", "DaemonSet"],
             "{overlay}: {kinds:?}"
         );
+        // No file is created on a host that lacks it (an empty config.toml
+        // on K3s hosts), and K3s's paths replace containerd's.
+        for ds in docs.iter().filter(|d| d["kind"] == "DaemonSet") {
+            for v in strings_of(&ds["spec"]["template"]["spec"]["volumes"]) {
+                let host = &v["hostPath"];
+                ensure!(host["type"] != "FileOrCreate", "{overlay}: {v}");
+                if overlay == "k3s" {
+                    let path = host["path"].as_str().unwrap_or("");
+                    ensure!(
+                        !path.starts_with("/etc/containerd")
+                            && !path.starts_with("/run/containerd")
+                            && !path.starts_with("/var/lib/containerd"),
+                        "{overlay}: {v}"
+                    );
+                }
+            }
+        }
         let argvs = invocations(&docs);
         ensure!(argvs.len() == 2, "{overlay}: {argvs:?}");
         for argv in argvs {
@@ -362,6 +383,10 @@ fn the_kubernetes_overlays_render_validate_and_use_real_flags() -> Result<()> {
                         c.mirror_targets
                     );
                     ensure!(c.mirror_tls_ca.is_some() == (overlay == "mtls"));
+                    ensure!(
+                        c.k3s_registries_yaml.is_some() == (overlay == "k3s"),
+                        "{overlay}: K3s mode"
+                    );
                 }
                 other => anyhow::bail!("{overlay}: unexpected {other:?}"),
             }

@@ -39,6 +39,9 @@ fn readyz(pm: &Peermirror) -> Result<(u16, String)> {
 
 /// The node stays not ready for `hold`, and its `/readyz` then says `why`.
 fn stays_not_ready(pm: &Peermirror, hold: Duration, why: &str) -> Result<String> {
+    wait_for("the status port", Duration::from_secs(10), || {
+        readyz(pm).ok()
+    })?;
     let until = std::time::Instant::now() + hold;
     while std::time::Instant::now() < until {
         let (status, body) = readyz(pm)?;
@@ -62,7 +65,12 @@ fn a_single_node_is_ready_a_partitioned_one_is_not_and_a_later_node_joins() -> R
         &world,
         "a",
         a_port,
-        &["--bootstrap-kind", "static", "--static-bootstrap-peers", &a_self],
+        &[
+            "--bootstrap-kind",
+            "static",
+            "--static-bootstrap-peers",
+            &a_self,
+        ],
     )?;
     a.wait_ready(Duration::from_secs(30))?;
     ensure!(a.metric("peermirror_bootstrap_source_nodes", &[])? == 0.0);
@@ -78,7 +86,12 @@ fn a_single_node_is_ready_a_partitioned_one_is_not_and_a_later_node_joins() -> R
         &world,
         "partitioned",
         p_port,
-        &["--bootstrap-kind", "static", "--static-bootstrap-peers", &p_peers],
+        &[
+            "--bootstrap-kind",
+            "static",
+            "--static-bootstrap-peers",
+            &p_peers,
+        ],
     )?;
     stays_not_ready(
         &p,
@@ -111,7 +124,12 @@ fn a_single_node_is_ready_a_partitioned_one_is_not_and_a_later_node_joins() -> R
         &world,
         "b",
         b_port,
-        &["--bootstrap-kind", "static", "--static-bootstrap-peers", &b_peers],
+        &[
+            "--bootstrap-kind",
+            "static",
+            "--static-bootstrap-peers",
+            &b_peers,
+        ],
     )?;
     b.wait_ready(Duration::from_secs(30))?;
     ensure!(b.metric("peermirror_bootstrap_source_nodes", &[])? == 1.0);

@@ -176,6 +176,19 @@ pub struct ConfigureContainerd {
     )]
     pub registries_yaml: Option<PathBuf>,
 
+    /// K3s mode: K3s owns `certs.d` and rewrites it from its
+    /// `registries.yaml` (`/etc/rancher/k3s/registries.yaml`) at every start.
+    /// The mirror targets are put first in that file's endpoint lists for
+    /// `--mirrored-registries` (the original is kept beside it), and
+    /// `certs.d` is written as K3s will write it, so that it works at once
+    /// and after every K3s restart.
+    #[arg(
+        long,
+        env = "PEERMIRROR_K3S_REGISTRIES_YAML",
+        conflicts_with = "registries_yaml"
+    )]
+    pub k3s_registries_yaml: Option<PathBuf>,
+
     /// How long containerd waits for a mirror target to accept a
     /// connection before trying the next (`dial_timeout` in `hosts.toml`;
     /// containerd 2.0.7+/2.1+ honour it, older releases ignore it and wait
@@ -188,6 +201,11 @@ pub struct ConfigureContainerd {
 pub struct CleanupContainerd {
     #[command(flatten)]
     pub hosts: HostsDir,
+
+    /// K3s mode (as given to `configure-containerd`): put the original
+    /// `registries.yaml` back and write `certs.d` as K3s will from it.
+    #[arg(long, env = "PEERMIRROR_K3S_REGISTRIES_YAML")]
+    pub k3s_registries_yaml: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -521,7 +539,11 @@ pub struct Run {
     /// a bootstrap document: a JSON array of peer multiaddrs (see
     /// `--http-bootstrap-addr`), or Spegel's `{"ID", "Addrs"}` entries (see
     /// `peermirror bootstrapper`).
-    #[arg(long, env = "PEERMIRROR_HTTP_BOOTSTRAP_URL", alias = "http-bootstrap-peer")]
+    #[arg(
+        long,
+        env = "PEERMIRROR_HTTP_BOOTSTRAP_URL",
+        alias = "http-bootstrap-peer"
+    )]
     pub http_bootstrap_url: Option<String>,
 
     /// For an `https://` bootstrap URL: a directory with `ca.crt` (verifies
@@ -583,7 +605,12 @@ pub struct Run {
     pub mirror_total_timeout: Duration,
 
     /// Most peers tried for one request.
-    #[arg(long, env = "PEERMIRROR_MIRROR_MAX_ATTEMPTS", default_value_t = 5, alias = "mirror-resolve-retries")]
+    #[arg(
+        long,
+        env = "PEERMIRROR_MIRROR_MAX_ATTEMPTS",
+        default_value_t = 5,
+        alias = "mirror-resolve-retries"
+    )]
     pub mirror_max_attempts: usize,
 
     /// Most holders a large blob is fetched from at once, in segments (the
@@ -712,7 +739,8 @@ pub fn parse_registry(s: &str) -> Result<Registry, String> {
         .or_else(|| s.strip_prefix("http://"))
         .unwrap_or(s)
         .trim_end_matches('/');
-    host.parse().map_err(|e: crate::oci::ReferenceError| e.to_string())
+    host.parse()
+        .map_err(|e: crate::oci::ReferenceError| e.to_string())
 }
 
 /// The environment variables that hold lists. They are split on commas by
@@ -921,6 +949,85 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// The error clap prints for `args`, without its usage lines.
+    fn refused(args: &[&str]) -> String {
+        let e = Cli::try_parse_from(args).expect_err("refused");
+        e.to_string().lines().next().unwrap_or_default().to_string()
+    }
+
+    #[test]
+    fn log_levels_are_checked_at_start() {
+        assert_eq!(
+            refused(&["peermirror", "run", "--log-level", "verbose"]),
+            "error: invalid value 'verbose' for '--log-level <LOG_LEVEL>': \"verbose\" is not a log level: use one of off, error, warn, info, debug, trace or a filter such as info,peermirror::registry=debug"
+        );
+        assert!(
+            refused(&["peermirror", "run", "--log-level", "info,peermirror=loud"])
+                .contains("\"peermirror=loud\" is not a log level")
+        );
+        for ok in ["info", "DEBUG", "warn,peermirror::registry=trace", "off"] {
+            assert_eq!(parse_log_level(ok), Ok(ok.to_string()));
+        }
+        assert!(parse_log_level("").is_err());
+    }
+
+    #[test]
+    fn lists_take_commas_spaces_and_spegel_names() {
+        let registries = |args: &[&str]| -> Vec<String> {
+            let mut argv = vec!["peermirror", "configure-containerd"];
+            argv.extend_from_slice(args);
+            match Cli::try_parse_from(argv).expect("parses").command {
+                Command::ConfigureContainerd(c) => c
+                    .registries
+                    .mirrored_registries
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                _ => unreachable!(),
+            }
+        };
+        let want = ["docker.io", "ghcr.io"];
+        assert_eq!(
+            registries(&["--mirrored-registries", "docker.io,ghcr.io"]),
+            want
+        );
+        assert_eq!(
+            registries(&["--mirrored-registries", "docker.io", "ghcr.io"]),
+            want
+        );
+        assert_eq!(
+            registries(&[
+                "--mirrored-registries",
+                "https://docker.io",
+                "https://ghcr.io/"
+            ]),
+            want
+        );
+        assert_eq!(
+            comma_separated(" docker.io  ghcr.io,quay.io "),
+            "docker.io,ghcr.io,quay.io"
+        );
+        let run = |args: &[&str]| {
+            let mut argv = vec!["peermirror", "run"];
+            argv.extend_from_slice(args);
+            match Cli::try_parse_from(argv).expect("parses").command {
+                Command::Run(r) => r,
+                _ => unreachable!(),
+            }
+        };
+        assert_eq!(
+            run(&["--mirror-resolve-retries", "3"]).mirror_max_attempts,
+            3
+        );
+        assert!(!run(&["--debug-web-enabled", "false"]).debug_endpoints);
+        assert_eq!(
+            run(&["--http-bootstrap-peer", "http://seed:8080/"])
+                .http_bootstrap_url
+                .as_deref(),
+            Some("http://seed:8080/")
+        );
+    }
+
     #[test]
     fn listen_addresses() {
         assert_eq!(
@@ -1061,6 +1168,52 @@ mod tests {
 mod readme {
     use super::*;
     use clap::CommandFactory;
+
+    /// The `peermirror …` commands of the README's shell blocks (a line
+    /// ending in `\` continues on the next; `#` starts a comment).
+    fn readme_commands(readme: &str) -> Vec<Vec<String>> {
+        let mut commands = Vec::new();
+        let mut in_shell = false;
+        let mut current = String::new();
+        for line in readme.lines() {
+            let trimmed = line.trim();
+            if let Some(lang) = trimmed.strip_prefix("```") {
+                in_shell = !in_shell && (lang == "sh" || lang == "bash");
+                continue;
+            }
+            if !in_shell {
+                continue;
+            }
+            let code = trimmed.split(" #").next().unwrap_or_default().trim();
+            current.push_str(code.trim_end_matches('\\'));
+            current.push(' ');
+            if code.ends_with('\\') {
+                continue;
+            }
+            let words: Vec<String> = current.split_whitespace().map(str::to_string).collect();
+            current.clear();
+            if words.first().is_some_and(|w| w == "peermirror") {
+                commands.push(words);
+            }
+        }
+        commands
+    }
+
+    /// Every `peermirror` command the README tells an operator to type is
+    /// one the binary accepts (its flags, values and files are checked by
+    /// clap as at start).
+    #[test]
+    fn every_command_in_the_readme_parses() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+            .expect("README.md");
+        let commands = readme_commands(&readme);
+        assert!(commands.len() >= 4, "{commands:?}");
+        for argv in commands {
+            if let Err(e) = Cli::try_parse_from(&argv) {
+                panic!("README: {}: {e}", argv.join(" "));
+            }
+        }
+    }
 
     /// The configuration reference in the README lists every flag of every
     /// subcommand with its environment variable and default.

@@ -56,6 +56,27 @@ fn print_report(report: &peermirror::containerd_config::Report) {
 }
 
 fn configure_containerd(args: &peermirror::cli::ConfigureContainerd) -> anyhow::Result<()> {
+    if let Some(registries_yaml) = &args.k3s_registries_yaml {
+        let report = peermirror::containerd_config::k3s::configure(
+            &peermirror::containerd_config::k3s::K3sOptions {
+                registries_yaml: registries_yaml.clone(),
+                config_path: args.hosts.containerd_registry_config_path.clone(),
+                registries: args
+                    .registries
+                    .mirrored_registries
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                mirror_targets: args.mirror_targets.clone(),
+            },
+        )?;
+        print_report(&report);
+        println!(
+            "K3s applies {} at its next start; certs.d already routes through peermirror",
+            registries_yaml.display()
+        );
+        return Ok(());
+    }
     let options = args.options()?;
     let report = peermirror::containerd_config::configure(&options)?;
     for host in &options.credentials_left {
@@ -197,11 +218,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::ConfigureContainerd(args) => configure_containerd(&args),
-        Command::CleanupContainerd(args) => {
-            peermirror::containerd_config::cleanup(&args.hosts.containerd_registry_config_path)
-                .map(|report| print_report(&report))
-                .map_err(Into::into)
+        Command::CleanupContainerd(args) => match &args.k3s_registries_yaml {
+            Some(yaml) => peermirror::containerd_config::k3s::cleanup(
+                yaml,
+                &args.hosts.containerd_registry_config_path,
+            ),
+            None => {
+                peermirror::containerd_config::cleanup(&args.hosts.containerd_registry_config_path)
+            }
         }
+        .map(|report| print_report(&report))
+        .map_err(Into::into),
         Command::GeneratePsk(args) => generate_psk(&args.psk_file),
         Command::Import(args) => import(&args),
         Command::Bootstrapper(args) => init_logging(&args.log).and_then(|()| {

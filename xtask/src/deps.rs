@@ -55,7 +55,10 @@ pub const IMAGE: &[Need] = &[
     need("protoc", "protobuf-compiler"),
     need("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
     need("aarch64-linux-gnu-strip", "binutils-aarch64-linux-gnu"),
-    need("/usr/aarch64-linux-gnu/include/stdio.h", "libc6-dev-arm64-cross"),
+    need(
+        "/usr/aarch64-linux-gnu/include/stdio.h",
+        "libc6-dev-arm64-cross",
+    ),
     need("qemu-aarch64-static", "qemu-user-static"),
     need("dpkg", "dpkg"),
     EBPF[0],

@@ -79,16 +79,6 @@ pub const ARM64: Platform = Platform {
 /// The platforms of the image.
 pub const PLATFORMS: [&Platform; 2] = [&AMD64, &ARM64];
 
-/// What [`build`] made.
-pub struct Built {
-    pub layout: PathBuf,
-    pub archive: PathBuf,
-    /// `localhost/peermirror:<version>`.
-    pub reference: String,
-    /// The stripped binary of each platform.
-    pub binaries: Vec<(&'static str, PathBuf)>,
-}
-
 /// The workspace's version (of the `peermirror` package).
 pub fn version() -> &'static str {
     // The daemon's package and xtask share the workspace; the daemon's
@@ -101,8 +91,9 @@ pub fn version() -> &'static str {
         .unwrap_or("0.0.0")
 }
 
-/// Builds both platforms' binaries, the layout and the archive.
-pub fn build() -> Result<Built> {
+/// Builds both platforms' binaries, the layout and the archive; returns
+/// the archive's path.
+pub fn build() -> Result<PathBuf> {
     crate::deps::ensure(crate::deps::IMAGE)?;
     let target = crate::target_dir();
     let out = target.join("image");
@@ -115,7 +106,6 @@ pub fn build() -> Result<Built> {
     let reference = format!("{IMAGE_NAME}:{version}");
     let mut layout = Layout::create(&out.join("oci"))?;
     let mut manifests = Vec::new();
-    let mut binaries = Vec::new();
     for platform in PLATFORMS {
         let binary = build_binary(platform, &target)?;
         let stripped = work.join(format!("peermirror-{}", platform.arch));
@@ -147,20 +137,20 @@ pub fn build() -> Result<Built> {
             platform.arch
         );
         manifests.push(manifest);
-        binaries.push((platform.arch, stripped));
     }
     layout.finish(&manifests, &reference, version)?;
     let archive = out.join(format!("peermirror-{version}.oci.tar"));
     write_archive(&layout.dir, &archive)?;
-    std::fs::remove_dir_all(&work)?;
+    // The stripped binaries stay (`work/peermirror-<arch>`), for running
+    // them under qemu; the unpacked packages go.
+    for platform in PLATFORMS {
+        for dir in ["debs", "root"] {
+            std::fs::remove_dir_all(work.join(format!("{dir}-{}", platform.arch)))?;
+        }
+    }
     println!("OCI layout:  {}", layout.dir.display());
     println!("OCI archive: {} ({reference})", archive.display());
-    Ok(Built {
-        layout: layout.dir,
-        archive,
-        reference,
-        binaries,
-    })
+    Ok(archive)
 }
 
 /// The release binary for `platform`: the build host's own is the one
@@ -168,7 +158,14 @@ pub fn build() -> Result<Built> {
 /// cross-built with Debian's cross toolchain.
 pub fn build_binary(platform: &Platform, target: &Path) -> Result<PathBuf> {
     let mut cargo = crate::cargo();
-    cargo.args(["build", "--release", "--package", "peermirror", "--bin", "peermirror"]);
+    cargo.args([
+        "build",
+        "--release",
+        "--package",
+        "peermirror",
+        "--bin",
+        "peermirror",
+    ]);
     if platform.triple == host_triple() {
         crate::run(&mut cargo)?;
         return Ok(target.join("release/peermirror"));
@@ -291,10 +288,7 @@ struct Layout {
 impl Layout {
     fn create(dir: &Path) -> Result<Layout> {
         std::fs::create_dir_all(dir.join("blobs/sha256"))?;
-        std::fs::write(
-            dir.join("oci-layout"),
-            br#"{"imageLayoutVersion":"1.0.0"}"#,
-        )?;
+        std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
         Ok(Layout {
             dir: dir.to_path_buf(),
         })
@@ -368,7 +362,12 @@ impl Layout {
     }
 
     /// The image index of every platform, and `index.json` naming it.
-    fn finish(&mut self, manifests: &[serde_json::Value], reference: &str, version: &str) -> Result<()> {
+    fn finish(
+        &mut self,
+        manifests: &[serde_json::Value],
+        reference: &str,
+        version: &str,
+    ) -> Result<()> {
         let index = serde_json::to_vec(&json!({
             "schemaVersion": 2,
             "mediaType": OCI_INDEX,

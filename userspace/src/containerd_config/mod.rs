@@ -20,6 +20,7 @@
 //!   when the CRI plugin (kubelet's pulls) would ignore these files, or would
 //!   leave nothing to share.
 
+pub mod k3s;
 pub mod registries_yaml;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -143,6 +144,8 @@ pub enum ConfigError {
          ({original}, which cleanup-containerd restores) or delete {path}, then run configure-containerd again"
     )]
     Edited { path: PathBuf, original: String },
+    #[error(transparent)]
+    RegistriesYaml(Box<registries_yaml::RegistriesYamlError>),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ConfigError + '_ {

@@ -449,7 +449,9 @@ impl Bootstrap {
                 self.gauges.nodes.set(*others as i64);
                 self.gauges.up.set(1);
             }
-            SourceState::Failed(_) => self.gauges.up.set(0),
+            SourceState::Failed(_) => {
+                self.gauges.up.set(0);
+            }
             SourceState::Unasked => {}
         }
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
@@ -880,9 +882,12 @@ mod tests {
         let other = PeerId::random();
         let own = OwnNode {
             id,
-            ips: ["10.0.0.1".parse().expect("ip"), "127.0.0.1".parse().expect("ip")]
-                .into_iter()
-                .collect(),
+            ips: [
+                "10.0.0.1".parse().expect("ip"),
+                "127.0.0.1".parse().expect("ip"),
+            ]
+            .into_iter()
+            .collect(),
             ports: vec![5001],
         };
         let addr = |s: &str| s.parse::<Multiaddr>().expect("multiaddr");

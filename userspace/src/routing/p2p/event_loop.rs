@@ -376,9 +376,8 @@ impl EventLoop {
             }
             Command::ExpectPeers(expect) => {
                 self.advertiser.expect_peers(expect);
-                self.status.send_if_modified(|s| {
-                    std::mem::replace(&mut s.needs_peers, expect) != expect
-                });
+                self.status
+                    .send_if_modified(|s| std::mem::replace(&mut s.needs_peers, expect) != expect);
                 self.publish_status();
             }
             Command::Peers(reply) => {
