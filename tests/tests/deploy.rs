@@ -8,12 +8,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use peermirror_tests::http;
+use peermirror_tests::manifests::{render, repo_file};
 use peermirror_tests::process::{Proc, wait_for};
 use peermirror_tests::services::{free_port, peermirror_bin, require_root, write_psk};
-
-fn repo_file(path: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
-}
 
 /// `systemd-analyze verify` of `unit` (with `dropin`, when given, in
 /// `<unit>.d/`), the binary paths pointed at the one we built.
@@ -234,44 +231,6 @@ fn the_environment_file_configures_containerd_and_starts_the_daemon() -> Result<
     let (status, _) = proc.terminate(Duration::from_secs(10))?;
     ensure!(status.success(), "{status}");
     Ok(())
-}
-
-/// A kustomize overlay rendered by `kubectl kustomize` (offline), as JSON
-/// documents (PyYAML, which `kubernetes-validate` brings, reads the YAML).
-fn render(
-    overlay: &str,
-) -> Result<(
-    std::path::PathBuf,
-    Vec<serde_json::Value>,
-    tempfile::TempDir,
-)> {
-    let dir = tempfile::tempdir()?;
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(repo_file(&format!("deploy/kubernetes/overlays/{overlay}")))
-        .output()
-        .context("kubectl (it renders kustomize offline)")?;
-    ensure!(
-        out.status.success(),
-        "kubectl kustomize {overlay}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = dir.path().join(format!("{overlay}.yaml"));
-    std::fs::write(&path, &out.stdout)?;
-    let json = Command::new("python3")
-        .args([
-            "-c",
-            "import sys, json, yaml; json.dump(list(yaml.safe_load_all(open(sys.argv[1]))), sys.stdout)",
-        ])
-        .arg(&path)
-        .output()
-        .context("python3 with PyYAML")?;
-    ensure!(
-        json.status.success(),
-        "{}",
-        String::from_utf8_lossy(&json.stderr)
-    );
-    Ok((path, serde_json::from_slice(&json.stdout)?, dir))
 }
 
 /// The peermirror invocations of a rendered DaemonSet: command plus args,

@@ -2,8 +2,8 @@
 //! engine.
 //!
 //! An OCI image index for linux/amd64 and linux/arm64, each image built from
-//! scratch with one layer: the stripped `peermirror` binary and the C
-//! runtime it links (glibc's loader, libc, libm, libgcc_s), taken from
+//! scratch with one layer: the stripped `peermirror` binary, an
+//! `/etc/nsswitch.conf`, and the C runtime it links (glibc's loader, libc, libm, libgcc_s), taken from
 //! Debian's packages (`apt-get download` + `dpkg -x`: `libc6` and
 //! `libgcc-s1` for the build host's architecture, `libc6-arm64-cross` and
 //! `libgcc-s1-arm64-cross` for arm64, which carry the same files). The
@@ -325,6 +325,13 @@ impl Layout {
             bytes: f.bytes.clone(),
             mode: f.mode,
         }));
+        // Names resolve as on any Debian system: /etc/hosts (which the
+        // kubelet or runtime mounts), then DNS (`--bootstrap-kind dns`).
+        files.push(File {
+            path: "etc/nsswitch.conf".into(),
+            bytes: b"hosts: files dns\n".to_vec(),
+            mode: 0o644,
+        });
         let tar = layer_tar(&files)?;
         let diff_id = sha256(&tar);
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
