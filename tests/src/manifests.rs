@@ -11,22 +11,25 @@ pub fn repo_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
 }
 
-/// `deploy/kubernetes/overlays/<overlay>` rendered: the YAML file (in the
-/// returned temporary directory) and its documents as JSON (PyYAML, which
-/// `kubernetes-validate` brings, reads the YAML).
-pub fn render(overlay: &str) -> Result<(PathBuf, Vec<serde_json::Value>, tempfile::TempDir)> {
+/// `deploy/kubernetes/<kustomization>` (`overlays/plain`, `uninstall`)
+/// rendered: the YAML file (in the returned temporary directory) and its
+/// documents as JSON (PyYAML, which `kubernetes-validate` brings, reads the
+/// YAML).
+pub fn render(kustomization: &str) -> Result<(PathBuf, Vec<serde_json::Value>, tempfile::TempDir)> {
     let dir = tempfile::tempdir()?;
     let out = Command::new("kubectl")
         .arg("kustomize")
-        .arg(repo_file(&format!("deploy/kubernetes/overlays/{overlay}")))
+        .arg(repo_file(&format!("deploy/kubernetes/{kustomization}")))
         .output()
         .context("kubectl (it renders kustomize offline)")?;
     ensure!(
         out.status.success(),
-        "kubectl kustomize {overlay}: {}",
+        "kubectl kustomize {kustomization}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let path = dir.path().join(format!("{overlay}.yaml"));
+    let path = dir
+        .path()
+        .join(format!("{}.yaml", kustomization.replace('/', "-")));
     std::fs::write(&path, &out.stdout)?;
     let json = Command::new("python3")
         .args([

@@ -14,7 +14,8 @@
 //! - the headless Service's name is served to the node through the
 //!   container's `/etc/hosts` (what the cluster DNS would answer: both
 //!   nodes' addresses);
-//! - `status.hostIP` is the node's address;
+//! - `status.hostIP` is the node's address, and the host network the
+//!   node's network namespace;
 //! - the probes are polled on the node's address.
 //!
 //! No argument of the DaemonSet is changed.
@@ -184,14 +185,25 @@ impl Drop for Running<'_> {
     }
 }
 
-/// `ctr run` arguments for `c` in image `image` as container `id`.
-fn run_args(c: &Container, host_network: bool, extra_mounts: &[String]) -> Vec<String> {
+/// `ctr run` arguments for `c` on `node`. The pod's host network is the
+/// node's network namespace, joined with `--with-ns` (ctr's `--net-host`
+/// would also mount the machine's own `/etc/hosts` and `resolv.conf` over
+/// the pod's).
+fn run_args(
+    c: &Container,
+    node: &ClusterNode,
+    host_network: bool,
+    extra_mounts: &[String],
+) -> Vec<String> {
     let mut args = Vec::new();
     if c.privileged {
         args.push("--privileged".to_string());
     }
     if host_network {
-        args.push("--net-host".to_string());
+        args.extend([
+            "--with-ns".to_string(),
+            format!("network:{}", node.host.ns.path().display()),
+        ]);
     }
     if c.read_only {
         args.push("--read-only".to_string());
@@ -208,7 +220,7 @@ fn run_args(c: &Container, host_network: bool, extra_mounts: &[String]) -> Vec<S
 #[test]
 fn the_image_runs_as_the_daemonset_says_and_serves_an_air_gapped_pull() -> Result<()> {
     let archive = image_archive()?;
-    let (_, docs, _render_dir) = render("plain")?;
+    let (_, docs, _render_dir) = render("overlays/plain")?;
     let daemonset = docs
         .iter()
         .find(|d| d["kind"] == "DaemonSet")
@@ -279,7 +291,8 @@ fn the_image_runs_as_the_daemonset_says_and_serves_an_air_gapped_pull() -> Resul
     );
 
     // The volumes, on the test node.
-    let state = a.dir.join("state");
+    let var_lib = a.dir.join("var-lib");
+    let state = var_lib.join("peermirror");
     let bpffs = a.dir.join("bpffs");
     let secret = a.dir.join("secret");
     for d in [&state, &bpffs, &secret] {
@@ -293,6 +306,8 @@ fn the_image_runs_as_the_daemonset_says_and_serves_an_air_gapped_pull() -> Resul
             "containerd-sock" => &a.containerd.socket,
             "containerd-content" => return Ok(a.containerd.content_root()),
             "state" => &state,
+            // The uninstall DaemonSet's: the parent of the data directory.
+            "var-lib" => &var_lib,
             "bpffs" => &bpffs,
             "psk" => {
                 ensure!(volume["secret"]["secretName"] == "peermirror-psk");
@@ -320,10 +335,12 @@ fn the_image_runs_as_the_daemonset_says_and_serves_an_air_gapped_pull() -> Resul
         hosts.display()
     )];
 
+    let before_install = peermirror_tests::k3s::snapshot(&a.certs_d)?;
+
     // The init container: configure-containerd, to completion.
     let init = &pod[0];
     let mut args = vec!["run".to_string(), "--rm".to_string()];
-    args.extend(run_args(init, host_network, &dns));
+    args.extend(run_args(init, a, host_network, &dns));
     args.extend([image.clone(), "pm-init".to_string()]);
     args.extend(init.argv.iter().cloned());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -337,13 +354,19 @@ fn the_image_runs_as_the_daemonset_says_and_serves_an_air_gapped_pull() -> Resul
 
     // The daemon, detached, as the kubelet leaves it running.
     let daemon = &pod[1];
-    let mut args = vec!["run".to_string(), "--detach".to_string()];
-    args.extend(run_args(daemon, host_network, &dns));
+    let daemon_log = a.dir.join("pm-daemon.log");
+    let mut args = vec![
+        "run".to_string(),
+        "--detach".to_string(),
+        "--log-uri".to_string(),
+        format!("file://{}", daemon_log.display()),
+    ];
+    args.extend(run_args(daemon, a, host_network, &dns));
     args.extend([image.clone(), "pm-daemon".to_string()]);
     args.extend(daemon.argv.iter().cloned());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     a.containerd.ctr(&refs)?;
-    let _running = Running {
+    let running = Running {
         node: a,
         id: "pm-daemon".into(),
     };
@@ -383,17 +406,81 @@ fn the_image_runs_as_the_daemonset_says_and_serves_an_air_gapped_pull() -> Resul
         })
     };
     let before = served("peermirror_served_bytes_total")?;
+    let tail = |path: &Path| {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    };
     wait_for(
         "b to pull what only a's container holds",
         Duration::from_secs(60),
         || b.ctr_pull(&reference).ok(),
-    )?;
+    )
+    .with_context(|| {
+        let debug = |addr| {
+            via.get(addr, "/debug", &[])
+                .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+                .unwrap_or_default()
+        };
+        format!(
+            "a's container:\n{}\n{}\nb's peermirror:\n{}\n{}",
+            tail(&daemon_log),
+            debug(metrics),
+            b.pm().proc.log_tail(40),
+            debug(b.pm().metrics)
+        )
+    })?;
     b.assert_has(&cluster.layout, &only_a)?;
     let after = served("peermirror_served_bytes_total")?;
     ensure!(
         after - before >= (3 << 20) as f64,
         "a's container served {} bytes",
         after - before
+    );
+    ensure!(
+        state.join("identity.key").exists(),
+        "no state in {}",
+        state.display()
+    );
+
+    // Uninstall as the README says: the pod goes, then the uninstall
+    // DaemonSet's container runs on the node and leaves it as it was.
+    drop(running);
+    let (_, docs, _uninstall_dir) = render("uninstall")?;
+    let daemonset = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .context("no uninstall DaemonSet")?;
+    let (host_network, pod) = containers(daemonset, &a.ip().to_string(), &host_path)?;
+    ensure!(pod.len() == 1, "{}", pod.len());
+    let mut args = vec!["run".to_string(), "--detach".to_string()];
+    args.extend(run_args(&pod[0], a, host_network, &[]));
+    args.extend([image.clone(), "pm-uninstall".to_string()]);
+    args.extend(pod[0].argv.iter().cloned());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    a.containerd.ctr(&refs)?;
+    let _uninstall = Running {
+        node: a,
+        id: "pm-uninstall".into(),
+    };
+    wait_for("the uninstall container", Duration::from_secs(30), || {
+        (peermirror_tests::k3s::snapshot(&a.certs_d).ok()? == before_install && !state.exists())
+            .then_some(())
+    })
+    .with_context(|| {
+        format!(
+            "certs.d: {:?}, state there: {}",
+            peermirror_tests::k3s::snapshot(&a.certs_d).map(|m| m.into_keys().collect::<Vec<_>>()),
+            state.exists()
+        )
+    })?;
+    // It stays running, as a DaemonSet's pod must to count as rolled out.
+    let tasks = a.containerd.ctr(&["tasks", "ls"])?;
+    ensure!(
+        tasks
+            .lines()
+            .any(|l| l.starts_with("pm-uninstall") && l.contains("RUNNING")),
+        "{tasks}"
     );
     Ok(())
 }

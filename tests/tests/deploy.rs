@@ -268,6 +268,67 @@ fn strings_of(v: &serde_json::Value) -> Vec<serde_json::Value> {
     v.as_array().cloned().unwrap_or_default()
 }
 
+/// `kubernetes-validate --strict` of a rendered file.
+fn validate(path: &Path, what: &str) -> Result<()> {
+    let out = Command::new("kubernetes-validate")
+        .args(["--strict", "--quiet"])
+        .arg(path)
+        .output()
+        .context("kubernetes-validate (PyPI; cargo xtask test installs it)")?;
+    ensure!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// The uninstall DaemonSets (containerd's and K3s's paths) render, pass
+/// `kubernetes-validate --strict`, and run `peermirror uninstall` with
+/// flags it accepts, on the paths the install used.
+#[test]
+fn the_uninstall_manifests_render_validate_and_use_real_flags() -> Result<()> {
+    use peermirror::cli::{Cli, Command as Sub};
+    for (kustomization, k3s) in [("uninstall", false), ("uninstall-k3s", true)] {
+        let (path, docs, _dir) = render(kustomization)?;
+        validate(&path, kustomization)?;
+        let argvs = invocations(&docs);
+        ensure!(argvs.len() == 1, "{kustomization}: {argvs:?}");
+        let cli = <Cli as clap::Parser>::try_parse_from(&argvs[0])
+            .map_err(|e| anyhow::anyhow!("{kustomization}: {e}"))?;
+        let Sub::Uninstall(u) = cli.command else {
+            anyhow::bail!("{kustomization}: not `peermirror uninstall`");
+        };
+        ensure!(
+            u.wait,
+            "{kustomization}: exits, and the DaemonSet restarts it"
+        );
+        ensure!(
+            u.cleanup.k3s_registries_yaml.is_some() == k3s,
+            "{kustomization}"
+        );
+        let volumes = &docs
+            .iter()
+            .find(|d| d["kind"] == "DaemonSet")
+            .context("no DaemonSet")?["spec"]["template"]["spec"]["volumes"];
+        let certs = strings_of(volumes)
+            .into_iter()
+            .find(|v| v["name"] == "certs-d")
+            .context("no certs.d volume")?;
+        let want = if k3s {
+            "/var/lib/rancher/k3s/agent/etc/containerd/certs.d"
+        } else {
+            "/etc/containerd/certs.d"
+        };
+        ensure!(
+            certs["hostPath"]["path"] == want,
+            "{kustomization}: {certs}"
+        );
+    }
+    Ok(())
+}
+
 /// Each overlay (plain, mtls, dataplane-off, k3s) renders, passes
 /// `kubernetes-validate --strict`, and runs peermirror with flags it
 /// accepts, in the mode the overlay names.
@@ -276,18 +337,8 @@ fn the_kubernetes_overlays_render_validate_and_use_real_flags() -> Result<()> {
     use peermirror::cli::{Cli, Command as Sub};
     use peermirror::dataplane::DataplaneMode;
     for overlay in ["plain", "mtls", "dataplane-off", "k3s"] {
-        let (path, docs, _dir) = render(overlay)?;
-        let out = Command::new("kubernetes-validate")
-            .args(["--strict", "--quiet"])
-            .arg(&path)
-            .output()
-            .context("kubernetes-validate (PyPI; cargo xtask test installs it)")?;
-        ensure!(
-            out.status.success(),
-            "{overlay}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (path, docs, _dir) = render(&format!("overlays/{overlay}"))?;
+        validate(&path, overlay)?;
         let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
         ensure!(
             kinds == ["Namespace", "Service", "DaemonSet"],

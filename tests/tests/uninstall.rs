@@ -214,6 +214,10 @@ fn a_left_over_hosts_toml_costs_this_much() -> Result<()> {
         certs.join(&upstream).join("hosts.toml"),
         format!("server = \"http://{upstream}\"\n"),
     )?;
+    let reference = world.upstream.reference(&world.images[0]);
+    // The same pull without any mirror target, for reference.
+    let (direct, ok) = timed_pull(&world, &certs, &reference, Duration::from_secs(60));
+    ensure!(ok, "a pull from the upstream itself failed");
     let registry = SocketAddr::from(([127, 0, 0, 1], free_port()));
     peermirror(&[
         "configure-containerd",
@@ -227,7 +231,6 @@ fn a_left_over_hosts_toml_costs_this_much() -> Result<()> {
         "--containerd-config",
         &world.path("none.toml").to_string_lossy(),
     ])?;
-    let reference = world.upstream.reference(&world.images[0]);
     let release = peermirror_tests::release::release().version_text.clone();
 
     // The daemon gone: its port is closed.
@@ -254,8 +257,8 @@ fn a_left_over_hosts_toml_costs_this_much() -> Result<()> {
     let (status, _) = pm.proc.terminate(Duration::from_secs(15))?;
     ensure!(status.success(), "{status}");
     println!(
-        "containerd {release}: a left-over hosts.toml costs {closed:?} per pull with the port closed; \
-         with the daemon stopped the pull {}",
+        "containerd {release}: a pull took {direct:?} without a mirror target and {closed:?} past a \
+         left-over one whose port is closed; with the daemon stopped the pull {}",
         if stopped_ok {
             format!("took {stopped:?}")
         } else {

@@ -42,6 +42,10 @@ pub enum Command {
     ConfigureContainerd(ConfigureContainerd),
     /// Restore the `hosts.toml` files `configure-containerd` replaced, exactly.
     CleanupContainerd(CleanupContainerd),
+    /// Leave the node as it was before the install: `cleanup-containerd`,
+    /// then remove the daemon's data directory and its bpffs pins. Run it
+    /// after the daemon stopped.
+    Uninstall(Uninstall),
     /// Import image archives into containerd (pinned, so that kubelet's
     /// image garbage collection keeps them); the running daemon shares them.
     Import(Import),
@@ -206,6 +210,33 @@ pub struct CleanupContainerd {
     /// `registries.yaml` back and write `certs.d` as K3s will from it.
     #[arg(long, env = "PEERMIRROR_K3S_REGISTRIES_YAML")]
     pub k3s_registries_yaml: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct Uninstall {
+    #[command(flatten)]
+    pub cleanup: CleanupContainerd,
+
+    /// The daemon's data directory, removed.
+    #[arg(
+        long,
+        env = "PEERMIRROR_DATA_DIR",
+        default_value = "/var/lib/peermirror"
+    )]
+    pub data_dir: PathBuf,
+
+    /// The daemon's bpffs pin directory, removed (its programs detach).
+    #[arg(
+        long,
+        env = "PEERMIRROR_BPFFS_PATH",
+        default_value = "/sys/fs/bpf/peermirror"
+    )]
+    pub bpffs_path: PathBuf,
+
+    /// Then wait until SIGTERM (as the main container of the uninstall
+    /// DaemonSet, which must stay running to count as rolled out).
+    #[arg(long, env = "PEERMIRROR_UNINSTALL_WAIT")]
+    pub wait: bool,
 }
 
 #[derive(Debug, Args)]

@@ -95,6 +95,48 @@ fn configure_containerd(args: &peermirror::cli::ConfigureContainerd) -> anyhow::
     Ok(())
 }
 
+fn cleanup_containerd(args: &peermirror::cli::CleanupContainerd) -> anyhow::Result<()> {
+    let certs_d = &args.hosts.containerd_registry_config_path;
+    let report = match &args.k3s_registries_yaml {
+        Some(yaml) => peermirror::containerd_config::k3s::cleanup(yaml, certs_d)?,
+        None => peermirror::containerd_config::cleanup(certs_d)?,
+    };
+    print_report(&report);
+    Ok(())
+}
+
+/// `peermirror uninstall`: containerd's files back, then the state gone.
+fn uninstall(args: &peermirror::cli::Uninstall) -> anyhow::Result<()> {
+    cleanup_containerd(&args.cleanup)?;
+    match std::fs::remove_dir_all(&args.data_dir) {
+        Ok(()) => println!("removed {}", args.data_dir.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing {}", args.data_dir.display()));
+        }
+    }
+    if args.bpffs_path.exists() {
+        peermirror::dataplane::remove_pins(&args.bpffs_path);
+        anyhow::ensure!(
+            !args.bpffs_path.exists(),
+            "{} still holds files that are not peermirror's pins; remove them by hand",
+            args.bpffs_path.display()
+        );
+        println!("removed {}", args.bpffs_path.display());
+    }
+    if args.wait {
+        println!("uninstalled; waiting for SIGTERM");
+        let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+        runtime.block_on(async {
+            let shutdown = CancellationToken::new();
+            wait_for_signal(shutdown.clone()).await?;
+            shutdown.cancelled().await;
+            anyhow::Ok(())
+        })?;
+    }
+    Ok(())
+}
+
 /// `peermirror import`: every archive in turn; one that fails leaves
 /// nothing behind and does not stop the others.
 fn import(args: &peermirror::cli::Import) -> anyhow::Result<()> {
@@ -218,17 +260,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::ConfigureContainerd(args) => configure_containerd(&args),
-        Command::CleanupContainerd(args) => match &args.k3s_registries_yaml {
-            Some(yaml) => peermirror::containerd_config::k3s::cleanup(
-                yaml,
-                &args.hosts.containerd_registry_config_path,
-            ),
-            None => {
-                peermirror::containerd_config::cleanup(&args.hosts.containerd_registry_config_path)
-            }
-        }
-        .map(|report| print_report(&report))
-        .map_err(Into::into),
+        Command::CleanupContainerd(args) => cleanup_containerd(&args),
+        Command::Uninstall(args) => uninstall(&args),
         Command::GeneratePsk(args) => generate_psk(&args.psk_file),
         Command::Import(args) => import(&args),
         Command::Bootstrapper(args) => init_logging(&args.log).and_then(|()| {

@@ -2,8 +2,9 @@
 //! engine.
 //!
 //! An OCI image index for linux/amd64 and linux/arm64, each image built from
-//! scratch with one layer: the stripped `peermirror` binary, an
-//! `/etc/nsswitch.conf`, and the C runtime it links (glibc's loader, libc, libm, libgcc_s), taken from
+//! scratch with one layer: the stripped `peermirror` binary, Debian's name
+//! resolution defaults (`/etc/nsswitch.conf`, `/etc/host.conf`), and the C
+//! runtime it links (glibc's loader, libc, libm, libgcc_s), taken from
 //! Debian's packages (`apt-get download` + `dpkg -x`: `libc6` and
 //! `libgcc-s1` for the build host's architecture, `libc6-arm64-cross` and
 //! `libgcc-s1-arm64-cross` for arm64, which carry the same files). The
@@ -141,8 +142,8 @@ pub fn build() -> Result<PathBuf> {
     layout.finish(&manifests, &reference, version)?;
     let archive = out.join(format!("peermirror-{version}.oci.tar"));
     write_archive(&layout.dir, &archive)?;
-    // The stripped binaries stay (`work/peermirror-<arch>`), for running
-    // them under qemu; the unpacked packages go.
+    // The stripped binaries stay (`work/peermirror-<arch>`), for
+    // [`check_foreign_binaries`]; the unpacked packages go.
     for platform in PLATFORMS {
         for dir in ["debs", "root"] {
             std::fs::remove_dir_all(work.join(format!("{dir}-{}", platform.arch)))?;
@@ -183,6 +184,48 @@ pub fn build_binary(platform: &Platform, target: &Path) -> Result<PathBuf> {
     Ok(target.join(platform.triple).join("release/peermirror"))
 }
 
+/// Runs each stripped binary of another architecture than this machine's
+/// under qemu-user (`qemu-<arch>-static -L <its sysroot>`, not binfmt):
+/// `--version` and `run --help`.
+pub fn check_foreign_binaries() -> Result<()> {
+    let work = crate::target_dir().join("image/work");
+    for platform in PLATFORMS {
+        if platform.triple == host_triple() {
+            continue;
+        }
+        let binary = work.join(format!("peermirror-{}", platform.arch));
+        let qemu = format!(
+            "qemu-{}-static",
+            platform.triple.split('-').next().unwrap_or_default()
+        );
+        let sysroot = format!("/usr/{}", platform.tuple);
+        for args in [&["--version"][..], &["run", "--help"][..]] {
+            let out = Command::new(&qemu)
+                .args(["-L", &sysroot])
+                .arg(&binary)
+                .args(args)
+                .output()
+                .with_context(|| format!("running {qemu}"))?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            ensure!(
+                out.status.success(),
+                "linux/{} `peermirror {}` under {qemu}: {}{}",
+                platform.arch,
+                args.join(" "),
+                text,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if args == ["--version"] {
+                ensure!(text.starts_with("peermirror "), "{text}");
+                println!("linux/{} under {qemu}: {}", platform.arch, text.trim());
+            } else {
+                ensure!(text.contains("--psk-file"), "{text}");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The Rust triple of the machine this runs on.
 pub fn host_triple() -> &'static str {
     match std::env::consts::ARCH {
@@ -207,7 +250,8 @@ fn runtime_libraries(platform: &Platform, work: &Path) -> Result<Vec<File>> {
     std::fs::create_dir_all(&root)?;
     crate::run(
         Command::new("apt-get")
-            .arg("download")
+            // Into a directory of ours, which apt's sandbox user cannot write.
+            .args(["-q", "-o", "APT::Sandbox::User=root", "download"])
             .args(platform.packages)
             .current_dir(&debs),
     )
@@ -326,12 +370,19 @@ impl Layout {
             mode: f.mode,
         }));
         // Names resolve as on any Debian system: /etc/hosts (which the
-        // kubelet or runtime mounts), then DNS (`--bootstrap-kind dns`).
-        files.push(File {
-            path: "etc/nsswitch.conf".into(),
-            bytes: b"hosts: files dns\n".to_vec(),
-            mode: 0o644,
-        });
+        // kubelet or runtime mounts), then DNS (`--bootstrap-kind dns`),
+        // every address of a name in /etc/hosts (glibc's default is the
+        // first only).
+        for (path, text) in [
+            ("etc/nsswitch.conf", "hosts: files dns\n"),
+            ("etc/host.conf", "multi on\n"),
+        ] {
+            files.push(File {
+                path: path.into(),
+                bytes: text.as_bytes().to_vec(),
+                mode: 0o644,
+            });
+        }
         let tar = layer_tar(&files)?;
         let diff_id = sha256(&tar);
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());

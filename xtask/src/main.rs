@@ -73,7 +73,7 @@ fn main() -> ExitCode {
         Cmd::Test { cargo_args } => test(&cargo_args),
         Cmd::Demo => demo::run(),
         Cmd::BuildEbpf => build_ebpf(),
-        Cmd::Image => image::build().map(drop),
+        Cmd::Image => image::build().and_then(|_| image::check_foreign_binaries()),
         Cmd::Bench { part } => bench(part.as_deref()),
         Cmd::Fuzz { target, seconds } => fuzz(target.as_deref(), seconds),
         Cmd::Soak {
@@ -172,11 +172,16 @@ fn test(cargo_args: &[String]) -> Result<()> {
     // unit tests still run in debug, with overflow checks).
     run(cargo().args(["build", "--release", "--package", "peermirror", "--bins"]))?;
     let daemon = target_dir().join("release/peermirror");
+    // The container image (amd64 and the cross-built arm64), which the
+    // DaemonSet test runs; the arm64 binary is run under qemu-user.
+    let image = image::build()?;
+    image::check_foreign_binaries()?;
     // Every test binary runs even when one fails, so that one failure
     // does not hide the next.
     run(cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
         .env("PEERMIRROR_BIN", &daemon)
+        .env("PEERMIRROR_IMAGE", &image)
         .arg("--")
         .args(cargo_args))?;
     // Many nodes in one process only fit in CI time when optimised; in
@@ -243,7 +248,15 @@ const PER_RELEASE_TESTS: &[(&releases::Release, &[&str])] = &[
     (&releases::NEWER[0], &["single_node", "airgap"]),
     (
         &releases::NEWER[1],
-        &["single_node", "cluster", "tls", "airgap", "fanout"],
+        &[
+            "single_node",
+            "cluster",
+            "tls",
+            "airgap",
+            "fanout",
+            "k3s",
+            "uninstall",
+        ],
     ),
 ];
 

@@ -677,7 +677,10 @@ impl Dataplane {
 /// (best effort: what cannot be removed stays, and the next start reuses or
 /// replaces it). Removing a link's pin detaches its program once no
 /// descriptor holds the link.
-fn remove_pins(dir: &Path) {
+/// Removes the pins of a dataplane under `dir` (maps, programs, links: the
+/// programs detach once no link holds them) and `dir` when it is then
+/// empty. For a daemon that is gone; a clean stop does it itself.
+pub fn remove_pins(dir: &Path) {
     for name in MAPS {
         let _ = std::fs::remove_file(dir.join(name));
     }
