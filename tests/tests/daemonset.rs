@@ -386,6 +386,13 @@ fn the_image_runs_as_the_daemonset_says_and_serves_an_air_gapped_pull() -> Resul
         )
     })?;
     ensure!(via.get(metrics, "/healthz", &[])?.status == 200);
+    // No bpffs in the container's /sys/fs/bpf (an empty host directory):
+    // the daemon mounted one, and said so.
+    let log = std::fs::read_to_string(&daemon_log)?;
+    ensure!(
+        log.contains("no bpf filesystem was mounted: mounted one"),
+        "{log}"
+    );
 
     // The image only a holds (imported there, as an air-gapped node's
     // images are): node b pulls it, and a's container serves it.

@@ -569,3 +569,71 @@ fn configure_containerd_reads_a_k3s_registries_yaml() -> Result<()> {
     ensure!(certs.join("docker.io/hosts.toml").exists());
     Ok(())
 }
+
+/// The commands of other tools the README shows are checked statically
+/// (they need a cluster or a host to run): every `deploy/…` path it names
+/// exists, every `kubectl … -k <dir>` names a kustomization that renders
+/// and passes `kubernetes-validate --strict`, every
+/// `rollout status daemonset/<name>` in `-n <namespace>` names a DaemonSet
+/// of a kustomization it applies, and every systemd unit it installs passes
+/// `systemd-analyze verify` (above). The `peermirror` commands it shows are
+/// run or parsed by the other tests.
+#[test]
+fn the_readme_s_commands_of_other_tools_name_real_things() -> Result<()> {
+    let readme = std::fs::read_to_string(repo_file("README.md"))?;
+    let mut shell = Vec::new();
+    let mut inside = false;
+    for line in readme.lines() {
+        let t = line.trim();
+        if let Some(lang) = t.strip_prefix("```") {
+            inside = !inside && (lang == "sh" || lang == "bash");
+            continue;
+        }
+        if inside {
+            shell.push(t.split(" #").next().unwrap_or_default().trim().to_string());
+        }
+    }
+    let mut applied = Vec::new();
+    let mut checked = 0;
+    for line in &shell {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for w in &words {
+            if let Some(path) = w.strip_prefix("deploy/") {
+                ensure!(repo_file(&format!("deploy/{path}")).exists(), "{line}");
+                checked += 1;
+            }
+        }
+        if words.first() == Some(&"kubectl")
+            && let Some(i) = words.iter().position(|w| *w == "-k")
+        {
+            let dir = words.get(i + 1).context("-k without a directory")?;
+            let kustomization = dir
+                .strip_prefix("deploy/kubernetes/")
+                .with_context(|| format!("{line}: not one of ours"))?;
+            let (path, docs, _dir) = render(kustomization)?;
+            validate(&path, kustomization)?;
+            applied.extend(docs);
+            checked += 1;
+        }
+        if let Some(i) = words.iter().position(|w| *w == "rollout") {
+            let ns = words
+                .iter()
+                .position(|w| *w == "-n")
+                .and_then(|n| words.get(n + 1))
+                .context("rollout without -n")?;
+            let name = words
+                .get(i + 2)
+                .and_then(|w| w.strip_prefix("daemonset/"))
+                .context("rollout status of something else")?;
+            ensure!(
+                applied.iter().any(|d| d["kind"] == "DaemonSet"
+                    && d["metadata"]["name"] == *name
+                    && d["metadata"]["namespace"] == *ns),
+                "{line}: no such DaemonSet in what the README applies"
+            );
+            checked += 1;
+        }
+    }
+    ensure!(checked >= 8, "only {checked} commands checked");
+    Ok(())
+}

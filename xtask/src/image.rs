@@ -172,14 +172,8 @@ pub fn build_binary(platform: &Platform, target: &Path) -> Result<PathBuf> {
         return Ok(target.join("release/peermirror"));
     }
     crate::run(Command::new("rustup").args(["target", "add", platform.triple]))?;
-    let upper = platform.triple.to_uppercase().replace('-', "_");
-    let lower = platform.triple.replace('-', "_");
-    let gcc = format!("{}-gcc", platform.tuple);
-    cargo
-        .args(["--target", platform.triple])
-        .env(format!("CARGO_TARGET_{upper}_LINKER"), &gcc)
-        .env(format!("CC_{lower}"), &gcc)
-        .env(format!("AR_{lower}"), format!("{}-ar", platform.tuple));
+    cargo.args(["--target", platform.triple]);
+    cross_env(&mut cargo, platform);
     crate::run(&mut cargo)?;
     Ok(target.join(platform.triple).join("release/peermirror"))
 }
@@ -224,6 +218,66 @@ pub fn check_foreign_binaries() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Unit tests that cannot run under qemu-user, and why.
+pub const NOT_UNDER_QEMU: &[(&str, &str)] = &[
+    (
+        "registry::uring::tests::the_next_round_has_a_deadline_again",
+        "io_uring: qemu-user does not emulate io_uring_setup",
+    ),
+    (
+        "registry::uring::tests::sends_a_file_and_gives_up_on_a_client_that_stops_reading",
+        "io_uring: qemu-user does not emulate io_uring_setup",
+    ),
+    (
+        "mirror::tests::busy_holders_are_used_less",
+        "it compares transfer rates, which emulation distorts",
+    ),
+];
+
+/// The library's unit tests for each other architecture, cross-built
+/// (release, sharing the image build's dependencies) and run under
+/// qemu-user, but those of [`NOT_UNDER_QEMU`].
+pub fn test_foreign() -> Result<()> {
+    for platform in PLATFORMS {
+        if platform.triple == host_triple() {
+            continue;
+        }
+        let qemu = format!(
+            "qemu-{}-static -L /usr/{}",
+            platform.triple.split('-').next().unwrap_or_default(),
+            platform.tuple
+        );
+        let upper = platform.triple.to_uppercase().replace('-', "_");
+        let mut cargo = crate::cargo();
+        cross_env(&mut cargo, platform);
+        cargo
+            .env(format!("CARGO_TARGET_{upper}_RUNNER"), &qemu)
+            .args(["test", "--release", "--target", platform.triple])
+            .args(["--package", "peermirror", "--lib", "--"]);
+        for (test, why) in NOT_UNDER_QEMU {
+            eprintln!(
+                "xtask: linux/{}: not under qemu: {test} ({why})",
+                platform.arch
+            );
+            cargo.args(["--skip", test]);
+        }
+        cargo.arg("--exact");
+        crate::run(&mut cargo)?;
+    }
+    Ok(())
+}
+
+/// The cross compiler, linker and archiver for `platform` (Debian's).
+fn cross_env(cargo: &mut Command, platform: &Platform) {
+    let upper = platform.triple.to_uppercase().replace('-', "_");
+    let lower = platform.triple.replace('-', "_");
+    let gcc = format!("{}-gcc", platform.tuple);
+    cargo
+        .env(format!("CARGO_TARGET_{upper}_LINKER"), &gcc)
+        .env(format!("CC_{lower}"), &gcc)
+        .env(format!("AR_{lower}"), format!("{}-ar", platform.tuple));
 }
 
 /// The Rust triple of the machine this runs on.

@@ -176,6 +176,7 @@ fn test(cargo_args: &[String]) -> Result<()> {
     // DaemonSet test runs; the arm64 binary is run under qemu-user.
     let image = image::build()?;
     image::check_foreign_binaries()?;
+    image::test_foreign()?;
     // Every test binary runs even when one fails, so that one failure
     // does not hide the next.
     run(cargo()
