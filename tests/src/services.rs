@@ -477,7 +477,8 @@ impl Upstream {
         Ok(u)
     }
 
-    fn command(&self, program: &str) -> Command {
+    /// `program`, run where the registry's clients are (its namespace).
+    pub fn command(&self, program: &str) -> Command {
         match &self.netns {
             Some(ns) => ns.command(program),
             None => Command::new(program),

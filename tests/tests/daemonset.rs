@@ -114,7 +114,10 @@ fn containers(
             .iter()
             .find(|v| v["name"] == name)
             .with_context(|| format!("no volume {name}"))?;
-        host_path(name, v)
+        let path = host_path(name, v)?;
+        check_host_path_type(&path, v["hostPath"]["type"].as_str())
+            .with_context(|| format!("volume {name}"))?;
+        Ok(path)
     };
     let mut out = Vec::new();
     let pods = spec["initContainers"]
@@ -158,6 +161,42 @@ fn containers(
         });
     }
     Ok((host_network, out))
+}
+
+/// What the kubelet checks (or creates) for a `hostPath` volume's type
+/// before it starts the pod.
+fn check_host_path_type(path: &Path, kind: Option<&str>) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path);
+    match kind {
+        None | Some("") => Ok(()),
+        Some("DirectoryOrCreate") => Ok(std::fs::create_dir_all(path)?),
+        Some("Directory") => {
+            ensure!(
+                meta.is_ok_and(|m| m.is_dir()),
+                "{} is not a directory",
+                path.display()
+            );
+            Ok(())
+        }
+        Some("Socket") => {
+            ensure!(
+                meta.is_ok_and(|m| m.file_type().is_socket()),
+                "{} is not a socket",
+                path.display()
+            );
+            Ok(())
+        }
+        Some("File") => {
+            ensure!(
+                meta.is_ok_and(|m| m.is_file()),
+                "{} is not a file",
+                path.display()
+            );
+            Ok(())
+        }
+        Some(other) => bail!("a hostPath type the test does not check: {other}"),
+    }
 }
 
 /// A container started with `ctr run -d`; killed and deleted when dropped.
@@ -266,6 +305,35 @@ fn the_image_runs_as_the_daemonset_says_and_serves_an_air_gapped_pull() -> Resul
             .output()?;
         ensure!(out.status.success(), "{out:?}");
     }
+    // One way onto a cluster, as the README shows: the archive pushed to a
+    // registry with skopeo (both platforms), and pulled from there.
+    let pushed = format!("{}/peermirror:0.1.0", cluster.upstream.host());
+    let mut push = cluster.upstream.command("skopeo");
+    push.args(["copy", "--quiet", "--all", "--dest-tls-verify=false"])
+        .arg(format!("oci-archive:{}", archive.display()))
+        .arg(format!("docker://{pushed}"));
+    peermirror_tests::process::run(&mut push)?;
+    let mut inspect = cluster.upstream.command("skopeo");
+    inspect
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{pushed}"));
+    let index: Value = serde_json::from_str(&peermirror_tests::process::run(&mut inspect)?)?;
+    let mut platforms: Vec<String> = index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            format!(
+                "{}/{}",
+                m["platform"]["os"].as_str().unwrap_or("?"),
+                m["platform"]["architecture"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    platforms.sort();
+    ensure!(platforms == ["linux/amd64", "linux/arm64"], "{platforms:?}");
+    cluster.node("b").ctr_pull(&pushed)?;
+
     let a = cluster.node("a");
     let b = cluster.node("b");
     // Node b sends docker.io to its peermirror too.

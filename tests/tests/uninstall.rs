@@ -1,6 +1,6 @@
-//! Uninstall leaves the node as it was: after the README's steps
-//! (`peermirror cleanup-containerd`, then removing the data directory and
-//! the bpffs pins), containerd's `certs.d` is byte for byte what it was
+//! Uninstall leaves the node as it was: after `peermirror uninstall` (which
+//! runs `cleanup-containerd`, then removes the data directory and the bpffs
+//! pins of a daemon that was killed), containerd's `certs.d` is byte for byte what it was
 //! before the install (a symlinked `hosts.toml` comes back as the link,
 //! files peermirror created are gone, and so is `.peermirror-backup/`),
 //! and the eBPF programs are detached.
@@ -122,22 +122,19 @@ fn uninstall_leaves_containerd_s_files_as_they_were() -> Result<()> {
     let attached = attached_programs(&slot.cgroup)?;
     ensure!(attached.len() >= 2, "nothing attached: {attached:?}");
 
-    // The README's uninstall steps, with this node's paths.
+    // The README's uninstall step (systemd), with this node's paths.
     let said = peermirror(&[
-        "cleanup-containerd",
+        "uninstall",
         "--containerd-registry-config-path",
         &certs_arg,
+        "--data-dir",
+        &data.to_string_lossy(),
+        "--bpffs-path",
+        &slot.bpffs.to_string_lossy(),
     ])?;
     ensure!(said.contains("restored"), "{said}");
-    // `rm -rf`.
-    for path in [&data, &slot.bpffs] {
-        match std::fs::remove_dir_all(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("rm -rf {}", path.display())),
-        }
-    }
-    ensure!(!data.exists() && !slot.bpffs.exists());
+    ensure!(!data.exists(), "the data directory is still there");
+    ensure!(!slot.bpffs.exists(), "the pins are still there");
 
     let after = tree(&root)?;
     ensure!(
