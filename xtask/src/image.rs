@@ -5,10 +5,11 @@
 //! scratch with one layer: the stripped `peermirror` binary, Debian's name
 //! resolution defaults (`/etc/nsswitch.conf`, `/etc/host.conf`), and the C
 //! runtime it links (glibc's loader, libc, libm, libgcc_s), taken from
-//! Debian's packages (`apt-get download` + `dpkg -x`: `libc6` and
-//! `libgcc-s1` for the build host's architecture, `libc6-arm64-cross` and
-//! `libgcc-s1-arm64-cross` for arm64, which carry the same files). The
-//! arm64 binary is cross-built with Debian's `gcc-aarch64-linux-gnu`.
+//! Debian's packages of that architecture (`apt-get download libc6:<arch>
+//! libgcc-s1:<arch>` + `dpkg -x`; a foreign architecture is added with
+//! `dpkg --add-architecture` first), so that each image carries Debian's
+//! security updates. The arm64 binary is cross-built with Debian's
+//! `gcc-aarch64-linux-gnu`.
 //!
 //! Output, under `target/image/`:
 //! - `oci/`: the OCI layout (`skopeo copy oci:target/image/oci docker://…`);
@@ -49,8 +50,8 @@ pub struct Platform {
     tuple: &'static str,
     /// The dynamic loader, as the binary's `PT_INTERP` names it.
     interpreter: &'static str,
-    /// Debian packages holding the runtime libraries.
-    packages: &'static [&'static str],
+    /// Debian's name of the architecture.
+    debian_arch: &'static str,
     /// Where those packages put the libraries, relative to their root.
     lib_dirs: &'static [&'static str],
     /// `strip` for this architecture.
@@ -62,7 +63,7 @@ pub const AMD64: Platform = Platform {
     triple: "x86_64-unknown-linux-gnu",
     tuple: "x86_64-linux-gnu",
     interpreter: "/lib64/ld-linux-x86-64.so.2",
-    packages: &["libc6", "libgcc-s1"],
+    debian_arch: "amd64",
     lib_dirs: &["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"],
     strip: "strip",
 };
@@ -72,8 +73,8 @@ pub const ARM64: Platform = Platform {
     triple: "aarch64-unknown-linux-gnu",
     tuple: "aarch64-linux-gnu",
     interpreter: "/lib/ld-linux-aarch64.so.1",
-    packages: &["libc6-arm64-cross", "libgcc-s1-arm64-cross"],
-    lib_dirs: &["usr/aarch64-linux-gnu/lib"],
+    debian_arch: "arm64",
+    lib_dirs: &["lib/aarch64-linux-gnu", "usr/lib/aarch64-linux-gnu"],
     strip: "aarch64-linux-gnu-strip",
 };
 
@@ -295,6 +296,20 @@ struct File {
     mode: u32,
 }
 
+/// Makes `apt-get download` find packages of Debian architecture `arch`:
+/// a foreign one is added (`dpkg --add-architecture`) and the package lists
+/// read again, once.
+fn enable_architecture(arch: &str) -> Result<()> {
+    let native = crate::run_output(Command::new("dpkg").arg("--print-architecture"))?;
+    let foreign = crate::run_output(Command::new("dpkg").arg("--print-foreign-architectures"))?;
+    if native.trim() == arch || foreign.split_whitespace().any(|a| a == arch) {
+        return Ok(());
+    }
+    eprintln!("xtask: adding the {arch} architecture to dpkg, for its runtime libraries");
+    crate::run(Command::new("dpkg").args(["--add-architecture", arch]))?;
+    crate::run(Command::new("apt-get").args(["update", "-q"]))
+}
+
 /// The loader, libc, libm and libgcc_s of `platform`, from its Debian
 /// packages (downloaded into `work` and unpacked with `dpkg -x`).
 fn runtime_libraries(platform: &Platform, work: &Path) -> Result<Vec<File>> {
@@ -302,11 +317,13 @@ fn runtime_libraries(platform: &Platform, work: &Path) -> Result<Vec<File>> {
     let root = work.join(format!("root-{}", platform.arch));
     std::fs::create_dir_all(&debs)?;
     std::fs::create_dir_all(&root)?;
+    enable_architecture(platform.debian_arch)?;
+    let packages = ["libc6", "libgcc-s1"].map(|p| format!("{p}:{}", platform.debian_arch));
     crate::run(
         Command::new("apt-get")
             // Into a directory of ours, which apt's sandbox user cannot write.
             .args(["-q", "-o", "APT::Sandbox::User=root", "download"])
-            .args(platform.packages)
+            .args(&packages)
             .current_dir(&debs),
     )
     .context("apt-get download (run `apt-get update` first if the package lists are missing)")?;
@@ -332,8 +349,8 @@ fn runtime_libraries(platform: &Platform, work: &Path) -> Result<Vec<File>> {
             .find(|p| p.exists())
             .with_context(|| {
                 format!(
-                    "{name} is in none of {:?} of {:?}",
-                    platform.lib_dirs, platform.packages
+                    "{name} is in none of {:?} of {packages:?}",
+                    platform.lib_dirs
                 )
             })?;
         // dpkg -x keeps symlinks; read what they point to (within `root`).
