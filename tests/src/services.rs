@@ -570,6 +570,20 @@ pub struct PeermirrorOptions<'a> {
     pub extra: &'a [&'a str],
 }
 
+impl<'a> PeermirrorOptions<'a> {
+    /// In this namespace, on free loopback ports, with `extra` flags.
+    pub fn loopback(extra: &'a [&'a str]) -> PeermirrorOptions<'a> {
+        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        PeermirrorOptions {
+            netns: None,
+            registry: loopback(free_port()),
+            metrics: loopback(free_port()),
+            router: loopback(free_port()),
+            extra,
+        }
+    }
+}
+
 impl Peermirror {
     /// Starts `peermirror run` for `containerd` on free loopback ports, with
     /// extra flags, and waits until it is ready.
@@ -581,18 +595,7 @@ impl Peermirror {
 
     /// Starts it on loopback without waiting for readiness.
     pub fn spawn(dir: &Path, containerd: &Containerd, extra: &[&str]) -> Result<Peermirror> {
-        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
-        Self::spawn_with(
-            dir,
-            containerd,
-            PeermirrorOptions {
-                netns: None,
-                registry: loopback(free_port()),
-                metrics: loopback(free_port()),
-                router: loopback(free_port()),
-                extra,
-            },
-        )
+        Self::spawn_with(dir, containerd, PeermirrorOptions::loopback(extra))
     }
 
     pub fn spawn_with(

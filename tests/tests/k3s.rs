@@ -58,11 +58,8 @@ fn start_daemon(world: &World, name: &str, registry: SocketAddr) -> Result<Peerm
         &world.path(name),
         &world.containerd,
         PeermirrorOptions {
-            netns: None,
             registry,
-            metrics: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            router: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            extra: &[],
+            ..PeermirrorOptions::loopback(&[])
         },
     )?;
     pm.wait_ready(Duration::from_secs(30))?;

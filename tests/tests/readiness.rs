@@ -12,21 +12,14 @@ use peermirror_tests::World;
 use peermirror_tests::process::wait_for;
 use peermirror_tests::services::{Peermirror, PeermirrorOptions, free_port};
 
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// A daemon on loopback whose P2P port is `router`, with `extra` flags.
 fn spawn(world: &World, name: &str, router: u16, extra: &[&str]) -> Result<Peermirror> {
     Peermirror::spawn_with(
         &world.path(name),
         &world.containerd,
         PeermirrorOptions {
-            netns: None,
-            registry: loopback(free_port()),
-            metrics: loopback(free_port()),
-            router: loopback(router),
-            extra,
+            router: SocketAddr::from(([127, 0, 0, 1], router)),
+            ..PeermirrorOptions::loopback(extra)
         },
     )
 }

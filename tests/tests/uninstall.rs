@@ -239,11 +239,8 @@ fn a_left_over_hosts_toml_costs_this_much() -> Result<()> {
         &world.path("pm"),
         &world.containerd,
         PeermirrorOptions {
-            netns: None,
             registry,
-            metrics: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            router: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            extra: &[],
+            ..PeermirrorOptions::loopback(&[])
         },
     )?;
     pm.wait_ready(Duration::from_secs(30))?;
