@@ -46,3 +46,15 @@ pub fn render(kustomization: &str) -> Result<(PathBuf, Vec<serde_json::Value>, t
     );
     Ok((path, serde_json::from_slice(&json.stdout)?, dir))
 }
+
+/// The strings of a JSON array (a container's `command` or `args`); none
+/// for anything else.
+pub fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}

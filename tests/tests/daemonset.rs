@@ -27,7 +27,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use peermirror_tests::cluster::{Cluster, ClusterNode, NodeSpec};
 use peermirror_tests::image::layer;
-use peermirror_tests::manifests::{render, repo_file};
+use peermirror_tests::manifests::{render, repo_file, strings};
 use peermirror_tests::process::wait_for;
 use serde_json::Value;
 
@@ -51,16 +51,6 @@ fn image_archive() -> Result<PathBuf> {
         path.display()
     );
     Ok(path)
-}
-
-fn strings(v: &Value) -> Vec<String> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// `$(NAME)` replaced by the value of `NAME` in `env`, as the kubelet

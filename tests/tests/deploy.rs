@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use peermirror_tests::http;
-use peermirror_tests::manifests::{render, repo_file};
+use peermirror_tests::manifests::{render, repo_file, strings};
 use peermirror_tests::process::{Proc, wait_for};
 use peermirror_tests::services::{free_port, peermirror_bin, require_root, write_psk};
 
@@ -236,15 +236,6 @@ fn the_environment_file_configures_containerd_and_starts_the_daemon() -> Result<
 /// The peermirror invocations of a rendered DaemonSet: command plus args,
 /// the node IP filled in as the downward API would.
 fn invocations(docs: &[serde_json::Value]) -> Vec<Vec<String>> {
-    let strings = |v: &serde_json::Value| -> Vec<String> {
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     docs.iter()
         .filter(|d| d["kind"] == "DaemonSet")
         .flat_map(|d| {
