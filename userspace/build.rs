@@ -1,6 +1,4 @@
-//! Compiles the eBPF programs (C, clang) into OUT_DIR, where
-//! `src/dataplane.rs` embeds them; the same builder runs for
-//! `cargo xtask build-ebpf`.
+//! The commit the binary is built from, for `--version`.
 
 /// The commit the binary is built from (`git rev-parse`), for `--version`;
 /// `PEERMIRROR_COMMIT` overrides it, and outside a git checkout it is
@@ -39,14 +37,4 @@ fn commit() -> String {
 
 fn main() {
     println!("cargo:rustc-env=PEERMIRROR_COMMIT={}", commit());
-    for source in peermirror_ebpf::sources() {
-        println!("cargo:rerun-if-changed={}", source.display());
-    }
-    println!("cargo:rerun-if-env-changed=CLANG");
-    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    if let Err(e) = peermirror_ebpf::build(&out) {
-        // One clear line rather than a wall of output.
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
 }

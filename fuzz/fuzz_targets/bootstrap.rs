@@ -2,7 +2,7 @@
 //! a bounded list of multiaddrs or an error.
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    if let Ok(addrs) = peermirror::routing::bootstrap::parse_entries(data) {
+    if let Ok(addrs) = peermirror_routing::bootstrap::parse_entries(data) {
         assert!(addrs.len() <= 1024);
     }
 });

@@ -1,7 +1,7 @@
 //! Digests: only `sha256:` and 64 lower-case hex characters parse, and they
 //! print back exactly; error messages stay short.
 #![no_main]
-use peermirror::oci::Digest;
+use peermirror_oci::Digest;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

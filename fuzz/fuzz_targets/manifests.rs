@@ -1,7 +1,7 @@
 //! Manifests and indexes as peers and stores hand them over: parsing,
 //! sniffing and judging the media type never panic.
 #![no_main]
-use peermirror::oci::manifest;
+use peermirror_oci::manifest;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = manifest::parse_document(data);

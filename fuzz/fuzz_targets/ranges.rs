@@ -2,7 +2,7 @@
 //! any blob size with a span inside the blob or an error; both headers
 //! print back to what they parse from.
 #![no_main]
-use peermirror::oci::{ContentRange, RangeRequest, parse_range_header};
+use peermirror_oci::{ContentRange, RangeRequest, parse_range_header};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if data.len() < 8 {

@@ -1,7 +1,7 @@
 //! Image references and their parts: parsing never panics, and what parses
 //! prints back to something that parses to the same value.
 #![no_main]
-use peermirror::oci::{Reference, Registry, Repository, Tag};
+use peermirror_oci::{Reference, Registry, Repository, Tag};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -3,6 +3,6 @@
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        peermirror::fuzzing::registries_yaml(text);
+        peermirror_containerd_config::fuzzing::registries_yaml(text);
     }
 });

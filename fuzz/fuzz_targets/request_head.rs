@@ -2,5 +2,5 @@
 //! please", or an error with an HTTP status — never a panic.
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    peermirror::fuzzing::request_head(data);
+    peermirror_registry::fuzzing::request_head(data);
 });

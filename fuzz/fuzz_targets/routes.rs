@@ -1,7 +1,7 @@
 //! `/v2/` request targets: parsing never panics, and a route prints back to
 //! a target that parses to the same route.
 #![no_main]
-use peermirror::oci::parse_target;
+use peermirror_oci::parse_target;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Ok(target) = std::str::from_utf8(data) else {

@@ -11,8 +11,8 @@ use libp2p::Multiaddr;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::PreSharedKey;
-use peermirror::routing::p2p::{self, P2pConfig, P2pCounters, P2pRouter, P2pSettings};
-use peermirror::routing::{FirstRound, Peer, Round, Router};
+use peermirror_routing::p2p::{self, P2pConfig, P2pCounters, P2pRouter, P2pSettings};
+use peermirror_routing::{FirstRound, Peer, Round, Router};
 use tokio_util::sync::CancellationToken;
 
 /// Timing settings of every node.

@@ -326,7 +326,7 @@ fn the_uninstall_manifests_render_validate_and_use_real_flags() -> Result<()> {
 #[test]
 fn the_kubernetes_overlays_render_validate_and_use_real_flags() -> Result<()> {
     use peermirror::cli::{Cli, Command as Sub};
-    use peermirror::dataplane::DataplaneMode;
+    use peermirror_dataplane::DataplaneMode;
     for overlay in ["plain", "mtls", "dataplane-off", "k3s"] {
         let (path, docs, _dir) = render(&format!("overlays/{overlay}"))?;
         validate(&path, overlay)?;

@@ -188,7 +188,7 @@ async fn a_peer_with_the_key_cannot_exhaust_the_record_store() -> Result<()> {
         })
         .await;
     }
-    let key = RecordKey::new(&peermirror::routing::record_key(&fresh.root.digest));
+    let key = RecordKey::new(&peermirror_routing::record_key(&fresh.root.digest));
     swarm.behaviour_mut().kad.get_providers(key);
     let found = tokio::time::timeout(Duration::from_secs(20), async {
         loop {

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use peermirror::routing::Router;
+use peermirror_routing::Router;
 use peermirror_tests::dht::{DhtCluster, DhtOptions, SchedulingProbe, key, quantile, rss_bytes};
 
 fn env(name: &str, default: usize) -> usize {
@@ -196,7 +196,7 @@ async fn lookups_survive_churn_and_newcomers_find_existing_content() -> Result<(
         cluster
             .node(n)
             .router
-            .advertise(Vec::new(), peermirror::routing::Round::Initial)
+            .advertise(Vec::new(), peermirror_routing::Round::Initial)
             .await?;
     }
     cluster.wait_ready(Duration::from_secs(60)).await?;

@@ -1,5 +1,5 @@
 //! The containerd content store passes the same conformance cases as the
-//! in-memory twin (`peermirror::store::conformance`), against a real
+//! in-memory twin (`peermirror_store::conformance`), against a real
 //! containerd holding the standard test images.
 
 use std::sync::Arc;
@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use peermirror::oci::{Descriptor, ReferenceFilter};
-use peermirror::store::conformance::{self, KnownImage};
-use peermirror::store::{ContainerdConfig, ContainerdStore, ContentStore, StoreGauges};
+use peermirror_oci::{Descriptor, ReferenceFilter};
+use peermirror_store::conformance::{self, KnownImage};
+use peermirror_store::{ContainerdConfig, ContainerdStore, ContentStore, StoreGauges};
 use peermirror_tests::World;
 use peermirror_tests::image::TestImage;
 use tokio_util::sync::CancellationToken;

@@ -27,8 +27,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{Readiness, Status};
-use crate::tls::{TlsFiles, TlsState};
+use crate::status::server::{Readiness, Status};
+use peermirror_net::tls::{TlsFiles, TlsState};
 
 /// The path nodes list and register under.
 pub const PATH: &str = "/bootstrap-nodes";
@@ -56,7 +56,7 @@ pub struct BootstrapperConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapperError {
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] peermirror_net::tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -143,9 +143,12 @@ impl Table {
     /// Registers or renews `peer` from a request body.
     fn register(&self, peer: &str, body: &[u8], now: Instant) -> Result<(), (StatusCode, String)> {
         let bad = |why: String| (StatusCode::BAD_REQUEST, why);
-        let peer: PeerId = peer
-            .parse()
-            .map_err(|_| bad(format!("{:?} is not a peer id", crate::oci::excerpt(peer))))?;
+        let peer: PeerId = peer.parse().map_err(|_| {
+            bad(format!(
+                "{:?} is not a peer id",
+                peermirror_oci::excerpt(peer)
+            ))
+        })?;
         let reg: Registration = serde_json::from_slice(body)
             .map_err(|_| bad("the body is not {\"ID\": ..., \"Addrs\": [...]}".into()))?;
         if reg.id.as_deref().is_some_and(|id| id != peer.to_string()) {
@@ -158,9 +161,12 @@ impl Table {
             )));
         }
         for a in &reg.addrs {
-            let addr: Multiaddr = a
-                .parse()
-                .map_err(|_| bad(format!("{:?} is not a multiaddr", crate::oci::excerpt(a))))?;
+            let addr: Multiaddr = a.parse().map_err(|_| {
+                bad(format!(
+                    "{:?} is not a multiaddr",
+                    peermirror_oci::excerpt(a)
+                ))
+            })?;
             let dialable = addr.iter().any(|p| {
                 matches!(
                     p,
@@ -273,7 +279,7 @@ async fn serve(
     table: Arc<Table>,
     shutdown: CancellationToken,
 ) {
-    let cap = crate::net::ConnectionCap::new(MAX_CONNECTIONS);
+    let cap = peermirror_net::ConnectionCap::new(MAX_CONNECTIONS);
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -292,7 +298,7 @@ async fn serve(
         let (tls, table) = (tls.clone(), table.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let io = crate::net::Deadlined::new(stream, IO_TIMEOUT, IO_TIMEOUT);
+            let io = peermirror_net::Deadlined::new(stream, IO_TIMEOUT, IO_TIMEOUT);
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
             let stream = match tokio::time::timeout(IO_TIMEOUT, acceptor.accept(io)).await {
                 Ok(Ok(s)) => s,
@@ -341,9 +347,9 @@ impl Status for BootstrapperStatus {
         &self,
         path: &str,
         _query: Option<&str>,
-    ) -> Option<crate::metrics::DebugResponse> {
+    ) -> Option<crate::status::server::DebugResponse> {
         matches!(path, "/" | "/debug").then(|| {
-            crate::metrics::DebugResponse::ok(
+            crate::status::server::DebugResponse::ok(
                 "text/plain; charset=utf-8",
                 String::from_utf8_lossy(&self.table.document(Instant::now())).into_owned() + "\n",
             )
@@ -393,7 +399,7 @@ pub async fn run(
     };
     tokio::join!(
         serve(listener, tls.clone(), table, shutdown.clone()),
-        crate::metrics::serve(
+        crate::status::server::serve(
             status_listener,
             Arc::new(registry),
             status,
@@ -437,7 +443,8 @@ mod tests {
         let doc: Vec<serde_json::Value> = serde_json::from_slice(&t.document(start)).expect("json");
         assert_eq!(doc.len(), 2);
         // What a node reads back is a bootstrap document it understands.
-        let addrs = crate::routing::bootstrap::parse_entries(&t.document(start)).expect("parses");
+        let addrs =
+            peermirror_routing::bootstrap::parse_entries(&t.document(start)).expect("parses");
         assert_eq!(addrs.len(), 2);
         assert!(addrs.iter().all(|a| a.to_string().contains("/p2p/")));
         // a renews, b does not: after the TTL only a is left.

@@ -15,12 +15,12 @@ use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 
 use crate::daemon::DaemonConfig;
-use crate::mirror::MirrorConfig;
-use crate::oci::{ReferenceFilter, Registry};
-use crate::registry::{ServerConfig, ServingPath, ServingPathChoice};
-use crate::routing::bootstrap::BootstrapConfig;
-use crate::routing::p2p::P2pSettings;
-use crate::store::ContainerdConfig;
+use peermirror_mirror::MirrorConfig;
+use peermirror_oci::{ReferenceFilter, Registry};
+use peermirror_registry::{ServerConfig, ServingPath, ServingPathChoice};
+use peermirror_routing::bootstrap::BootstrapConfig;
+use peermirror_routing::p2p::P2pSettings;
+use peermirror_store::ContainerdConfig;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -87,7 +87,7 @@ impl Bootstrapper {
         crate::bootstrapper::BootstrapperConfig {
             listen_addr: self.addr,
             metrics_addr: self.metrics_addr,
-            tls: crate::tls::TlsFiles::from_secret_dir(&self.cert_dir),
+            tls: peermirror_net::tls::TlsFiles::from_secret_dir(&self.cert_dir),
             entry_ttl: self.entry_ttl.max(Duration::from_secs(3)),
         }
     }
@@ -251,22 +251,22 @@ impl ConfigureContainerd {
     pub fn options(
         &self,
     ) -> Result<
-        crate::containerd_config::ConfigureOptions,
-        crate::containerd_config::registries_yaml::RegistriesYamlError,
+        peermirror_containerd_config::ConfigureOptions,
+        peermirror_containerd_config::registries_yaml::RegistriesYamlError,
     > {
         let tls = match (
             &self.mirror_tls_ca,
             &self.mirror_tls_cert,
             &self.mirror_tls_key,
         ) {
-            (Some(ca), Some(cert), Some(key)) => Some(crate::containerd_config::TargetTls {
+            (Some(ca), Some(cert), Some(key)) => Some(peermirror_containerd_config::TargetTls {
                 ca: ca.clone(),
                 client_cert: cert.clone(),
                 client_key: key.clone(),
             }),
             _ => None,
         };
-        let options = crate::containerd_config::ConfigureOptions {
+        let options = peermirror_containerd_config::ConfigureOptions {
             config_path: self.hosts.containerd_registry_config_path.clone(),
             registries: self
                 .registries
@@ -286,7 +286,7 @@ impl ConfigureContainerd {
         };
         match &self.registries_yaml {
             Some(path) => Ok(options
-                .with_registries_yaml(crate::containerd_config::registries_yaml::load(path)?)),
+                .with_registries_yaml(peermirror_containerd_config::registries_yaml::load(path)?)),
             None => Ok(options),
         }
     }
@@ -763,6 +763,43 @@ pub fn parse_log_level(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// The library crates whose log targets `--log-level` also accepts in the
+/// older `peermirror::<part>` spelling (from when they were modules of one
+/// crate): `peermirror::registry=debug` means `peermirror_registry=debug`.
+const PART_CRATES: [&str; 9] = [
+    "oci",
+    "net",
+    "metrics",
+    "store",
+    "containerd_config",
+    "routing",
+    "mirror",
+    "registry",
+    "dataplane",
+];
+
+/// The tracing filter for a `--log-level` that [`parse_log_level`]
+/// accepted: each `peermirror::<part>` target is the part's crate.
+pub fn log_filter(level: &str) -> String {
+    level
+        .split(',')
+        .map(|directive| {
+            let trimmed = directive.trim();
+            let Some(rest) = trimmed.strip_prefix("peermirror::") else {
+                return trimmed.to_string();
+            };
+            let part_len = rest.find([':', '=', '[', '{']).unwrap_or(rest.len());
+            let part = &rest[..part_len];
+            if PART_CRATES.contains(&part) {
+                format!("peermirror_{rest}")
+            } else {
+                trimmed.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A registry host, also written as Spegel writes it (`https://docker.io`).
 pub fn parse_registry(s: &str) -> Result<Registry, String> {
     let host = s
@@ -771,7 +808,7 @@ pub fn parse_registry(s: &str) -> Result<Registry, String> {
         .unwrap_or(s)
         .trim_end_matches('/');
     host.parse()
-        .map_err(|e: crate::oci::ReferenceError| e.to_string())
+        .map_err(|e: peermirror_oci::ReferenceError| e.to_string())
 }
 
 /// The environment variables that hold lists. They are split on commas by
@@ -816,7 +853,7 @@ pub enum ConfigError {
         flag: &'static str,
     },
     #[error(transparent)]
-    Filter(#[from] crate::oci::FilterError),
+    Filter(#[from] peermirror_oci::FilterError),
 }
 
 /// The P2P listen multiaddrs for an address: `[::]` or `0.0.0.0` listen on
@@ -866,7 +903,7 @@ impl Run {
                 tls: self
                     .http_bootstrap_cert_dir
                     .as_deref()
-                    .map(crate::tls::TlsFiles::from_secret_dir),
+                    .map(peermirror_net::tls::TlsFiles::from_secret_dir),
                 register: self.http_bootstrap_register,
             },
         };
@@ -892,11 +929,11 @@ impl Run {
                 ServingPathArg::Sendfile => ServingPathChoice::Exactly(ServingPath::Sendfile),
                 ServingPathArg::Buffered => ServingPathChoice::Exactly(ServingPath::Buffered),
             },
-            dataplane: crate::dataplane::DataplaneConfig {
+            dataplane: peermirror_dataplane::DataplaneConfig {
                 mode: match self.dataplane {
-                    DataplaneArg::Required => crate::dataplane::DataplaneMode::Required,
-                    DataplaneArg::Optional => crate::dataplane::DataplaneMode::Optional,
-                    DataplaneArg::Off => crate::dataplane::DataplaneMode::Off,
+                    DataplaneArg::Required => peermirror_dataplane::DataplaneMode::Required,
+                    DataplaneArg::Optional => peermirror_dataplane::DataplaneMode::Optional,
+                    DataplaneArg::Off => peermirror_dataplane::DataplaneMode::Off,
                 },
                 bpffs: self.bpffs_path,
                 cgroup: self.dataplane_cgroup,
@@ -908,14 +945,14 @@ impl Run {
             },
             admission_ttl: self.admission_ttl,
             tls: match (self.tls_cert, self.tls_key, self.tls_client_ca) {
-                (Some(cert), Some(key), Some(client_ca)) => Some(crate::tls::TlsFiles {
+                (Some(cert), Some(key), Some(client_ca)) => Some(peermirror_net::tls::TlsFiles {
                     cert,
                     key,
                     client_ca,
                 }),
                 _ => None,
             },
-            uploads: crate::registry::UploadLimits {
+            uploads: peermirror_registry::UploadLimits {
                 total: self.max_uploads,
                 per_client: self.max_uploads_per_client,
             },
@@ -927,8 +964,8 @@ impl Run {
             },
             import_dir: self.import_dir,
             metrics_compat: match self.metrics_compat {
-                MetricsCompatArg::Spegel => crate::metrics::MetricsCompat::Spegel,
-                MetricsCompatArg::None => crate::metrics::MetricsCompat::None,
+                MetricsCompatArg::Spegel => peermirror_metrics::MetricsCompat::Spegel,
+                MetricsCompatArg::None => peermirror_metrics::MetricsCompat::None,
             },
             debug: crate::status::DebugAccess {
                 enabled: self.debug_endpoints,
@@ -944,7 +981,7 @@ impl Run {
                 fanout_followers: self.fanout_followers,
                 fanout_lease: self.fanout_lease,
             },
-            in_flight: crate::registry::InFlightConfig {
+            in_flight: peermirror_registry::InFlightConfig {
                 wait: self.fanout_ingest_wait,
                 stall: self.mirror_stall_timeout,
             },
@@ -1000,6 +1037,24 @@ mod tests {
             assert_eq!(parse_log_level(ok), Ok(ok.to_string()));
         }
         assert!(parse_log_level("").is_err());
+    }
+
+    #[test]
+    fn log_filters_name_each_part_by_its_crate() {
+        assert_eq!(
+            log_filter("info,peermirror::registry=debug"),
+            "info,peermirror_registry=debug"
+        );
+        assert_eq!(
+            log_filter("warn, peermirror::routing::p2p=trace,peermirror=info"),
+            "warn,peermirror_routing::p2p=trace,peermirror=info"
+        );
+        // The binary's own modules keep their path.
+        assert_eq!(
+            log_filter("peermirror::daemon=debug"),
+            "peermirror::daemon=debug"
+        );
+        assert_eq!(log_filter("debug"), "debug");
     }
 
     #[test]
@@ -1122,7 +1177,7 @@ mod tests {
 
     #[test]
     fn latest_tags_are_shared_unless_turned_off() {
-        let reg: crate::oci::Registry = "docker.io".parse().expect("registry");
+        let reg: peermirror_oci::Registry = "docker.io".parse().expect("registry");
         let shared = config(&["--psk-file", "/k"]).expect("valid");
         assert!(shared.filter.allows(&reg, "docker.io/library/nginx:latest"));
         let k3s = config(&["--psk-file", "/k", "--resolve-latest-tag", "false"]).expect("valid");

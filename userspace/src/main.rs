@@ -10,8 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
     // The level was checked when the flags were read (`parse_log_level`).
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .with_context(|| format!("invalid --log-level {:?}", args.log_level))?;
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(peermirror::cli::log_filter(&args.log_level))
+            .with_context(|| format!("invalid --log-level {:?}", args.log_level))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -38,7 +39,7 @@ async fn wait_for_signal(shutdown: CancellationToken) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_report(report: &peermirror::containerd_config::Report) {
+fn print_report(report: &peermirror_containerd_config::Report) {
     for (what, paths) in [
         ("wrote", &report.written),
         ("unchanged", &report.unchanged),
@@ -57,8 +58,8 @@ fn print_report(report: &peermirror::containerd_config::Report) {
 
 fn configure_containerd(args: &peermirror::cli::ConfigureContainerd) -> anyhow::Result<()> {
     if let Some(registries_yaml) = &args.k3s_registries_yaml {
-        let report = peermirror::containerd_config::k3s::configure(
-            &peermirror::containerd_config::k3s::K3sOptions {
+        let report = peermirror_containerd_config::k3s::configure(
+            &peermirror_containerd_config::k3s::K3sOptions {
                 registries_yaml: registries_yaml.clone(),
                 config_path: args.hosts.containerd_registry_config_path.clone(),
                 registries: args
@@ -78,7 +79,7 @@ fn configure_containerd(args: &peermirror::cli::ConfigureContainerd) -> anyhow::
         return Ok(());
     }
     let options = args.options()?;
-    let report = peermirror::containerd_config::configure(&options)?;
+    let report = peermirror_containerd_config::configure(&options)?;
     for host in &options.credentials_left {
         eprintln!(
             "note: the credentials for {host} are not written (hosts.toml has no place for them); \
@@ -86,7 +87,7 @@ fn configure_containerd(args: &peermirror::cli::ConfigureContainerd) -> anyhow::
         );
     }
     print_report(&report);
-    for finding in peermirror::containerd_config::check_containerd_config(
+    for finding in peermirror_containerd_config::check_containerd_config(
         &args.containerd_config,
         &args.hosts.containerd_registry_config_path,
     ) {
@@ -98,8 +99,8 @@ fn configure_containerd(args: &peermirror::cli::ConfigureContainerd) -> anyhow::
 fn cleanup_containerd(args: &peermirror::cli::CleanupContainerd) -> anyhow::Result<()> {
     let certs_d = &args.hosts.containerd_registry_config_path;
     let report = match &args.k3s_registries_yaml {
-        Some(yaml) => peermirror::containerd_config::k3s::cleanup(yaml, certs_d)?,
-        None => peermirror::containerd_config::cleanup(certs_d)?,
+        Some(yaml) => peermirror_containerd_config::k3s::cleanup(yaml, certs_d)?,
+        None => peermirror_containerd_config::cleanup(certs_d)?,
     };
     print_report(&report);
     Ok(())
@@ -116,7 +117,7 @@ fn uninstall(args: &peermirror::cli::Uninstall) -> anyhow::Result<()> {
         }
     }
     if args.bpffs_path.exists() {
-        peermirror::dataplane::remove_pins(&args.bpffs_path);
+        peermirror_dataplane::remove_pins(&args.bpffs_path);
         anyhow::ensure!(
             !args.bpffs_path.exists(),
             "{} still holds files that are not peermirror's pins; remove them by hand",
@@ -142,7 +143,7 @@ fn uninstall(args: &peermirror::cli::Uninstall) -> anyhow::Result<()> {
 fn import(args: &peermirror::cli::Import) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let importer = runtime.block_on(async {
-        peermirror::store::import::Importer::new(
+        peermirror_store::import::Importer::new(
             &args.containerd.containerd_sock,
             &args.containerd.containerd_namespace,
         )

@@ -224,20 +224,21 @@ pub fn check_foreign_binaries() -> Result<()> {
 /// Unit tests that cannot run under qemu-user, and why.
 pub const NOT_UNDER_QEMU: &[(&str, &str)] = &[
     (
-        "registry::uring::tests::the_next_round_has_a_deadline_again",
+        "uring::tests::the_next_round_has_a_deadline_again",
         "io_uring: qemu-user does not emulate io_uring_setup",
     ),
     (
-        "registry::uring::tests::sends_a_file_and_gives_up_on_a_client_that_stops_reading",
+        "uring::tests::sends_a_file_and_gives_up_on_a_client_that_stops_reading",
         "io_uring: qemu-user does not emulate io_uring_setup",
     ),
     (
-        "mirror::tests::busy_holders_are_used_less",
+        "mirror_tests::busy_holders_are_used_less",
         "it compares transfer rates, which emulation distorts",
     ),
 ];
 
-/// The library's unit tests for each other architecture, cross-built
+/// The unit tests of the daemon's crates (the binary's library and every
+/// crate under `crates/`) for each other architecture, cross-built
 /// (release, sharing the image build's dependencies) and run under
 /// qemu-user, but those of [`NOT_UNDER_QEMU`].
 pub fn test_foreign() -> Result<()> {
@@ -256,7 +257,9 @@ pub fn test_foreign() -> Result<()> {
         cargo
             .env(format!("CARGO_TARGET_{upper}_RUNNER"), &qemu)
             .args(["test", "--release", "--target", platform.triple])
-            .args(["--package", "peermirror", "--lib", "--"]);
+            .args(["--package", "peermirror"])
+            .args(crate::part_crates().iter().flat_map(|c| ["--package", c]))
+            .args(["--lib", "--"]);
         for (test, why) in NOT_UNDER_QEMU {
             eprintln!(
                 "xtask: linux/{}: not under qemu: {test} ({why})",

@@ -98,6 +98,26 @@ fn cargo() -> Command {
     Command::new(cargo_path())
 }
 
+/// The package names of the daemon's part crates (`crates/*`), sorted.
+fn part_crates() -> Vec<String> {
+    let crates = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates");
+    let mut names: Vec<String> = std::fs::read_dir(&crates)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|dir| std::fs::read_to_string(dir.path().join("Cargo.toml")).ok())
+        .filter_map(|manifest| {
+            manifest.lines().find_map(|l| {
+                l.strip_prefix("name = \"")
+                    .and_then(|n| n.strip_suffix('"'))
+                    .map(str::to_string)
+            })
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 pub fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {

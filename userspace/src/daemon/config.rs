@@ -5,16 +5,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::supervisor::TaskFailed;
-use crate::dataplane::DataplaneConfig;
-use crate::mirror::MirrorConfig;
-use crate::oci::ReferenceFilter;
-use crate::registry::{ServerConfig, ServingPathChoice, UploadLimits};
-use crate::routing::bootstrap::BootstrapConfig;
-use crate::routing::identity::IdentityError;
-use crate::routing::p2p::{P2pError, P2pSettings};
 use crate::status::DebugAccess;
-use crate::store::ContainerdConfig;
-use crate::tls::TlsFiles;
+use peermirror_dataplane::DataplaneConfig;
+use peermirror_mirror::MirrorConfig;
+use peermirror_net::tls::TlsFiles;
+use peermirror_oci::ReferenceFilter;
+use peermirror_registry::{ServerConfig, ServingPathChoice, UploadLimits};
+use peermirror_routing::bootstrap::BootstrapConfig;
+use peermirror_routing::identity::IdentityError;
+use peermirror_routing::p2p::{P2pError, P2pSettings};
+use peermirror_store::ContainerdConfig;
 
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -41,11 +41,11 @@ pub struct DaemonConfig {
     pub http_bootstrap_addr: Option<SocketAddr>,
     pub mirror: MirrorConfig,
     /// Serving blobs still being written to peers that follow them.
-    pub in_flight: crate::registry::InFlightConfig,
+    pub in_flight: peermirror_registry::InFlightConfig,
     /// Who may see the debug endpoints.
     pub debug: DebugAccess,
     /// Other daemons' metric names exported too.
-    pub metrics_compat: crate::metrics::MetricsCompat,
+    pub metrics_compat: peermirror_metrics::MetricsCompat,
     /// Image archives imported (pinned) at start and as they appear.
     pub import_dir: Option<PathBuf>,
 }
@@ -70,15 +70,15 @@ pub enum DaemonError {
     #[error(transparent)]
     P2p(#[from] P2pError),
     #[error("bootstrap: {0}")]
-    Bootstrap(#[from] crate::routing::bootstrap::BootstrapError),
+    Bootstrap(#[from] peermirror_routing::bootstrap::BootstrapError),
     #[error(
         "--serving-path io-uring: io_uring is not usable here ({0}); use --serving-path sendfile or auto"
     )]
     IoUring(std::io::Error),
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] peermirror_net::tls::TlsError),
     #[error("--dataplane required: {0}")]
-    Dataplane(#[from] crate::dataplane::DataplaneError),
+    Dataplane(#[from] peermirror_dataplane::DataplaneError),
     #[error(transparent)]
     Task(#[from] TaskFailed),
 }

@@ -17,18 +17,18 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::dataplane::{Admission, Dataplane, DataplaneConfig, DataplaneMode};
-use crate::metrics::{self, DataplaneLabels, HandshakeLabels, Metrics, ServingPathLabels};
-use crate::mirror::Mirror;
-use crate::registry::uring::UringGauges;
-use crate::registry::{FileBodies, Handler, HandlerConfig, Server, UploadRate};
-use crate::routing::bootstrap::{self, Bootstrap};
-use crate::routing::identity;
-use crate::routing::p2p::{self, P2pConfig, P2pCounters, P2pRouter};
-use crate::routing::{Router, sync};
 use crate::status::{NodeFacts, NodeStatus};
-use crate::store::{ContainerdStore, ContentStore, StoreGauges};
-use crate::tls::TlsState;
+use peermirror_dataplane::{Admission, Dataplane, DataplaneConfig, DataplaneMode};
+use peermirror_metrics::{DataplaneLabels, HandshakeLabels, Metrics, ServingPathLabels};
+use peermirror_mirror::Mirror;
+use peermirror_net::tls::TlsState;
+use peermirror_registry::uring::UringGauges;
+use peermirror_registry::{FileBodies, Handler, HandlerConfig, Server, UploadRate};
+use peermirror_routing::bootstrap::{self, Bootstrap};
+use peermirror_routing::identity;
+use peermirror_routing::p2p::{self, P2pConfig, P2pCounters, P2pRouter};
+use peermirror_routing::{Router, sync};
+use peermirror_store::{ContainerdStore, ContentStore, StoreGauges};
 use supervisor::{Policy, StageId, Supervisor};
 
 /// Runs the daemon until `shutdown` is cancelled, or until a task it
@@ -43,10 +43,11 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     let tls = config.tls.clone().map(TlsState::load).transpose()?;
     let mut prometheus = Registry::default();
     let metrics = Metrics::with_compat(&mut prometheus, config.metrics_compat);
+    let source_gauges = bootstrap::SourceGauges::register(&mut prometheus);
     let bootstrap = config
         .bootstrap
         .is_configured()
-        .then(|| Bootstrap::new(config.bootstrap.clone(), metrics.bootstrap.clone()))
+        .then(|| Bootstrap::new(config.bootstrap.clone(), source_gauges))
         .transpose()?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| DaemonError::DataDir {
         path: config.data_dir.clone(),
@@ -55,7 +56,7 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     // Each registry connection may hold a socket, a file and a pipe pair;
     // the status and P2P ports and containerd need a few hundred more.
     let needed = config.server.max_connections as u64 * 4 + 512;
-    crate::net::raise_open_file_limit(needed);
+    peermirror_net::raise_open_file_limit(needed);
     let keypair = identity::load_or_create(&config.data_dir)?;
     // The dataplane before any socket: a socket's cgroup is fixed when it
     // is created. From here on every return detaches it, a failed start too.
@@ -79,7 +80,7 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
 
     let admission = dataplane.as_ref().map(|dp| {
         let admission = Admission::new(dp.clone(), config.admission_ttl);
-        metrics::register_traffic(&mut prometheus, admission.clone());
+        peermirror_metrics::register_traffic(&mut prometheus, admission.clone());
         admission
     });
     let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -201,7 +202,7 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
         status_stage,
         "status server",
         Policy::Essential,
-        metrics::serve(metrics_listener, Arc::new(prometheus), status, stop),
+        crate::status::server::serve(metrics_listener, Arc::new(prometheus), status, stop),
     );
 
     let result = tasks.run(shutdown).await;
@@ -235,7 +236,7 @@ async fn measure_upload_rate(
         let (dp, own) = (dataplane.clone(), admission.own_addresses());
         let total = tokio::task::spawn_blocking(move || {
             dp.counters()
-                .map(|counters| crate::dataplane::uploaded_bytes(&counters, &own))
+                .map(|counters| peermirror_dataplane::uploaded_bytes(&counters, &own))
         })
         .await;
         let total = match total {
@@ -325,7 +326,7 @@ async fn spawn_background(
         );
     }
     if let Some(dir) = &config.import_dir {
-        let importer = crate::store::import::Importer::new(
+        let importer = peermirror_store::import::Importer::new(
             &config.containerd.socket,
             &config.containerd.namespace,
         );
@@ -333,7 +334,7 @@ async fn spawn_background(
             stage,
             "archive import",
             Policy::Auxiliary,
-            crate::store::import::watch_dir(importer, dir.clone(), stop.clone()),
+            peermirror_store::import::watch_dir(importer, dir.clone(), stop.clone()),
         );
     }
     if let Some(tls) = tls {
@@ -373,9 +374,9 @@ fn p2p_counters(metrics: &Metrics) -> P2pCounters {
 /// catalog at each scrape.
 fn register_spegel_catalog_gauges(
     prometheus: &mut Registry,
-    catalog: &tokio::sync::watch::Receiver<Arc<crate::store::Catalog>>,
+    catalog: &tokio::sync::watch::Receiver<Arc<peermirror_store::Catalog>>,
 ) {
-    type Pick = fn(&crate::store::RegistryCounts) -> usize;
+    type Pick = fn(&peermirror_store::RegistryCounts) -> usize;
     let families: [(&'static str, &'static str, Pick); 3] = [
         (
             "spegel_advertised_image_tags",
@@ -395,7 +396,7 @@ fn register_spegel_catalog_gauges(
     ];
     for (name, help, pick) in families {
         let catalog = catalog.clone();
-        metrics::register_computed_gauges(
+        peermirror_metrics::register_computed_gauges(
             prometheus,
             name,
             help,
@@ -551,7 +552,7 @@ fn local_port(listener: &TcpListener, fallback: u16) -> u16 {
 struct FollowingPeers(P2pRouter);
 
 #[async_trait::async_trait]
-impl crate::registry::PeerDirectory for FollowingPeers {
+impl peermirror_registry::PeerDirectory for FollowingPeers {
     async fn is_peer(&self, ip: std::net::IpAddr) -> bool {
         self.0.is_peer_address(ip).await
     }

@@ -8,9 +8,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 
 use super::NodeStatus;
-use crate::metrics::{DebugResponse, TrafficSource};
-use crate::mirror::journal::Record;
-use crate::routing::{FirstRound, Router};
+use super::server::DebugResponse;
+use peermirror_metrics::TrafficSource;
+use peermirror_mirror::journal::Record;
+use peermirror_routing::{FirstRound, Router};
 
 /// Tags listed in the catalog answer; the rest are counted.
 const MAX_TAGS: usize = 500;
@@ -173,7 +174,7 @@ async fn peers(status: &NodeStatus) -> Value {
         .filter(|(a, _)| !listed.contains(a))
         .collect();
     others.sort_by_key(|(a, _)| *a);
-    let own = crate::routing::p2p::interface_addresses();
+    let own = peermirror_net::interface_addresses();
     json!({
         "sampled_at_unix_ms": unix_ms(SystemTime::now()),
         "counted_by_kernel": status.admission.is_some(),
@@ -190,7 +191,7 @@ async fn peers(status: &NodeStatus) -> Value {
 fn catalog(status: &NodeStatus) -> Value {
     let catalog = status.store.catalog().borrow().clone();
     let mut tags: Vec<Value> = Vec::new();
-    let mut names: Vec<(&String, &crate::oci::Descriptor)> = catalog.tags().collect();
+    let mut names: Vec<(&String, &peermirror_oci::Descriptor)> = catalog.tags().collect();
     names.sort_by(|a, b| a.0.cmp(b.0));
     for (name, root) in names.iter().take(MAX_TAGS) {
         tags.push(json!({
@@ -256,13 +257,13 @@ async fn measure(status: &NodeStatus, query: Option<&str>) -> DebugResponse {
             &json!({"error": "a measure is running; try again when it is done"}),
         );
     };
-    match crate::mirror::measure::measure(&status.mirror, &image).await {
+    match peermirror_mirror::measure::measure(&status.mirror, &image).await {
         Ok(report) => json_answer(200, &json!(report)),
         Err(e) => json_answer(
             if matches!(
                 e,
-                crate::mirror::measure::MeasureError::Reference(_)
-                    | crate::mirror::measure::MeasureError::Unqualified(_)
+                peermirror_mirror::measure::MeasureError::Reference(_)
+                    | peermirror_mirror::measure::MeasureError::Unqualified(_)
             ) {
                 400
             } else {

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use super::NodeStatus;
-use crate::routing::Router;
+use peermirror_routing::Router;
 
 /// Tags listed on the page; the rest are counted.
 const MAX_TAGS: usize = 200;

@@ -4,19 +4,20 @@
 
 mod api;
 mod debug;
+pub mod server;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use self::server::{DebugResponse, Readiness};
 use crate::daemon::supervisor::Health;
-use crate::dataplane::{Admission, DataplaneMode};
-use crate::metrics::{self, DebugResponse, Readiness};
-use crate::mirror::Mirror;
-use crate::registry::ServingPath;
-use crate::routing::Router;
-use crate::routing::p2p::P2pRouter;
-use crate::store::ContentStore;
+use peermirror_dataplane::{Admission, DataplaneMode};
+use peermirror_mirror::Mirror;
+use peermirror_registry::ServingPath;
+use peermirror_routing::Router;
+use peermirror_routing::p2p::P2pRouter;
+use peermirror_store::ContentStore;
 
 /// Facts about the node that do not change while it runs.
 #[derive(Debug, Clone)]
@@ -34,7 +35,7 @@ pub struct NodeStatus {
     pub router: P2pRouter,
     pub admission: Option<Arc<Admission>>,
     /// The bootstrap source, when one is configured.
-    pub bootstrap: Option<Arc<crate::routing::bootstrap::Bootstrap>>,
+    pub bootstrap: Option<Arc<peermirror_routing::bootstrap::Bootstrap>>,
     pub health: Arc<Health>,
     pub facts: NodeFacts,
     pub debug: DebugAccess,
@@ -97,7 +98,7 @@ impl NodeStatus {
 }
 
 #[async_trait::async_trait]
-impl metrics::Status for NodeStatus {
+impl server::Status for NodeStatus {
     fn readiness(&self) -> Readiness {
         NodeStatus::readiness(self)
     }
@@ -130,7 +131,7 @@ impl metrics::Status for NodeStatus {
         }
         if client.is_loopback()
             || self.debug.allowed.iter().any(|n| n.contains(&client))
-            || crate::routing::p2p::interface_addresses().contains(&client)
+            || peermirror_net::interface_addresses().contains(&client)
         {
             return true;
         }

@@ -1,0 +1,421 @@
+//! Relaying a blob body from peers to the client: stall and speed checks,
+//! resume from another peer, and the digest check of whole blobs.
+//!
+//! The transfer runs in its own task and hands chunks to the client's
+//! response through a small channel. When the client goes away the channel
+//! closes, the task stops, and dropping the peer's body closes that
+//! connection: work done on a client's behalf stops with the client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use http_body_util::BodyExt;
+use hyper::Method;
+use hyper::body::Incoming;
+use tokio::sync::mpsc;
+
+use super::journal::Outcome;
+use super::{Candidates, Mirror, client, content_range};
+use peermirror_oci::{ByteRange, ContentRange, Digest, Hasher};
+use peermirror_routing::Peer;
+
+/// Why a relayed body ended early. The client's response is cut short.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransferError {
+    #[error("no peer could deliver bytes {pos}..{end} of {digest}")]
+    Exhausted { digest: Digest, pos: u64, end: u64 },
+    #[error("{digest} from peers hashed to {actual}: corrupt copy, withheld the tail")]
+    DigestMismatch { digest: Digest, actual: Digest },
+    #[error("transfer of {digest} exceeded its time budget")]
+    Deadline { digest: Digest },
+}
+
+pub(super) struct Transfer {
+    pub mirror: Arc<Mirror>,
+    pub digest: Digest,
+    /// The request path on peers.
+    pub path: String,
+    /// Whether this is the whole blob (then it is hashed and verified).
+    pub verify: bool,
+    /// Absolute offset one past the last byte wanted.
+    pub end: u64,
+    /// Absolute offset of the first byte wanted.
+    pub first: u64,
+    /// Absolute offset of the next byte to receive.
+    pub pos: u64,
+    /// When the client's request began, and how long until a peer answered.
+    pub started: std::time::Instant,
+    pub resolve_time: Duration,
+    pub peer: Peer,
+    /// What the current peer says it uploads to other hosts.
+    pub peer_upload_rate: Option<u64>,
+    /// The current peer's response body (taken by the relay).
+    pub body: Option<Incoming>,
+    pub candidates: Candidates,
+    pub deadline: tokio::time::Instant,
+    /// The source this transfer follows (an in-flight blob on a peer the
+    /// fan-out rendezvous named), if it does.
+    pub followed: Option<libp2p::PeerId>,
+}
+
+/// Chunks queued for the hashing thread (each at most the client's read
+/// buffer, 512 KiB): bounds what a relay holds while the hash catches up.
+const HASH_QUEUE: usize = 8;
+
+/// Hashes a relayed blob on a blocking thread, beside the network I/O: the
+/// chunks are shared with the client's stream (`Bytes`), never copied, and
+/// the relay waits for the hash only for the last chunk it holds back.
+struct HashWorker {
+    chunks: mpsc::Sender<Bytes>,
+    digest: tokio::sync::oneshot::Receiver<Digest>,
+}
+
+impl HashWorker {
+    fn start() -> HashWorker {
+        let (chunks, mut rx) = mpsc::channel::<Bytes>(HASH_QUEUE);
+        let (tx, digest) = tokio::sync::oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            let mut hasher = Hasher::new();
+            while let Some(chunk) = rx.blocking_recv() {
+                hasher.update(&chunk);
+            }
+            let _ = tx.send(hasher.finish());
+        });
+        HashWorker { chunks, digest }
+    }
+
+    async fn update(&mut self, chunk: Bytes) {
+        // The thread only stops when the sender is dropped.
+        let _ = self.chunks.send(chunk).await;
+    }
+
+    /// The digest of every chunk given; `None` if the thread was lost.
+    async fn finish(self) -> Option<Digest> {
+        drop(self.chunks);
+        self.digest.await.ok()
+    }
+}
+
+/// Chunks buffered between the peer and the client.
+const CHANNEL_CHUNKS: usize = 8;
+
+/// Bytes relayed from the first peer before other holders are asked too.
+/// The channel to the client holds at most `CHANNEL_CHUNKS` chunks of the
+/// client's 512 KiB read buffer (4 MiB) plus the chunk held back: past
+/// 8 MiB relayed, the client has read at least 3.5 MiB.
+const PARALLEL_AFTER: u64 = 8 << 20;
+
+pub(super) fn start(transfer: Transfer) -> BoxStream<'static, Result<Bytes, TransferError>> {
+    let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+    tokio::spawn(transfer.run(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+enum Next {
+    Data(Bytes),
+    End,
+    /// The current peer failed or is too slow; try another.
+    Switch(String),
+    ClientGone,
+}
+
+/// The client's side of a transfer: bytes go out in order, hashed on the
+/// way when the whole blob is verified, with the last chunk held back until
+/// the digest is confirmed.
+pub(super) struct Delivery {
+    tx: mpsc::Sender<Result<Bytes, TransferError>>,
+    hasher: Option<HashWorker>,
+    held: Option<Bytes>,
+}
+
+/// The client's stream was dropped.
+pub(super) struct ClientGone;
+
+impl Delivery {
+    fn new(tx: mpsc::Sender<Result<Bytes, TransferError>>, verify: bool) -> Delivery {
+        Delivery {
+            tx,
+            hasher: verify.then(HashWorker::start),
+            held: None,
+        }
+    }
+
+    /// Hands on the next bytes of the body.
+    pub(super) async fn push(&mut self, data: Bytes) -> Result<(), ClientGone> {
+        let to_send = match &mut self.hasher {
+            Some(h) => {
+                h.update(data.clone()).await;
+                self.held.replace(data)
+            }
+            None => Some(data),
+        };
+        match to_send {
+            Some(chunk) => self.tx.send(Ok(chunk)).await.map_err(|_| ClientGone),
+            None => Ok(()),
+        }
+    }
+
+    /// Ends the client's body short with `error`.
+    pub(super) async fn fail(&self, error: TransferError) {
+        let _ = self.tx.send(Err(error)).await;
+    }
+
+    /// Resolves when the client is gone.
+    pub(super) async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
+
+impl Transfer {
+    async fn run(mut self, tx: mpsc::Sender<Result<Bytes, TransferError>>) {
+        let mut contributors = vec![self.peer.clone()];
+        let mut delivery = Delivery::new(tx, self.verify);
+        let outcome = self.relay(&mut delivery, &mut contributors).await;
+        if let Some(source) = self.followed
+            && matches!(outcome, Outcome::Failed | Outcome::Corrupt)
+        {
+            self.mirror.follow_failed(self.digest, source);
+        }
+        self.mirror.journal.record(super::journal::Entry {
+            kind: "blob",
+            key: self.digest.to_string(),
+            outcome,
+            peers: &contributors,
+            bytes: self.pos - self.first,
+            resolve: Some(self.resolve_time),
+            duration: self.started.elapsed(),
+            verified: (self.verify && outcome != Outcome::Abandoned)
+                .then_some(outcome == Outcome::Hit),
+        });
+    }
+
+    /// Whether the rest may be fetched from several holders at once: a
+    /// large remainder of a complete blob (an in-flight one has one source),
+    /// once the client has read a few MiB. containerd 2.1's parallel
+    /// layer fetch sends `bytes=N-` requests that it drops after one chunk:
+    /// those must not set several holders sending.
+    fn may_go_parallel(&self) -> bool {
+        let config = &self.mirror.config;
+        self.followed.is_none()
+            && config.parallel_peers > 1
+            && self.pos - self.first >= PARALLEL_AFTER
+            && self.end - self.pos >= config.parallel_min_size.max(1)
+    }
+
+    /// Relays the body until the end, the client leaves or no peer can
+    /// deliver; says which.
+    async fn relay(&mut self, delivery: &mut Delivery, contributors: &mut Vec<Peer>) -> Outcome {
+        let Some(mut body) = self.body.take() else {
+            delivery.fail(self.exhausted()).await;
+            return Outcome::Failed;
+        };
+        let stall = self.mirror.config.stall_timeout;
+        let min_window_bytes = (self.mirror.config.min_speed as f64 * stall.as_secs_f64()) as u64;
+        let mut window_start = tokio::time::Instant::now();
+        let mut window_bytes = 0u64;
+        // When another holder was last looked for (at once the first time).
+        let mut parallel_checked: Option<tokio::time::Instant> = None;
+        loop {
+            if self.may_go_parallel()
+                && parallel_checked.is_none_or(|at| at.elapsed() >= super::parallel::RECHECK)
+            {
+                parallel_checked = Some(tokio::time::Instant::now());
+                if let Some(helper) = self.candidates.next(Duration::ZERO).await {
+                    return self
+                        .relay_parallel(body, helper, delivery, contributors)
+                        .await;
+                }
+            }
+            let next = tokio::select! {
+                _ = delivery.closed() => Next::ClientGone,
+                _ = tokio::time::sleep_until(self.deadline) => {
+                    delivery.fail(TransferError::Deadline { digest: self.digest }).await;
+                    return Outcome::Failed;
+                }
+                frame = tokio::time::timeout(stall, body.frame()) => match frame {
+                    Err(_) => Next::Switch(format!("no byte for {stall:?}")),
+                    Ok(None) => Next::End,
+                    Ok(Some(Err(e))) => Next::Switch(e.to_string()),
+                    Ok(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) => Next::Data(data),
+                        Err(_) => continue, // trailers
+                    },
+                },
+            };
+            match next {
+                Next::ClientGone => {
+                    tracing::debug!(digest = %self.digest, pos = self.pos, "client went away; stopping the transfer");
+                    return Outcome::Abandoned;
+                }
+                Next::Data(data) if data.is_empty() => {}
+                Next::Data(data) => {
+                    let room = self.end - self.pos;
+                    if data.len() as u64 > room {
+                        // Nothing of this chunk is used; another peer resumes.
+                        match self.switch(contributors, "peer sent more than asked").await {
+                            Some(b) => body = b,
+                            None => {
+                                delivery.fail(self.exhausted()).await;
+                                return Outcome::Failed;
+                            }
+                        }
+                        continue;
+                    }
+                    self.pos += data.len() as u64;
+                    window_bytes += data.len() as u64;
+                    if delivery.push(data).await.is_err() {
+                        return Outcome::Abandoned;
+                    }
+                    // Too slow while someone else may be faster: switch.
+                    if window_start.elapsed() >= stall {
+                        if window_bytes < min_window_bytes && self.pos < self.end {
+                            let reason = format!(
+                                "{window_bytes} bytes in {stall:?}, below the minimum speed"
+                            );
+                            if let Some(next) =
+                                self.candidates.next_or_relookup(Duration::ZERO).await
+                            {
+                                tracing::info!(digest = %self.digest, peer = %self.peer.addr, %reason, "trying a faster peer");
+                                // If it cannot take over, the slow peer goes on.
+                                if let Some(b) = self.resume_from(next, contributors).await {
+                                    body = b;
+                                }
+                            }
+                        }
+                        window_start = tokio::time::Instant::now();
+                        window_bytes = 0;
+                    }
+                }
+                Next::End if self.pos == self.end => {
+                    return self.finish(delivery, contributors).await;
+                }
+                Next::End | Next::Switch(_) => {
+                    let reason = match next {
+                        Next::Switch(reason) => reason,
+                        _ => "body ended early".to_string(),
+                    };
+                    match self.switch(contributors, &reason).await {
+                        Some(b) => body = b,
+                        None => {
+                            delivery.fail(self.exhausted()).await;
+                            return Outcome::Failed;
+                        }
+                    }
+                    window_start = tokio::time::Instant::now();
+                    window_bytes = 0;
+                }
+            }
+        }
+    }
+
+    /// Every byte was handed on: confirms the digest (when verifying) and
+    /// releases the chunk held back, or withholds it and avoids the peers
+    /// that sent the bytes.
+    pub(super) async fn finish(
+        &mut self,
+        delivery: &mut Delivery,
+        contributors: &[Peer],
+    ) -> Outcome {
+        if let Some(h) = delivery.hasher.take() {
+            let Some(actual) = h.finish().await else {
+                tracing::error!(digest = %self.digest, "the hashing thread was lost; withholding the end of the body");
+                delivery.fail(self.exhausted()).await;
+                return Outcome::Failed;
+            };
+            if actual != self.digest {
+                tracing::warn!(digest = %self.digest, %actual, peers = ?contributors.iter().map(|p| p.addr).collect::<Vec<_>>(), "corrupt blob from peer; withholding the end of the body");
+                for p in contributors {
+                    self.mirror.mark_bad(&self.digest, p);
+                }
+                delivery
+                    .fail(TransferError::DigestMismatch {
+                        digest: self.digest,
+                        actual,
+                    })
+                    .await;
+                return Outcome::Corrupt;
+            }
+        }
+        if let Some(chunk) = delivery.held.take()
+            && delivery.tx.send(Ok(chunk)).await.is_err()
+        {
+            return Outcome::Abandoned;
+        }
+        Outcome::Hit
+    }
+
+    pub(super) fn exhausted(&self) -> TransferError {
+        // Before the client hears of it (containerd retries at once).
+        if let Some(source) = self.followed {
+            self.mirror.note_stopped(self.digest, source);
+        }
+        TransferError::Exhausted {
+            digest: self.digest,
+            pos: self.pos,
+            end: self.end,
+        }
+    }
+
+    /// Replaces the failed current peer with the next one that resumes; its
+    /// body, or `None` when no peer could.
+    async fn switch(&mut self, contributors: &mut Vec<Peer>, reason: &str) -> Option<Incoming> {
+        tracing::info!(digest = %self.digest, peer = %self.peer.addr, pos = self.pos, reason, "peer failed mid-body; resuming from another");
+        let wait = self
+            .mirror
+            .config
+            .resolve_timeout
+            .max(Duration::from_millis(100));
+        for _ in 0..self.mirror.config.max_attempts {
+            let next = self.candidates.next_or_relookup(wait).await?;
+            if let Some(body) = self.resume_from(next, contributors).await {
+                return Some(body);
+            }
+        }
+        None
+    }
+
+    /// Asks `peer` for the rest (`Range: bytes=<pos>-<end-1>`); when it
+    /// answers correctly it becomes the current peer, and this is its body.
+    async fn resume_from(&mut self, peer: Peer, contributors: &mut Vec<Peer>) -> Option<Incoming> {
+        let timeouts = self.mirror.timeouts();
+        let range = ByteRange::FromTo {
+            first: self.pos,
+            last: Some(self.end - 1),
+        }
+        .to_string();
+        let tls = self.mirror.client_tls();
+        let response = match client::request(
+            peer.addr,
+            Method::GET,
+            &self.path,
+            &[("range", range)],
+            timeouts,
+            tls,
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(peer = %peer.addr, error = %e, "resume request failed");
+                return None;
+            }
+        };
+        let range_ok = response.status().as_u16() == 206
+            && matches!(
+                content_range(&response),
+                Some(ContentRange::Span { first, last, .. }) if (first, last) == (self.pos, self.end - 1)
+            );
+        if !range_ok {
+            tracing::debug!(peer = %peer.addr, status = %response.status(), "peer did not resume at the right byte");
+            return None;
+        }
+        tracing::debug!(peer = %peer.addr, from = self.pos, "resumed");
+        self.peer_upload_rate = super::header(&response, peermirror_oci::UPLOAD_RATE_HEADER)
+            .and_then(|v| v.parse().ok());
+        self.peer = peer.clone();
+        contributors.push(peer);
+        Some(response.into_body())
+    }
+}

@@ -1,0 +1,929 @@
+//! Finding the first peers: a static list, the A/AAAA records of a DNS name
+//! (a Kubernetes headless service), or a JSON list fetched over HTTP or
+//! HTTPS with a client certificate (a bootstrapper, see
+//! [`crate::bootstrapper`]). The bootstrap loop retries with backoff until
+//! the routing table has a peer, and again whenever it becomes empty; its
+//! last failure is kept for `/readyz`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::p2p::P2pRouter;
+use super::{Router, RouterError};
+use peermirror_net::tls::{TlsFiles, TlsState};
+
+/// Where the first peers come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootstrapConfig {
+    /// No bootstrap: this node waits to be dialled.
+    None,
+    /// Fixed multiaddrs (`/ip4/10.0.0.1/tcp/5001[/p2p/<id>]`).
+    Static(Vec<Multiaddr>),
+    /// Every A/AAAA record of a name, on the P2P port.
+    Dns { domain: String, port: u16 },
+    /// A bootstrap document (see [`parse_entries`]) served at an `http://`
+    /// or `https://` URL; with `tls`, the server is verified against its CA
+    /// and this node presents a client certificate (files reloaded when
+    /// they change). With `register`, this node also puts its own entry
+    /// there (`PUT <url>/<peer id>`) and renews it.
+    Http {
+        url: String,
+        tls: Option<TlsFiles>,
+        register: bool,
+    },
+}
+
+impl BootstrapConfig {
+    pub fn is_configured(&self) -> bool {
+        !matches!(self, BootstrapConfig::None)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("resolving {domain}: {source}")]
+    Dns {
+        domain: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid bootstrap URL {url:?}: only http(s)://host[:port]/path is supported")]
+    Url { url: String },
+    #[error("{url} is https: it needs --http-bootstrap-cert-dir (ca.crt, tls.crt, tls.key)")]
+    NoTls { url: String },
+    #[error("bootstrap certificates: {0}")]
+    Tls(#[from] peermirror_net::tls::TlsError),
+    #[error("fetching {url}: {reason}")]
+    Http { url: String, reason: String },
+    #[error("{url} did not answer a JSON array of multiaddrs: {reason}")]
+    Body { url: String, reason: String },
+}
+
+/// Largest bootstrap document accepted.
+const MAX_BODY: usize = 1 << 20;
+const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The peers to dial, according to `config` (an HTTP source is checked
+/// and connected afresh; a running node keeps its client in [`Bootstrap`]).
+pub async fn discover(config: &BootstrapConfig) -> Result<Vec<Multiaddr>, BootstrapError> {
+    discover_with(config, None).await
+}
+
+async fn discover_with(
+    config: &BootstrapConfig,
+    client: Option<&HttpClient>,
+) -> Result<Vec<Multiaddr>, BootstrapError> {
+    match config {
+        BootstrapConfig::None => Ok(Vec::new()),
+        BootstrapConfig::Static(addrs) => Ok(addrs.clone()),
+        BootstrapConfig::Dns { domain, port } => {
+            // The system resolver (getaddrinfo): /etc/hosts, search domains
+            // and the cluster DNS behave as for every other program.
+            let addrs = tokio::net::lookup_host((domain.as_str(), *port))
+                .await
+                .map_err(|source| BootstrapError::Dns {
+                    domain: domain.clone(),
+                    source,
+                })?;
+            let mut out: Vec<Multiaddr> = addrs
+                .map(|a| Multiaddr::from(a.ip()).with(Protocol::Tcp(a.port())))
+                .collect();
+            out.dedup();
+            Ok(out)
+        }
+        BootstrapConfig::Http { url, tls, .. } => match client {
+            Some(c) => c.fetch().await,
+            None => HttpClient::new(url, tls.clone())?.fetch().await,
+        },
+    }
+}
+
+/// A parsed `http://` or `https://` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Url {
+    https: bool,
+    /// `host:port`, for connecting and the `Host` header.
+    authority: String,
+    /// The host alone (no brackets), the name the server's certificate
+    /// must carry.
+    host: String,
+    path: String,
+}
+
+fn split_url(url: &str) -> Option<Url> {
+    let (https, rest) = match url.strip_prefix("https://") {
+        Some(rest) => (true, rest),
+        None => (false, url.strip_prefix("http://")?),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return None;
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !authority.ends_with(']') => (h, Some(p.parse::<u16>().ok()?)),
+        _ => (authority, None),
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.is_empty() {
+        return None;
+    }
+    let port = port.unwrap_or(if https { 443 } else { 80 });
+    Some(Url {
+        https,
+        authority: format!("{host}:{port}"),
+        host: bare.to_string(),
+        path: path.to_string(),
+    })
+}
+
+/// An error with its causes (`a: b: c`), each said once: hyper's own
+/// message alone hides why a TLS connection was closed.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// Fetches the bootstrap document (and registers this node) over HTTP or
+/// HTTPS with a client certificate.
+pub struct HttpClient {
+    url: String,
+    parsed: Url,
+    tls: Option<Arc<TlsState>>,
+}
+
+impl HttpClient {
+    pub fn new(url: &str, tls: Option<TlsFiles>) -> Result<HttpClient, BootstrapError> {
+        let parsed = split_url(url).ok_or_else(|| BootstrapError::Url {
+            url: url.to_string(),
+        })?;
+        if parsed.https && tls.is_none() {
+            return Err(BootstrapError::NoTls {
+                url: url.to_string(),
+            });
+        }
+        let tls = match tls {
+            Some(files) if parsed.https => Some(TlsState::load(files)?),
+            _ => None,
+        };
+        Ok(HttpClient {
+            url: url.to_string(),
+            parsed,
+            tls,
+        })
+    }
+
+    fn http_err(&self, reason: String) -> BootstrapError {
+        BootstrapError::Http {
+            url: self.url.clone(),
+            reason,
+        }
+    }
+
+    /// One request; the status and the body (at most [`MAX_BODY`]).
+    async fn send(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(hyper::StatusCode, Bytes), BootstrapError> {
+        if let Some(tls) = &self.tls
+            && let Err(e) = tls.reload_if_changed()
+        {
+            tracing::warn!(error = %e, "bootstrap certificates changed but do not load; keeping the previous ones");
+        }
+        let url = &self.parsed;
+        let exchange = async {
+            let stream = TcpStream::connect(&url.authority)
+                .await
+                .map_err(|e| self.http_err(chain(&e)))?;
+            let mut request = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", &url.authority);
+            if body.is_some() {
+                request = request.header("content-type", "application/json");
+            }
+            let request = request
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                .map_err(|e| self.http_err(chain(&e)))?;
+            match &self.tls {
+                Some(tls) => {
+                    let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+                        .map_err(|e| self.http_err(chain(&e)))?;
+                    let stream = tokio_rustls::TlsConnector::from(tls.client_config())
+                        .connect(name, stream)
+                        .await
+                        .map_err(|e| self.http_err(format!("TLS: {}", chain(&e))))?;
+                    self.exchange(stream, request).await
+                }
+                None => self.exchange(stream, request).await,
+            }
+        };
+        tokio::time::timeout(HTTP_TIMEOUT, exchange)
+            .await
+            .map_err(|_| self.http_err(format!("no answer within {HTTP_TIMEOUT:?}")))?
+    }
+
+    async fn exchange<S>(
+        &self,
+        stream: S,
+        request: hyper::Request<Full<Bytes>>,
+    ) -> Result<(hyper::StatusCode, Bytes), BootstrapError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.http_err(chain(&e)))?;
+        tokio::spawn(conn);
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| self.http_err(chain(&e)))?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .map_err(|e| self.http_err(chain(&*e)))?;
+        Ok((status, body))
+    }
+
+    /// The peers the document lists.
+    pub async fn fetch(&self) -> Result<Vec<Multiaddr>, BootstrapError> {
+        let (status, body) = self
+            .send(hyper::Method::GET, &self.parsed.path, None)
+            .await?;
+        if !status.is_success() {
+            return Err(self.http_err(format!("status {status}")));
+        }
+        parse_entries(&body).map_err(|reason| BootstrapError::Body {
+            url: self.url.clone(),
+            reason,
+        })
+    }
+
+    /// Puts this node's entry at `<url>/<peer id>`; returns how long the
+    /// server keeps it (when it says).
+    pub async fn register(
+        &self,
+        peer_id: PeerId,
+        addrs: Vec<String>,
+    ) -> Result<Option<Duration>, BootstrapError> {
+        let path = format!("{}/{peer_id}", self.parsed.path.trim_end_matches('/'));
+        let entry = serde_json::json!({ "ID": peer_id.to_string(), "Addrs": addrs });
+        let (status, body) = self
+            .send(
+                hyper::Method::PUT,
+                &path,
+                Some(entry.to_string().into_bytes()),
+            )
+            .await?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body);
+            return Err(self.http_err(format!(
+                "registration answered {status}: {}",
+                peermirror_oci::excerpt(text.trim())
+            )));
+        }
+        let ttl = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("ttl_seconds")?.as_u64())
+            .map(Duration::from_secs);
+        Ok(ttl)
+    }
+}
+
+/// One entry of Spegel's bootstrap document: a peer id (optional) and its
+/// addresses.
+#[derive(serde::Deserialize)]
+struct AddrInfo {
+    #[serde(rename = "ID", default)]
+    id: Option<String>,
+    #[serde(rename = "Addrs", default)]
+    addrs: Vec<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Document {
+    /// Ours: `["/ip4/…/tcp/…/p2p/…", …]`.
+    Multiaddrs(Vec<String>),
+    /// Spegel's current one: `[{"ID": …, "Addrs": […]}, …]`.
+    Infos(Vec<AddrInfo>),
+    /// Spegel v0.7's: one `{"ID": …, "Addrs": […]}`.
+    Info(AddrInfo),
+}
+
+/// Most addresses taken from one bootstrap document.
+const MAX_ENTRIES: usize = 1024;
+
+/// The peers of a bootstrap document in any of the accepted formats (see
+/// [`Document`]); an `ID` is added to addresses that lack a `/p2p/` part.
+pub fn parse_entries(body: &[u8]) -> Result<Vec<Multiaddr>, String> {
+    let doc: Document = serde_json::from_slice(body).map_err(|_| {
+        "not a JSON array of multiaddrs, nor Spegel's {\"ID\", \"Addrs\"} entries".to_string()
+    })?;
+    let infos = match doc {
+        Document::Multiaddrs(addrs) => vec![AddrInfo { id: None, addrs }],
+        Document::Infos(infos) => infos,
+        Document::Info(info) => vec![info],
+    };
+    let mut out = Vec::new();
+    for info in infos {
+        let id = info
+            .id
+            .map(|id| {
+                id.parse::<PeerId>().map_err(|e| {
+                    format!("{:?} is not a peer id: {e}", peermirror_oci::excerpt(&id))
+                })
+            })
+            .transpose()?;
+        for text in info.addrs {
+            let mut addr: Multiaddr = text
+                .parse()
+                .map_err(|e| format!("{:?}: {e}", peermirror_oci::excerpt(&text)))?;
+            if let Some(id) = id
+                && !addr.iter().any(|p| matches!(p, Protocol::P2p(_)))
+            {
+                addr.push(Protocol::P2p(id));
+            }
+            if out.len() >= MAX_ENTRIES {
+                return Ok(out);
+            }
+            out.push(addr);
+        }
+    }
+    Ok(out)
+}
+
+/// What the bootstrap source said last.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SourceState {
+    /// Not asked yet.
+    #[default]
+    Unasked,
+    /// It answered, naming this many nodes other than this one. Zero makes
+    /// a single-node cluster: ready on its own.
+    Named { others: usize },
+    /// The last query failed, for this reason.
+    Failed(String),
+}
+
+/// Gauges of the bootstrap source.
+#[derive(Clone, Default)]
+pub struct SourceGauges {
+    /// Nodes other than this one that the last successful answer named.
+    pub nodes: prometheus_client::metrics::gauge::Gauge,
+    /// 1 while the last query succeeded, 0 after a failure.
+    pub up: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl SourceGauges {
+    /// Creates the gauges and registers them in `registry`, under the
+    /// daemon's `peermirror_` prefix.
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> SourceGauges {
+        let gauges = SourceGauges::default();
+        let r = registry.sub_registry_with_prefix("peermirror");
+        r.register(
+            "bootstrap_source_nodes",
+            "Nodes other than this one that the bootstrap source named in its last answer (0: a single-node cluster)",
+            gauges.nodes.clone(),
+        );
+        r.register(
+            "bootstrap_source_up",
+            "1 while the last query of the bootstrap source succeeded, 0 after a failure",
+            gauges.up.clone(),
+        );
+        gauges
+    }
+}
+
+/// The bootstrap source of a running node, and how its last attempt went.
+pub struct Bootstrap {
+    config: BootstrapConfig,
+    client: Option<HttpClient>,
+    state: std::sync::Mutex<SourceState>,
+    gauges: SourceGauges,
+}
+
+impl Bootstrap {
+    /// Checks the configuration (URL, certificate files) once, at start.
+    pub fn new(
+        config: BootstrapConfig,
+        gauges: SourceGauges,
+    ) -> Result<Arc<Bootstrap>, BootstrapError> {
+        let client = match &config {
+            BootstrapConfig::Http { url, tls, .. } => Some(HttpClient::new(url, tls.clone())?),
+            _ => None,
+        };
+        Ok(Arc::new(Bootstrap {
+            config,
+            client,
+            state: std::sync::Mutex::new(SourceState::Unasked),
+            gauges,
+        }))
+    }
+
+    /// What the source said last.
+    pub fn state(&self) -> SourceState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Why the node has no peer from its source yet, while it has none: the
+    /// last failure, or the nodes it named that did not answer.
+    pub fn last_error(&self) -> Option<String> {
+        match self.state() {
+            SourceState::Failed(e) => Some(e),
+            SourceState::Named { others } if others > 0 => Some(format!(
+                "it named {others} other node{}, none reachable yet",
+                if others == 1 { "" } else { "s" }
+            )),
+            _ => None,
+        }
+    }
+
+    fn record(&self, state: SourceState) {
+        match &state {
+            SourceState::Named { others } => {
+                self.gauges.nodes.set(*others as i64);
+                self.gauges.up.set(1);
+            }
+            SourceState::Failed(_) => {
+                self.gauges.up.set(0);
+            }
+            SourceState::Unasked => {}
+        }
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    /// Dials the bootstrap peers until the routing table has one, retrying
+    /// with backoff; afterwards checks every 30 s and starts over when it
+    /// is empty. A source that answers and names no other node makes this
+    /// a single-node cluster: the router stops waiting for peers (it keeps
+    /// asking, so a node that joins later is found). Returns at `shutdown`,
+    /// or with an error when the router has stopped.
+    pub async fn run(
+        self: Arc<Self>,
+        router: P2pRouter,
+        shutdown: CancellationToken,
+    ) -> Result<(), RouterError> {
+        let mut status = router.watch_status();
+        let mut delay = Duration::from_millis(500);
+        loop {
+            if router.status().routing_table_peers == 0 {
+                match discover_with(&self.config, self.client.as_ref()).await {
+                    Ok(addrs) => {
+                        let own = OwnNode {
+                            id: router.peer_id(),
+                            ips: peermirror_net::interface_addresses(),
+                            ports: tcp_ports(&router.status().listen_addrs),
+                        };
+                        let others = own.others(addrs);
+                        if others.is_empty() {
+                            tracing::debug!(config = ?self.config, "the bootstrap source names no other node: a single-node cluster so far");
+                        } else {
+                            tracing::debug!(addrs = ?others, "dialling bootstrap peers");
+                        }
+                        router.expect_peers(!others.is_empty()).await?;
+                        self.record(SourceState::Named {
+                            others: others.len(),
+                        });
+                        for addr in others {
+                            router.dial(addr).await?;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bootstrap failed; retrying");
+                        router.expect_peers(true).await?;
+                        self.record(SourceState::Failed(e.to_string()));
+                    }
+                }
+                // Give the dials a moment, then ask the new peers for theirs.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                router.bootstrap().await?;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            } else {
+                delay = Duration::from_millis(500);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    r = status.changed() => r.map_err(|_| RouterError::Stopped)?,
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                }
+            }
+        }
+    }
+
+    /// Whether this node puts its own entry at the bootstrap URL.
+    pub fn registers(&self) -> bool {
+        matches!(self.config, BootstrapConfig::Http { register: true, .. })
+    }
+
+    /// Registers this node's entry and renews it at a third of the time the
+    /// server keeps it (every minute when it does not say), retrying with
+    /// backoff; failures are logged.
+    pub async fn register_loop(
+        self: Arc<Self>,
+        entry: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
+        peer_id: PeerId,
+        shutdown: CancellationToken,
+    ) {
+        let Some(client) = self.client.as_ref().filter(|_| self.registers()) else {
+            return;
+        };
+        let mut failures = 0u32;
+        loop {
+            let addrs = entry();
+            let wait = if addrs.is_empty() {
+                // Not listening on a reachable address yet.
+                Duration::from_millis(500)
+            } else {
+                match client.register(peer_id, addrs).await {
+                    Ok(ttl) => {
+                        if failures > 0 {
+                            tracing::info!("registered with the bootstrapper again");
+                        }
+                        failures = 0;
+                        (ttl.unwrap_or(Duration::from_secs(180)) / 3).max(Duration::from_secs(1))
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!(error = %e, "cannot register with the bootstrapper; retrying");
+                        (Duration::from_millis(500) * 2u32.saturating_pow(failures.min(6)))
+                            .min(Duration::from_secs(30))
+                    }
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+/// What identifies this node among the addresses a source names.
+struct OwnNode {
+    id: PeerId,
+    ips: std::collections::HashSet<IpAddr>,
+    /// The TCP ports the P2P port listens on.
+    ports: Vec<u16>,
+}
+
+impl OwnNode {
+    /// The addresses that name another node: not this node's peer id, nor
+    /// one of its own addresses on its own P2P port (a headless Service or
+    /// a static list names every node, this one too).
+    fn others(&self, addrs: Vec<Multiaddr>) -> Vec<Multiaddr> {
+        addrs
+            .into_iter()
+            .filter(|addr| {
+                let mut ip = None;
+                let mut port = None;
+                for p in addr.iter() {
+                    match p {
+                        Protocol::P2p(id) if id == self.id => return false,
+                        Protocol::Ip4(a) => ip = Some(IpAddr::V4(a)),
+                        Protocol::Ip6(a) => ip = Some(IpAddr::V6(a)),
+                        Protocol::Tcp(p) => port = Some(p),
+                        _ => {}
+                    }
+                }
+                let own_ip = ip.is_some_and(|ip| self.ips.contains(&ip.to_canonical()));
+                let own_port = port.is_some_and(|p| self.ports.contains(&p));
+                !(own_ip && own_port)
+            })
+            .collect()
+    }
+}
+
+/// The TCP ports of `addrs`.
+fn tcp_ports(addrs: &[Multiaddr]) -> Vec<u16> {
+    addrs
+        .iter()
+        .flat_map(|a| a.iter())
+        .filter_map(|p| match p {
+            Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .collect()
+}
+
+/// This node's bootstrap entry: its reachable P2P addresses with its peer
+/// id. With an advertised address, that address on the port listened on.
+pub fn own_entry(
+    listen_addrs: &[Multiaddr],
+    advertise: Option<IpAddr>,
+    peer_id: PeerId,
+) -> Vec<String> {
+    let port = listen_addrs
+        .iter()
+        .flat_map(|a| a.iter())
+        .find_map(|p| match p {
+            Protocol::Tcp(port) => Some(port),
+            _ => None,
+        });
+    let chosen: Vec<Multiaddr> = match (advertise, port) {
+        (Some(ip), Some(port)) => vec![Multiaddr::from(ip).with(Protocol::Tcp(port))],
+        _ => listen_addrs
+            .iter()
+            .filter(|a| {
+                a.iter().all(|p| match p {
+                    Protocol::Ip4(ip) => !ip.is_loopback() && !ip.is_unspecified(),
+                    Protocol::Ip6(ip) => !ip.is_loopback() && !ip.is_unspecified(),
+                    _ => true,
+                })
+            })
+            .cloned()
+            .collect(),
+    };
+    chosen
+        .into_iter()
+        .map(|a| a.with(Protocol::P2p(peer_id)).to_string())
+        .collect()
+}
+
+/// Serves this node's own entry (a JSON array of its multiaddrs with peer
+/// id) for `--http-bootstrap-url` of other nodes.
+/// Serves at most this many connections at once.
+const MAX_ENTRY_CONNECTIONS: usize = 32;
+/// A connection that sends nothing, or reads nothing of its answer, for
+/// this long is closed.
+const ENTRY_IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn serve_http(
+    listener: TcpListener,
+    entry: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
+    shutdown: CancellationToken,
+) {
+    let cap = peermirror_net::ConnectionCap::new(MAX_ENTRY_CONNECTIONS);
+    loop {
+        let (stream, _peer): (TcpStream, SocketAddr) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(slot) = cap.try_admit() else {
+            continue;
+        };
+        let entry = entry.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service = hyper::service::service_fn(move |_req| {
+                let body = serde_json::to_vec(&entry()).unwrap_or_default();
+                async move {
+                    hyper::Response::builder()
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(body)))
+                }
+            });
+            let io = peermirror_net::Deadlined::new(stream, ENTRY_IO_TIMEOUT, ENTRY_IO_TIMEOUT);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(ENTRY_IO_TIMEOUT)
+                .serve_connection(TokioIo::new(io), service)
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_entry_lists_reachable_addresses_with_the_peer_id() {
+        let id = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let listening: Vec<Multiaddr> = [
+            "/ip4/127.0.0.1/tcp/5001",
+            "/ip4/10.0.0.7/tcp/5001",
+            "/ip6/::1/tcp/5001",
+        ]
+        .iter()
+        .map(|a| a.parse().expect("multiaddr"))
+        .collect();
+        assert_eq!(
+            own_entry(&listening, None, id),
+            vec![format!("/ip4/10.0.0.7/tcp/5001/p2p/{id}")]
+        );
+        let advertised = own_entry(&listening, Some("192.0.2.9".parse().expect("ip")), id);
+        assert_eq!(
+            advertised,
+            vec![format!("/ip4/192.0.2.9/tcp/5001/p2p/{id}")]
+        );
+        assert!(own_entry(&[], None, id).is_empty());
+    }
+
+    #[test]
+    fn every_bootstrap_format_is_read() {
+        let id = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
+        let ours = format!(r#"["/ip4/10.0.0.1/tcp/5001/p2p/{id}"]"#);
+        let spegel = format!(
+            r#"[{{"ID":"{id}","Addrs":["/ip4/10.0.0.1/tcp/5001","/ip4/10.0.0.2/tcp/5001/p2p/{id}"]}},{{"Addrs":["/ip4/10.0.0.3/tcp/5001"]}}]"#
+        );
+        let old = format!(r#"{{"ID":"{id}","Addrs":["/ip4/10.0.0.1/tcp/5001"]}}"#);
+        let texts = |b: &str| -> Vec<String> {
+            parse_entries(b.as_bytes())
+                .expect("valid")
+                .iter()
+                .map(|a| a.to_string())
+                .collect()
+        };
+        let with_id = format!("/ip4/10.0.0.1/tcp/5001/p2p/{id}");
+        assert_eq!(texts(&ours), std::slice::from_ref(&with_id));
+        assert_eq!(
+            texts(&spegel),
+            [
+                with_id.clone(),
+                format!("/ip4/10.0.0.2/tcp/5001/p2p/{id}"),
+                "/ip4/10.0.0.3/tcp/5001".to_string()
+            ]
+        );
+        assert_eq!(texts(&old), [with_id]);
+        for bad in [
+            "",
+            "{}x",
+            "[1, 2]",
+            r#"["not a multiaddr"]"#,
+            r#"{"ID":"nope","Addrs":["/ip4/10.0.0.1/tcp/1"]}"#,
+        ] {
+            assert!(parse_entries(bad.as_bytes()).is_err(), "{bad:?}");
+        }
+        let many: Vec<String> = (0..5000)
+            .map(|i| format!("/ip4/10.0.{}.{}/tcp/1", i / 250, i % 250))
+            .collect();
+        let many = serde_json::to_vec(&many).expect("json");
+        assert_eq!(parse_entries(&many).expect("valid").len(), MAX_ENTRIES);
+    }
+
+    #[test]
+    fn urls() {
+        let parts = |u: &str| split_url(u).map(|u| (u.https, u.authority, u.host, u.path));
+        let t = |https, a: &str, h: &str, p: &str| Some((https, a.into(), h.into(), p.into()));
+        assert_eq!(
+            parts("http://a.b:8080/x/y"),
+            t(false, "a.b:8080", "a.b", "/x/y")
+        );
+        assert_eq!(parts("http://a.b"), t(false, "a.b:80", "a.b", "/"));
+        assert_eq!(
+            parts("http://[::1]:81/p"),
+            t(false, "[::1]:81", "::1", "/p")
+        );
+        assert_eq!(parts("https://[::1]/p"), t(true, "[::1]:443", "::1", "/p"));
+        assert_eq!(
+            parts("https://boot.example:8443/bootstrap-nodes"),
+            t(
+                true,
+                "boot.example:8443",
+                "boot.example",
+                "/bootstrap-nodes"
+            )
+        );
+        for bad in [
+            "ftp://a/",
+            "http:///x",
+            "https://",
+            "http://a:99999/",
+            "http://u@a/",
+            "http://[]/",
+        ] {
+            assert_eq!(split_url(bad), None, "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn dns_resolves_every_address() {
+        let addrs = discover(&BootstrapConfig::Dns {
+            domain: "localhost".into(),
+            port: 5001,
+        })
+        .await
+        .expect("localhost resolves");
+        assert!(
+            addrs.contains(&"/ip4/127.0.0.1/tcp/5001".parse().expect("multiaddr")),
+            "{addrs:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn http_round_trip_and_bad_documents() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let entry: Arc<dyn Fn() -> Vec<String> + Send + Sync> = Arc::new(|| {
+            vec![
+                "/ip4/10.1.2.3/tcp/5001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+                    .into(),
+            ]
+        });
+        tokio::spawn(serve_http(listener, entry, shutdown.clone()));
+        let got = discover(&BootstrapConfig::Http {
+            url: format!("http://{addr}/"),
+            tls: None,
+            register: false,
+        })
+        .await
+        .expect("fetch");
+        assert_eq!(got.len(), 1);
+        assert!(
+            got[0]
+                .to_string()
+                .starts_with("/ip4/10.1.2.3/tcp/5001/p2p/")
+        );
+        shutdown.cancel();
+
+        // A server that answers something else.
+        let bad = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let bad_addr = bad.local_addr().expect("addr");
+        let bad_entry: Arc<dyn Fn() -> Vec<String> + Send + Sync> =
+            Arc::new(|| vec!["not a multiaddr".into()]);
+        let stop = CancellationToken::new();
+        tokio::spawn(serve_http(bad, bad_entry, stop.clone()));
+        let err = discover(&BootstrapConfig::Http {
+            url: format!("http://{bad_addr}/"),
+            tls: None,
+            register: false,
+        })
+        .await
+        .expect_err("bad entry");
+        assert!(matches!(err, BootstrapError::Body { .. }), "{err}");
+        stop.cancel();
+        let err = discover(&BootstrapConfig::Http {
+            url: "ftp://x/".into(),
+            tls: None,
+            register: false,
+        })
+        .await
+        .expect_err("bad url");
+        assert!(matches!(err, BootstrapError::Url { .. }));
+        let err = discover(&BootstrapConfig::Http {
+            url: "https://x/".into(),
+            tls: None,
+            register: false,
+        })
+        .await
+        .expect_err("https without certificates");
+        assert!(matches!(err, BootstrapError::NoTls { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_source_naming_only_this_node_names_no_other() {
+        let id = PeerId::random();
+        let other = PeerId::random();
+        let own = OwnNode {
+            id,
+            ips: [
+                "10.0.0.1".parse().expect("ip"),
+                "127.0.0.1".parse().expect("ip"),
+            ]
+            .into_iter()
+            .collect(),
+            ports: vec![5001],
+        };
+        let addr = |s: &str| s.parse::<Multiaddr>().expect("multiaddr");
+        // Itself by address (a headless Service, a static list) or by id.
+        assert!(own.others(vec![addr("/ip4/10.0.0.1/tcp/5001")]).is_empty());
+        assert!(
+            own.others(vec![addr(&format!("/ip4/10.9.9.9/tcp/5001/p2p/{id}"))])
+                .is_empty()
+        );
+        // Another node: another address, or another port on this host.
+        let named = vec![
+            addr("/ip4/10.0.0.1/tcp/5001"),
+            addr("/ip4/10.0.0.2/tcp/5001"),
+            addr(&format!("/ip4/10.0.0.1/tcp/6001/p2p/{other}")),
+        ];
+        assert_eq!(own.others(named.clone()), named[1..].to_vec());
+    }
+}

@@ -1,0 +1,332 @@
+//! First-deploy fan-out: who fetches a blob no node holds yet, and who
+//! follows whom.
+//!
+//! When a new image rolls out, every node misses the same digests at the
+//! same moment, before any node's ingest exists. For each digest one node
+//! decides: the node whose id is closest (Kademlia distance) to the digest's
+//! record key, among this node and the peers in its routing table. Every
+//! node that misses asks it over the P2P connection ([`PROTOCOL`]). The
+//! first asker is told to fetch the blob itself (its peermirror answers 404,
+//! its containerd goes upstream and writes an ingest); later askers are told
+//! to follow a node that is already fetching, whose in-flight ingest they
+//! stream. Each source takes at most `max_followers` followers, so the
+//! followers form a tree, not a star: followers are ingests too and take
+//! followers of their own.
+//!
+//! A follower that gets nothing from its source says so in its next ask
+//! (`failed`): a failed leader ends the digest's entry (the next asker
+//! leads), a failed follower leaves the tree. A leader that holds the blob
+//! (it announces it in the DHT) says so (`done`), which ends the entry too:
+//! later misses of the digest are not sent to a fetch that is over. Entries
+//! expire `lease` after they were last touched, and there are at most
+//! [`MAX_ENTRIES`].
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+
+/// The request-response protocol of the fan-out.
+pub const PROTOCOL: &str = "/peermirror/fanout/1.0.0";
+
+/// Most digests tracked at once; the oldest entry goes first.
+pub const MAX_ENTRIES: usize = 4096;
+
+/// "I miss this digest."
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ask {
+    /// `sha256:<hex>`.
+    pub digest: String,
+    /// A source (peer id) this node was told to follow and that did not
+    /// deliver.
+    pub failed: Option<String>,
+    /// The asker led the digest's fetch and now holds the blob: the entry
+    /// has done its work (new askers find the blob in the DHT).
+    #[serde(default)]
+    pub done: bool,
+}
+
+/// What the asker is to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Fetch it yourself: nobody else is fetching it.
+    Lead,
+    /// Stream it from this peer's in-flight ingest.
+    Follow { peer: String },
+    /// The digest is malformed or the asker cannot be placed.
+    Refused,
+}
+
+#[derive(Debug, Clone)]
+struct Member {
+    peer: PeerId,
+    /// Whom it follows (`None`: the leader).
+    source: Option<PeerId>,
+    followers: usize,
+}
+
+#[derive(Debug)]
+struct Tree {
+    /// The leader first, then the followers in the order they joined.
+    members: Vec<Member>,
+    touched: Instant,
+}
+
+impl Tree {
+    fn position(&self, peer: &PeerId) -> Option<usize> {
+        self.members.iter().position(|m| &m.peer == peer)
+    }
+
+    fn remove(&mut self, peer: &PeerId) {
+        if let Some(i) = self.position(peer) {
+            let gone = self.members.remove(i);
+            if let Some(source) = gone.source
+                && let Some(s) = self.members.iter_mut().find(|m| m.peer == source)
+            {
+                s.followers = s.followers.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// The rendezvous state of this node: one tree per digest it decides for.
+#[derive(Debug)]
+pub struct Board {
+    trees: HashMap<String, Tree>,
+    max_followers: usize,
+    lease: Duration,
+}
+
+impl Board {
+    pub fn new(max_followers: usize, lease: Duration) -> Board {
+        Board {
+            trees: HashMap::new(),
+            max_followers: max_followers.max(1),
+            lease,
+        }
+    }
+
+    /// Digests tracked now.
+    pub fn len(&self) -> usize {
+        self.trees.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.trees.is_empty()
+    }
+
+    /// Places `asker` for `ask.digest`.
+    pub fn assign(&mut self, asker: PeerId, ask: &Ask, now: Instant) -> Reply {
+        if ask.digest.parse::<peermirror_oci::Digest>().is_err() {
+            return Reply::Refused;
+        }
+        self.expire(now);
+        if ask.done {
+            if self
+                .trees
+                .get(&ask.digest)
+                .and_then(|t| t.members.first())
+                .is_some_and(|leader| leader.peer == asker)
+            {
+                tracing::debug!(digest = %ask.digest, leader = %asker, "fan-out fetch done");
+                self.trees.remove(&ask.digest);
+            }
+            return Reply::Refused;
+        }
+        let failed = ask.failed.as_deref().and_then(|f| f.parse::<PeerId>().ok());
+        if let Some(failed) = failed
+            && let Some(tree) = self.trees.get_mut(&ask.digest)
+        {
+            if tree.members.first().is_some_and(|m| m.peer == failed) {
+                tracing::info!(digest = %ask.digest, leader = %failed, "fan-out leader did not deliver; the next asker leads");
+                self.trees.remove(&ask.digest);
+            } else {
+                tree.remove(&failed);
+            }
+        }
+        if !self.trees.contains_key(&ask.digest) && self.trees.len() >= MAX_ENTRIES {
+            let oldest = self
+                .trees
+                .iter()
+                .min_by_key(|(_, t)| t.touched)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.trees.remove(&k);
+            }
+        }
+        let max = self.max_followers;
+        let tree = self
+            .trees
+            .entry(ask.digest.clone())
+            .or_insert_with(|| Tree {
+                members: Vec::new(),
+                touched: now,
+            });
+        tree.touched = now;
+        if let Some(i) = tree.position(&asker) {
+            match tree.members[i].source {
+                None => return Reply::Lead,
+                // Its source failed and was removed: place it again.
+                Some(s) if tree.position(&s).is_none() || failed == Some(s) => tree.remove(&asker),
+                Some(s) => {
+                    return Reply::Follow {
+                        peer: s.to_string(),
+                    };
+                }
+            }
+        }
+        if tree.members.is_empty() {
+            tree.members.push(Member {
+                peer: asker,
+                source: None,
+                followers: 0,
+            });
+            return Reply::Lead;
+        }
+        // The earliest member with room: the leader first, then its
+        // followers, breadth first.
+        let Some(source) = tree
+            .members
+            .iter_mut()
+            .find(|m| m.followers < max && Some(m.peer) != failed)
+        else {
+            return Reply::Refused;
+        };
+        source.followers += 1;
+        let source = source.peer;
+        tree.members.push(Member {
+            peer: asker,
+            source: Some(source),
+            followers: 0,
+        });
+        Reply::Follow {
+            peer: source.to_string(),
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let lease = self.lease;
+        self.trees
+            .retain(|_, t| now.saturating_duration_since(t.touched) < lease);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000001";
+
+    fn ask(failed: Option<PeerId>) -> Ask {
+        Ask {
+            digest: D.to_string(),
+            failed: failed.map(|p| p.to_string()),
+            done: false,
+        }
+    }
+
+    fn follows(r: &Reply) -> PeerId {
+        match r {
+            Reply::Follow { peer } => peer.parse().expect("peer id"),
+            other => panic!("expected a follow, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn first_asker_leads_and_followers_form_a_tree() {
+        let now = Instant::now();
+        let mut board = Board::new(2, Duration::from_secs(60));
+        let peers: Vec<PeerId> = (0..7).map(|_| PeerId::random()).collect();
+        assert_eq!(board.assign(peers[0], &ask(None), now), Reply::Lead);
+        // The leader asking again (a retry of its containerd) still leads.
+        assert_eq!(board.assign(peers[0], &ask(None), now), Reply::Lead);
+        let sources: Vec<PeerId> = peers[1..]
+            .iter()
+            .map(|p| follows(&board.assign(*p, &ask(None), now)))
+            .collect();
+        // Two each: the leader, then its first two followers.
+        assert_eq!(
+            sources,
+            [peers[0], peers[0], peers[1], peers[1], peers[2], peers[2]]
+        );
+        // Asking again gives the same source.
+        assert_eq!(follows(&board.assign(peers[3], &ask(None), now)), peers[1]);
+    }
+
+    #[test]
+    fn a_failed_leader_hands_the_lead_to_the_next_asker() {
+        let now = Instant::now();
+        let mut board = Board::new(4, Duration::from_secs(60));
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        assert_eq!(board.assign(a, &ask(None), now), Reply::Lead);
+        assert_eq!(follows(&board.assign(b, &ask(None), now)), a);
+        assert_eq!(follows(&board.assign(c, &ask(None), now)), a);
+        assert_eq!(board.assign(b, &ask(Some(a)), now), Reply::Lead);
+        // C reports the old leader too: that must not unseat B.
+        assert_eq!(follows(&board.assign(c, &ask(Some(a)), now)), b);
+    }
+
+    #[test]
+    fn a_failed_follower_leaves_the_tree_and_its_followers_are_placed_again() {
+        let now = Instant::now();
+        let mut board = Board::new(1, Duration::from_secs(60));
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        assert_eq!(board.assign(a, &ask(None), now), Reply::Lead);
+        assert_eq!(follows(&board.assign(b, &ask(None), now)), a);
+        assert_eq!(follows(&board.assign(c, &ask(None), now)), b);
+        // B is gone: the leader has room again.
+        assert_eq!(follows(&board.assign(c, &ask(Some(b)), now)), a);
+    }
+
+    #[test]
+    fn entries_expire_and_are_bounded_and_bad_digests_are_refused() {
+        let now = Instant::now();
+        let mut board = Board::new(4, Duration::from_secs(10));
+        let (a, b) = (PeerId::random(), PeerId::random());
+        assert_eq!(board.assign(a, &ask(None), now), Reply::Lead);
+        assert_eq!(
+            board.assign(b, &ask(None), now + Duration::from_secs(11)),
+            Reply::Lead
+        );
+        let bad = Ask {
+            digest: "../etc/passwd".into(),
+            failed: None,
+            done: false,
+        };
+        assert_eq!(board.assign(a, &bad, now), Reply::Refused);
+        for i in 0..(MAX_ENTRIES + 10) {
+            let digest = format!("sha256:{i:064x}");
+            board.assign(
+                a,
+                &Ask {
+                    digest,
+                    failed: None,
+                    done: false,
+                },
+                now + Duration::from_secs(11),
+            );
+        }
+        assert_eq!(board.len(), MAX_ENTRIES);
+    }
+
+    #[test]
+    fn a_leader_that_is_done_ends_the_entry_and_only_the_leader_can() {
+        let now = Instant::now();
+        let mut board = Board::new(4, Duration::from_secs(60));
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        assert_eq!(board.assign(a, &ask(None), now), Reply::Lead);
+        assert_eq!(follows(&board.assign(b, &ask(None), now)), a);
+        let done = Ask {
+            done: true,
+            ..ask(None)
+        };
+        // A follower's "done" changes nothing.
+        assert_eq!(board.assign(b, &done, now), Reply::Refused);
+        assert_eq!(follows(&board.assign(c, &ask(None), now)), a);
+        assert_eq!(board.assign(a, &done, now), Reply::Refused);
+        assert!(board.is_empty());
+        // The next miss of the digest is a fetch of its own.
+        assert_eq!(board.assign(c, &ask(None), now), Reply::Lead);
+    }
+}

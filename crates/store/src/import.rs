@@ -1,0 +1,1113 @@
+//! `peermirror import`: image archives into containerd's content store and
+//! image records, pinned so that kubelet's image garbage collection keeps
+//! them, and from there shared with every peer like any pulled image.
+//!
+//! - Archives are OCI image layouts (`index.json` + `blobs/`, which is also
+//!   what `docker save` writes from Docker 25 on) or classic `docker save`
+//!   tarballs (`manifest.json` + `<id>/layer.tar`), plain, gzip or zstd
+//!   (K3s's `agent/images/*.tar.zst`), told apart by their first bytes.
+//! - The archive is read once, as a stream: every file is written to
+//!   containerd through `Content.Write` (digest checked by containerd on
+//!   commit; `blobs/sha256/<hex>` must hash to `<hex>`) under a lease, so
+//!   that nothing is collected half-way and nothing stays when the import
+//!   fails: the lease is deleted with a synchronous garbage collection, and
+//!   an unfinished write is aborted. Image records are created only once
+//!   every manifest, config and layer they reference is in the store.
+//! - Each image gets the label `io.cri-containerd.pinned=pinned`, which
+//!   containerd's CRI plugin reports as `pinned` (1.6.22+/1.7.3+/2.x).
+//!   Manifests and indexes get containerd's `gc.ref` labels for their
+//!   children, as a pull writes them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use containerd_client::services::v1::{
+    AbortRequest, CreateImageRequest, CreateRequest as LeaseCreate, DeleteRequest as LeaseDelete,
+    Image, Info, InfoRequest, UpdateImageRequest, UpdateRequest as UpdateContentRequest,
+    WriteContentRequest, content_client::ContentClient, images_client::ImagesClient,
+    leases_client::LeasesClient,
+};
+use containerd_client::types::Descriptor as GrpcDescriptor;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+use peermirror_oci::manifest::{self, DOCKER_MANIFEST, Kind};
+use peermirror_oci::{Digest, Reference};
+
+/// The label containerd's CRI plugin reads as "never garbage-collect".
+pub const PINNED_LABEL: &str = "io.cri-containerd.pinned";
+pub const PINNED_VALUE: &str = "pinned";
+/// Files kept in memory while the archive streams by (manifests, configs,
+/// `index.json`): each at most this large …
+const SMALL_FILE: u64 = manifest::MAX_MANIFEST_SIZE;
+/// … and all of them together at most this much.
+const SMALL_FILES_TOTAL: u64 = 64 << 20;
+const CHUNK: usize = 1 << 20;
+/// How long an import's lease lives if this process dies mid-import.
+const LEASE_TTL: Duration = Duration::from_secs(3600);
+const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
+const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+const DOCKER_LAYER_ZSTD: &str = "application/vnd.docker.image.rootfs.diff.tar.zstd";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("{path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} cannot be read as an image archive: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error(
+        "{path} is not an image archive: it has neither index.json (an OCI archive) nor manifest.json (docker save)"
+    )]
+    NotAnImage { path: PathBuf },
+    #[error("{path} is incomplete or corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "{path} names no image (an OCI archive needs the annotation io.containerd.image.name or a full \
+         org.opencontainers.image.ref.name; docker save needs RepoTags)"
+    )]
+    Unnamed { path: PathBuf },
+    #[error("containerd {call} failed: {status}")]
+    Grpc {
+        call: &'static str,
+        status: Box<tonic::Status>,
+    },
+}
+
+/// One image record created or updated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Imported {
+    pub name: String,
+    pub digest: Digest,
+    pub media_type: String,
+}
+
+/// Imports image archives into one containerd namespace.
+pub struct Importer {
+    channel: Channel,
+    namespace: String,
+}
+
+/// A file of the archive as it was written to containerd.
+#[derive(Debug, Clone)]
+struct Written {
+    digest: Digest,
+    size: u64,
+    /// Its first bytes, to tell a layer's compression.
+    head: Vec<u8>,
+}
+
+/// What the reading thread tells the writer.
+enum Msg {
+    Start {
+        path: String,
+        size: u64,
+        expected: Option<Digest>,
+    },
+    Chunk(Bytes),
+    End {
+        digest: Digest,
+        head: Vec<u8>,
+        small: Option<Bytes>,
+    },
+    Link {
+        path: String,
+        target: String,
+    },
+    Failed(String),
+}
+
+fn normalize(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    parts.join("/")
+}
+
+/// `blobs/sha256/<hex>` → its digest.
+fn blob_path_digest(path: &str) -> Option<Digest> {
+    let hex = path.strip_prefix("blobs/sha256/")?;
+    format!("sha256:{hex}").parse().ok()
+}
+
+/// Reads the archive (any compression) and sends its files, in order.
+fn read_archive(file: std::fs::File, tx: &mpsc::Sender<Msg>) -> Result<(), String> {
+    let mut reader = std::io::BufReader::with_capacity(CHUNK, file);
+    let magic = {
+        use std::io::BufRead;
+        reader.fill_buf().map_err(|e| e.to_string())?.to_vec()
+    };
+    let stream: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::GzDecoder::new(reader))
+    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(zstd::stream::read::Decoder::with_buffer(reader).map_err(|e| e.to_string())?)
+    } else {
+        Box::new(reader)
+    };
+    let mut archive = tar::Archive::new(stream);
+    let mut small_total = 0u64;
+    let mut any = false;
+    for entry in archive.entries().map_err(|e| e.to_string())? {
+        let mut entry = entry.map_err(|e| format!("reading the tar stream: {e}"))?;
+        any = true;
+        let path = normalize(&String::from_utf8_lossy(&entry.path_bytes()));
+        let kind = entry.header().entry_type();
+        if kind.is_symlink() || kind.is_hard_link() {
+            let Some(target) = entry.link_name_bytes() else {
+                continue;
+            };
+            let target = String::from_utf8_lossy(&target).to_string();
+            // Symlinks are relative to their own directory, hard links to
+            // the archive's root.
+            let target = if kind.is_symlink() && !target.starts_with('/') {
+                let dir = path.rsplit_once('/').map_or("", |(d, _)| d);
+                normalize(&format!("{dir}/{target}"))
+            } else {
+                normalize(&target)
+            };
+            if tx.blocking_send(Msg::Link { path, target }).is_err() {
+                return Ok(());
+            }
+            continue;
+        }
+        if !kind.is_file() {
+            continue;
+        }
+        let size = entry.size();
+        let expected = blob_path_digest(&path);
+        let keep = size <= SMALL_FILE && small_total + size <= SMALL_FILES_TOTAL;
+        if keep {
+            small_total += size;
+        }
+        if tx
+            .blocking_send(Msg::Start {
+                path: path.clone(),
+                size,
+                expected,
+            })
+            .is_err()
+        {
+            return Ok(());
+        }
+        let mut hasher = peermirror_oci::Hasher::new();
+        let mut head = Vec::new();
+        let mut small = keep.then(|| Vec::with_capacity(size as usize));
+        let mut read = 0u64;
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            let n = entry
+                .read(&mut buf)
+                .map_err(|e| format!("reading {path}: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            read += n as u64;
+            hasher.update(&buf);
+            if head.len() < 8 {
+                head.extend(buf.iter().take(8 - head.len()));
+            }
+            if let Some(s) = small.as_mut() {
+                s.extend_from_slice(&buf);
+            }
+            if tx.blocking_send(Msg::Chunk(Bytes::from(buf))).is_err() {
+                return Ok(());
+            }
+        }
+        if read != size {
+            return Err(format!("{path} ends after {read} of {size} bytes"));
+        }
+        let digest = hasher.finish();
+        if let Some(e) = &expected
+            && *e != digest
+        {
+            return Err(format!("{path} holds content whose digest is {digest}"));
+        }
+        let end = Msg::End {
+            digest,
+            head,
+            small: small.map(Bytes::from),
+        };
+        if tx.blocking_send(end).is_err() {
+            return Ok(());
+        }
+    }
+    if !any {
+        return Err("no files in it (empty, or not a tar archive)".to_string());
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct OciIndex {
+    #[serde(default)]
+    manifests: Vec<IndexEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IndexEntry {
+    media_type: Option<String>,
+    digest: Digest,
+    size: u64,
+    #[serde(default)]
+    annotations: HashMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DockerEntry {
+    config: String,
+    #[serde(default)]
+    repo_tags: Option<Vec<String>>,
+    #[serde(default)]
+    layers: Vec<String>,
+}
+
+/// A record to create: name and target.
+struct Target {
+    name: String,
+    media_type: String,
+    digest: Digest,
+    size: u64,
+}
+
+/// Everything the archive held, once read.
+#[derive(Default)]
+struct Archive {
+    files: HashMap<String, Written>,
+    small: HashMap<String, Bytes>,
+    links: HashMap<String, String>,
+}
+
+impl Archive {
+    fn resolve<'a>(&'a self, path: &'a str) -> &'a str {
+        let mut p = path;
+        for _ in 0..8 {
+            match self.links.get(p) {
+                Some(t) => p = t,
+                None => break,
+            }
+        }
+        p
+    }
+
+    fn file(&self, path: &str) -> Option<&Written> {
+        self.files.get(self.resolve(&normalize(path)))
+    }
+
+    fn small(&self, path: &str) -> Option<&Bytes> {
+        self.small.get(self.resolve(&normalize(path)))
+    }
+
+    fn blob(&self, digest: &Digest) -> Option<&Bytes> {
+        self.small(&format!("blobs/sha256/{}", digest.hex()))
+    }
+
+    fn has(&self, digest: &Digest) -> bool {
+        self.files.values().any(|w| w.digest == *digest)
+    }
+}
+
+fn grpc(call: &'static str) -> impl FnOnce(tonic::Status) -> ImportError {
+    move |status| ImportError::Grpc {
+        call,
+        status: Box::new(status),
+    }
+}
+
+impl Importer {
+    pub fn new(socket: &Path, namespace: &str) -> Importer {
+        Importer {
+            // No per-call deadline: one write can carry gigabytes.
+            channel: super::containerd::unix_channel(socket.to_path_buf(), None),
+            namespace: namespace.to_string(),
+        }
+    }
+
+    fn request<T>(&self, message: T, lease: Option<&str>) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Ok(v) = self.namespace.parse() {
+            request.metadata_mut().insert("containerd-namespace", v);
+        }
+        if let Some(lease) = lease
+            && let Ok(v) = lease.parse()
+        {
+            request.metadata_mut().insert("containerd-lease", v);
+        }
+        request
+    }
+
+    /// Imports one archive; returns the image records it created or
+    /// updated. On any error nothing of it remains referenced.
+    pub async fn import(&self, path: &Path) -> Result<Vec<Imported>, ImportError> {
+        let file = std::fs::File::open(path).map_err(|source| ImportError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let lease = self.create_lease().await?;
+        let result = self.import_under(path, file, &lease).await;
+        // Success or not, the lease goes: what the images reference stays,
+        // anything else is collected now.
+        let deleted = LeasesClient::new(self.channel.clone())
+            .delete(self.request(
+                LeaseDelete {
+                    id: lease.clone(),
+                    sync: true,
+                },
+                None,
+            ))
+            .await;
+        let images = result?;
+        deleted.map_err(grpc("Leases.Delete"))?;
+        Ok(images)
+    }
+
+    async fn create_lease(&self) -> Result<String, ImportError> {
+        let mut nonce = [0u8; 8];
+        rand::Rng::fill(&mut rand::thread_rng(), &mut nonce);
+        let id = format!("peermirror-import-{}", hex::encode(nonce));
+        let expire = humantime::format_rfc3339_seconds(SystemTime::now() + LEASE_TTL).to_string();
+        let labels = HashMap::from([("containerd.io/gc.expire".to_string(), expire)]);
+        LeasesClient::new(self.channel.clone())
+            .create(self.request(
+                LeaseCreate {
+                    id: id.clone(),
+                    labels,
+                },
+                None,
+            ))
+            .await
+            .map_err(grpc("Leases.Create"))?;
+        Ok(id)
+    }
+
+    async fn import_under(
+        &self,
+        path: &Path,
+        file: std::fs::File,
+        lease: &str,
+    ) -> Result<Vec<Imported>, ImportError> {
+        let mut archive = self.write_files(path, file, lease).await?;
+        let (targets, made) = plan(path, &mut archive)?;
+        for (i, bytes) in made.into_iter().enumerate() {
+            let digest = Digest::of(&bytes);
+            let size = bytes.len() as u64;
+            let mut upload = self.start_upload(
+                format!("{lease}-made-{i}"),
+                String::new(),
+                size,
+                None,
+                lease,
+            );
+            upload.send(bytes).await;
+            upload.commit(&digest).await?;
+        }
+        let corrupt = |reason: String| ImportError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        // Every record's content must be complete before any record exists.
+        let mut labels: BTreeMap<Digest, Vec<(String, String)>> = BTreeMap::new();
+        for t in &targets {
+            self.check_tree(&archive, &t.media_type, &t.digest, lease, &mut labels, 0)
+                .await
+                .map_err(|e| match e {
+                    TreeError::Missing(what) => corrupt(what),
+                    TreeError::Grpc(e) => e,
+                })?;
+        }
+        for (digest, labels) in &labels {
+            self.set_labels(digest, labels, lease).await?;
+        }
+        let mut imported = Vec::new();
+        for t in targets {
+            self.put_image(&t, lease).await?;
+            imported.push(Imported {
+                name: t.name,
+                digest: t.digest,
+                media_type: t.media_type,
+            });
+        }
+        Ok(imported)
+    }
+
+    /// Streams every file of the archive into containerd.
+    async fn write_files(
+        &self,
+        path: &Path,
+        file: std::fs::File,
+        lease: &str,
+    ) -> Result<Archive, ImportError> {
+        let (tx, mut rx) = mpsc::channel::<Msg>(8);
+        let reader = tokio::task::spawn_blocking(move || {
+            if let Err(reason) = read_archive(file, &tx) {
+                let _ = tx.blocking_send(Msg::Failed(reason));
+            }
+        });
+        let mut archive = Archive::default();
+        let mut current: Option<Upload> = None;
+        let mut seq = 0u64;
+        let unreadable = |reason: String| ImportError::Unreadable {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let outcome: Result<(), ImportError> = async {
+            while let Some(msg) = rx.recv().await {
+                match msg {
+                    Msg::Start {
+                        path: file_path,
+                        size,
+                        expected,
+                    } => {
+                        seq += 1;
+                        let reference = format!("{lease}-{seq}");
+                        current =
+                            Some(self.start_upload(reference, file_path, size, expected, lease));
+                    }
+                    Msg::Chunk(data) => {
+                        if let Some(u) = current.as_mut() {
+                            u.send(data).await;
+                        }
+                    }
+                    Msg::End {
+                        digest,
+                        head,
+                        small,
+                    } => {
+                        let Some(u) = current.take() else { continue };
+                        let (file_path, size) = (u.path.clone(), u.size);
+                        u.commit(&digest).await?;
+                        if let Some(s) = small {
+                            archive.small.insert(file_path.clone(), s);
+                        }
+                        archive
+                            .files
+                            .insert(file_path, Written { digest, size, head });
+                    }
+                    Msg::Link { path, target } => {
+                        archive.links.insert(path, target);
+                    }
+                    Msg::Failed(reason) => return Err(unreadable(reason)),
+                }
+            }
+            Ok(())
+        }
+        .await;
+        drop(rx);
+        let _ = reader.await;
+        if let Err(e) = outcome {
+            if let Some(u) = current.take() {
+                u.abort(self).await;
+            }
+            return Err(e);
+        }
+        Ok(archive)
+    }
+
+    fn start_upload(
+        &self,
+        reference: String,
+        path: String,
+        size: u64,
+        expected: Option<Digest>,
+        lease: &str,
+    ) -> Upload {
+        let (tx, rx) = mpsc::channel::<WriteContentRequest>(4);
+        let first = WriteContentRequest {
+            action: 1, // WRITE
+            r#ref: reference.clone(),
+            total: size as i64,
+            expected: expected.map(|d| d.to_string()).unwrap_or_default(),
+            ..Default::default()
+        };
+        let _ = tx.try_send(first);
+        let request = self.request(tokio_stream::wrappers::ReceiverStream::new(rx), Some(lease));
+        let mut client = ContentClient::new(self.channel.clone());
+        let task = tokio::spawn(async move {
+            let mut responses = client.write(request).await?.into_inner();
+            while responses.message().await?.is_some() {}
+            Ok::<(), tonic::Status>(())
+        });
+        Upload {
+            reference,
+            path,
+            size,
+            offset: 0,
+            tx: Some(tx),
+            task,
+        }
+    }
+
+    /// Walks a manifest or index (or a blob) and checks that everything it
+    /// references is in the store; collects the `gc.ref` labels to set.
+    fn check_tree<'a>(
+        &'a self,
+        archive: &'a Archive,
+        media_type: &'a str,
+        digest: &'a Digest,
+        lease: &'a str,
+        labels: &'a mut BTreeMap<Digest, Vec<(String, String)>>,
+        depth: u32,
+    ) -> futures::future::BoxFuture<'a, Result<(), TreeError>> {
+        Box::pin(async move {
+            if depth > 4 {
+                return Err(TreeError::Missing(format!("{digest} nests too deep")));
+            }
+            let kind = manifest::kind_of(media_type);
+            if kind == Kind::Blob {
+                if archive.has(digest) || self.in_store(digest, lease).await? {
+                    return Ok(());
+                }
+                return Err(TreeError::Missing(format!(
+                    "{digest} ({media_type}) is not in it"
+                )));
+            }
+            let bytes = archive
+                .blob(digest)
+                .ok_or_else(|| TreeError::Missing(format!("{media_type} {digest} is not in it")))?;
+            let doc = manifest::parse_document(bytes)
+                .map_err(|e| TreeError::Missing(format!("{digest}: {e}")))?;
+            let mut own = Vec::new();
+            let mut present = 0usize;
+            let mut m = 0usize;
+            let mut l = 0usize;
+            for child in &doc.children {
+                let child_kind = manifest::kind_of(&child.media_type);
+                let key = match (kind, child_kind) {
+                    (Kind::Index, _) => {
+                        m += 1;
+                        format!("containerd.io/gc.ref.content.m.{}", m - 1)
+                    }
+                    (_, _) if is_config(&child.media_type) => {
+                        "containerd.io/gc.ref.content.config".to_string()
+                    }
+                    _ => {
+                        l += 1;
+                        format!("containerd.io/gc.ref.content.l.{}", l - 1)
+                    }
+                };
+                let found = self
+                    .check_tree(
+                        archive,
+                        &child.media_type,
+                        &child.digest,
+                        lease,
+                        labels,
+                        depth + 1,
+                    )
+                    .await;
+                match found {
+                    Ok(()) => {
+                        present += 1;
+                        own.push((key, child.digest.to_string()));
+                    }
+                    // An index may carry only some platforms (as a pull of
+                    // one platform leaves it); a manifest must be whole.
+                    Err(TreeError::Missing(_)) if kind == Kind::Index => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if kind == Kind::Index && present == 0 {
+                return Err(TreeError::Missing(format!(
+                    "index {digest} has none of its manifests in it"
+                )));
+            }
+            labels.insert(*digest, own);
+            Ok(())
+        })
+    }
+
+    async fn in_store(&self, digest: &Digest, lease: &str) -> Result<bool, ImportError> {
+        let info = ContentClient::new(self.channel.clone())
+            .info(self.request(
+                InfoRequest {
+                    digest: digest.to_string(),
+                },
+                Some(lease),
+            ))
+            .await;
+        match info {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+            Err(s) => Err(grpc("Content.Info")(s)),
+        }
+    }
+
+    async fn set_labels(
+        &self,
+        digest: &Digest,
+        labels: &[(String, String)],
+        lease: &str,
+    ) -> Result<(), ImportError> {
+        if labels.is_empty() {
+            return Ok(());
+        }
+        let info = Info {
+            digest: digest.to_string(),
+            labels: labels.iter().cloned().collect(),
+            ..Default::default()
+        };
+        let paths = labels.iter().map(|(k, _)| format!("labels.{k}")).collect();
+        ContentClient::new(self.channel.clone())
+            .update(self.request(
+                UpdateContentRequest {
+                    info: Some(info),
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                },
+                Some(lease),
+            ))
+            .await
+            .map_err(grpc("Content.Update"))?;
+        Ok(())
+    }
+
+    async fn put_image(&self, t: &Target, lease: &str) -> Result<(), ImportError> {
+        let image = Image {
+            name: t.name.clone(),
+            labels: HashMap::from([(PINNED_LABEL.to_string(), PINNED_VALUE.to_string())]),
+            target: Some(GrpcDescriptor {
+                media_type: t.media_type.clone(),
+                digest: t.digest.to_string(),
+                size: t.size as i64,
+                annotations: HashMap::new(),
+            }),
+            ..Default::default()
+        };
+        let mut client = ImagesClient::new(self.channel.clone());
+        let created = client
+            .create(self.request(
+                CreateImageRequest {
+                    image: Some(image.clone()),
+                    source_date_epoch: None,
+                },
+                Some(lease),
+            ))
+            .await;
+        match created {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                let paths = vec!["target".to_string(), format!("labels.{PINNED_LABEL}")];
+                client
+                    .update(self.request(
+                        UpdateImageRequest {
+                            image: Some(image),
+                            update_mask: Some(prost_types::FieldMask { paths }),
+                            source_date_epoch: None,
+                        },
+                        Some(lease),
+                    ))
+                    .await
+                    .map_err(grpc("Images.Update"))?;
+                Ok(())
+            }
+            Err(s) => Err(grpc("Images.Create")(s)),
+        }
+    }
+}
+
+enum TreeError {
+    Missing(String),
+    Grpc(ImportError),
+}
+
+impl From<ImportError> for TreeError {
+    fn from(e: ImportError) -> TreeError {
+        TreeError::Grpc(e)
+    }
+}
+
+/// A manifest's config, as opposed to its layers (Docker's and OCI's config
+/// types, and artifacts' own `…config…` types).
+fn is_config(media_type: &str) -> bool {
+    // DOCKER_CONFIG and OCI's `…image.config.v1+json` both say so.
+    media_type.contains("config")
+}
+/// One file being written through `Content.Write`.
+struct Upload {
+    reference: String,
+    path: String,
+    size: u64,
+    offset: u64,
+    /// `None` once containerd ended the stream (it already has the content).
+    tx: Option<mpsc::Sender<WriteContentRequest>>,
+    task: tokio::task::JoinHandle<Result<(), tonic::Status>>,
+}
+
+impl Upload {
+    async fn send(&mut self, data: Bytes) {
+        let len = data.len() as u64;
+        if let Some(tx) = &self.tx {
+            let msg = WriteContentRequest {
+                action: 1, // WRITE
+                r#ref: self.reference.clone(),
+                offset: self.offset as i64,
+                data: data.to_vec(),
+                ..Default::default()
+            };
+            if tx.send(msg).await.is_err() {
+                self.tx = None;
+            }
+        }
+        self.offset += len;
+    }
+
+    async fn commit(mut self, digest: &Digest) -> Result<(), ImportError> {
+        if let Some(tx) = self.tx.take() {
+            let msg = WriteContentRequest {
+                action: 2, // COMMIT
+                r#ref: self.reference.clone(),
+                offset: self.offset as i64,
+                total: self.size as i64,
+                expected: digest.to_string(),
+                ..Default::default()
+            };
+            let _ = tx.send(msg).await;
+        }
+        let outcome = (&mut self.task)
+            .await
+            .unwrap_or_else(|e| Err(tonic::Status::internal(e.to_string())));
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
+            Err(s) => Err(grpc("Content.Write")(s)),
+        }
+    }
+
+    async fn abort(self, importer: &Importer) {
+        drop(self.tx);
+        self.task.abort();
+        let _ = ContentClient::new(importer.channel.clone())
+            .abort(importer.request(
+                AbortRequest {
+                    r#ref: self.reference,
+                },
+                None,
+            ))
+            .await;
+    }
+}
+
+/// The image records an archive asks for, and the manifests made for a
+/// classic `docker save` archive (to be written to the store).
+fn plan(path: &Path, archive: &mut Archive) -> Result<(Vec<Target>, Vec<Bytes>), ImportError> {
+    let corrupt = |reason: String| ImportError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut targets = Vec::new();
+    let mut made = Vec::new();
+    if let Some(index) = archive.small("index.json") {
+        let index: OciIndex =
+            serde_json::from_slice(index).map_err(|e| corrupt(format!("index.json: {e}")))?;
+        for entry in index.manifests {
+            let name = entry
+                .annotations
+                .get("io.containerd.image.name")
+                .or_else(|| entry.annotations.get("org.opencontainers.image.ref.name"))
+                .and_then(|n| full_name(n));
+            let Some(name) = name else { continue };
+            let media_type = entry
+                .media_type
+                .clone()
+                .or_else(|| {
+                    archive
+                        .blob(&entry.digest)
+                        .and_then(|b| manifest::sniff_media_type(b))
+                })
+                .ok_or_else(|| corrupt(format!("{} has no media type", entry.digest)))?;
+            targets.push(Target {
+                name,
+                media_type,
+                digest: entry.digest,
+                size: entry.size,
+            });
+        }
+    }
+    if targets.is_empty()
+        && let Some(list) = archive.small("manifest.json").cloned()
+    {
+        let entries: Vec<DockerEntry> =
+            serde_json::from_slice(&list).map_err(|e| corrupt(format!("manifest.json: {e}")))?;
+        for entry in entries {
+            let tags = entry.repo_tags.unwrap_or_default();
+            let names: Vec<String> = tags.iter().filter_map(|t| full_name(t)).collect();
+            if names.is_empty() {
+                continue;
+            }
+            let (digest, bytes) = docker_manifest(path, archive, &entry.config, &entry.layers)?;
+            for name in names {
+                targets.push(Target {
+                    name,
+                    media_type: DOCKER_MANIFEST.to_string(),
+                    digest,
+                    size: bytes.len() as u64,
+                });
+            }
+            made.push(bytes);
+        }
+    }
+    if targets.is_empty() {
+        if archive.small("index.json").is_none() && archive.small("manifest.json").is_none() {
+            return Err(ImportError::NotAnImage {
+                path: path.to_path_buf(),
+            });
+        }
+        return Err(ImportError::Unnamed {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok((targets, made))
+}
+
+/// The manifest containerd would make for a classic `docker save` entry
+/// (which has none): config and layers as the archive holds them, layers
+/// typed by their first bytes. Kept with the archive's small files so that
+/// the checks read it like any other manifest.
+fn docker_manifest(
+    path: &Path,
+    archive: &mut Archive,
+    config: &str,
+    layers: &[String],
+) -> Result<(Digest, Bytes), ImportError> {
+    let missing = |what: &str| ImportError::Corrupt {
+        path: path.to_path_buf(),
+        reason: format!("manifest.json names {what}, which is not in it"),
+    };
+    let config = archive.file(config).ok_or_else(|| missing(config))?.clone();
+    let mut layer_descriptors = Vec::new();
+    for layer in layers {
+        let w = archive.file(layer).ok_or_else(|| missing(layer))?;
+        let media_type = if w.head.starts_with(&[0x1f, 0x8b]) {
+            DOCKER_LAYER_GZIP
+        } else if w.head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            DOCKER_LAYER_ZSTD
+        } else {
+            DOCKER_LAYER
+        };
+        layer_descriptors.push(serde_json::json!({
+            "mediaType": media_type,
+            "digest": w.digest.to_string(),
+            "size": w.size,
+        }));
+    }
+    let doc = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST,
+        "config": {
+            "mediaType": DOCKER_CONFIG,
+            "digest": config.digest.to_string(),
+            "size": config.size,
+        },
+        "layers": layer_descriptors,
+    });
+    let bytes = Bytes::from(serde_json::to_vec(&doc).unwrap_or_default());
+    let digest = Digest::of(&bytes);
+    archive
+        .small
+        .insert(format!("blobs/sha256/{}", digest.hex()), bytes.clone());
+    Ok((digest, bytes))
+}
+
+/// An image name as containerd stores it, or `None` for a bare tag.
+fn full_name(name: &str) -> Option<String> {
+    if !name.contains(['/', ':']) {
+        return None;
+    }
+    let reference = Reference::parse(name).ok()?;
+    reference.tagged_name().or_else(|| {
+        reference
+            .digest
+            .as_ref()
+            .map(|d| format!("{}@{d}", reference.name()))
+    })
+}
+
+/// File names `--import-dir` picks up.
+fn is_archive_name(name: &str) -> bool {
+    [".tar", ".tar.gz", ".tgz", ".tar.zst", ".tzst"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+}
+
+/// How often `--import-dir` is looked at.
+const IMPORT_DIR_POLL: Duration = Duration::from_secs(2);
+
+/// `run --import-dir`: imports the archives in `dir` at start and each new
+/// or changed one later, once its size and mtime held still for one poll
+/// (so that a file being copied in is not read half-written). Each archive
+/// is tried once per version; failures are logged, not retried.
+pub async fn watch_dir(
+    importer: Importer,
+    dir: PathBuf,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    type Version = (u64, Option<SystemTime>);
+    let mut done: HashMap<PathBuf, Version> = HashMap::new();
+    let mut seen: HashMap<PathBuf, Version> = HashMap::new();
+    let mut reported_missing = false;
+    loop {
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => {
+                reported_missing = false;
+                let mut now_seen = HashMap::new();
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    let name = entry.file_name().to_string_lossy().to_string();
+                    let Ok(meta) = std::fs::metadata(&path) else {
+                        continue;
+                    };
+                    if !meta.is_file() || name.starts_with('.') || !is_archive_name(&name) {
+                        continue;
+                    }
+                    let version = (meta.len(), meta.modified().ok());
+                    now_seen.insert(path.clone(), version);
+                    let stable = seen.get(&path) == Some(&version);
+                    if !stable || done.get(&path) == Some(&version) {
+                        continue;
+                    }
+                    done.insert(path.clone(), version);
+                    match importer.import(&path).await {
+                        Ok(images) => {
+                            for image in images {
+                                tracing::info!(archive = %path.display(), image = %image.name, digest = %image.digest, "imported and pinned");
+                            }
+                        }
+                        Err(ImportError::Grpc { call, status })
+                            if status.code() == tonic::Code::Unavailable =>
+                        {
+                            // containerd is not there (yet): try again.
+                            tracing::debug!(call, error = %status, archive = %path.display(), "import waits for containerd");
+                            done.remove(&path);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "import failed"),
+                    }
+                }
+                seen = now_seen;
+            }
+            Err(e) => {
+                if !reported_missing {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot read the import directory; looking again every 2 s");
+                    reported_missing = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(IMPORT_DIR_POLL) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_names() {
+        assert_eq!(normalize("./blobs//sha256/../sha256/ab"), "blobs/sha256/ab");
+        assert_eq!(normalize("../../etc/passwd"), "etc/passwd");
+        let hex = "a".repeat(64);
+        assert!(blob_path_digest(&format!("blobs/sha256/{hex}")).is_some());
+        assert!(blob_path_digest("blobs/sha256/xyz").is_none());
+        assert!(blob_path_digest(&format!("blobs/sha512/{hex}")).is_none());
+        assert_eq!(
+            full_name("busybox:latest").as_deref(),
+            Some("docker.io/library/busybox:latest")
+        );
+        assert_eq!(
+            full_name("10.0.0.1:5000/app/x:v1").as_deref(),
+            Some("10.0.0.1:5000/app/x:v1")
+        );
+        assert_eq!(full_name("v1"), None);
+        assert_eq!(full_name("latest"), None);
+        assert_eq!(full_name("bad name:x"), None);
+        for ok in [
+            "a.tar",
+            "k3s-airgap-images-amd64.tar.zst",
+            "x.tar.gz",
+            "x.tgz",
+        ] {
+            assert!(is_archive_name(ok), "{ok}");
+        }
+        for no in ["a.txt", "a.tar.part", "a.zip"] {
+            assert!(!is_archive_name(no), "{no}");
+        }
+    }
+
+    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, *data).expect("test input");
+        }
+        b.into_inner().expect("test input")
+    }
+
+    fn read_all(bytes: Vec<u8>) -> (Vec<String>, Option<String>) {
+        let dir = tempfile::tempdir().expect("test input");
+        let path = dir.path().join("a");
+        std::fs::write(&path, bytes).expect("test input");
+        let (tx, mut rx) = mpsc::channel(1 << 16);
+        let result = read_archive(std::fs::File::open(&path).expect("test input"), &tx);
+        drop(tx);
+        let mut names = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            if let Msg::Start { path, .. } = m {
+                names.push(path);
+            }
+        }
+        (names, result.err())
+    }
+
+    #[test]
+    fn archives_in_every_compression() {
+        let data = b"hello";
+        let hex = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(data));
+        let plain = tar_of(&[
+            ("index.json", b"{}"),
+            (&format!("blobs/sha256/{hex}"), data),
+        ]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &plain).expect("test input");
+        let gz = gz.finish().expect("test input");
+        let zst = zstd::encode_all(plain.as_slice(), 3).expect("test input");
+        for bytes in [plain.clone(), gz, zst.clone()] {
+            let (names, err) = read_all(bytes);
+            assert_eq!(err, None);
+            assert_eq!(
+                names,
+                ["index.json".to_string(), format!("blobs/sha256/{hex}")]
+            );
+        }
+        // Truncated (mid-file), a blob whose name lies, nothing at all.
+        let (_, err) = read_all(zst[..zst.len() / 2].to_vec());
+        assert!(err.is_some());
+        for cut in [700, 1024 + 512 + 2] {
+            let (_, err) = read_all(plain[..cut].to_vec());
+            assert!(err.is_some(), "plain tar cut at {cut}");
+        }
+        let liar = tar_of(&[(&format!("blobs/sha256/{}", "b".repeat(64)), data)]);
+        assert!(read_all(liar).1.expect("test input").contains("digest"));
+        assert!(read_all(Vec::new()).1.is_some());
+        assert!(read_all(vec![0x42; 4096]).1.is_some());
+    }
+}
