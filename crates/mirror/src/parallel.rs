@@ -43,8 +43,6 @@ use peermirror_routing::Peer;
 
 /// Bytes one request asks one holder for.
 pub(super) const SEGMENT: u64 = 4 << 20;
-/// How often a one-peer transfer looks for a second holder.
-pub(super) const RECHECK: Duration = Duration::from_millis(100);
 /// Uploads to other hosts (bytes per second) below which no holder counts
 /// as busy.
 const BUSY_FLOOR: u64 = 32 << 20;

@@ -21,6 +21,10 @@ use super::{Candidates, Mirror, client, content_range};
 use peermirror_oci::{ByteRange, ContentRange, Digest, Hasher};
 use peermirror_routing::Peer;
 
+/// How often a one-peer transfer looks for a second holder (to switch to
+/// parallel segments).
+const RECHECK: Duration = Duration::from_millis(100);
+
 /// Why a relayed body ended early. The client's response is cut short.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TransferError {
@@ -218,9 +222,7 @@ impl Transfer {
         // When another holder was last looked for (at once the first time).
         let mut parallel_checked: Option<tokio::time::Instant> = None;
         loop {
-            if self.may_go_parallel()
-                && parallel_checked.is_none_or(|at| at.elapsed() >= super::parallel::RECHECK)
-            {
+            if self.may_go_parallel() && parallel_checked.is_none_or(|at| at.elapsed() >= RECHECK) {
                 parallel_checked = Some(tokio::time::Instant::now());
                 if let Some(helper) = self.candidates.next(Duration::ZERO).await {
                     return self

@@ -5,7 +5,10 @@
 //!
 //! Uses no other peermirror crate.
 
+pub mod backoff;
 pub mod tls;
+
+pub use backoff::Backoff;
 
 use std::future::Future;
 use std::io;

@@ -5,6 +5,7 @@
 //! the routing table has a peer, and again whenever it becomes empty; its
 //! last failure is kept for `/readyz`.
 
+use peermirror_net::Backoff;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -490,7 +491,9 @@ impl Bootstrap {
         shutdown: CancellationToken,
     ) -> Result<(), RouterError> {
         let mut status = router.watch_status();
-        let mut delay = Duration::from_millis(500);
+        // Each round waits longer, whether it found peers or not: dials
+        // take a moment, and a source that names nobody is asked less often.
+        let mut rounds = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         loop {
             if router.status().routing_table_peers == 0 {
                 match discover_with(&self.config, self.client.as_ref()).await {
@@ -521,14 +524,14 @@ impl Bootstrap {
                     }
                 }
                 // Give the dials a moment, then ask the new peers for theirs.
+                let delay = rounds.failed();
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(delay) => {}
                 }
                 router.bootstrap().await?;
-                delay = (delay * 2).min(Duration::from_secs(30));
             } else {
-                delay = Duration::from_millis(500);
+                rounds.reset();
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     r = status.changed() => r.map_err(|_| RouterError::Stopped)?,
@@ -555,7 +558,7 @@ impl Bootstrap {
         let Some(client) = self.client.as_ref().filter(|_| self.registers()) else {
             return;
         };
-        let mut failures = 0u32;
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         loop {
             let addrs = entry();
             let wait = if addrs.is_empty() {
@@ -564,17 +567,15 @@ impl Bootstrap {
             } else {
                 match client.register(peer_id, addrs).await {
                     Ok(ttl) => {
-                        if failures > 0 {
+                        if backoff.failures() > 0 {
                             tracing::info!("registered with the bootstrapper again");
                         }
-                        failures = 0;
+                        backoff.reset();
                         (ttl.unwrap_or(Duration::from_secs(180)) / 3).max(Duration::from_secs(1))
                     }
                     Err(e) => {
-                        failures += 1;
                         tracing::warn!(error = %e, "cannot register with the bootstrapper; retrying");
-                        (Duration::from_millis(500) * 2u32.saturating_pow(failures.min(6)))
-                            .min(Duration::from_secs(30))
+                        backoff.failed()
                     }
                 }
             };

@@ -29,6 +29,7 @@ use containerd_client::services::v1::{
 };
 use futures::StreamExt;
 use hyper_util::rt::TokioIo;
+use peermirror_net::Backoff;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -179,7 +180,7 @@ impl ContainerdStore {
     }
 
     async fn follow_events(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut delay = RETRY_MIN;
+        let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
         let filter = format!(
             r#"namespace=="{}",topic~="^/(images|content)/""#,
             self.config.namespace
@@ -196,7 +197,7 @@ impl ContainerdStore {
             match self.note("Events.Subscribe", subscribed) {
                 Ok(response) => {
                     tracing::debug!("subscribed to containerd events");
-                    delay = RETRY_MIN;
+                    backoff.reset();
                     // Whatever happened while we were not listening.
                     self.changed.notify_one();
                     let mut stream = response.into_inner();
@@ -223,42 +224,38 @@ impl ContainerdStore {
                     tracing::warn!(socket = %self.config.socket.display(), "lost containerd's event stream; reconnecting");
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, retry_in = ?delay, "cannot subscribe to containerd events");
+                    tracing::debug!(error = %e, "cannot subscribe to containerd events");
                 }
             }
+            let delay = backoff.failed();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
             }
-            delay = (delay * 2).min(RETRY_MAX);
         }
     }
 
     async fn rebuild_loop(&self, shutdown: CancellationToken) {
         let mut cache = DocumentCache::new();
-        let mut failures = 0u32;
+        let mut backoff = Backoff::new(RETRY_MIN * 2, RETRY_MAX);
         let mut logged_unreachable = false;
         loop {
-            match self.rebuild(&mut cache).await {
+            let wait = match self.rebuild(&mut cache).await {
                 Ok(()) => {
-                    failures = 0;
+                    backoff.reset();
                     if logged_unreachable {
                         tracing::info!(socket = %self.config.socket.display(), "containerd is reachable again");
                         logged_unreachable = false;
                     }
+                    self.config.resync_interval
                 }
                 Err(e) => {
-                    failures += 1;
                     if !logged_unreachable {
                         tracing::warn!(error = %e, "cannot list containerd's images; retrying");
                         logged_unreachable = true;
                     }
+                    backoff.failed()
                 }
-            }
-            let wait = if failures == 0 {
-                self.config.resync_interval
-            } else {
-                (RETRY_MIN * 2u32.saturating_pow(failures.min(6))).min(RETRY_MAX)
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return,

@@ -12,11 +12,13 @@
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
+
+use crate::status::Health;
 use tokio_util::sync::CancellationToken;
 
 /// How long one stage may take to stop before its tasks are aborted.
@@ -30,31 +32,6 @@ pub enum Policy {
     /// The node keeps working without it, and a restart would cut every
     /// transfer in flight to bring it back: mark the node not ready.
     Auxiliary,
-}
-
-/// The health the supervisor reports to `/healthz` and `/readyz`.
-#[derive(Debug, Default)]
-pub struct Health {
-    failed: Mutex<Option<String>>,
-    degraded: Mutex<Vec<String>>,
-}
-
-impl Health {
-    /// `Err` once an essential task has died.
-    pub fn check(&self) -> Result<(), String> {
-        match &*self.failed.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(reason) => Err(reason.clone()),
-            None => Ok(()),
-        }
-    }
-
-    /// Auxiliary tasks that have stopped, for readiness.
-    pub fn degraded(&self) -> Vec<String> {
-        self.degraded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
 }
 
 /// A task ended before it was asked to.
@@ -159,17 +136,13 @@ impl Supervisor {
             match policy {
                 Policy::Essential => {
                     let failed = TaskFailed { task: name, reason };
-                    *self.health.failed.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some(failed.to_string());
+                    self.health.fail(failed.to_string());
                     failure = Some(failed);
                     break;
                 }
                 Policy::Auxiliary => self
                     .health
-                    .degraded
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(format!("the {name} task, which stopped: {reason}")),
+                    .degrade(format!("the {name} task, which stopped: {reason}")),
             }
         }
         for stage in &mut self.stages {
@@ -321,7 +294,7 @@ mod tests {
 
     #[tokio::test]
     async fn stages_stop_in_order() {
-        let order = Arc::new(Mutex::new(Vec::new()));
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut s = Supervisor::new();
         for name in ["serving", "background", "status"] {
             let st = s.stage(name);

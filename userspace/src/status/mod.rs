@@ -8,10 +8,9 @@ pub mod server;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use self::server::{DebugResponse, Readiness};
-use crate::daemon::supervisor::Health;
 use peermirror_dataplane::{Admission, DataplaneMode};
 use peermirror_mirror::Mirror;
 use peermirror_registry::ServingPath;
@@ -136,5 +135,44 @@ impl server::Status for NodeStatus {
             return true;
         }
         self.router.is_peer_address(client).await
+    }
+}
+
+/// The daemon's health: the supervisor records into it, `/healthz` and
+/// `/readyz` read it.
+#[derive(Debug, Default)]
+pub struct Health {
+    failed: Mutex<Option<String>>,
+    degraded: Mutex<Vec<String>>,
+}
+
+impl Health {
+    /// `Err` once an essential task has died.
+    pub fn check(&self) -> Result<(), String> {
+        match &*self.failed.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(reason) => Err(reason.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Auxiliary tasks that have stopped, for readiness.
+    pub fn degraded(&self) -> Vec<String> {
+        self.degraded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records that an essential task has died: `/healthz` fails from now on.
+    pub fn fail(&self, reason: String) {
+        *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+    }
+
+    /// Records an auxiliary task that stopped: the node is not ready.
+    pub fn degrade(&self, reason: String) {
+        self.degraded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(reason);
     }
 }

@@ -15,6 +15,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use libp2p::kad::{self, K_VALUE, QueryId, RecordKey};
+use peermirror_net::Backoff;
 use prometheus_client::metrics::counter::Counter;
 use rand::{Rng, SeedableRng};
 
@@ -286,11 +287,8 @@ impl Advertiser {
             }
             None => return,
         };
-        let backoff = RETRY_MIN
-            .saturating_mul(1 << failures.saturating_sub(1).min(10))
-            .min(RETRY_MAX);
-        let jitter = backoff.mul_f64(0.2 * self.rng.r#gen::<f64>());
-        self.schedule_at(key, now + backoff + jitter);
+        let wait = Backoff::delay(RETRY_MIN, RETRY_MAX, failures, self.rng.r#gen::<f64>());
+        self.schedule_at(key, now + wait);
     }
 
     fn schedule_at(&mut self, key: &RecordKey, at: Instant) {

@@ -13,14 +13,15 @@ use libp2p::core::transport::Boxed;
 use libp2p::kad::store::RecordStore;
 use libp2p::kad::{self, GetProvidersOk, InboundRequest, QueryResult};
 use libp2p::multiaddr::Protocol;
-use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{NetworkBehaviour, Swarm, SwarmEvent};
+use libp2p::swarm::{Swarm, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, connection_limits, identify, ping};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::advertiser::{Advertiser, Outcome};
+use super::behaviour::{Behaviour, BehaviourEvent, fanout_behaviour, limits};
 use super::lookups::{Lookups, Net};
 use super::peers::{PeerTable, dialable, ip_of};
 use super::records::{ProviderStore, StoreLimits};
@@ -40,73 +41,6 @@ macro_rules! net {
         }
     };
 }
-#[derive(NetworkBehaviour)]
-pub(super) struct Behaviour {
-    /// Bounds handshakes in progress (hosts without the key cost a pnet
-    /// and noise attempt each) and connections.
-    limits: connection_limits::Behaviour,
-    pub kad: kad::Behaviour<ProviderStore>,
-    identify: identify::Behaviour,
-    /// Finds dead connections (a peer whose link went silent) in seconds
-    /// rather than at the end of TCP's retransmission timeout.
-    ping: ping::Behaviour,
-    /// The first-deploy fan-out's asks and answers ([`rendezvous`]).
-    fanout: request_response::json::Behaviour<Ask, Reply>,
-}
-
-fn fanout_behaviour() -> request_response::json::Behaviour<Ask, Reply> {
-    request_response::json::Behaviour::new(
-        [(
-            StreamProtocol::new(rendezvous::PROTOCOL),
-            ProtocolSupport::Full,
-        )],
-        request_response::Config::default().with_request_timeout(FANOUT_TIMEOUT),
-    )
-}
-
-/// How long an ask of the fan-out rendezvous may take.
-const FANOUT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// A swarm that listens nowhere and knows nobody, for unit tests of the
-/// parts.
-#[cfg(test)]
-pub(super) fn test_swarm() -> Swarm<Behaviour> {
-    use libp2p::core::Transport as _;
-    let keypair = libp2p::identity::Keypair::generate_ed25519();
-    let peer_id = keypair.public().to_peer_id();
-    let transport = libp2p::core::transport::MemoryTransport::default()
-        .upgrade(libp2p::core::upgrade::Version::V1)
-        .authenticate(libp2p::noise::Config::new(&keypair).expect("noise"))
-        .multiplex(libp2p::yamux::Config::default())
-        .boxed();
-    let behaviour = Behaviour {
-        limits: connection_limits::Behaviour::new(limits()),
-        kad: kad::Behaviour::new(peer_id, ProviderStore::new(peer_id, StoreLimits::default())),
-        identify: identify::Behaviour::new(identify::Config::new(
-            "/test/1".into(),
-            keypair.public(),
-        )),
-        ping: ping::Behaviour::default(),
-        fanout: fanout_behaviour(),
-    };
-    Swarm::new(
-        transport,
-        behaviour,
-        peer_id,
-        libp2p::swarm::Config::with_tokio_executor(),
-    )
-}
-
-/// Connection limits of the P2P port.
-pub(super) fn limits() -> connection_limits::ConnectionLimits {
-    connection_limits::ConnectionLimits::default()
-        .with_max_pending_incoming(Some(64))
-        .with_max_pending_outgoing(Some(256))
-        .with_max_established_incoming(Some(512))
-        .with_max_established(Some(1024))
-        .with_max_established_per_peer(Some(4))
-}
-
 /// How long one Kademlia query may run.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often caches and expired records are pruned.

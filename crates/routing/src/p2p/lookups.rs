@@ -29,7 +29,7 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, oneshot};
 
-use super::event_loop::Behaviour;
+use super::behaviour::Behaviour;
 use super::peers::PeerTable;
 use crate::{Peer, record_key};
 
@@ -375,7 +375,7 @@ mod tests {
 
     #[tokio::test]
     async fn lookups_beyond_the_queue_are_dropped_and_askers_leaving_stop_them() {
-        let mut swarm = super::super::event_loop::test_swarm();
+        let mut swarm = super::super::behaviour::test_swarm();
         let (peers, own) = (PeerTable::default(), HashSet::new());
         let dropped = Counter::default();
         let mut l = Lookups::new(Duration::from_secs(5), dropped.clone());
@@ -426,7 +426,7 @@ mod tests {
 
     #[tokio::test]
     async fn answers_are_cached_and_misses_briefly_remembered() {
-        let mut swarm = super::super::event_loop::test_swarm();
+        let mut swarm = super::super::behaviour::test_swarm();
         let (peers, own) = (PeerTable::default(), HashSet::new());
         let mut l = Lookups::new(Duration::from_secs(5), Counter::default());
         let (tx, mut rx) = mpsc::channel(4);

@@ -21,6 +21,7 @@
 //! [`PeerEvent`]s on a channel.
 
 mod advertiser;
+mod behaviour;
 mod event_loop;
 mod lookups;
 mod peers;
