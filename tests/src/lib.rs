@@ -16,6 +16,7 @@ pub mod process;
 pub mod prometheus;
 pub mod release;
 pub mod services;
+pub mod turn;
 
 use std::path::Path;
 

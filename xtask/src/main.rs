@@ -237,8 +237,8 @@ fn test(cargo_args: &[String]) -> Result<()> {
             .args(["test", "--workspace", "--no-fail-fast"])
             .env("PEERMIRROR_BIN", &daemon)
             .env("PM_CONTAINERD_DIR", &dir)
-            .args(tests.iter().flat_map(|t| ["--test", t]))
-            .arg("--")
+            .args(["--test", "nodes", "--"])
+            .args(tests.iter().map(|module| format!("{module}::")))
             .args(cargo_args))?;
     }
     // A short run of every fuzz target (with a filter, only when asked).
@@ -258,13 +258,14 @@ fn soak(load_seconds: u64, soak_seconds: u64) -> Result<()> {
             "--package",
             "peermirror-tests",
             "--test",
-            "load",
+            "nodes",
         ])
         .env("PEERMIRROR_BIN", target_dir().join("release/peermirror"))
         .env("PM_LOAD_SECONDS", load_seconds.to_string())
         .env("PM_SOAK_SECONDS", soak_seconds.to_string())
         .args([
             "--",
+            "load::",
             "--include-ignored",
             "--test-threads",
             "1",
@@ -275,9 +276,10 @@ fn soak(load_seconds: u64, soak_seconds: u64) -> Result<()> {
 /// Seconds each fuzz target runs as part of `cargo xtask test`.
 const FUZZ_SECONDS_IN_TEST: u64 = 12;
 
-/// The end-to-end tests that run on each newer containerd release: the
-/// single-node ones (and airgap imports) on 1.7, the cluster and mTLS too
-/// on 2.1, whose Transfer service reads `hosts.toml` inside the daemon.
+/// The end-to-end tests (modules of the `nodes` test binary) that run on
+/// each newer containerd release: the single-node ones (and airgap imports)
+/// on 1.7, the cluster and mTLS too on 2.1, whose Transfer service reads
+/// `hosts.toml` inside the daemon.
 const PER_RELEASE_TESTS: &[(&releases::Release, &[&str])] = &[
     (&releases::NEWER[0], &["single_node", "airgap"]),
     (

@@ -184,6 +184,7 @@ fn partial_answers(node: &ClusterNode) -> f64 {
 
 #[test]
 fn a_cluster_shares_images_with_the_upstream_registry_gone() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let mut cluster = Cluster::start(&[
         spec("a", KEY),
         spec("b", KEY),

@@ -137,6 +137,7 @@ fn wave(pm: &Peermirror, big: &Blob, small: &Blob) -> Result<()> {
 
 #[test]
 fn every_serving_path_survives_hostile_clients_without_leaking() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let world = World::new()?;
     let image = world
         .images

@@ -31,6 +31,7 @@ const PLATFORMS: [&str; 12] = [
 
 #[test]
 fn twelve_nodes_pull_an_image_spread_over_all_of_them() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let specs: Vec<NodeSpec> = (0..PLATFORMS.len())
         .map(|i| NodeSpec {
             name: format!("n{i}"),

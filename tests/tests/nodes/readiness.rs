@@ -48,6 +48,7 @@ fn stays_not_ready(pm: &Peermirror, hold: Duration, why: &str) -> Result<String>
 
 #[test]
 fn a_single_node_is_ready_a_partitioned_one_is_not_and_a_later_node_joins() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let world = World::new()?;
 
     // A static source that names only this node (as a headless Service

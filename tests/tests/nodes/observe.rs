@@ -61,6 +61,7 @@ fn log_of(node: &ClusterNode) -> String {
 
 #[test]
 fn an_operator_sees_the_swarm() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     ensure!(
         browser::available() && Path::new(prometheus::BIN).exists(),
         "this test needs Debian's chromium, chromium-driver and prometheus (cargo xtask test installs them)"

@@ -248,6 +248,7 @@ fn run_args(
 
 #[test]
 fn the_image_runs_as_the_daemonset_says_and_serves_an_air_gapped_pull() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let archive = image_archive()?;
     let (_, docs, _render_dir) = render("overlays/plain")?;
     let daemonset = docs

@@ -34,6 +34,7 @@ fn ip(s: &str) -> IpAddr {
 
 #[test]
 fn mtls_admits_only_the_cluster_and_rotates_without_dropping_transfers() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let mut world = World::new()?;
     let certs = world.path("certs");
     std::fs::create_dir_all(&certs)?;
@@ -176,6 +177,7 @@ fn mtls_admits_only_the_cluster_and_rotates_without_dropping_transfers() -> Resu
 
 #[test]
 fn two_nodes_mirror_over_mtls() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let world = World::new()?;
     let certs = world.path("certs");
     std::fs::create_dir_all(&certs)?;

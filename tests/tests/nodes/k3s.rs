@@ -68,6 +68,7 @@ fn start_daemon(world: &World, name: &str, registry: SocketAddr) -> Result<Peerm
 
 #[test]
 fn k3s_restarts_keep_peermirror_first_and_uninstall_restores_k3s_files() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let world = World::new()?;
     let host = world.upstream.host();
     let etc = world.path("etc-rancher-k3s");
@@ -161,6 +162,7 @@ fn k3s_restarts_keep_peermirror_first_and_uninstall_restores_k3s_files() -> Resu
 /// overwritten or lost.
 #[test]
 fn an_edited_registries_yaml_is_kept() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let dir = tempfile::tempdir()?;
     let yaml = dir.path().join("registries.yaml");
     let certs = dir.path().join("certs.d");

@@ -147,6 +147,7 @@ fn node(
 
 #[test]
 fn nodes_bootstrap_over_mtls_through_a_ca_rotation() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let world = World::new()?;
     let root = world.path("pki");
     let (ca1, ca2, ca3) = (

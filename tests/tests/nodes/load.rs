@@ -371,6 +371,7 @@ fn load_round(
 /// a leak; growth from one round to the next would be).
 #[test]
 fn a_thousand_connections_and_mixed_clients() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let world = World::new()?;
     let pm = Peermirror::start(
         &world.path("pm"),
@@ -437,6 +438,7 @@ fn a_thousand_connections_and_mixed_clients() -> Result<()> {
 #[test]
 #[ignore = "a soak of minutes: cargo xtask soak"]
 fn soak_with_restarting_peers() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let duration = seconds("PM_SOAK_SECONDS", 600);
     let spec = |name: &str| NodeSpec {
         name: name.into(),

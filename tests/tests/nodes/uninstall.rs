@@ -64,6 +64,7 @@ fn peermirror(args: &[&str]) -> Result<String> {
 
 #[test]
 fn uninstall_leaves_containerd_s_files_as_they_were() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let world = World::new()?;
     let root = world.path("etc-containerd");
     let certs = root.join("certs.d");
@@ -201,6 +202,7 @@ fn timed_pull(world: &World, certs: &Path, reference: &str, limit: Duration) -> 
 
 #[test]
 fn a_left_over_hosts_toml_costs_this_much() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let world = World::new()?;
     let certs = world.path("certs.d");
     let upstream = world.upstream.host();

@@ -36,6 +36,7 @@ fn known(world: &World, image: &TestImage) -> Result<KnownImage> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_containerd_store_behaves_like_a_content_store() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let world = tokio::task::block_in_place(World::new)?;
     let store = ContainerdStore::new(
         ContainerdConfig {

@@ -87,6 +87,7 @@ const FLOOD_LIMIT: Duration = Duration::from_secs(150);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_with_the_key_cannot_exhaust_the_record_store() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let mut world = tokio::task::block_in_place(World::new)?;
     let pm = Peermirror::start(
         &world.path("pm"),
@@ -221,6 +222,7 @@ async fn a_peer_with_the_key_cannot_exhaust_the_record_store() -> Result<()> {
 /// gets its descriptors back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_floods_and_silent_clients_are_bounded() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let world = tokio::task::block_in_place(World::new)?;
     let pm = Peermirror::start(
         &world.path("pm"),

@@ -48,6 +48,7 @@ impl Images {
 
 #[test]
 fn a_first_deploy_fetches_each_blob_from_upstream_about_once() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let specs: Vec<NodeSpec> = names()
         .iter()
         .map(|n| peermirror_tests::fanout::node_spec(n, KEY))

@@ -58,6 +58,7 @@ fn write_hosts_toml(dir: &std::path::Path, upstream: &Upstream, mirror: &str) ->
 
 #[test]
 fn real_clients_get_byte_identical_images_even_with_upstream_gone() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let mut world = World::new()?;
     let pm = Peermirror::start(&world.path("pm"), &world.containerd, &[])?;
 
@@ -140,6 +141,7 @@ fn real_clients_get_byte_identical_images_even_with_upstream_gone() -> Result<()
 
 #[test]
 fn blobs_are_streamed_through_grpc_when_the_files_cannot_be_read() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let world = World::new()?;
     // A regular file where the content directory should be: opening
     // `<it>/blobs/sha256/<hex>` fails with ENOTDIR, even for root.
@@ -214,6 +216,7 @@ fn blobs_are_streamed_through_grpc_when_the_files_cannot_be_read() -> Result<()>
 
 #[test]
 fn follows_containerd_through_restarts_new_images_and_removals() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let mut world = World::new()?;
     let resync = Duration::from_secs(2);
     let pm = Peermirror::start(
@@ -301,6 +304,7 @@ fn follows_containerd_through_restarts_new_images_and_removals() -> Result<()> {
 /// the resync.
 #[test]
 fn content_added_to_a_known_image_is_advertised_on_containerd_2_1_events() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let world = World::new()?;
     let pm = Peermirror::start(
         &world.path("pm"),
@@ -373,6 +377,7 @@ fn find<'a>(world: &'a World, tag: &str) -> &'a TestImage {
 
 #[test]
 fn speaks_the_distribution_api_and_refuses_hostile_requests() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let world = World::new()?;
     let mut pm = Peermirror::start(&world.path("pm"), &world.containerd, &[])?;
     let addr = pm.registry;
@@ -677,6 +682,7 @@ fn speaks_the_distribution_api_and_refuses_hostile_requests() -> Result<()> {
 
 #[test]
 fn status_endpoints_logs_reconnection_and_clean_exit() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     require_root();
     let dir = tempfile::Builder::new().prefix("pm-test-").tempdir()?;
     let mut containerd = Containerd::start(

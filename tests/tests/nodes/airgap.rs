@@ -69,6 +69,7 @@ fn image_names(node: &ClusterNode) -> Result<Vec<String>> {
 
 #[test]
 fn imported_archives_are_pinned_and_pulled_by_peers_without_the_upstream() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let mut cluster = Cluster::start(&[spec("a", &[]), spec("b", &[]), spec("c", &[])])?;
     let (oci, docker) = {
         let l = &mut cluster.layout;

@@ -273,6 +273,7 @@ fn raw_syn_v6(
 
 #[test]
 fn the_kernel_counts_peers_and_keeps_strangers_out() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     let a_flags = [
         "--admission-ttl",
         "3s",
@@ -688,6 +689,7 @@ fn the_kernel_counts_peers_and_keeps_strangers_out() -> Result<()> {
 
 #[test]
 fn without_privileges_required_fails_fast_and_optional_runs() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     require_root();
     let dir = tempfile::Builder::new().prefix("pm-noprivs-").tempdir()?;
     std::fs::set_permissions(
@@ -790,6 +792,7 @@ fn without_privileges_required_fails_fast_and_optional_runs() -> Result<()> {
 
 #[test]
 fn a_failed_start_leaves_nothing_attached() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
     require_root();
     let dir = tempfile::Builder::new().prefix("pm-failstart-").tempdir()?;
     let slot = DataplaneSlot::new()?;
