@@ -368,9 +368,9 @@ pub async fn run(
 ) -> Result<(), BootstrapperError> {
     let tls = TlsState::load(config.tls.clone())?;
     let listen = |addr: SocketAddr| async move {
-        TcpListener::bind(addr)
+        peermirror_net::listen(addr)
             .await
-            .map_err(|source| BootstrapperError::Listen { addr, source })
+            .map_err(|(addr, source)| BootstrapperError::Listen { addr, source })
     };
     let listener = listen(config.listen_addr).await?;
     let status_listener = listen(config.metrics_addr).await?;

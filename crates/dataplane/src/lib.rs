@@ -36,7 +36,7 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
@@ -689,6 +689,88 @@ pub fn remove_pins(dir: &Path) {
         let _ = std::fs::remove_file(dir.join(format!("link_{name}")));
     }
     let _ = std::fs::remove_dir(dir);
+}
+
+/// Detaches the dataplane and removes its pins when dropped: when the daemon
+/// stops cleanly or fails part-way through starting. (Only a
+/// SIGKILL leaves the boundary in place, for the next start to take over.)
+pub struct DetachOnDrop(pub Option<Arc<Dataplane>>);
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        if let Some(dp) = &self.0 {
+            dp.shutdown();
+        }
+    }
+}
+
+impl Dataplane {
+    /// Loads the dataplane as its mode says: `required` fails the start,
+    /// `optional` says once why it is missing.
+    pub fn start_as_configured(
+        config: &DataplaneConfig,
+    ) -> Result<Option<Arc<Dataplane>>, DataplaneError> {
+        match config.mode {
+            DataplaneMode::Off => Ok(None),
+            DataplaneMode::Required => Ok(Some(Arc::new(Dataplane::start(config)?))),
+            DataplaneMode::Optional => match Dataplane::start(config) {
+                Ok(dp) => Ok(Some(Arc::new(dp))),
+                Err(e) => {
+                    tracing::warn!(
+                        "eBPF dataplane not loaded, running without per-peer counters and the kernel boundary: {e}"
+                    );
+                    Ok(None)
+                }
+            },
+        }
+    }
+}
+
+/// How often the upload rate told to peers is measured.
+const UPLOAD_RATE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Measures what this node's registry port sends to other hosts (in bytes
+/// per second, given to `report`), from the
+/// dataplane's per-peer counters, once a second until `stop`. Traffic to
+/// this node's own addresses is not an upload: those come from the
+/// admission's upkeep, which lists them anyway (a netlink dump of every
+/// link each second here was most of an idle daemon's CPU).
+pub async fn measure_upload_rate(
+    dataplane: std::sync::Arc<Dataplane>,
+    admission: std::sync::Arc<Admission>,
+    report: impl Fn(u64),
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(UPLOAD_RATE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<(tokio::time::Instant, u64)> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (dp, own) = (dataplane.clone(), admission.own_addresses());
+        let total = tokio::task::spawn_blocking(move || {
+            dp.counters()
+                .map(|counters| uploaded_bytes(&counters, &own))
+        })
+        .await;
+        let total = match total {
+            Ok(Ok(total)) => total,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot read the peer counters");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let now = tokio::time::Instant::now();
+        if let Some((at, before)) = last {
+            // Counters of long-gone addresses are aged out: a total may shrink.
+            let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+            report((total.saturating_sub(before) as f64 / secs) as u64);
+        }
+        last = Some((now, total));
+    }
 }
 
 #[cfg(test)]

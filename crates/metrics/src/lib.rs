@@ -74,12 +74,6 @@ pub struct DataplaneLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HandshakeLabels {
-    /// `inbound` or `outbound`.
-    pub direction: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServingPathLabels {
     /// How file bodies leave the process: `sendfile`, `io_uring`, `buffered`.
     pub path: String,
@@ -205,22 +199,11 @@ pub struct Metrics {
     pub http_request_duration: HistogramFamily<RequestLabels>,
     pub served_bytes: Family<SourceLabels, Counter>,
     pub serving_path: Family<ServingPathLabels, Gauge>,
-    pub containerd_connected: Gauge,
-    pub catalog_tags: Gauge,
-    pub catalog_blobs: Gauge,
     pub registry_connections: Gauge,
     pub registry_connections_refused: Counter,
-    pub p2p_connections_refused: Counter,
     pub mirror_requests: Family<MirrorLabels, Counter>,
     pub mirror_resolve_duration: Histogram,
-    pub handshake_failures: Family<HandshakeLabels, Counter>,
-    pub connected_peers: Gauge,
-    pub routing_table_peers: Gauge,
-    pub advertised_keys: Gauge,
-    pub advertise_pending_keys: Gauge,
     pub p2p_open_network: Gauge,
-    pub advertise_failures: Counter,
-    pub lookups_dropped: Counter,
     pub uring_in_flight: Gauge,
     pub uring_idle_pipes: Gauge,
     pub upload_rejections: Counter,
@@ -246,22 +229,11 @@ impl Metrics {
             }),
             served_bytes: Family::default(),
             serving_path: Family::default(),
-            containerd_connected: Gauge::default(),
-            catalog_tags: Gauge::default(),
-            catalog_blobs: Gauge::default(),
             registry_connections: Gauge::default(),
             registry_connections_refused: Counter::default(),
-            p2p_connections_refused: Counter::default(),
             mirror_requests: Family::default(),
             mirror_resolve_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
-            handshake_failures: Family::default(),
-            connected_peers: Gauge::default(),
-            routing_table_peers: Gauge::default(),
-            advertised_keys: Gauge::default(),
-            advertise_pending_keys: Gauge::default(),
             p2p_open_network: Gauge::default(),
-            advertise_failures: Counter::default(),
-            lookups_dropped: Counter::default(),
             uring_in_flight: Gauge::default(),
             uring_idle_pipes: Gauge::default(),
             upload_rejections: Counter::default(),
@@ -286,21 +258,6 @@ impl Metrics {
             metrics.serving_path.clone(),
         );
         r.register(
-            "containerd_connected",
-            "1 when the last call to containerd succeeded",
-            metrics.containerd_connected.clone(),
-        );
-        r.register(
-            "catalog_tags",
-            "Tagged images in the served containerd namespace",
-            metrics.catalog_tags.clone(),
-        );
-        r.register(
-            "catalog_blobs",
-            "Blobs (manifests, configs, layers) reachable from the served images",
-            metrics.catalog_blobs.clone(),
-        );
-        r.register(
             "registry_connections",
             "Open connections on the registry port",
             metrics.registry_connections.clone(),
@@ -309,11 +266,6 @@ impl Metrics {
             "registry_connections_refused",
             "Connections to the registry port answered 503 at once because --max-connections were open",
             metrics.registry_connections_refused.clone(),
-        );
-        r.register(
-            "p2p_connections_refused",
-            "P2P connections refused at the connection limits (pending handshakes, connections in all, per peer)",
-            metrics.p2p_connections_refused.clone(),
         );
         r.register(
             "mirror_requests",
@@ -326,44 +278,9 @@ impl Metrics {
             metrics.mirror_resolve_duration.clone(),
         );
         r.register(
-            "p2p_handshake_failures",
-            "P2P connections that failed before the peer was authenticated (wrong preshared key, not a peer)",
-            metrics.handshake_failures.clone(),
-        );
-        r.register(
-            "p2p_connected_peers",
-            "Peers with an open P2P connection (they proved the preshared key)",
-            metrics.connected_peers.clone(),
-        );
-        r.register(
-            "p2p_routing_table_peers",
-            "Peers in the Kademlia routing table",
-            metrics.routing_table_peers.clone(),
-        );
-        r.register(
-            "advertised_keys",
-            "Keys (digests and tags) this node announces in the DHT",
-            metrics.advertised_keys.clone(),
-        );
-        r.register(
             "p2p_open_network",
             "1 when the P2P network runs without a preshared key (--insecure-open-network)",
             metrics.p2p_open_network.clone(),
-        );
-        r.register(
-            "advertise_pending_keys",
-            "Keys announced but not stored in the DHT yet (being announced, or retried): peers cannot find them until they are",
-            metrics.advertise_pending_keys.clone(),
-        );
-        r.register(
-            "advertise_failures",
-            "Announcements that timed out or reached too few peers (each is retried with backoff)",
-            metrics.advertise_failures.clone(),
-        );
-        r.register(
-            "lookups_dropped",
-            "DHT lookups answered as a miss at once because the lookup queue was full",
-            metrics.lookups_dropped.clone(),
         );
         r.register(
             "uring_transfers_in_flight",

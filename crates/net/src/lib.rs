@@ -173,6 +173,25 @@ pub fn raise_open_file_limit(needed: u64) -> Option<u64> {
     limit
 }
 
+/// Binds a TCP listener on `addr`; an unspecified IPv6 address that cannot
+/// be bound (IPv6 disabled) falls back to the IPv4 one. The error says
+/// which address failed.
+pub async fn listen(
+    addr: std::net::SocketAddr,
+) -> Result<tokio::net::TcpListener, (std::net::SocketAddr, io::Error)> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e)
+            if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED
+                && e.kind() == io::ErrorKind::AddrNotAvailable =>
+        {
+            let v4 = std::net::SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            tokio::net::TcpListener::bind(v4).await.map_err(|e| (v4, e))
+        }
+        Err(e) => Err((addr, e)),
+    }
+}
+
 /// Addresses of this network namespace's interfaces.
 pub fn interface_addresses() -> std::collections::HashSet<std::net::IpAddr> {
     let mut out = std::collections::HashSet::new();

@@ -494,6 +494,19 @@ impl Bootstrap {
         // Each round waits longer, whether it found peers or not: dials
         // take a moment, and a source that names nobody is asked less often.
         let mut rounds = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        // Telling this node's own entry from the others needs its P2P port:
+        // the first round waits (briefly) until the router listens.
+        let listening = async {
+            while router.status().listen_addrs.is_empty() {
+                if status.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::timeout(Duration::from_secs(5), listening) => {}
+        }
         loop {
             if router.status().routing_table_peers == 0 {
                 match discover_with(&self.config, self.client.as_ref()).await {

@@ -231,6 +231,53 @@ where
     Ok(catalog)
 }
 
+/// Spegel's per-registry counts of what this node advertises, read from the
+/// catalog at each scrape.
+pub fn register_spegel_catalog_gauges(
+    prometheus: &mut prometheus_client::registry::Registry,
+    catalog: &tokio::sync::watch::Receiver<std::sync::Arc<crate::Catalog>>,
+) {
+    type Pick = fn(&crate::RegistryCounts) -> usize;
+    let families: [(&'static str, &'static str, Pick); 3] = [
+        (
+            "spegel_advertised_image_tags",
+            "Number of image tags advertised to be available (Spegel's name)",
+            |c| c.tags,
+        ),
+        (
+            "spegel_advertised_image_digests",
+            "Number of image digests advertised to be available (Spegel's name)",
+            |c| c.image_digests,
+        ),
+        (
+            "spegel_advertised_content_digests",
+            "Number of content digests advertised to be available (Spegel's name)",
+            |c| c.content_digests,
+        ),
+    ];
+    for (name, help, pick) in families {
+        let catalog = catalog.clone();
+        peermirror_metrics::register_computed_gauges(
+            prometheus,
+            name,
+            help,
+            Box::new(move || {
+                catalog
+                    .borrow()
+                    .registry_counts()
+                    .iter()
+                    .map(|(registry, counts)| {
+                        (
+                            vec![("registry".to_string(), registry.clone())],
+                            pick(counts) as i64,
+                        )
+                    })
+                    .collect()
+            }),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -62,6 +62,31 @@ pub struct StoreGauges {
     pub blobs: Gauge,
 }
 
+impl StoreGauges {
+    /// Creates the store's gauges and registers them in `registry`, under
+    /// the daemon's `peermirror_` prefix.
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> StoreGauges {
+        let gauges = StoreGauges::default();
+        let r = registry.sub_registry_with_prefix("peermirror");
+        r.register(
+            "containerd_connected",
+            "1 when the last call to containerd succeeded",
+            gauges.connected.clone(),
+        );
+        r.register(
+            "catalog_tags",
+            "Tagged images in the served containerd namespace",
+            gauges.tags.clone(),
+        );
+        r.register(
+            "catalog_blobs",
+            "Blobs (manifests, configs, layers) reachable from the served images",
+            gauges.blobs.clone(),
+        );
+        gauges
+    }
+}
+
 /// The plugin that owns the content store, as introspection names it.
 const CONTENT_PLUGIN_FILTER: &str = "type==io.containerd.content.v1,id==content";
 /// Wait after an event for the ones that usually follow it (a pull creates

@@ -19,7 +19,9 @@ use tokio::sync::watch;
 
 use peermirror_oci::{Descriptor, Digest, Reference};
 
-pub use catalog::{Catalog, ContentEntry, ImageRecord, RegistryCounts};
+pub use catalog::{
+    Catalog, ContentEntry, ImageRecord, RegistryCounts, register_spegel_catalog_gauges,
+};
 pub use containerd::{ContainerdConfig, ContainerdStore, StoreGauges};
 pub use memory::MemoryStore;
 

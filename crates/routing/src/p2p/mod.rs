@@ -88,6 +88,77 @@ pub struct P2pCounters {
     pub pending_keys: Gauge,
 }
 
+/// The label of `peermirror_p2p_handshake_failures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct HandshakeLabels {
+    /// `inbound` or `outbound`.
+    direction: &'static str,
+}
+
+impl P2pCounters {
+    /// Creates the router's metrics and registers them in `registry`, under
+    /// the daemon's `peermirror_` prefix.
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> P2pCounters {
+        let handshake =
+            prometheus_client::metrics::family::Family::<HandshakeLabels, Counter>::default();
+        let counters = P2pCounters {
+            handshake_failures_inbound: handshake
+                .get_or_create(&HandshakeLabels {
+                    direction: "inbound",
+                })
+                .clone(),
+            handshake_failures_outbound: handshake
+                .get_or_create(&HandshakeLabels {
+                    direction: "outbound",
+                })
+                .clone(),
+            ..P2pCounters::default()
+        };
+        let r = registry.sub_registry_with_prefix("peermirror");
+        r.register(
+            "p2p_connections_refused",
+            "P2P connections refused at the connection limits (pending handshakes, connections in all, per peer)",
+            counters.connections_refused.clone(),
+        );
+        r.register(
+            "p2p_handshake_failures",
+            "P2P connections that failed before the peer was authenticated (wrong preshared key, not a peer)",
+            handshake.clone(),
+        );
+        r.register(
+            "p2p_connected_peers",
+            "Peers with an open P2P connection (they proved the preshared key)",
+            counters.connected_peers.clone(),
+        );
+        r.register(
+            "p2p_routing_table_peers",
+            "Peers in the Kademlia routing table",
+            counters.routing_table_peers.clone(),
+        );
+        r.register(
+            "advertised_keys",
+            "Keys (digests and tags) this node announces in the DHT",
+            counters.advertised_keys.clone(),
+        );
+        r.register(
+            "advertise_pending_keys",
+            "Keys announced but not stored in the DHT yet (being announced, or retried): peers cannot find them until they are",
+            counters.pending_keys.clone(),
+        );
+        r.register(
+            "advertise_failures",
+            "Announcements that timed out or reached too few peers (each is retried with backoff)",
+            counters.advertise_failures.clone(),
+        );
+        r.register(
+            "lookups_dropped",
+            "DHT lookups answered as a miss at once because the lookup queue was full",
+            counters.lookups_dropped.clone(),
+        );
+        counters
+    }
+}
+
 /// Everything the router is built from.
 pub struct P2pConfig {
     pub keypair: Keypair,
