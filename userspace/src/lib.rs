@@ -10,6 +10,7 @@
 //! | [`peermirror_oci`] | the OCI distribution vocabulary: digests, references, `/v2/` routes, `Range`/`Content-Range`, error codes. Pure: no I/O |
 //! | [`peermirror_net`] | sockets, TLS and retries every server and client shares: connections that must make progress, connection caps, backoff, interface addresses, certificate files → rustls configurations |
 //! | [`peermirror_metrics`] | the metric families the parts record into. Knows nothing of the domain |
+//! | [`peermirror_protocol`] | protocol decisions as state machines without I/O (the fan-out rendezvous), for the daemon, unit tests and a simulator |
 //! | [`peermirror_store`] | the node's content: the `ContentStore` trait, the containerd store, the in-memory twin, the catalog, imports |
 //! | [`peermirror_containerd_config`] | writing, backing up and restoring containerd's `hosts.toml` (and K3s's) |
 //! | [`peermirror_routing`] | finding holders: the `Router` trait, the libp2p Kademlia router and its in-memory twin, bootstrap sources, the sync task from the catalog to the DHT |

@@ -96,7 +96,10 @@ fn log_lines(node: &ClusterNode, needle: &str) -> Vec<String> {
         .filter(|l| l.contains(needle))
         // A node that is the fan-out rendezvous of a digest logs the
         // answers it gives others about it: it is not asked for its bytes.
-        .filter(|l| !l.contains("peermirror_routing::p2p::rendezvous:"))
+        .filter(|l| {
+            !l.contains("peermirror_routing::p2p::rendezvous:")
+                && !l.contains("peermirror_protocol::fanout:")
+        })
         .map(str::to_string)
         .collect()
 }

@@ -62,7 +62,7 @@ pub(super) struct EventLoop {
     /// every bucket: not on every event).
     table: (usize, Option<Instant>),
     /// The fan-out decisions this node makes as a rendezvous.
-    board: Board,
+    board: Board<PeerId>,
     /// Whether the fan-out is on.
     fanout: bool,
     /// Asks sent to other rendezvous nodes, waiting for their answer: the

@@ -26,7 +26,7 @@ mod event_loop;
 mod lookups;
 mod peers;
 mod records;
-pub mod rendezvous;
+pub use peermirror_protocol::fanout as rendezvous;
 
 use std::future::Future;
 use std::net::IpAddr;

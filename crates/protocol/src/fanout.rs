@@ -22,10 +22,19 @@
 //! [`MAX_ENTRIES`].
 
 use std::collections::HashMap;
+use std::fmt::Display;
+use std::hash::Hash;
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
+
+/// What identifies a node: the libp2p peer id in the daemon, anything
+/// small in tests and the simulator. Written as text in [`Ask`] and
+/// [`Reply`].
+pub trait NodeId: Copy + Eq + Hash + Display + FromStr + std::fmt::Debug {}
+
+impl<T: Copy + Eq + Hash + Display + FromStr + std::fmt::Debug> NodeId for T {}
 
 /// The request-response protocol of the fan-out.
 pub const PROTOCOL: &str = "/peermirror/fanout/1.0.0";
@@ -59,26 +68,26 @@ pub enum Reply {
 }
 
 #[derive(Debug, Clone)]
-struct Member {
-    peer: PeerId,
+struct Member<P> {
+    peer: P,
     /// Whom it follows (`None`: the leader).
-    source: Option<PeerId>,
+    source: Option<P>,
     followers: usize,
 }
 
 #[derive(Debug)]
-struct Tree {
+struct Tree<P> {
     /// The leader first, then the followers in the order they joined.
-    members: Vec<Member>,
+    members: Vec<Member<P>>,
     touched: Instant,
 }
 
-impl Tree {
-    fn position(&self, peer: &PeerId) -> Option<usize> {
+impl<P: NodeId> Tree<P> {
+    fn position(&self, peer: &P) -> Option<usize> {
         self.members.iter().position(|m| &m.peer == peer)
     }
 
-    fn remove(&mut self, peer: &PeerId) {
+    fn remove(&mut self, peer: &P) {
         if let Some(i) = self.position(peer) {
             let gone = self.members.remove(i);
             if let Some(source) = gone.source
@@ -90,16 +99,18 @@ impl Tree {
     }
 }
 
-/// The rendezvous state of this node: one tree per digest it decides for.
+/// The rendezvous state of one node: one tree per digest it decides for.
+/// A state machine: each [`Board::assign`] takes an ask, its asker and the
+/// time, and returns the reply; it does no I/O.
 #[derive(Debug)]
-pub struct Board {
-    trees: HashMap<String, Tree>,
+pub struct Board<P> {
+    trees: HashMap<String, Tree<P>>,
     max_followers: usize,
     lease: Duration,
 }
 
-impl Board {
-    pub fn new(max_followers: usize, lease: Duration) -> Board {
+impl<P: NodeId> Board<P> {
+    pub fn new(max_followers: usize, lease: Duration) -> Board<P> {
         Board {
             trees: HashMap::new(),
             max_followers: max_followers.max(1),
@@ -117,7 +128,7 @@ impl Board {
     }
 
     /// Places `asker` for `ask.digest`.
-    pub fn assign(&mut self, asker: PeerId, ask: &Ask, now: Instant) -> Reply {
+    pub fn assign(&mut self, asker: P, ask: &Ask, now: Instant) -> Reply {
         if ask.digest.parse::<peermirror_oci::Digest>().is_err() {
             return Reply::Refused;
         }
@@ -134,7 +145,7 @@ impl Board {
             }
             return Reply::Refused;
         }
-        let failed = ask.failed.as_deref().and_then(|f| f.parse::<PeerId>().ok());
+        let failed = ask.failed.as_deref().and_then(|f| f.parse::<P>().ok());
         if let Some(failed) = failed
             && let Some(tree) = self.trees.get_mut(&ask.digest)
         {
@@ -216,6 +227,14 @@ impl Board {
 mod tests {
     use super::*;
 
+    /// Node ids in these tests.
+    type PeerId = u32;
+
+    /// Distinct ids, as many as asked.
+    fn ids<const N: usize>() -> [PeerId; N] {
+        std::array::from_fn(|i| i as PeerId + 1)
+    }
+
     const D: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000001";
 
     fn ask(failed: Option<PeerId>) -> Ask {
@@ -236,8 +255,8 @@ mod tests {
     #[test]
     fn first_asker_leads_and_followers_form_a_tree() {
         let now = Instant::now();
-        let mut board = Board::new(2, Duration::from_secs(60));
-        let peers: Vec<PeerId> = (0..7).map(|_| PeerId::random()).collect();
+        let mut board = Board::<PeerId>::new(2, Duration::from_secs(60));
+        let peers: Vec<PeerId> = ids::<7>().to_vec();
         assert_eq!(board.assign(peers[0], &ask(None), now), Reply::Lead);
         // The leader asking again (a retry of its containerd) still leads.
         assert_eq!(board.assign(peers[0], &ask(None), now), Reply::Lead);
@@ -257,8 +276,8 @@ mod tests {
     #[test]
     fn a_failed_leader_hands_the_lead_to_the_next_asker() {
         let now = Instant::now();
-        let mut board = Board::new(4, Duration::from_secs(60));
-        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let mut board = Board::<PeerId>::new(4, Duration::from_secs(60));
+        let [a, b, c] = ids();
         assert_eq!(board.assign(a, &ask(None), now), Reply::Lead);
         assert_eq!(follows(&board.assign(b, &ask(None), now)), a);
         assert_eq!(follows(&board.assign(c, &ask(None), now)), a);
@@ -270,8 +289,8 @@ mod tests {
     #[test]
     fn a_failed_follower_leaves_the_tree_and_its_followers_are_placed_again() {
         let now = Instant::now();
-        let mut board = Board::new(1, Duration::from_secs(60));
-        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let mut board = Board::<PeerId>::new(1, Duration::from_secs(60));
+        let [a, b, c] = ids();
         assert_eq!(board.assign(a, &ask(None), now), Reply::Lead);
         assert_eq!(follows(&board.assign(b, &ask(None), now)), a);
         assert_eq!(follows(&board.assign(c, &ask(None), now)), b);
@@ -282,8 +301,8 @@ mod tests {
     #[test]
     fn entries_expire_and_are_bounded_and_bad_digests_are_refused() {
         let now = Instant::now();
-        let mut board = Board::new(4, Duration::from_secs(10));
-        let (a, b) = (PeerId::random(), PeerId::random());
+        let mut board = Board::<PeerId>::new(4, Duration::from_secs(10));
+        let [a, b] = ids();
         assert_eq!(board.assign(a, &ask(None), now), Reply::Lead);
         assert_eq!(
             board.assign(b, &ask(None), now + Duration::from_secs(11)),
@@ -313,8 +332,8 @@ mod tests {
     #[test]
     fn a_leader_that_is_done_ends_the_entry_and_only_the_leader_can() {
         let now = Instant::now();
-        let mut board = Board::new(4, Duration::from_secs(60));
-        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let mut board = Board::<PeerId>::new(4, Duration::from_secs(60));
+        let [a, b, c] = ids();
         assert_eq!(board.assign(a, &ask(None), now), Reply::Lead);
         assert_eq!(follows(&board.assign(b, &ask(None), now)), a);
         let done = Ask {
