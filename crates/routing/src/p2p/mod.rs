@@ -101,17 +101,21 @@ impl P2pCounters {
     pub fn register(registry: &mut prometheus_client::registry::Registry) -> P2pCounters {
         let handshake =
             prometheus_client::metrics::family::Family::<HandshakeLabels, Counter>::default();
+        // One statement each: the family's guard must be gone before the
+        // next label is created.
+        let inbound = handshake
+            .get_or_create(&HandshakeLabels {
+                direction: "inbound",
+            })
+            .clone();
+        let outbound = handshake
+            .get_or_create(&HandshakeLabels {
+                direction: "outbound",
+            })
+            .clone();
         let counters = P2pCounters {
-            handshake_failures_inbound: handshake
-                .get_or_create(&HandshakeLabels {
-                    direction: "inbound",
-                })
-                .clone(),
-            handshake_failures_outbound: handshake
-                .get_or_create(&HandshakeLabels {
-                    direction: "outbound",
-                })
-                .clone(),
+            handshake_failures_inbound: inbound,
+            handshake_failures_outbound: outbound,
             ..P2pCounters::default()
         };
         let r = registry.sub_registry_with_prefix("peermirror");

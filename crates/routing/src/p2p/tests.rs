@@ -284,3 +284,22 @@ async fn the_p2p_router_behaves_like_a_router() {
     crate::conformance::announces(&a.router).await;
     crate::conformance::misses_end(&a.router).await;
 }
+
+#[test]
+fn the_router_registers_its_own_metrics() {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let counters = P2pCounters::register(&mut registry);
+    counters.handshake_failures_inbound.inc();
+    counters.connected_peers.set(3);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    for line in [
+        r#"peermirror_p2p_handshake_failures_total{direction="inbound"} 1"#,
+        r#"peermirror_p2p_handshake_failures_total{direction="outbound"} 0"#,
+        "peermirror_p2p_connected_peers 3",
+        "# HELP peermirror_lookups_dropped ",
+        "# HELP peermirror_advertise_pending_keys ",
+    ] {
+        assert!(text.contains(line), "{line} missing from\n{text}");
+    }
+}
