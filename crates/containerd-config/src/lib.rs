@@ -2,6 +2,8 @@
 //! (`<config path>/<registry>/hosts.toml`) so that containerd asks
 //! peermirror first, and restoring exactly what was there before.
 //!
+//! Uses `oci` only (registry names).
+//!
 //! - Before a registry's file is first replaced, the original (or the fact
 //!   that there was none) is saved under `<config path>/.peermirror-backup/`.
 //!   Running `configure` again changes nothing when nothing changed, and

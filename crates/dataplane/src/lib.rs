@@ -1,8 +1,11 @@
 //! The kernel side, seen from the daemon: the eBPF programs of
-//! `ebpf/c/peermirror.bpf.c`, loaded with aya (this is the only module that
+//! `ebpf/c/peermirror.bpf.c`, loaded with aya (this is the only crate that
 //! imports aya), and the [`admission`] policy that decides whom it admits.
 //! The rest of the daemon talks to the policy, which calls
 //! [`Dataplane::admit`], [`Dataplane::revoke`] and reads the counters.
+//!
+//! Uses the `ebpf` types, `net`, `metrics` and `routing` (the peer events
+//! the admission follows). Its `build.rs` compiles the C programs.
 //!
 //! ## Attach point: `cgroup_skb` on a cgroup of the daemon's own
 //!

@@ -1,5 +1,7 @@
 //! Fetching content this node lacks from the peers that hold it.
 //!
+//! Uses `oci`, `net`, `metrics`, `routing` (who holds what) and `store`.
+//!
 //! - Peers come from the router as a stream; no provider within the resolve
 //!   timeout means a miss at once (containerd then tries its next endpoint).
 //! - Every step has a time limit: connect, response head, stall (no byte for

@@ -1,5 +1,7 @@
 //! The OCI distribution vocabulary: digests, references, media types, `/v2/`
 //! routes, byte ranges and error codes. Pure: no I/O, no async.
+//!
+//! Uses no other peermirror crate.
 
 mod digest;
 mod error;

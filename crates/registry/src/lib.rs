@@ -3,6 +3,9 @@
 //! [`handler`] decides what to answer from the content store; [`http`] owns
 //! the sockets and sends bodies, zero-copy where the transport allows
 //! ([`body`]).
+//!
+//! Uses `oci`, `net`, `metrics`, `store` (local content), `mirror` (content
+//! from peers) and `routing` (peer types).
 
 pub mod body;
 pub mod handler;

@@ -3,6 +3,9 @@
 //! bootstrappers, and the sync task that is the only bridge from the content
 //! store's catalog to the DHT.
 //!
+//! Uses `oci`, `net`, `store` (catalog events) and `protocol` (the fan-out
+//! rendezvous it drives over libp2p).
+//!
 //! Keys are strings, the same as Spegel's: `sha256:<hex>` for content and
 //! `<registry>/<repository>:<tag>` for tags. In the DHT a key is stored under
 //! the multihash of its bytes (see [`record_key`]).

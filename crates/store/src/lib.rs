@@ -1,5 +1,9 @@
 //! The node's content: the [`ContentStore`] trait, its containerd
 //! implementation and an in-memory twin for tests.
+//!
+//! Also the catalog of what the store holds, ingests in flight and archive
+//! imports. Uses `oci` (vocabulary), `net` (backoff) and `metrics` (the
+//! Spegel-named catalog gauges).
 
 pub mod catalog;
 pub mod conformance;
