@@ -273,3 +273,24 @@ impl peermirror_registry::PeerDirectory for FollowingPeers {
         self.0.is_peer_address(ip).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every family the daemon's parts register (each registers its own)
+    /// has help text.
+    #[test]
+    fn every_family_has_help_text() {
+        let mut registry = Registry::default();
+        let _ = Metrics::new(&mut registry);
+        let _ = P2pCounters::register(&mut registry);
+        let _ = StoreGauges::register(&mut registry);
+        let _ = bootstrap::SourceGauges::register(&mut registry);
+        let text = peermirror_metrics::encode(&registry).expect("encode");
+        let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
+        assert!(types > 10);
+        assert_eq!(types, helps, "{text}");
+    }
+}
