@@ -16,6 +16,7 @@ use libp2p::multiaddr::Protocol;
 
 use crate::daemon::DaemonConfig;
 use peermirror_mirror::MirrorConfig;
+pub use peermirror_net::flags::{parse_duration, parse_listen_addr, parse_size};
 use peermirror_oci::{ReferenceFilter, Registry};
 use peermirror_registry::{ServerConfig, ServingPath, ServingPathChoice};
 use peermirror_routing::bootstrap::BootstrapConfig;
@@ -597,62 +598,14 @@ pub struct Run {
     #[command(flatten)]
     pub registries: MirroredRegistries,
 
+    #[command(flatten, next_help_heading = "Mirror (fetching from peers)")]
+    pub mirror: MirrorConfig,
+
     /// Regular expressions on `<registry>/<repository>[:<tag>]`,
     /// comma-separated; a reference that matches one is neither advertised
     /// nor served (write a comma inside an expression as `\x2c`).
     #[arg(long, env = "PEERMIRROR_REGISTRY_FILTERS", value_delimiter = ',', num_args = 1..)]
     pub registry_filters: Vec<String>,
-
-    /// How long a local miss waits for a first peer that has the content
-    /// before answering 404.
-    #[arg(long, env = "PEERMIRROR_MIRROR_RESOLVE_TIMEOUT", default_value = "20ms", value_parser = parse_duration)]
-    pub mirror_resolve_timeout: Duration,
-
-    /// Time limit of a TCP connection to a peer.
-    #[arg(long, env = "PEERMIRROR_MIRROR_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
-    pub mirror_connect_timeout: Duration,
-
-    /// Time limit for a peer's response head.
-    #[arg(long, env = "PEERMIRROR_MIRROR_HEADER_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
-    pub mirror_header_timeout: Duration,
-
-    /// When the first peer has not answered within this time, a second one
-    /// is asked too and the first answer wins.
-    #[arg(long, env = "PEERMIRROR_MIRROR_HEDGE_DELAY", default_value = "300ms", value_parser = parse_duration)]
-    pub mirror_hedge_delay: Duration,
-
-    /// A peer that sends nothing for this long is replaced, and the transfer
-    /// resumes from another holder at the byte where it stopped.
-    #[arg(long, env = "PEERMIRROR_MIRROR_STALL_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
-    pub mirror_stall_timeout: Duration,
-
-    /// Bytes per second (suffixes K, M, G; binary) below which a peer is
-    /// replaced by another holder, measured over the stall timeout.
-    #[arg(long, env = "PEERMIRROR_MIRROR_MIN_SPEED", default_value = "1M", value_parser = parse_size)]
-    pub mirror_min_speed: u64,
-
-    /// Time limit of one mirrored request, body included.
-    #[arg(long, env = "PEERMIRROR_MIRROR_TOTAL_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
-    pub mirror_total_timeout: Duration,
-
-    /// Most peers tried for one request.
-    #[arg(
-        long,
-        env = "PEERMIRROR_MIRROR_MAX_ATTEMPTS",
-        default_value_t = 5,
-        alias = "mirror-resolve-retries"
-    )]
-    pub mirror_max_attempts: usize,
-
-    /// Most holders a large blob is fetched from at once, in segments (the
-    /// busy ones used less). 1 fetches from one holder at a time.
-    #[arg(long, env = "PEERMIRROR_MIRROR_PARALLEL_PEERS", default_value_t = 4)]
-    pub mirror_parallel_peers: usize,
-
-    /// Size (K, M, G) from which a blob that several peers hold is fetched
-    /// from them at once.
-    #[arg(long, env = "PEERMIRROR_MIRROR_PARALLEL_MIN_SIZE", default_value = "32M", value_parser = parse_size)]
-    pub mirror_parallel_min_size: u64,
 
     /// First-deploy fan-out: when no node holds a blob, the digest's
     /// rendezvous node tells one node to fetch it and the others to follow
@@ -698,41 +651,6 @@ pub enum BootstrapKind {
     Dns,
     /// `--http-bootstrap-url`.
     Http,
-}
-
-/// `512K`, `1M`, `2G` (binary multiples) or a plain number of bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (number, unit) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => (&s[..i], &s[i..]),
-        None => (s, ""),
-    };
-    let factor: u64 = match unit
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "unknown unit in {s:?} (examples: 512K, 1M, 1048576)"
-            ));
-        }
-    };
-    let n: u64 = number
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (examples: 512K, 1M)"))?;
-    n.checked_mul(factor)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
-
-/// `90s`, `2m`, `500ms`, `1h 30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 2m)"))
 }
 
 /// The log levels `--log-level` takes alone.
@@ -829,16 +747,6 @@ pub fn comma_separated(list: &str) -> String {
         .filter(|item| !item.is_empty())
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// `host:port`, `[v6]:port`, or `:port` for every address.
-pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
-    if let Some(port) = s.strip_prefix(':') {
-        let port: u16 = port.parse().map_err(|_| format!("invalid port in {s:?}"))?;
-        return Ok(SocketAddr::from(([0u16; 8], port)));
-    }
-    s.parse()
-        .map_err(|_| format!("{s:?} is not an address (examples: :5000, 0.0.0.0:5000, [::1]:5000)"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -983,25 +891,15 @@ impl Run {
             },
             in_flight: peermirror_registry::InFlightConfig {
                 wait: self.fanout_ingest_wait,
-                stall: self.mirror_stall_timeout,
+                stall: self.mirror.stall_timeout,
             },
             psk_file: self.psk_file,
             bootstrap,
             http_bootstrap_addr: self.http_bootstrap_addr,
             mirror: MirrorConfig {
-                resolve_timeout: self.mirror_resolve_timeout,
-                connect_timeout: self.mirror_connect_timeout,
-                header_timeout: self.mirror_header_timeout,
-                hedge_delay: self.mirror_hedge_delay,
-                stall_timeout: self.mirror_stall_timeout,
-                min_speed: self.mirror_min_speed,
-                total_timeout: self.mirror_total_timeout,
-                max_attempts: self.mirror_max_attempts.max(1),
-                parallel_peers: self.mirror_parallel_peers.max(1),
-                parallel_min_size: self.mirror_parallel_min_size,
                 // The source answers once its ingest is there.
-                follow_header_timeout: self.mirror_header_timeout + self.fanout_ingest_wait,
-                ..MirrorConfig::default()
+                follow_header_timeout: self.mirror.header_timeout + self.fanout_ingest_wait,
+                ..self.mirror
             },
         })
     }
@@ -1102,7 +1000,7 @@ mod tests {
             }
         };
         assert_eq!(
-            run(&["--mirror-resolve-retries", "3"]).mirror_max_attempts,
+            run(&["--mirror-resolve-retries", "3"]).mirror.max_attempts,
             3
         );
         assert!(!run(&["--debug-web-enabled", "false"]).debug_endpoints);
@@ -1112,20 +1010,6 @@ mod tests {
                 .as_deref(),
             Some("http://seed:8080/")
         );
-    }
-
-    #[test]
-    fn listen_addresses() {
-        assert_eq!(
-            parse_listen_addr(":5000"),
-            Ok("[::]:5000".parse().expect("addr"))
-        );
-        assert_eq!(
-            parse_listen_addr("127.0.0.1:1"),
-            Ok("127.0.0.1:1".parse().expect("addr"))
-        );
-        assert!(parse_listen_addr(":99999").is_err());
-        assert!(parse_listen_addr("localhost").is_err());
     }
 
     #[test]
@@ -1237,16 +1121,6 @@ mod tests {
             ])
             .is_err()
         );
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("1M"), Ok(1 << 20));
-        assert_eq!(parse_size("512K"), Ok(512 << 10));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_size("100"), Ok(100));
-        assert!(parse_size("fast").is_err());
-        assert!(parse_size("1T").is_err());
     }
 }
 

@@ -51,36 +51,86 @@ use peermirror_oci::{
 use peermirror_routing::{Fanout, Peer, Router};
 
 /// Time limits and policies of mirroring.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct MirrorConfig {
-    /// How long to wait for the first provider before answering a miss.
+    /// How long a local miss waits for a first peer that has the content
+    /// before answering 404.
+    #[arg(long = "mirror-resolve-timeout",
+        value_name = "MIRROR_RESOLVE_TIMEOUT", env = "PEERMIRROR_MIRROR_RESOLVE_TIMEOUT", default_value = "20ms", value_parser = peermirror_net::flags::parse_duration)]
     pub resolve_timeout: Duration,
+
+    /// Time limit of a TCP connection to a peer.
+    #[arg(long = "mirror-connect-timeout",
+        value_name = "MIRROR_CONNECT_TIMEOUT", env = "PEERMIRROR_MIRROR_CONNECT_TIMEOUT", default_value = "1s", value_parser = peermirror_net::flags::parse_duration)]
     pub connect_timeout: Duration,
-    /// How long a peer may take to send its response head.
+
+    /// Time limit for a peer's response head.
+    #[arg(long = "mirror-header-timeout",
+        value_name = "MIRROR_HEADER_TIMEOUT", env = "PEERMIRROR_MIRROR_HEADER_TIMEOUT", default_value = "3s", value_parser = peermirror_net::flags::parse_duration)]
     pub header_timeout: Duration,
-    /// When the first peer has not answered its head by then, race the next.
+
+    /// When the first peer has not answered within this time, a second one
+    /// is asked too and the first answer wins.
+    #[arg(long = "mirror-hedge-delay",
+        value_name = "MIRROR_HEDGE_DELAY", env = "PEERMIRROR_MIRROR_HEDGE_DELAY", default_value = "300ms", value_parser = peermirror_net::flags::parse_duration)]
     pub hedge_delay: Duration,
-    /// A peer that sends no byte for this long is replaced.
+
+    /// A peer that sends nothing for this long is replaced, and the transfer
+    /// resumes from another holder at the byte where it stopped.
+    #[arg(long = "mirror-stall-timeout",
+        value_name = "MIRROR_STALL_TIMEOUT", env = "PEERMIRROR_MIRROR_STALL_TIMEOUT", default_value = "3s", value_parser = peermirror_net::flags::parse_duration)]
     pub stall_timeout: Duration,
-    /// Bytes per second below which a peer is replaced (measured over
-    /// `stall_timeout`), when another holder exists.
+
+    /// Bytes per second (suffixes K, M, G; binary) below which a peer is
+    /// replaced by another holder, measured over the stall timeout.
+    #[arg(long = "mirror-min-speed",
+        value_name = "MIRROR_MIN_SPEED", env = "PEERMIRROR_MIRROR_MIN_SPEED", default_value = "1M", value_parser = peermirror_net::flags::parse_size)]
     pub min_speed: u64,
-    /// The whole request, body included.
+
+    /// Time limit of one mirrored request, body included.
+    #[arg(long = "mirror-total-timeout",
+        value_name = "MIRROR_TOTAL_TIMEOUT", env = "PEERMIRROR_MIRROR_TOTAL_TIMEOUT", default_value = "10m", value_parser = peermirror_net::flags::parse_duration)]
     pub total_timeout: Duration,
+
     /// Most peers tried for one request.
+    #[arg(
+        long = "mirror-max-attempts",
+        value_name = "MIRROR_MAX_ATTEMPTS",
+        env = "PEERMIRROR_MIRROR_MAX_ATTEMPTS",
+        default_value_t = 5,
+        alias = "mirror-resolve-retries"
+    )]
     pub max_attempts: usize,
+
+    /// Most holders a large blob is fetched from at once, in segments (the
+    /// busy ones used less). 1 fetches from one holder at a time.
+    #[arg(
+        long = "mirror-parallel-peers",
+        value_name = "MIRROR_PARALLEL_PEERS",
+        env = "PEERMIRROR_MIRROR_PARALLEL_PEERS",
+        default_value_t = 4
+    )]
+    pub parallel_peers: usize,
+
+    /// Size (K, M, G) from which a blob that several peers hold is fetched
+    /// from them at once.
+    #[arg(long = "mirror-parallel-min-size",
+        value_name = "MIRROR_PARALLEL_MIN_SIZE", env = "PEERMIRROR_MIRROR_PARALLEL_MIN_SIZE", default_value = "32M", value_parser = peermirror_net::flags::parse_size)]
+    pub parallel_min_size: u64,
+
     /// How long a peer that sent corrupt bytes is avoided for that digest.
+    #[arg(skip = Duration::from_secs(3600))]
     pub bad_peer_ttl: Duration,
+
     /// How long the fan-out rendezvous may take to answer before a blob
     /// no node holds is answered as a miss, as without fan-out.
+    #[arg(skip = Duration::from_millis(250))]
     pub fanout_timeout: Duration,
+
     /// How long a followed source may take to send its response head (it
     /// waits for its ingest to appear first).
+    #[arg(skip = Duration::from_secs(5))]
     pub follow_header_timeout: Duration,
-    /// Most holders a large blob is fetched from at once (1: one at a time).
-    pub parallel_peers: usize,
-    /// Bytes left to relay from which several holders are asked at once.
-    pub parallel_min_size: u64,
 }
 
 impl Default for MirrorConfig {
@@ -279,6 +329,12 @@ impl Mirror {
         config: MirrorConfig,
         tls: Option<Arc<TlsState>>,
     ) -> Arc<Mirror> {
+        // At least one peer is tried, one at a time when 0 is asked for.
+        let config = MirrorConfig {
+            max_attempts: config.max_attempts.max(1),
+            parallel_peers: config.parallel_peers.max(1),
+            ..config
+        };
         Arc::new(Mirror {
             router,
             config,

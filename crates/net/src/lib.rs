@@ -6,6 +6,7 @@
 //! Uses no other peermirror crate.
 
 pub mod backoff;
+pub mod flags;
 pub mod tls;
 
 pub use backoff::Backoff;
