@@ -110,7 +110,9 @@ impl DhtCluster {
                 registry_port: 5000,
                 has_bootstrap: self.bootstrap.is_some(),
                 settings: P2pSettings {
-                    listen: vec![Multiaddr::from(ip).with(Protocol::Tcp(0))],
+                    router_addr: std::net::SocketAddr::new(ip, 0),
+                    psk_file: None,
+                    insecure_open_network: false,
                     advertise_addr: Some(ip),
                     provider_ttl: self.options.provider_ttl,
                     reannounce_interval: self.options.reannounce_interval,

@@ -5,14 +5,13 @@
 //! Flag names follow Spegel's where Spegel has the same option, so that a
 //! deployment can switch by changing the image.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use libp2p::Multiaddr;
-use libp2p::multiaddr::Protocol;
 
 use crate::daemon::DaemonConfig;
 use peermirror_mirror::MirrorConfig;
@@ -511,48 +510,6 @@ pub struct Run {
     )]
     pub dataplane_peer_map_size: u32,
 
-    /// Address of the P2P (libp2p) port (`:5001` listens on every IPv4 and
-    /// IPv6 address).
-    #[arg(long, env = "PEERMIRROR_ROUTER_ADDR", default_value = ":5001", value_parser = parse_listen_addr)]
-    pub router_addr: SocketAddr,
-
-    /// File holding the network's 32-byte preshared key in libp2p's swarm key
-    /// format (`/key/swarm/psk/1.0.0/`, `/base16/`, 64 hex characters). Nodes
-    /// with another key cannot connect.
-    #[arg(long, env = "PEERMIRROR_PSK_FILE")]
-    pub psk_file: Option<PathBuf>,
-
-    /// Run the P2P network without a preshared key: any host that reaches
-    /// the P2P port can join and learn what this node holds.
-    #[arg(
-        long,
-        env = "PEERMIRROR_INSECURE_OPEN_NETWORK",
-        conflicts_with = "psk_file"
-    )]
-    pub insecure_open_network: bool,
-
-    /// The address other nodes use to reach this node, instead of the
-    /// addresses it listens on.
-    #[arg(long, env = "PEERMIRROR_ADVERTISE_ADDR")]
-    pub advertise_addr: Option<IpAddr>,
-
-    /// How long other nodes keep this node's announcements.
-    #[arg(long, env = "PEERMIRROR_PROVIDER_TTL", default_value = "20m", value_parser = parse_duration)]
-    pub provider_ttl: Duration,
-
-    /// How often this node re-announces what it holds (before the TTL runs
-    /// out).
-    #[arg(long, env = "PEERMIRROR_REANNOUNCE_INTERVAL", default_value = "10m", value_parser = parse_duration)]
-    pub reannounce_interval: Duration,
-
-    /// How long the answer of a DHT lookup is reused.
-    #[arg(long, env = "PEERMIRROR_LOOKUP_CACHE_TTL", default_value = "5s", value_parser = parse_duration)]
-    pub lookup_cache_ttl: Duration,
-
-    /// How long an unused P2P connection to a peer is kept open.
-    #[arg(long, env = "PEERMIRROR_ROUTER_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
-    pub router_idle_timeout: Duration,
-
     /// How this node finds its first peers.
     #[arg(long, env = "PEERMIRROR_BOOTSTRAP_KIND", value_enum, default_value_t = BootstrapKind::None)]
     pub bootstrap_kind: BootstrapKind,
@@ -601,23 +558,14 @@ pub struct Run {
     #[command(flatten, next_help_heading = "Mirror (fetching from peers)")]
     pub mirror: MirrorConfig,
 
+    #[command(flatten, next_help_heading = "P2P (finding holders)")]
+    pub p2p: P2pSettings,
+
     /// Regular expressions on `<registry>/<repository>[:<tag>]`,
     /// comma-separated; a reference that matches one is neither advertised
     /// nor served (write a comma inside an expression as `\x2c`).
     #[arg(long, env = "PEERMIRROR_REGISTRY_FILTERS", value_delimiter = ',', num_args = 1..)]
     pub registry_filters: Vec<String>,
-
-    /// First-deploy fan-out: when no node holds a blob, the digest's
-    /// rendezvous node tells one node to fetch it and the others to follow
-    /// its in-flight ingest; this many followers per source (the rest
-    /// follow followers). 0 turns the fan-out off.
-    #[arg(long, env = "PEERMIRROR_FANOUT_FOLLOWERS", default_value_t = 4)]
-    pub fanout_followers: usize,
-
-    /// How long a fan-out decision is kept after its digest was last asked
-    /// about.
-    #[arg(long, env = "PEERMIRROR_FANOUT_LEASE", default_value = "10m", value_parser = parse_duration)]
-    pub fanout_lease: Duration,
 
     /// How long a follower's request waits for the ingest of the blob it
     /// follows to appear in this node's content store.
@@ -764,23 +712,9 @@ pub enum ConfigError {
     Filter(#[from] peermirror_oci::FilterError),
 }
 
-/// The P2P listen multiaddrs for an address: `[::]` or `0.0.0.0` listen on
-/// every address of both families.
-fn listen_multiaddrs(addr: SocketAddr) -> Vec<Multiaddr> {
-    let tcp = Protocol::Tcp(addr.port());
-    if addr.ip().is_unspecified() {
-        vec![
-            Multiaddr::from(std::net::Ipv4Addr::UNSPECIFIED).with(tcp.clone()),
-            Multiaddr::from(std::net::Ipv6Addr::UNSPECIFIED).with(tcp),
-        ]
-    } else {
-        vec![Multiaddr::from(addr.ip()).with(tcp)]
-    }
-}
-
 impl Run {
     pub fn into_config(self) -> Result<DaemonConfig, ConfigError> {
-        if self.psk_file.is_none() && !self.insecure_open_network {
+        if self.p2p.psk_file.is_none() && !self.p2p.insecure_open_network {
             return Err(ConfigError::NoPsk);
         }
         let bootstrap = match self.bootstrap_kind {
@@ -799,7 +733,7 @@ impl Run {
                         kind: "dns",
                         flag: "--dns-bootstrap-domain",
                     })?,
-                port: self.router_addr.port(),
+                port: self.p2p.router_addr.port(),
             },
             BootstrapKind::Http => BootstrapConfig::Http {
                 url: self
@@ -846,7 +780,7 @@ impl Run {
                 bpffs: self.bpffs_path,
                 cgroup: self.dataplane_cgroup,
                 registry_port: self.registry_addr.port(),
-                p2p_port: self.router_addr.port(),
+                p2p_port: self.p2p.router_addr.port(),
                 p2p_cidrs: self.allowed_cidrs,
                 registry_client_cidrs: self.registry_client_cidrs,
                 peer_map_size: self.dataplane_peer_map_size,
@@ -879,21 +813,11 @@ impl Run {
                 enabled: self.debug_endpoints,
                 allowed: self.debug_allowed_cidrs,
             },
-            p2p: P2pSettings {
-                listen: listen_multiaddrs(self.router_addr),
-                advertise_addr: self.advertise_addr,
-                provider_ttl: self.provider_ttl,
-                reannounce_interval: self.reannounce_interval,
-                lookup_cache_ttl: self.lookup_cache_ttl,
-                idle_connection_timeout: self.router_idle_timeout,
-                fanout_followers: self.fanout_followers,
-                fanout_lease: self.fanout_lease,
-            },
+            p2p: self.p2p,
             in_flight: peermirror_registry::InFlightConfig {
                 wait: self.fanout_ingest_wait,
                 stall: self.mirror.stall_timeout,
             },
-            psk_file: self.psk_file,
             bootstrap,
             http_bootstrap_addr: self.http_bootstrap_addr,
             mirror: MirrorConfig {
@@ -1085,7 +1009,7 @@ mod tests {
         );
         assert!(config(&["--psk-file", "/k", "--insecure-open-network"]).is_err());
         let c = config(&["--psk-file", "/k"]).expect("valid");
-        assert_eq!(c.p2p.listen.len(), 2, "dual-stack by default");
+        assert_eq!(c.p2p.listen().len(), 2, "dual-stack by default");
     }
 
     #[test]

@@ -34,8 +34,6 @@ pub struct DaemonConfig {
     pub data_dir: PathBuf,
     pub server: ServerConfig,
     pub p2p: P2pSettings,
-    /// `None` means the operator chose an open network.
-    pub psk_file: Option<PathBuf>,
     pub bootstrap: BootstrapConfig,
     /// Where this node serves its own bootstrap entry, if anywhere.
     pub http_bootstrap_addr: Option<SocketAddr>,

@@ -34,6 +34,7 @@ use supervisor::{Policy, Supervisor};
 pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<(), DaemonError> {
     // Every input file is read before anything is written.
     let psk = config
+        .p2p
         .psk_file
         .as_deref()
         .map(identity::load_psk)

@@ -143,7 +143,7 @@ impl EventLoop {
             libp2p::swarm::Config::with_tokio_executor()
                 .with_idle_connection_timeout(settings.idle_connection_timeout),
         );
-        for addr in &settings.listen {
+        for addr in &settings.listen() {
             swarm
                 .listen_on(addr.clone())
                 .map_err(|e| P2pError::Listen {

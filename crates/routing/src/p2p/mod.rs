@@ -29,7 +29,7 @@ mod records;
 pub use peermirror_protocol::fanout as rendezvous;
 
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use futures::stream::BoxStream;
@@ -37,6 +37,7 @@ use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::{Boxed, Transport};
 use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::{Multiaddr, PeerId, noise, tcp, yamux};
 use prometheus_client::metrics::counter::Counter;
@@ -49,25 +50,82 @@ pub use peers::{PeerInfo, routable};
 use super::{Peer, Round, Router, RouterError, RouterStatus};
 
 /// Settings of the P2P network, as the operator gives them.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct P2pSettings {
-    /// Where the P2P port listens.
-    pub listen: Vec<Multiaddr>,
-    /// The address other nodes should use for this node, instead of its
-    /// listen addresses.
+    /// Address of the P2P (libp2p) port (`:5001` listens on every IPv4 and
+    /// IPv6 address).
+    #[arg(long, env = "PEERMIRROR_ROUTER_ADDR", default_value = ":5001", value_parser = peermirror_net::flags::parse_listen_addr)]
+    pub router_addr: SocketAddr,
+
+    /// File holding the network's 32-byte preshared key in libp2p's swarm key
+    /// format (`/key/swarm/psk/1.0.0/`, `/base16/`, 64 hex characters). Nodes
+    /// with another key cannot connect.
+    #[arg(long, env = "PEERMIRROR_PSK_FILE")]
+    pub psk_file: Option<std::path::PathBuf>,
+
+    /// Run the P2P network without a preshared key: any host that reaches
+    /// the P2P port can join and learn what this node holds.
+    #[arg(
+        long,
+        env = "PEERMIRROR_INSECURE_OPEN_NETWORK",
+        conflicts_with = "psk_file"
+    )]
+    pub insecure_open_network: bool,
+
+    /// The address other nodes use to reach this node, instead of the
+    /// addresses it listens on.
+    #[arg(long, env = "PEERMIRROR_ADVERTISE_ADDR")]
     pub advertise_addr: Option<IpAddr>,
-    /// How long other nodes keep a provider record of ours.
+
+    /// How long other nodes keep this node's announcements.
+    #[arg(long, env = "PEERMIRROR_PROVIDER_TTL", default_value = "20m", value_parser = peermirror_net::flags::parse_duration)]
     pub provider_ttl: Duration,
-    /// How often our provider records are re-announced (before they expire).
+
+    /// How often this node re-announces what it holds (before the TTL runs
+    /// out).
+    #[arg(long, env = "PEERMIRROR_REANNOUNCE_INTERVAL", default_value = "10m", value_parser = peermirror_net::flags::parse_duration)]
     pub reannounce_interval: Duration,
-    /// How long a lookup's answer is reused.
+
+    /// How long the answer of a DHT lookup is reused.
+    #[arg(long, env = "PEERMIRROR_LOOKUP_CACHE_TTL", default_value = "5s", value_parser = peermirror_net::flags::parse_duration)]
     pub lookup_cache_ttl: Duration,
-    /// How long an unused connection to a peer is kept open.
+
+    /// How long an unused P2P connection to a peer is kept open.
+    #[arg(long = "router-idle-timeout", value_name = "ROUTER_IDLE_TIMEOUT", env = "PEERMIRROR_ROUTER_IDLE_TIMEOUT", default_value = "5m", value_parser = peermirror_net::flags::parse_duration)]
     pub idle_connection_timeout: Duration,
-    /// First-deploy fan-out: followers per source (0: fan-out off).
+
+    /// First-deploy fan-out: when no node holds a blob, the digest's
+    /// rendezvous node tells one node to fetch it and the others to follow
+    /// its in-flight ingest; this many followers per source (the rest
+    /// follow followers). 0 turns the fan-out off.
+    #[arg(
+        help_heading = "Fan-out (first deploy)",
+        long,
+        env = "PEERMIRROR_FANOUT_FOLLOWERS",
+        default_value_t = 4
+    )]
     pub fanout_followers: usize,
-    /// How long a fan-out entry lives after it was last asked about.
+
+    /// How long a fan-out decision is kept after its digest was last asked
+    /// about.
+    #[arg(help_heading = "Fan-out (first deploy)", long, env = "PEERMIRROR_FANOUT_LEASE", default_value = "10m", value_parser = peermirror_net::flags::parse_duration)]
     pub fanout_lease: Duration,
+}
+
+impl P2pSettings {
+    /// The multiaddrs the P2P port listens on: `[::]` or `0.0.0.0` listen
+    /// on every address of both families.
+    pub fn listen(&self) -> Vec<Multiaddr> {
+        let tcp = Protocol::Tcp(self.router_addr.port());
+        if self.router_addr.ip().is_unspecified() {
+            vec![
+                Multiaddr::from(std::net::Ipv4Addr::UNSPECIFIED).with(tcp.clone()),
+                Multiaddr::from(std::net::Ipv6Addr::UNSPECIFIED).with(tcp),
+            ]
+        } else {
+            vec![Multiaddr::from(self.router_addr.ip()).with(tcp)]
+        }
+    }
 }
 
 /// The metric handles the router updates itself.

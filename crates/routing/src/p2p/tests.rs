@@ -34,7 +34,9 @@ fn node(n: u8, psk: Option<PreSharedKey>, bootstrap: bool) -> Node {
         registry_port: 5000,
         has_bootstrap: bootstrap,
         settings: P2pSettings {
-            listen: vec![Multiaddr::from(ip).with(Protocol::Tcp(0))],
+            router_addr: std::net::SocketAddr::new(ip, 0),
+            psk_file: None,
+            insecure_open_network: false,
             advertise_addr: Some(ip),
             provider_ttl: Duration::from_secs(60),
             reannounce_interval: Duration::from_secs(30),
