@@ -11,14 +11,12 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use libp2p::Multiaddr;
-
 use crate::daemon::DaemonConfig;
 use peermirror_mirror::MirrorConfig;
 pub use peermirror_net::flags::{parse_duration, parse_listen_addr, parse_size};
 use peermirror_oci::{ReferenceFilter, Registry};
 use peermirror_registry::{ServerConfig, ServingPath, ServingPathChoice};
-use peermirror_routing::bootstrap::BootstrapConfig;
+use peermirror_routing::bootstrap::BootstrapArgs;
 use peermirror_routing::p2p::P2pSettings;
 use peermirror_store::ContainerdConfig;
 
@@ -510,48 +508,6 @@ pub struct Run {
     )]
     pub dataplane_peer_map_size: u32,
 
-    /// How this node finds its first peers.
-    #[arg(long, env = "PEERMIRROR_BOOTSTRAP_KIND", value_enum, default_value_t = BootstrapKind::None)]
-    pub bootstrap_kind: BootstrapKind,
-
-    /// Peers to dial with `--bootstrap-kind static`, comma-separated
-    /// multiaddrs (`/ip4/10.0.0.1/tcp/5001[/p2p/<peer id>]`).
-    #[arg(long, env = "PEERMIRROR_STATIC_BOOTSTRAP_PEERS", value_delimiter = ',', num_args = 1..)]
-    pub static_bootstrap_peers: Vec<Multiaddr>,
-
-    /// With `--bootstrap-kind dns`: a name whose A/AAAA records are the peers
-    /// (a Kubernetes headless service); they are dialled on the P2P port.
-    #[arg(long, env = "PEERMIRROR_DNS_BOOTSTRAP_DOMAIN")]
-    pub dns_bootstrap_domain: Option<String>,
-
-    /// With `--bootstrap-kind http`: an `http://` or `https://` URL answering
-    /// a bootstrap document: a JSON array of peer multiaddrs (see
-    /// `--http-bootstrap-addr`), or Spegel's `{"ID", "Addrs"}` entries (see
-    /// `peermirror bootstrapper`).
-    #[arg(
-        long,
-        env = "PEERMIRROR_HTTP_BOOTSTRAP_URL",
-        alias = "http-bootstrap-peer"
-    )]
-    pub http_bootstrap_url: Option<String>,
-
-    /// For an `https://` bootstrap URL: a directory with `ca.crt` (verifies
-    /// the server), `tls.crt` and `tls.key` (this node's client
-    /// certificate), as a Kubernetes TLS secret mounts them; reloaded when
-    /// they change.
-    #[arg(long, env = "PEERMIRROR_HTTP_BOOTSTRAP_CERT_DIR")]
-    pub http_bootstrap_cert_dir: Option<PathBuf>,
-
-    /// Register this node's entry at the bootstrap URL (`PUT <url>/<peer
-    /// id>`, renewed while it runs), as `peermirror bootstrapper` expects.
-    #[arg(long, env = "PEERMIRROR_HTTP_BOOTSTRAP_REGISTER")]
-    pub http_bootstrap_register: bool,
-
-    /// Serve this node's own entry (a JSON array of its multiaddrs) on this
-    /// address, for other nodes' `--http-bootstrap-url`.
-    #[arg(long, env = "PEERMIRROR_HTTP_BOOTSTRAP_ADDR", value_parser = parse_listen_addr)]
-    pub http_bootstrap_addr: Option<SocketAddr>,
-
     #[command(flatten)]
     pub registries: MirroredRegistries,
 
@@ -560,6 +516,9 @@ pub struct Run {
 
     #[command(flatten, next_help_heading = "P2P (finding holders)")]
     pub p2p: P2pSettings,
+
+    #[command(flatten, next_help_heading = "Bootstrap (the first peers)")]
+    pub bootstrap: BootstrapArgs,
 
     /// Regular expressions on `<registry>/<repository>[:<tag>]`,
     /// comma-separated; a reference that matches one is neither advertised
@@ -586,19 +545,6 @@ pub enum DataplaneArg {
     Required,
     Optional,
     Off,
-}
-
-/// Where the first peers come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum BootstrapKind {
-    /// None: this node waits to be dialled.
-    None,
-    /// `--static-bootstrap-peers`.
-    Static,
-    /// `--dns-bootstrap-domain`.
-    Dns,
-    /// `--http-bootstrap-url`.
-    Http,
 }
 
 /// The log levels `--log-level` takes alone.
@@ -703,11 +649,8 @@ pub enum ConfigError {
         "the P2P network needs a preshared key: pass --psk-file <file> (make one with `peermirror generate-psk`), or --insecure-open-network to run without one"
     )]
     NoPsk,
-    #[error("--bootstrap-kind {kind} needs {flag}")]
-    MissingBootstrap {
-        kind: &'static str,
-        flag: &'static str,
-    },
+    #[error(transparent)]
+    Bootstrap(#[from] peermirror_routing::bootstrap::MissingBootstrap),
     #[error(transparent)]
     Filter(#[from] peermirror_oci::FilterError),
 }
@@ -717,38 +660,7 @@ impl Run {
         if self.p2p.psk_file.is_none() && !self.p2p.insecure_open_network {
             return Err(ConfigError::NoPsk);
         }
-        let bootstrap = match self.bootstrap_kind {
-            BootstrapKind::None => BootstrapConfig::None,
-            BootstrapKind::Static if self.static_bootstrap_peers.is_empty() => {
-                return Err(ConfigError::MissingBootstrap {
-                    kind: "static",
-                    flag: "--static-bootstrap-peers",
-                });
-            }
-            BootstrapKind::Static => BootstrapConfig::Static(self.static_bootstrap_peers),
-            BootstrapKind::Dns => BootstrapConfig::Dns {
-                domain: self
-                    .dns_bootstrap_domain
-                    .ok_or(ConfigError::MissingBootstrap {
-                        kind: "dns",
-                        flag: "--dns-bootstrap-domain",
-                    })?,
-                port: self.p2p.router_addr.port(),
-            },
-            BootstrapKind::Http => BootstrapConfig::Http {
-                url: self
-                    .http_bootstrap_url
-                    .ok_or(ConfigError::MissingBootstrap {
-                        kind: "http",
-                        flag: "--http-bootstrap-url",
-                    })?,
-                tls: self
-                    .http_bootstrap_cert_dir
-                    .as_deref()
-                    .map(peermirror_net::tls::TlsFiles::from_secret_dir),
-                register: self.http_bootstrap_register,
-            },
-        };
+        let bootstrap = self.bootstrap.config(self.p2p.router_addr.port())?;
         let mut filters = self.registry_filters.clone();
         if !self.resolve_latest_tag {
             filters.push(LATEST_TAG_FILTER.to_string());
@@ -819,7 +731,7 @@ impl Run {
                 stall: self.mirror.stall_timeout,
             },
             bootstrap,
-            http_bootstrap_addr: self.http_bootstrap_addr,
+            http_bootstrap_addr: self.bootstrap.http_bootstrap_addr,
             mirror: MirrorConfig {
                 // The source answers once its ingest is there.
                 follow_header_timeout: self.mirror.header_timeout + self.fanout_ingest_wait,
@@ -833,6 +745,7 @@ impl Run {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+    use peermirror_routing::bootstrap::BootstrapConfig;
 
     #[test]
     fn clap_definition_is_consistent() {
@@ -930,6 +843,7 @@ mod tests {
         assert!(!run(&["--debug-web-enabled", "false"]).debug_endpoints);
         assert_eq!(
             run(&["--http-bootstrap-peer", "http://seed:8080/"])
+                .bootstrap
                 .http_bootstrap_url
                 .as_deref(),
             Some("http://seed:8080/")
@@ -1197,7 +1111,7 @@ mod deploy_files {
                     .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
                 assert!(matches!(
                     config.bootstrap,
-                    BootstrapConfig::Dns { port: 5001, .. }
+                    peermirror_routing::bootstrap::BootstrapConfig::Dns { port: 5001, .. }
                 ));
                 assert_eq!(
                     config.p2p.advertise_addr,

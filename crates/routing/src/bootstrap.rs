@@ -43,6 +43,109 @@ pub enum BootstrapConfig {
     },
 }
 
+/// Where the first peers come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BootstrapKind {
+    /// None: this node waits to be dialled.
+    None,
+    /// `--static-bootstrap-peers`.
+    Static,
+    /// `--dns-bootstrap-domain`.
+    Dns,
+    /// `--http-bootstrap-url`.
+    Http,
+}
+
+/// How this node finds its first peers, as the operator gives it; checked
+/// into a [`BootstrapConfig`] by [`BootstrapArgs::config`].
+#[derive(Debug, Clone, clap::Args)]
+pub struct BootstrapArgs {
+    /// How this node finds its first peers.
+    #[arg(long, env = "PEERMIRROR_BOOTSTRAP_KIND", value_enum, default_value_t = BootstrapKind::None)]
+    pub bootstrap_kind: BootstrapKind,
+
+    /// Peers to dial with `--bootstrap-kind static`, comma-separated
+    /// multiaddrs (`/ip4/10.0.0.1/tcp/5001[/p2p/<peer id>]`).
+    #[arg(long, env = "PEERMIRROR_STATIC_BOOTSTRAP_PEERS", value_delimiter = ',', num_args = 1..)]
+    pub static_bootstrap_peers: Vec<Multiaddr>,
+
+    /// With `--bootstrap-kind dns`: a name whose A/AAAA records are the peers
+    /// (a Kubernetes headless service); they are dialled on the P2P port.
+    #[arg(long, env = "PEERMIRROR_DNS_BOOTSTRAP_DOMAIN")]
+    pub dns_bootstrap_domain: Option<String>,
+
+    /// With `--bootstrap-kind http`: an `http://` or `https://` URL answering
+    /// a bootstrap document: a JSON array of peer multiaddrs (see
+    /// `--http-bootstrap-addr`), or Spegel's `{"ID", "Addrs"}` entries (see
+    /// `peermirror bootstrapper`).
+    #[arg(
+        long,
+        env = "PEERMIRROR_HTTP_BOOTSTRAP_URL",
+        alias = "http-bootstrap-peer"
+    )]
+    pub http_bootstrap_url: Option<String>,
+
+    /// For an `https://` bootstrap URL: a directory with `ca.crt` (verifies
+    /// the server), `tls.crt` and `tls.key` (this node's client
+    /// certificate), as a Kubernetes TLS secret mounts them; reloaded when
+    /// they change.
+    #[arg(long, env = "PEERMIRROR_HTTP_BOOTSTRAP_CERT_DIR")]
+    pub http_bootstrap_cert_dir: Option<std::path::PathBuf>,
+
+    /// Register this node's entry at the bootstrap URL (`PUT <url>/<peer
+    /// id>`, renewed while it runs), as `peermirror bootstrapper` expects.
+    #[arg(long, env = "PEERMIRROR_HTTP_BOOTSTRAP_REGISTER")]
+    pub http_bootstrap_register: bool,
+
+    /// Serve this node's own entry (a JSON array of its multiaddrs) on this
+    /// address, for other nodes' `--http-bootstrap-url`.
+    #[arg(long, env = "PEERMIRROR_HTTP_BOOTSTRAP_ADDR", value_parser = peermirror_net::flags::parse_listen_addr)]
+    pub http_bootstrap_addr: Option<std::net::SocketAddr>,
+}
+
+/// A bootstrap kind given without what it needs.
+#[derive(Debug, thiserror::Error)]
+#[error("--bootstrap-kind {kind} needs {flag}")]
+pub struct MissingBootstrap {
+    pub kind: &'static str,
+    pub flag: &'static str,
+}
+
+impl BootstrapArgs {
+    /// The bootstrap source these flags describe; DNS names are dialled on
+    /// `p2p_port`.
+    pub fn config(&self, p2p_port: u16) -> Result<BootstrapConfig, MissingBootstrap> {
+        Ok(match self.bootstrap_kind {
+            BootstrapKind::None => BootstrapConfig::None,
+            BootstrapKind::Static if self.static_bootstrap_peers.is_empty() => {
+                return Err(MissingBootstrap {
+                    kind: "static",
+                    flag: "--static-bootstrap-peers",
+                });
+            }
+            BootstrapKind::Static => BootstrapConfig::Static(self.static_bootstrap_peers.clone()),
+            BootstrapKind::Dns => BootstrapConfig::Dns {
+                domain: self.dns_bootstrap_domain.clone().ok_or(MissingBootstrap {
+                    kind: "dns",
+                    flag: "--dns-bootstrap-domain",
+                })?,
+                port: p2p_port,
+            },
+            BootstrapKind::Http => BootstrapConfig::Http {
+                url: self.http_bootstrap_url.clone().ok_or(MissingBootstrap {
+                    kind: "http",
+                    flag: "--http-bootstrap-url",
+                })?,
+                tls: self
+                    .http_bootstrap_cert_dir
+                    .as_deref()
+                    .map(peermirror_net::tls::TlsFiles::from_secret_dir),
+                register: self.http_bootstrap_register,
+            },
+        })
+    }
+}
+
 impl BootstrapConfig {
     pub fn is_configured(&self) -> bool {
         !matches!(self, BootstrapConfig::None)
