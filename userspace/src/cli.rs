@@ -463,51 +463,6 @@ pub struct Run {
     #[arg(long, env = "PEERMIRROR_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
-    /// The eBPF dataplane (per-peer traffic counters and the kernel boundary
-    /// of the registry and P2P ports): `required` refuses to start without
-    /// it, `optional` says once why it is missing and runs without, `off`
-    /// does not load it.
-    #[arg(long, env = "PEERMIRROR_DATAPLANE", value_enum, default_value_t = DataplaneArg::Optional)]
-    pub dataplane: DataplaneArg,
-
-    /// Directory on a bpf filesystem for the dataplane's pinned maps,
-    /// programs and links (one per daemon).
-    #[arg(
-        long,
-        env = "PEERMIRROR_BPFFS_PATH",
-        default_value = "/sys/fs/bpf/peermirror"
-    )]
-    pub bpffs_path: PathBuf,
-
-    /// cgroup v2 directory the daemon joins and the programs attach to
-    /// (created if missing); by default the cgroup the daemon runs in.
-    #[arg(long, env = "PEERMIRROR_DATAPLANE_CGROUP")]
-    pub dataplane_cgroup: Option<PathBuf>,
-
-    /// Networks allowed to reach the P2P port, comma-separated CIDRs (the
-    /// node network); empty: everyone (the preshared key is the gate).
-    #[arg(long, env = "PEERMIRROR_ALLOWED_CIDRS", value_delimiter = ',', num_args = 1..)]
-    pub allowed_cidrs: Vec<ipnet::IpNet>,
-
-    /// Networks admitted to the registry port besides loopback, this node's
-    /// addresses and the peers that proved the preshared key.
-    #[arg(long, env = "PEERMIRROR_REGISTRY_CLIENT_CIDRS", value_delimiter = ',', num_args = 1..)]
-    pub registry_client_cidrs: Vec<ipnet::IpNet>,
-
-    /// How long a peer stays admitted to the registry port after its last
-    /// P2P connection closed.
-    #[arg(long, env = "PEERMIRROR_ADMISSION_TTL", default_value = "10m", value_parser = parse_duration)]
-    pub admission_ttl: Duration,
-
-    /// Remote addresses the per-peer counter map holds (the oldest are
-    /// evicted beyond it).
-    #[arg(
-        long,
-        env = "PEERMIRROR_DATAPLANE_PEER_MAP_SIZE",
-        default_value_t = 4096
-    )]
-    pub dataplane_peer_map_size: u32,
-
     #[command(flatten)]
     pub registries: MirroredRegistries,
 
@@ -519,6 +474,9 @@ pub struct Run {
 
     #[command(flatten, next_help_heading = "Bootstrap (the first peers)")]
     pub bootstrap: BootstrapArgs,
+
+    #[command(flatten, next_help_heading = "Dataplane (eBPF)")]
+    pub dataplane: peermirror_dataplane::DataplaneConfig,
 
     /// Regular expressions on `<registry>/<repository>[:<tag>]`,
     /// comma-separated; a reference that matches one is neither advertised
@@ -537,14 +495,6 @@ pub struct Run {
 pub enum MetricsCompatArg {
     Spegel,
     None,
-}
-
-/// Whether the eBPF dataplane must, may or must not load.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DataplaneArg {
-    Required,
-    Optional,
-    Off,
 }
 
 /// The log levels `--log-level` takes alone.
@@ -684,20 +634,10 @@ impl Run {
                 ServingPathArg::Buffered => ServingPathChoice::Exactly(ServingPath::Buffered),
             },
             dataplane: peermirror_dataplane::DataplaneConfig {
-                mode: match self.dataplane {
-                    DataplaneArg::Required => peermirror_dataplane::DataplaneMode::Required,
-                    DataplaneArg::Optional => peermirror_dataplane::DataplaneMode::Optional,
-                    DataplaneArg::Off => peermirror_dataplane::DataplaneMode::Off,
-                },
-                bpffs: self.bpffs_path,
-                cgroup: self.dataplane_cgroup,
                 registry_port: self.registry_addr.port(),
                 p2p_port: self.p2p.router_addr.port(),
-                p2p_cidrs: self.allowed_cidrs,
-                registry_client_cidrs: self.registry_client_cidrs,
-                peer_map_size: self.dataplane_peer_map_size,
+                ..self.dataplane
             },
-            admission_ttl: self.admission_ttl,
             tls: match (self.tls_cert, self.tls_key, self.tls_client_ca) {
                 (Some(cert), Some(key), Some(client_ca)) => Some(peermirror_net::tls::TlsFiles {
                     cert,

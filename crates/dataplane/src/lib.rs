@@ -79,14 +79,13 @@ const MAPS: [&str; 6] = [
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
-/// What happens when the programs cannot be loaded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What happens when the programs cannot be loaded: `Required` refuses to
+/// start, `Optional` says so once and runs without the boundary and the
+/// counters, `Off` does not load them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DataplaneMode {
-    /// Refuse to start.
     Required,
-    /// Say so once and run without the boundary and the counters.
     Optional,
-    /// Do not load the programs.
     Off,
 }
 
@@ -100,24 +99,68 @@ impl DataplaneMode {
     }
 }
 
-#[derive(Debug, Clone)]
+/// The dataplane's settings, as the operator gives them (the ports are the
+/// daemon's, set when it wires the parts).
+#[derive(Debug, Clone, clap::Args)]
 pub struct DataplaneConfig {
+    /// The eBPF dataplane (per-peer traffic counters and the kernel boundary
+    /// of the registry and P2P ports): `required` refuses to start without
+    /// it, `optional` says once why it is missing and runs without, `off`
+    /// does not load it.
+    #[arg(long = "dataplane", value_name = "DATAPLANE", env = "PEERMIRROR_DATAPLANE", value_enum, default_value_t = DataplaneMode::Optional)]
     pub mode: DataplaneMode,
-    /// Directory (on a bpf filesystem) for the pins.
+
+    /// Directory on a bpf filesystem for the dataplane's pinned maps,
+    /// programs and links (one per daemon).
+    #[arg(
+        long = "bpffs-path",
+        value_name = "BPFFS_PATH",
+        env = "PEERMIRROR_BPFFS_PATH",
+        default_value = "/sys/fs/bpf/peermirror"
+    )]
     pub bpffs: PathBuf,
-    /// The cgroup v2 directory the daemon joins; `None`: the one it runs in.
+
+    /// cgroup v2 directory the daemon joins and the programs attach to
+    /// (created if missing); by default the cgroup the daemon runs in.
+    #[arg(
+        long = "dataplane-cgroup",
+        value_name = "DATAPLANE_CGROUP",
+        env = "PEERMIRROR_DATAPLANE_CGROUP"
+    )]
     pub cgroup: Option<PathBuf>,
-    pub registry_port: u16,
-    pub p2p_port: u16,
-    /// Who may reach the P2P port; empty: everyone (the preshared key is the
-    /// gate there).
+
+    /// Networks allowed to reach the P2P port, comma-separated CIDRs (the
+    /// node network); empty: everyone (the preshared key is the gate).
+    #[arg(long = "allowed-cidrs", value_name = "ALLOWED_CIDRS", env = "PEERMIRROR_ALLOWED_CIDRS", value_delimiter = ',', num_args = 1..)]
     pub p2p_cidrs: Vec<IpNet>,
-    /// Extra addresses admitted to the registry port (besides loopback, the
-    /// node's own addresses and the peers that proved the key).
+
+    /// Networks admitted to the registry port besides loopback, this node's
+    /// addresses and the peers that proved the preshared key.
+    #[arg(long, env = "PEERMIRROR_REGISTRY_CLIENT_CIDRS", value_delimiter = ',', num_args = 1..)]
     pub registry_client_cidrs: Vec<IpNet>,
-    /// Size of the per-address counter map (LRU: older addresses are
-    /// evicted, so it stays at this bound).
+
+    /// How long a peer stays admitted to the registry port after its last
+    /// P2P connection closed.
+    #[arg(long, env = "PEERMIRROR_ADMISSION_TTL", default_value = "10m", value_parser = peermirror_net::flags::parse_duration)]
+    pub admission_ttl: std::time::Duration,
+
+    /// Remote addresses the per-peer counter map holds (the oldest are
+    /// evicted beyond it).
+    #[arg(
+        long = "dataplane-peer-map-size",
+        value_name = "DATAPLANE_PEER_MAP_SIZE",
+        env = "PEERMIRROR_DATAPLANE_PEER_MAP_SIZE",
+        default_value_t = 4096
+    )]
     pub peer_map_size: u32,
+
+    /// The registry port (the same on every node).
+    #[arg(skip)]
+    pub registry_port: u16,
+
+    /// The P2P port.
+    #[arg(skip)]
+    pub p2p_port: u16,
 }
 
 #[derive(Debug, thiserror::Error)]

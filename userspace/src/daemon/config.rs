@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use super::supervisor::TaskFailed;
 use crate::status::DebugAccess;
@@ -24,9 +23,6 @@ pub struct DaemonConfig {
     pub serving_path: ServingPathChoice,
     pub uploads: UploadLimits,
     pub dataplane: DataplaneConfig,
-    /// How long a peer stays admitted to the registry port after its last
-    /// P2P connection closed.
-    pub admission_ttl: Duration,
     /// mTLS on the registry port and towards peers.
     pub tls: Option<TlsFiles>,
     pub registry_addr: SocketAddr,

@@ -80,7 +80,7 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     let status_stage = tasks.stage("status");
 
     let admission = dataplane.as_ref().map(|dp| {
-        let admission = Admission::new(dp.clone(), config.admission_ttl);
+        let admission = Admission::new(dp.clone(), config.dataplane.admission_ttl);
         peermirror_metrics::register_traffic(&mut prometheus, admission.clone());
         admission
     });
