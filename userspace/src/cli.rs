@@ -15,7 +15,7 @@ use crate::daemon::DaemonConfig;
 use peermirror_mirror::MirrorConfig;
 pub use peermirror_net::flags::{parse_duration, parse_listen_addr, parse_size};
 use peermirror_oci::{ReferenceFilter, Registry};
-use peermirror_registry::{ServerConfig, ServingPath, ServingPathChoice};
+use peermirror_registry::RegistrySettings;
 use peermirror_routing::bootstrap::BootstrapArgs;
 use peermirror_routing::p2p::P2pSettings;
 use peermirror_store::ContainerdConfig;
@@ -299,19 +299,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// How blob bodies are sent on plain HTTP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ServingPathArg {
-    /// The path that measured cheapest here (sendfile; see benches/README.md).
-    Auto,
-    /// io_uring splice file → pipe → socket; refuses to start without it.
-    IoUring,
-    /// sendfile(2): the kernel copies from the page cache to the socket.
-    Sendfile,
-    /// Read into a buffer and write it (no zero-copy).
-    Buffered,
-}
-
 #[derive(Debug, Args)]
 pub struct LogArgs {
     /// Log level (error, warn, info, debug, trace) or a tracing filter such as
@@ -385,11 +372,6 @@ pub struct Run {
     #[arg(long, env = "PEERMIRROR_RESYNC_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub resync_interval: Duration,
 
-    /// Address of the registry port that containerd and the peers pull from
-    /// (`:5000` listens on every address).
-    #[arg(long, env = "PEERMIRROR_REGISTRY_ADDR", default_value = ":5000", value_parser = parse_listen_addr)]
-    pub registry_addr: SocketAddr,
-
     /// Address of the /metrics, /healthz, /readyz and /debug endpoints.
     #[arg(long, env = "PEERMIRROR_METRICS_ADDR", default_value = ":9090", value_parser = parse_listen_addr)]
     pub metrics_addr: SocketAddr,
@@ -419,33 +401,6 @@ pub struct Run {
     )]
     pub data_dir: PathBuf,
 
-    /// How blob bodies leave the process on plain HTTP.
-    #[arg(long, env = "PEERMIRROR_SERVING_PATH", value_enum, default_value_t = ServingPathArg::Auto)]
-    pub serving_path: ServingPathArg,
-
-    /// How long a registry client may make no progress reading a response
-    /// before its connection is closed.
-    #[arg(long, env = "PEERMIRROR_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub write_timeout: Duration,
-
-    /// Blob bodies sent to other hosts at once (0: no limit); beyond it the
-    /// answer is 503 and containerd tries its next endpoint.
-    #[arg(long, env = "PEERMIRROR_MAX_UPLOADS", default_value_t = 64)]
-    pub max_uploads: usize,
-
-    /// Blob bodies sent to one client address at once (0: no limit).
-    #[arg(long, env = "PEERMIRROR_MAX_UPLOADS_PER_CLIENT", default_value_t = 8)]
-    pub max_uploads_per_client: usize,
-
-    /// Connections the registry port serves at once; beyond, a new
-    /// connection is answered 503 and closed.
-    #[arg(long, env = "PEERMIRROR_MAX_CONNECTIONS", default_value_t = 1024)]
-    pub max_connections: usize,
-
-    /// How long an idle keep-alive connection on the registry port is kept.
-    #[arg(long, env = "PEERMIRROR_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
-    pub idle_timeout: Duration,
-
     /// The node certificate (PEM). With `--tls-key` and `--tls-client-ca`,
     /// the registry port speaks only TLS and requires client certificates;
     /// the same certificate authenticates this node to its peers. It must
@@ -466,6 +421,9 @@ pub struct Run {
     #[command(flatten)]
     pub registries: MirroredRegistries,
 
+    #[command(flatten, next_help_heading = "Registry port")]
+    pub registry: RegistrySettings,
+
     #[command(flatten, next_help_heading = "Mirror (fetching from peers)")]
     pub mirror: MirrorConfig,
 
@@ -483,11 +441,6 @@ pub struct Run {
     /// nor served (write a comma inside an expression as `\x2c`).
     #[arg(long, env = "PEERMIRROR_REGISTRY_FILTERS", value_delimiter = ',', num_args = 1..)]
     pub registry_filters: Vec<String>,
-
-    /// How long a follower's request waits for the ingest of the blob it
-    /// follows to appear in this node's content store.
-    #[arg(long, env = "PEERMIRROR_FANOUT_INGEST_WAIT", default_value = "2s", value_parser = parse_duration)]
-    pub fanout_ingest_wait: Duration,
 }
 
 /// Which other daemon's metric names to export too.
@@ -624,17 +577,17 @@ impl Run {
                 resync_interval: self.resync_interval,
             },
             filter,
-            registry_addr: self.registry_addr,
+            registry: RegistrySettings {
+                in_flight: peermirror_registry::InFlightConfig {
+                    stall: self.mirror.stall_timeout,
+                    ..self.registry.in_flight
+                },
+                ..self.registry
+            },
             metrics_addr: self.metrics_addr,
             data_dir: self.data_dir,
-            serving_path: match self.serving_path {
-                ServingPathArg::Auto => ServingPathChoice::Auto,
-                ServingPathArg::IoUring => ServingPathChoice::Exactly(ServingPath::IoUring),
-                ServingPathArg::Sendfile => ServingPathChoice::Exactly(ServingPath::Sendfile),
-                ServingPathArg::Buffered => ServingPathChoice::Exactly(ServingPath::Buffered),
-            },
             dataplane: peermirror_dataplane::DataplaneConfig {
-                registry_port: self.registry_addr.port(),
+                registry_port: self.registry.registry_addr.port(),
                 p2p_port: self.p2p.router_addr.port(),
                 ..self.dataplane
             },
@@ -646,16 +599,6 @@ impl Run {
                 }),
                 _ => None,
             },
-            uploads: peermirror_registry::UploadLimits {
-                total: self.max_uploads,
-                per_client: self.max_uploads_per_client,
-            },
-            server: ServerConfig {
-                write_timeout: self.write_timeout,
-                idle_timeout: self.idle_timeout,
-                max_connections: self.max_connections.max(1),
-                ..ServerConfig::default()
-            },
             import_dir: self.import_dir,
             metrics_compat: match self.metrics_compat {
                 MetricsCompatArg::Spegel => peermirror_metrics::MetricsCompat::Spegel,
@@ -666,15 +609,11 @@ impl Run {
                 allowed: self.debug_allowed_cidrs,
             },
             p2p: self.p2p,
-            in_flight: peermirror_registry::InFlightConfig {
-                wait: self.fanout_ingest_wait,
-                stall: self.mirror.stall_timeout,
-            },
             bootstrap,
             http_bootstrap_addr: self.bootstrap.http_bootstrap_addr,
             mirror: MirrorConfig {
                 // The source answers once its ingest is there.
-                follow_header_timeout: self.mirror.header_timeout + self.fanout_ingest_wait,
+                follow_header_timeout: self.mirror.header_timeout + self.registry.in_flight.wait,
                 ..self.mirror
             },
         })
@@ -821,7 +760,10 @@ mod tests {
         let Command::Run(run) = cli.command else {
             panic!("not run")
         };
-        assert_eq!(run.registry_addr, "127.0.0.1:6000".parse().expect("addr"));
+        assert_eq!(
+            run.registry.registry_addr,
+            "127.0.0.1:6000".parse().expect("addr")
+        );
         assert_eq!(run.containerd.containerd_namespace, "k8s.io");
         assert!(Cli::try_parse_from(["peermirror", "run", "--resync-interval", "soon"]).is_err());
         assert!(run.into_config().is_ok());

@@ -45,6 +45,31 @@ pub enum ServingPathChoice {
     Exactly(ServingPath),
 }
 
+impl clap::ValueEnum for ServingPathChoice {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[
+            ServingPathChoice::Auto,
+            ServingPathChoice::Exactly(ServingPath::IoUring),
+            ServingPathChoice::Exactly(ServingPath::Sendfile),
+            ServingPathChoice::Exactly(ServingPath::Buffered),
+        ]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        use clap::builder::PossibleValue;
+        Some(match self {
+            ServingPathChoice::Auto => PossibleValue::new("auto")
+                .help("The path that measured cheapest here (sendfile; see benches/README.md)"),
+            ServingPathChoice::Exactly(ServingPath::IoUring) => PossibleValue::new("io-uring")
+                .help("io_uring splice file → pipe → socket; refuses to start without it"),
+            ServingPathChoice::Exactly(ServingPath::Sendfile) => PossibleValue::new("sendfile")
+                .help("sendfile(2): the kernel copies from the page cache to the socket"),
+            ServingPathChoice::Exactly(ServingPath::Buffered) => PossibleValue::new("buffered")
+                .help("Read into a buffer and write it (no zero-copy)"),
+        })
+    }
+}
+
 /// How file bodies leave the process, chosen once at start-up.
 #[derive(Clone)]
 pub enum FileBodies {

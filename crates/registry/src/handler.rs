@@ -139,12 +139,17 @@ pub struct HandlerConfig {
 }
 
 /// How blobs still being written are served to peers that follow them.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct InFlightConfig {
-    /// How long a follower's request waits for the ingest to appear.
+    /// How long a follower's request waits for the ingest of the blob it
+    /// follows to appear in this node's content store.
+    #[arg(help_heading = "Fan-out (first deploy)", long = "fanout-ingest-wait", value_name = "FANOUT_INGEST_WAIT", env = "PEERMIRROR_FANOUT_INGEST_WAIT", default_value = "2s", value_parser = peermirror_net::flags::parse_duration)]
     pub wait: Duration,
+
     /// A followed ingest that grows by nothing for this long fails the
-    /// response (the follower resumes elsewhere or goes upstream).
+    /// response (the follower resumes elsewhere or goes upstream); the
+    /// mirror's stall timeout.
+    #[arg(skip = Duration::from_secs(3))]
     pub stall: Duration,
 }
 

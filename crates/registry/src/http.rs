@@ -29,17 +29,28 @@ use peermirror_oci::{FOLLOW_HEADER, MIRRORED_HEADER, OciError};
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ServerConfig {
-    /// How long an idle keep-alive connection is kept.
+    /// How long an idle keep-alive connection on the registry port is kept.
+    #[arg(long, env = "PEERMIRROR_IDLE_TIMEOUT", default_value = "90s", value_parser = peermirror_net::flags::parse_duration)]
     pub idle_timeout: Duration,
+
     /// How long a client may take to send a request head once it started.
+    #[arg(skip = Duration::from_secs(10))]
     pub header_timeout: Duration,
-    /// How long a client may make no progress reading a response.
+
+    /// How long a registry client may make no progress reading a response
+    /// before its connection is closed.
+    #[arg(long, env = "PEERMIRROR_WRITE_TIMEOUT", default_value = "30s", value_parser = peermirror_net::flags::parse_duration)]
     pub write_timeout: Duration,
+
     /// How long shutdown waits for responses in flight.
+    #[arg(skip = Duration::from_secs(10))]
     pub drain_timeout: Duration,
-    /// Connections served at once; beyond, a new one is answered 503.
+
+    /// Connections the registry port serves at once; beyond, a new
+    /// connection is answered 503 and closed.
+    #[arg(long, env = "PEERMIRROR_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
 }
 
@@ -104,6 +115,11 @@ impl Server {
         files: FileBodies,
         tls: Option<Arc<TlsState>>,
     ) -> Arc<Server> {
+        // At least one connection at a time.
+        let config = ServerConfig {
+            max_connections: config.max_connections.max(1),
+            ..config
+        };
         Arc::new(Server {
             handler,
             config,

@@ -20,6 +20,28 @@ pub use handler::{
 pub use http::{Conn, Server, ServerConfig};
 pub use limits::{UploadLimits, UploadPermit, UploadRate, Uploads};
 
+/// The registry port's settings, as the operator gives them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RegistrySettings {
+    /// Address of the registry port that containerd and the peers pull from
+    /// (`:5000` listens on every address).
+    #[arg(long, env = "PEERMIRROR_REGISTRY_ADDR", default_value = ":5000", value_parser = peermirror_net::flags::parse_listen_addr)]
+    pub registry_addr: std::net::SocketAddr,
+
+    /// How blob bodies leave the process on plain HTTP.
+    #[arg(long, env = "PEERMIRROR_SERVING_PATH", value_enum, default_value_t = ServingPathChoice::Auto)]
+    pub serving_path: ServingPathChoice,
+
+    #[command(flatten)]
+    pub server: ServerConfig,
+
+    #[command(flatten)]
+    pub uploads: UploadLimits,
+
+    #[command(flatten)]
+    pub in_flight: InFlightConfig,
+}
+
 /// Entry points for the fuzz targets in `fuzz/` (built with `--cfg
 /// fuzzing` by cargo fuzz only): the parsers of input from the network,
 /// which must answer every input with a value or an error.

@@ -11,11 +11,25 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct UploadLimits {
-    /// Concurrent uploads of the whole node (0: no limit).
+    /// Blob bodies sent to other hosts at once (0: no limit); beyond it the
+    /// answer is 503 and containerd tries its next endpoint.
+    #[arg(
+        long = "max-uploads",
+        value_name = "MAX_UPLOADS",
+        env = "PEERMIRROR_MAX_UPLOADS",
+        default_value_t = 64
+    )]
     pub total: usize,
-    /// Concurrent uploads to one client address (0: no limit).
+
+    /// Blob bodies sent to one client address at once (0: no limit).
+    #[arg(
+        long = "max-uploads-per-client",
+        value_name = "MAX_UPLOADS_PER_CLIENT",
+        env = "PEERMIRROR_MAX_UPLOADS_PER_CLIENT",
+        default_value_t = 8
+    )]
     pub per_client: usize,
 }
 

@@ -9,7 +9,7 @@ use peermirror_dataplane::DataplaneConfig;
 use peermirror_mirror::MirrorConfig;
 use peermirror_net::tls::TlsFiles;
 use peermirror_oci::ReferenceFilter;
-use peermirror_registry::{ServerConfig, ServingPathChoice, UploadLimits};
+use peermirror_registry::RegistrySettings;
 use peermirror_routing::bootstrap::BootstrapConfig;
 use peermirror_routing::identity::IdentityError;
 use peermirror_routing::p2p::{P2pError, P2pSettings};
@@ -20,22 +20,18 @@ pub struct DaemonConfig {
     pub containerd: ContainerdConfig,
     /// Which registries and references are served, mirrored and advertised.
     pub filter: ReferenceFilter,
-    pub serving_path: ServingPathChoice,
-    pub uploads: UploadLimits,
+    /// The registry port.
+    pub registry: RegistrySettings,
     pub dataplane: DataplaneConfig,
     /// mTLS on the registry port and towards peers.
     pub tls: Option<TlsFiles>,
-    pub registry_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub data_dir: PathBuf,
-    pub server: ServerConfig,
     pub p2p: P2pSettings,
     pub bootstrap: BootstrapConfig,
     /// Where this node serves its own bootstrap entry, if anywhere.
     pub http_bootstrap_addr: Option<SocketAddr>,
     pub mirror: MirrorConfig,
-    /// Serving blobs still being written to peers that follow them.
-    pub in_flight: peermirror_registry::InFlightConfig,
     /// Who may see the debug endpoints.
     pub debug: DebugAccess,
     /// Other daemons' metric names exported too.

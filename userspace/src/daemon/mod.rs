@@ -54,18 +54,22 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     })?;
     // Each registry connection may hold a socket, a file and a pipe pair;
     // the status and P2P ports and containerd need a few hundred more.
-    let needed = config.server.max_connections as u64 * 4 + 512;
+    let needed = config.registry.server.max_connections.max(1) as u64 * 4 + 512;
     peermirror_net::raise_open_file_limit(needed);
     let keypair = identity::load_or_create(&config.data_dir)?;
     // The dataplane before any socket: a socket's cgroup is fixed when it
     // is created. From here on every return detaches it, a failed start too.
     let dataplane = Dataplane::start_as_configured(&config.dataplane)?;
     let _detach = DetachOnDrop(dataplane.clone());
-    let registry_listener = listen("registry", config.registry_addr).await?;
+    let registry_listener = listen("registry", config.registry.registry_addr).await?;
     let metrics_listener = listen("metrics", config.metrics_addr).await?;
-    let files = FileBodies::choose_for(config.serving_path, config.uploads.total, &metrics)
-        .await
-        .map_err(DaemonError::IoUring)?;
+    let files = FileBodies::choose_for(
+        config.registry.serving_path,
+        config.registry.uploads.total,
+        &metrics,
+    )
+    .await
+    .map_err(DaemonError::IoUring)?;
     announce_mode(
         &config,
         &metrics,
@@ -89,7 +93,7 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
         P2pConfig {
             keypair,
             psk,
-            registry_port: local_port(&registry_listener, config.registry_addr.port()),
+            registry_port: local_port(&registry_listener, config.registry.registry_addr.port()),
             has_bootstrap: config.bootstrap.is_configured(),
             settings: config.p2p.clone(),
             counters: P2pCounters::register(&mut prometheus),
@@ -151,8 +155,8 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
             Some(mirror.clone()),
             HandlerConfig {
                 filter: config.filter.clone(),
-                uploads: config.uploads,
-                in_flight: config.in_flight.clone(),
+                uploads: config.registry.uploads,
+                in_flight: config.registry.in_flight.clone(),
             },
             metrics.clone(),
         )
@@ -161,7 +165,7 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     );
     let server = Server::build(
         handler,
-        config.server.clone(),
+        config.registry.server.clone(),
         metrics.clone(),
         files.clone(),
         tls,
@@ -190,7 +194,7 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
         bootstrap,
         health: tasks.health(),
         facts: NodeFacts {
-            registry_addr: config.registry_addr,
+            registry_addr: config.registry.registry_addr,
             serving_path: files.path(),
             containerd_socket: config.containerd.socket.clone(),
             namespace: config.containerd.namespace.clone(),
@@ -238,7 +242,7 @@ fn announce_mode(
     }
     if !tls && !dataplane {
         tracing::warn!(
-            registry = %config.registry_addr,
+            registry = %config.registry.registry_addr,
             namespace = %config.containerd.namespace,
             "the registry port is open: any host that can reach it can read every image of this containerd namespace. \
              Protect it with mTLS (--tls-cert, --tls-key, --tls-client-ca) or the kernel boundary (--dataplane)."
