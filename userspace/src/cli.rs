@@ -372,27 +372,6 @@ pub struct Run {
     #[arg(long, env = "PEERMIRROR_RESYNC_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub resync_interval: Duration,
 
-    /// Address of the /metrics, /healthz, /readyz and /debug endpoints.
-    #[arg(long, env = "PEERMIRROR_METRICS_ADDR", default_value = ":9090", value_parser = parse_listen_addr)]
-    pub metrics_addr: SocketAddr,
-
-    /// Serve the debug endpoints (/debug, which shows image names, digests
-    /// and peer addresses). They answer loopback, connected peers and
-    /// `--debug-allowed-cidrs`; anyone else gets 403.
-    #[arg(long, env = "PEERMIRROR_DEBUG_ENDPOINTS", default_value_t = true, action = clap::ArgAction::Set, alias = "debug-web-enabled")]
-    pub debug_endpoints: bool,
-
-    /// Other daemons' metric names exported besides `peermirror_*`:
-    /// `spegel` (Spegel's names and labels, so that its queries and
-    /// dashboards work) or `none`.
-    #[arg(long, env = "PEERMIRROR_METRICS_COMPAT", value_enum, default_value_t = MetricsCompatArg::Spegel)]
-    pub metrics_compat: MetricsCompatArg,
-
-    /// Networks allowed to see the debug endpoints besides loopback and the
-    /// connected peers, comma-separated CIDRs.
-    #[arg(long, env = "PEERMIRROR_DEBUG_ALLOWED_CIDRS", value_delimiter = ',', num_args = 1..)]
-    pub debug_allowed_cidrs: Vec<ipnet::IpNet>,
-
     /// Directory for the daemon's state.
     #[arg(
         long,
@@ -400,23 +379,6 @@ pub struct Run {
         default_value = "/var/lib/peermirror"
     )]
     pub data_dir: PathBuf,
-
-    /// The node certificate (PEM). With `--tls-key` and `--tls-client-ca`,
-    /// the registry port speaks only TLS and requires client certificates;
-    /// the same certificate authenticates this node to its peers. It must
-    /// carry IP SANs (the node's address and 127.0.0.1) and both the
-    /// serverAuth and clientAuth usages.
-    #[arg(long, env = "PEERMIRROR_TLS_CERT", requires_all = ["tls_key", "tls_client_ca"])]
-    pub tls_cert: Option<PathBuf>,
-
-    /// The node certificate's private key (PEM).
-    #[arg(long, env = "PEERMIRROR_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-
-    /// The CA that signs every node's certificate (PEM); clients must
-    /// present a certificate it signed.
-    #[arg(long, env = "PEERMIRROR_TLS_CLIENT_CA", requires = "tls_cert")]
-    pub tls_client_ca: Option<PathBuf>,
 
     #[command(flatten)]
     pub registries: MirroredRegistries,
@@ -433,6 +395,12 @@ pub struct Run {
     #[command(flatten, next_help_heading = "Bootstrap (the first peers)")]
     pub bootstrap: BootstrapArgs,
 
+    #[command(flatten, next_help_heading = "TLS (the registry port)")]
+    pub tls: peermirror_net::tls::TlsArgs,
+
+    #[command(flatten, next_help_heading = "Status and observability")]
+    pub status: crate::status::StatusArgs,
+
     #[command(flatten, next_help_heading = "Dataplane (eBPF)")]
     pub dataplane: peermirror_dataplane::DataplaneConfig,
 
@@ -441,13 +409,6 @@ pub struct Run {
     /// nor served (write a comma inside an expression as `\x2c`).
     #[arg(long, env = "PEERMIRROR_REGISTRY_FILTERS", value_delimiter = ',', num_args = 1..)]
     pub registry_filters: Vec<String>,
-}
-
-/// Which other daemon's metric names to export too.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum MetricsCompatArg {
-    Spegel,
-    None,
 }
 
 /// The log levels `--log-level` takes alone.
@@ -584,30 +545,15 @@ impl Run {
                 },
                 ..self.registry
             },
-            metrics_addr: self.metrics_addr,
             data_dir: self.data_dir,
             dataplane: peermirror_dataplane::DataplaneConfig {
                 registry_port: self.registry.registry_addr.port(),
                 p2p_port: self.p2p.router_addr.port(),
                 ..self.dataplane
             },
-            tls: match (self.tls_cert, self.tls_key, self.tls_client_ca) {
-                (Some(cert), Some(key), Some(client_ca)) => Some(peermirror_net::tls::TlsFiles {
-                    cert,
-                    key,
-                    client_ca,
-                }),
-                _ => None,
-            },
+            tls: self.tls.files(),
             import_dir: self.import_dir,
-            metrics_compat: match self.metrics_compat {
-                MetricsCompatArg::Spegel => peermirror_metrics::MetricsCompat::Spegel,
-                MetricsCompatArg::None => peermirror_metrics::MetricsCompat::None,
-            },
-            debug: crate::status::DebugAccess {
-                enabled: self.debug_endpoints,
-                allowed: self.debug_allowed_cidrs,
-            },
+            status: self.status,
             p2p: self.p2p,
             bootstrap,
             http_bootstrap_addr: self.bootstrap.http_bootstrap_addr,
@@ -719,7 +665,11 @@ mod tests {
             run(&["--mirror-resolve-retries", "3"]).mirror.max_attempts,
             3
         );
-        assert!(!run(&["--debug-web-enabled", "false"]).debug_endpoints);
+        assert!(
+            !run(&["--debug-web-enabled", "false"])
+                .status
+                .debug_endpoints
+        );
         assert_eq!(
             run(&["--http-bootstrap-peer", "http://seed:8080/"])
                 .bootstrap

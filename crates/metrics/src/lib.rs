@@ -101,13 +101,13 @@ label_values!(Source { File => "file", Grpc => "grpc", Memory => "memory", Mirro
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
-/// Which other daemon's metric names are exported besides ours.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Which other daemon's metric names are exported besides ours: `Spegel`
+/// also exports Spegel's names and labels, for what the two daemons share;
+/// `None` only `peermirror_*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum MetricsCompat {
-    /// Also Spegel's names and labels, for what the two daemons share.
     #[default]
     Spegel,
-    /// Only `peermirror_*`.
     None,
 }
 

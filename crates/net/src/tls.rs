@@ -36,6 +36,42 @@ pub struct TlsFiles {
     pub client_ca: PathBuf,
 }
 
+/// The registry port's mTLS, as the operator gives it: all three files or
+/// none.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// The node certificate (PEM). With `--tls-key` and `--tls-client-ca`,
+    /// the registry port speaks only TLS and requires client certificates;
+    /// the same certificate authenticates this node to its peers. It must
+    /// carry IP SANs (the node's address and 127.0.0.1) and both the
+    /// serverAuth and clientAuth usages.
+    #[arg(long, env = "PEERMIRROR_TLS_CERT", requires_all = ["tls_key", "tls_client_ca"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The node certificate's private key (PEM).
+    #[arg(long, env = "PEERMIRROR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The CA that signs every node's certificate (PEM); clients must
+    /// present a certificate it signed.
+    #[arg(long, env = "PEERMIRROR_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The files, when mTLS is on (clap asks for the three together).
+    pub fn files(&self) -> Option<TlsFiles> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_client_ca) {
+            (Some(cert), Some(key), Some(client_ca)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: client_ca.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
 impl TlsFiles {
     /// The files of a directory laid out as a Kubernetes TLS secret is
     /// mounted: `tls.crt`, `tls.key` and `ca.crt`.

@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use super::supervisor::TaskFailed;
-use crate::status::DebugAccess;
 use peermirror_dataplane::DataplaneConfig;
 use peermirror_mirror::MirrorConfig;
 use peermirror_net::tls::TlsFiles;
@@ -25,17 +24,14 @@ pub struct DaemonConfig {
     pub dataplane: DataplaneConfig,
     /// mTLS on the registry port and towards peers.
     pub tls: Option<TlsFiles>,
-    pub metrics_addr: SocketAddr,
     pub data_dir: PathBuf,
     pub p2p: P2pSettings,
     pub bootstrap: BootstrapConfig,
     /// Where this node serves its own bootstrap entry, if anywhere.
     pub http_bootstrap_addr: Option<SocketAddr>,
     pub mirror: MirrorConfig,
-    /// Who may see the debug endpoints.
-    pub debug: DebugAccess,
-    /// Other daemons' metric names exported too.
-    pub metrics_compat: peermirror_metrics::MetricsCompat,
+    /// The status port: its address, the debug pages' access, metric names.
+    pub status: crate::status::StatusArgs,
     /// Image archives imported (pinned) at start and as they appear.
     pub import_dir: Option<PathBuf>,
 }

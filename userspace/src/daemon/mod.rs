@@ -41,7 +41,7 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
         .transpose()?;
     let tls = config.tls.clone().map(TlsState::load).transpose()?;
     let mut prometheus = Registry::default();
-    let metrics = Metrics::with_compat(&mut prometheus, config.metrics_compat);
+    let metrics = Metrics::with_compat(&mut prometheus, config.status.metrics_compat);
     let source_gauges = bootstrap::SourceGauges::register(&mut prometheus);
     let bootstrap = config
         .bootstrap
@@ -62,7 +62,7 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     let dataplane = Dataplane::start_as_configured(&config.dataplane)?;
     let _detach = DetachOnDrop(dataplane.clone());
     let registry_listener = listen("registry", config.registry.registry_addr).await?;
-    let metrics_listener = listen("metrics", config.metrics_addr).await?;
+    let metrics_listener = listen("metrics", config.status.metrics_addr).await?;
     let files = FileBodies::choose_for(
         config.registry.serving_path,
         config.registry.uploads.total,
@@ -201,7 +201,7 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
             dataplane_mode: config.dataplane.mode,
             dataplane_attached: dataplane.is_some(),
         },
-        debug: config.debug.clone(),
+        debug: config.status.debug_access(),
         mirror,
         measuring: tokio::sync::Semaphore::new(1),
     });

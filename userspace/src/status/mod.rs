@@ -47,6 +47,41 @@ pub struct NodeStatus {
 /// The debug web page: one file, no external assets (works air-gapped).
 const WEB_PAGE: &str = include_str!("debug.html");
 
+/// The status port's settings, as the operator gives them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    /// Address of the /metrics, /healthz, /readyz and /debug endpoints.
+    #[arg(long, env = "PEERMIRROR_METRICS_ADDR", default_value = ":9090", value_parser = peermirror_net::flags::parse_listen_addr)]
+    pub metrics_addr: std::net::SocketAddr,
+
+    /// Serve the debug endpoints (/debug, which shows image names, digests
+    /// and peer addresses). They answer loopback, connected peers and
+    /// `--debug-allowed-cidrs`; anyone else gets 403.
+    #[arg(long, env = "PEERMIRROR_DEBUG_ENDPOINTS", default_value_t = true, action = clap::ArgAction::Set, alias = "debug-web-enabled")]
+    pub debug_endpoints: bool,
+
+    /// Networks allowed to see the debug endpoints besides loopback and the
+    /// connected peers, comma-separated CIDRs.
+    #[arg(long, env = "PEERMIRROR_DEBUG_ALLOWED_CIDRS", value_delimiter = ',', num_args = 1..)]
+    pub debug_allowed_cidrs: Vec<ipnet::IpNet>,
+
+    /// Other daemons' metric names exported besides `peermirror_*`:
+    /// `spegel` (Spegel's names and labels, so that its queries and
+    /// dashboards work) or `none`.
+    #[arg(long, env = "PEERMIRROR_METRICS_COMPAT", value_enum, default_value_t = peermirror_metrics::MetricsCompat::Spegel)]
+    pub metrics_compat: peermirror_metrics::MetricsCompat,
+}
+
+impl StatusArgs {
+    /// Who may see the debug endpoints.
+    pub fn debug_access(&self) -> DebugAccess {
+        DebugAccess {
+            enabled: self.debug_endpoints,
+            allowed: self.debug_allowed_cidrs.clone(),
+        }
+    }
+}
+
 /// Who may see the debug endpoints: loopback and this node's own
 /// addresses, the addresses of connected peers (they proved the preshared
 /// key), and the configured networks; nobody when they are switched off.
