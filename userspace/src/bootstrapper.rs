@@ -47,7 +47,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct BootstrapperConfig {
     pub listen_addr: SocketAddr,
-    pub metrics_addr: SocketAddr,
+    pub status_addr: SocketAddr,
     pub tls: TlsFiles,
     /// How long an entry lives without renewal.
     pub entry_ttl: Duration,
@@ -373,13 +373,13 @@ pub async fn run(
             .map_err(|(addr, source)| BootstrapperError::Listen { addr, source })
     };
     let listener = listen(config.listen_addr).await?;
-    let status_listener = listen(config.metrics_addr).await?;
+    let status_listener = listen(config.status_addr).await?;
     let mut registry = Registry::default();
     let counters = Counters::register(&mut registry);
     let table = Arc::new(Table::new(config.entry_ttl, counters));
     tracing::info!(
         addr = %listener.local_addr().map_or(config.listen_addr, |a| a),
-        metrics = %status_listener.local_addr().map_or(config.metrics_addr, |a| a),
+        status = %status_listener.local_addr().map_or(config.status_addr, |a| a),
         ttl = ?config.entry_ttl,
         "bootstrapper started"
     );

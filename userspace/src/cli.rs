@@ -61,8 +61,14 @@ pub struct Bootstrapper {
     pub addr: SocketAddr,
 
     /// Address of the plain status port (`/metrics`, `/healthz`, `/readyz`).
-    #[arg(long, env = "PEERMIRROR_BOOTSTRAPPER_METRICS_ADDR", default_value = ":9091", value_parser = parse_listen_addr)]
-    pub metrics_addr: SocketAddr,
+    #[arg(
+        long = "metrics-addr",
+        value_name = "METRICS_ADDR",
+        env = "PEERMIRROR_BOOTSTRAPPER_METRICS_ADDR",
+        default_value = ":9091",
+        value_parser = parse_listen_addr
+    )]
+    pub status_addr: SocketAddr,
 
     /// A directory with `tls.crt` and `tls.key` (the server certificate)
     /// and `ca.crt` (the CA, or CAs, whose client certificates are
@@ -84,7 +90,7 @@ impl Bootstrapper {
     pub fn into_config(self) -> crate::bootstrapper::BootstrapperConfig {
         crate::bootstrapper::BootstrapperConfig {
             listen_addr: self.addr,
-            metrics_addr: self.metrics_addr,
+            status_addr: self.status_addr,
             tls: peermirror_net::tls::TlsFiles::from_secret_dir(&self.cert_dir),
             entry_ttl: self.entry_ttl.max(Duration::from_secs(3)),
         }
@@ -114,6 +120,36 @@ pub struct MirroredRegistries {
     /// folder, which applies to every registry without a folder of its own).
     #[arg(long, env = "PEERMIRROR_MIRRORED_REGISTRIES", value_delimiter = ',', num_args = 1.., value_parser = parse_registry)]
     pub mirrored_registries: Vec<Registry>,
+}
+
+/// Which images this node serves, mirrors and advertises.
+#[derive(Debug, Args)]
+pub struct ServedReferences {
+    #[command(flatten)]
+    pub registries: MirroredRegistries,
+
+    /// Share `latest` tags. With `false`, tags named `latest` are neither
+    /// advertised nor resolved through peers (as K3s's embedded mirror does
+    /// by default); digests are shared either way.
+    #[arg(long, env = "PEERMIRROR_RESOLVE_LATEST_TAG", default_value_t = true, action = clap::ArgAction::Set)]
+    pub resolve_latest_tag: bool,
+
+    /// Regular expressions on `<registry>/<repository>[:<tag>]`,
+    /// comma-separated; a reference that matches one is neither advertised
+    /// nor served (write a comma inside an expression as `\x2c`).
+    #[arg(long, env = "PEERMIRROR_REGISTRY_FILTERS", value_delimiter = ',', num_args = 1..)]
+    pub registry_filters: Vec<String>,
+}
+
+impl ServedReferences {
+    /// The filter that the store and the registry port apply.
+    pub fn filter(self) -> Result<ReferenceFilter, peermirror_oci::FilterError> {
+        let mut filters = self.registry_filters;
+        if !self.resolve_latest_tag {
+            filters.push(LATEST_TAG_FILTER.to_string());
+        }
+        ReferenceFilter::new(self.registries.mirrored_registries, &filters)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -311,30 +347,10 @@ pub struct LogArgs {
     pub log_format: LogFormat,
 }
 
-/// Which containerd and namespace (shared by `run` and `import`).
-#[derive(Debug, Args)]
-pub struct ContainerdArgs {
-    /// containerd's gRPC socket.
-    #[arg(
-        long,
-        env = "PEERMIRROR_CONTAINERD_SOCK",
-        default_value = "/run/containerd/containerd.sock"
-    )]
-    pub containerd_sock: PathBuf,
-
-    /// containerd namespace whose images are served (kubelet uses k8s.io).
-    #[arg(
-        long,
-        env = "PEERMIRROR_CONTAINERD_NAMESPACE",
-        default_value = "k8s.io"
-    )]
-    pub containerd_namespace: String,
-}
-
 #[derive(Debug, Args)]
 pub struct Import {
     #[command(flatten)]
-    pub containerd: ContainerdArgs,
+    pub containerd: peermirror_store::ContainerdEndpoint,
 
     /// Image archives: `docker save` tarballs or OCI archives, plain, gzip
     /// or zstd (`*.tar`, `*.tar.gz`, `*.tar.zst`).
@@ -347,30 +363,10 @@ pub struct Run {
     #[command(flatten)]
     pub log: LogArgs,
 
-    #[command(flatten)]
-    pub containerd: ContainerdArgs,
-
     /// Import the image archives in this directory (as `peermirror import`
     /// does, pinned) at start and whenever a new one appears.
     #[arg(long, env = "PEERMIRROR_IMPORT_DIR")]
     pub import_dir: Option<PathBuf>,
-
-    /// Share `latest` tags. With `false`, tags named `latest` are neither
-    /// advertised nor resolved through peers (as K3s's embedded mirror does
-    /// by default); digests are shared either way.
-    #[arg(long, env = "PEERMIRROR_RESOLVE_LATEST_TAG", default_value_t = true, action = clap::ArgAction::Set)]
-    pub resolve_latest_tag: bool,
-
-    /// containerd's content store root (the directory holding `blobs/sha256`).
-    /// Asked from containerd when not set. When its files cannot be read,
-    /// blobs are streamed through containerd's gRPC API instead.
-    #[arg(long, env = "PEERMIRROR_CONTAINERD_CONTENT_PATH")]
-    pub containerd_content_path: Option<PathBuf>,
-
-    /// How often the image list is re-read even without containerd events
-    /// (containerd 1.6 sends none when its garbage collector removes content).
-    #[arg(long, env = "PEERMIRROR_RESYNC_INTERVAL", default_value = "60s", value_parser = parse_duration)]
-    pub resync_interval: Duration,
 
     /// Directory for the daemon's state.
     #[arg(
@@ -381,7 +377,10 @@ pub struct Run {
     pub data_dir: PathBuf,
 
     #[command(flatten)]
-    pub registries: MirroredRegistries,
+    pub references: ServedReferences,
+
+    #[command(flatten, next_help_heading = "containerd")]
+    pub containerd: ContainerdConfig,
 
     #[command(flatten, next_help_heading = "Registry port")]
     pub registry: RegistrySettings,
@@ -403,12 +402,6 @@ pub struct Run {
 
     #[command(flatten, next_help_heading = "Dataplane (eBPF)")]
     pub dataplane: peermirror_dataplane::DataplaneConfig,
-
-    /// Regular expressions on `<registry>/<repository>[:<tag>]`,
-    /// comma-separated; a reference that matches one is neither advertised
-    /// nor served (write a comma inside an expression as `\x2c`).
-    #[arg(long, env = "PEERMIRROR_REGISTRY_FILTERS", value_delimiter = ',', num_args = 1..)]
-    pub registry_filters: Vec<String>,
 }
 
 /// The log levels `--log-level` takes alone.
@@ -508,7 +501,7 @@ pub fn comma_separated(list: &str) -> String {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub enum SettingsError {
     #[error(
         "the P2P network needs a preshared key: pass --psk-file <file> (make one with `peermirror generate-psk`), or --insecure-open-network to run without one"
     )]
@@ -520,24 +513,14 @@ pub enum ConfigError {
 }
 
 impl Run {
-    pub fn into_config(self) -> Result<DaemonConfig, ConfigError> {
+    pub fn into_config(self) -> Result<DaemonConfig, SettingsError> {
         if self.p2p.psk_file.is_none() && !self.p2p.insecure_open_network {
-            return Err(ConfigError::NoPsk);
+            return Err(SettingsError::NoPsk);
         }
         let bootstrap = self.bootstrap.config(self.p2p.router_addr.port())?;
-        let mut filters = self.registry_filters.clone();
-        if !self.resolve_latest_tag {
-            filters.push(LATEST_TAG_FILTER.to_string());
-        }
-        let filter = ReferenceFilter::new(self.registries.mirrored_registries, &filters)?;
         Ok(DaemonConfig {
-            containerd: ContainerdConfig {
-                socket: self.containerd.containerd_sock,
-                namespace: self.containerd.containerd_namespace,
-                content_path: self.containerd_content_path,
-                resync_interval: self.resync_interval,
-            },
-            filter,
+            containerd: self.containerd,
+            filter: self.references.filter()?,
             registry: RegistrySettings {
                 in_flight: peermirror_registry::InFlightConfig {
                     stall: self.mirror.stall_timeout,
@@ -714,9 +697,35 @@ mod tests {
             run.registry.registry_addr,
             "127.0.0.1:6000".parse().expect("addr")
         );
-        assert_eq!(run.containerd.containerd_namespace, "k8s.io");
+        assert_eq!(run.containerd.endpoint.namespace, "k8s.io");
         assert!(Cli::try_parse_from(["peermirror", "run", "--resync-interval", "soon"]).is_err());
         assert!(run.into_config().is_ok());
+    }
+
+    /// Tests and library users build the parts from `Default`: it must say
+    /// what the flags say when none is given.
+    #[test]
+    fn hand_written_defaults_are_the_flag_defaults() {
+        let cli = Cli::try_parse_from(["peermirror", "run"]).expect("parse");
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(
+            format!("{:?}", run.mirror),
+            format!("{:?}", MirrorConfig::default())
+        );
+        assert_eq!(
+            format!("{:?}", run.registry.server),
+            format!("{:?}", peermirror_registry::ServerConfig::default())
+        );
+        assert_eq!(
+            format!("{:?}", run.registry.uploads),
+            format!("{:?}", peermirror_registry::UploadLimits::default())
+        );
+        assert_eq!(
+            format!("{:?}", run.registry.in_flight),
+            format!("{:?}", peermirror_registry::InFlightConfig::default())
+        );
     }
 
     fn config(args: &[&str]) -> Result<DaemonConfig, String> {

@@ -143,10 +143,7 @@ fn uninstall(args: &peermirror::cli::Uninstall) -> anyhow::Result<()> {
 fn import(args: &peermirror::cli::Import) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let importer = runtime.block_on(async {
-        peermirror_store::import::Importer::new(
-            &args.containerd.containerd_sock,
-            &args.containerd.containerd_namespace,
-        )
+        peermirror_store::import::Importer::new(&args.containerd.socket, &args.containerd.namespace)
     });
     let mut failed = 0;
     for path in &args.archives {

@@ -17,13 +17,13 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub route: Route,
+    pub route: RouteKind,
     pub method: Method,
     pub code: u16,
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum Route {
+pub enum RouteKind {
     Base,
     Manifest,
     Blob,
@@ -95,7 +95,7 @@ macro_rules! label_values {
     };
 }
 
-label_values!(Route { Base => "base", Manifest => "manifest", Blob => "blob", Other => "other" });
+label_values!(RouteKind { Base => "base", Manifest => "manifest", Blob => "blob", Other => "other" });
 label_values!(Method { Get => "GET", Head => "HEAD", Other => "other" });
 label_values!(Source { File => "file", Grpc => "grpc", Memory => "memory", Mirror => "mirror", InFlight => "in_flight" });
 
@@ -125,14 +125,14 @@ struct RouterLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpLabels {
-    handler: Route,
+    handler: RouteKind,
     method: Method,
     code: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandlerLabels {
-    handler: Route,
+    handler: RouteKind,
 }
 
 /// Spegel's metric names, kept beside ours (`--metrics-compat spegel`) so
@@ -351,7 +351,7 @@ impl Metrics {
 
     /// A registry request begins; the guard counts it in flight until it is
     /// dropped.
-    pub fn request_started(&self, route: Route) -> InflightGuard {
+    pub fn request_started(&self, route: RouteKind) -> InflightGuard {
         let gauge = self.spegel.as_ref().map(|s| {
             s.http_requests_inflight
                 .get_or_create(&HandlerLabels { handler: route })
@@ -367,7 +367,7 @@ impl Metrics {
     /// and the body bytes it promised.
     pub fn request_done(
         &self,
-        route: Route,
+        route: RouteKind,
         method: Method,
         code: u16,
         elapsed: std::time::Duration,
@@ -667,14 +667,14 @@ mod tests {
         metrics.count_mirror("docker.io".into(), "manifest", true, Some(ms));
         metrics.count_mirror("docker.io".into(), "blob", false, None);
         {
-            let _inflight = metrics.request_started(Route::Blob);
+            let _inflight = metrics.request_started(RouteKind::Blob);
             let text = encode(&registry).expect("encode");
             assert!(
                 text.contains(r#"http_requests_inflight{handler="blob"} 1"#),
                 "{text}"
             );
         }
-        metrics.request_done(Route::Blob, Method::Get, 200, ms, 1234);
+        metrics.request_done(RouteKind::Blob, Method::Get, 200, ms, 1234);
         let text = encode(&registry).expect("encode");
         for line in [
             r#"spegel_mirror_requests_total{registry="docker.io",cache="hit"} 2"#,
@@ -690,7 +690,7 @@ mod tests {
         let mut plain = Registry::default();
         let only_ours = Metrics::with_compat(&mut plain, MetricsCompat::None);
         only_ours.count_mirror("docker.io".into(), "blob", true, Some(ms));
-        only_ours.request_done(Route::Blob, Method::Get, 200, ms, 1);
+        only_ours.request_done(RouteKind::Blob, Method::Get, 200, ms, 1);
         let text = encode(&plain).expect("encode");
         assert!(
             !text.contains("spegel_") && !text.contains("\nhttp_"),

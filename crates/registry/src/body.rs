@@ -210,19 +210,20 @@ pub async fn buffered<W: AsyncWrite + Unpin>(
 }
 
 impl FileBodies {
-    /// Sets up the serving path, says once which one is used and exports it.
+    /// Sets up the serving path the settings choose, says once which one is
+    /// used and exports it.
     pub async fn choose_for(
-        choice: ServingPathChoice,
-        uploads: usize,
+        settings: &crate::RegistrySettings,
         metrics: &peermirror_metrics::Metrics,
     ) -> std::io::Result<FileBodies> {
         // Enough kernel workers for every upload the limits allow.
+        let uploads = settings.uploads.total;
         let workers = u32::try_from(uploads).unwrap_or(u32::MAX).clamp(16, 1024);
         let gauges = crate::uring::UringGauges {
             in_flight: metrics.uring_in_flight.clone(),
             idle_pipes: metrics.uring_idle_pipes.clone(),
         };
-        let files = FileBodies::choose(choice, workers, gauges).await?;
+        let files = FileBodies::choose(settings.serving_path, workers, gauges).await?;
         let path = files.path();
         tracing::info!(serving_path = %path, "blob bodies on plain HTTP are sent with {path}");
         metrics

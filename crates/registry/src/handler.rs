@@ -22,12 +22,8 @@ use peermirror_oci::{
 };
 use peermirror_store::{BlobBody, ContentStore, StoreError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    Get,
-    Head,
-    Other,
-}
+/// The request methods the registry tells apart (also a metric label).
+pub use peermirror_metrics::Method;
 
 /// The parts of a request the registry looks at.
 #[derive(Debug, Clone)]
@@ -97,13 +93,13 @@ pub struct Response {
     pub content_length: u64,
     pub body: Body,
     /// For metrics.
-    pub route: metrics::Route,
+    pub route: metrics::RouteKind,
     /// Held while a blob body is sent (the upload limits).
     pub permit: Option<UploadPermit>,
 }
 
 impl Response {
-    pub fn error(route: metrics::Route, err: &OciError) -> Response {
+    pub fn error(route: metrics::RouteKind, err: &OciError) -> Response {
         let body = Bytes::from(err.to_json());
         let mut headers = vec![("content-type", "application/json".to_string())];
         if err.status == 405 {
@@ -243,18 +239,18 @@ impl Handler {
     pub async fn handle(&self, req: &RequestHead) -> Response {
         if req.method == Method::Other {
             return Response::error(
-                metrics::Route::Other,
+                metrics::RouteKind::Other,
                 &OciError::unsupported(405, "this registry is read-only: GET and HEAD only"),
             );
         }
         let route = match parse_target(&req.target) {
             Ok(route) => route,
-            Err(e) => return Response::error(metrics::Route::Other, &e),
+            Err(e) => return Response::error(metrics::RouteKind::Other, &e),
         };
         let metric_route = match route {
-            Route::Base => metrics::Route::Base,
-            Route::Manifest { .. } => metrics::Route::Manifest,
-            Route::Blob { .. } => metrics::Route::Blob,
+            Route::Base => metrics::RouteKind::Base,
+            Route::Manifest { .. } => metrics::RouteKind::Manifest,
+            Route::Blob { .. } => metrics::RouteKind::Blob,
         };
         let result = match route {
             Route::Base => Ok(Response {
@@ -268,7 +264,7 @@ impl Handler {
                 ],
                 content_length: 2,
                 body: Body::Bytes(Bytes::from_static(b"{}")),
-                route: metrics::Route::Base,
+                route: metrics::RouteKind::Base,
                 permit: None,
             }),
             Route::Manifest { name, reference } => {
@@ -334,7 +330,7 @@ impl Handler {
         self.uploads.acquire(client).map_err(|()| {
             self.metrics.upload_rejections.inc();
             let mut busy = Response::error(
-                metrics::Route::Blob,
+                metrics::RouteKind::Blob,
                 &OciError::new(
                     503,
                     peermirror_oci::ErrorCode::TooManyRequests,
@@ -596,7 +592,7 @@ impl Handler {
                     headers,
                     content_length: m.len,
                     body,
-                    route: metrics::Route::Blob,
+                    route: metrics::RouteKind::Blob,
                     permit: None,
                 })
             }
@@ -653,7 +649,7 @@ impl Handler {
             headers,
             content_length: len,
             body,
-            route: metrics::Route::Blob,
+            route: metrics::RouteKind::Blob,
             permit: None,
         }
     }
@@ -702,7 +698,7 @@ impl Handler {
             headers,
             content_length: len,
             body,
-            route: metrics::Route::Blob,
+            route: metrics::RouteKind::Blob,
             permit: None,
         }))
     }
@@ -762,7 +758,7 @@ fn log_store_error(e: &StoreError) {
 /// 416, with the `Content-Range: bytes */<size>` RFC 9110 asks for when
 /// the size is known.
 fn range_not_satisfiable(message: String, size: Option<u64>) -> Response {
-    let mut response = Response::error(metrics::Route::Blob, &OciError::range_invalid(message));
+    let mut response = Response::error(metrics::RouteKind::Blob, &OciError::range_invalid(message));
     if let Some(size) = size {
         response.headers.push((
             "content-range",
@@ -782,7 +778,7 @@ fn manifest_response(desc: &Descriptor, bytes: Bytes) -> Response {
         ],
         content_length: bytes.len() as u64,
         body: Body::Bytes(bytes),
-        route: metrics::Route::Manifest,
+        route: metrics::RouteKind::Manifest,
         permit: None,
     }
 }

@@ -237,7 +237,7 @@ impl Server {
                 Ok(Some(p)) => p,
                 Ok(None) => return Ok(()),
                 Err(BadRequest(e)) => {
-                    let response = Response::error(metrics::Route::Other, &e);
+                    let response = Response::error(metrics::RouteKind::Other, &e);
                     self.write_response(&mut conn, response, Method::Other, true)
                         .await?;
                     return Ok(());
@@ -278,15 +278,10 @@ impl Server {
                 .await;
             drop(inflight);
             let elapsed = started.elapsed();
-            let method = match head.method {
-                Method::Get => metrics::Method::Get,
-                Method::Head => metrics::Method::Head,
-                Method::Other => metrics::Method::Other,
-            };
             self.metrics
-                .request_done(route, method, status, elapsed, body_bytes);
+                .request_done(route, head.method, status, elapsed, body_bytes);
             if result.is_ok()
-                && route == metrics::Route::Blob
+                && route == metrics::RouteKind::Blob
                 && body_bytes > 0
                 && matches!(source, Some(Source::File | Source::Grpc))
                 && !peer.ip().to_canonical().is_loopback()
@@ -730,7 +725,7 @@ mod tests {
             headers: vec![("content-type", "text/plain".to_string())],
             content_length: len,
             body,
-            route: metrics::Route::Blob,
+            route: metrics::RouteKind::Blob,
             permit: None,
         }
     }

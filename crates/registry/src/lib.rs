@@ -42,6 +42,18 @@ pub struct RegistrySettings {
     pub in_flight: InFlightConfig,
 }
 
+impl RegistrySettings {
+    /// What the request handler needs of these settings, with the filter
+    /// of the references served.
+    pub fn handler_config(&self, filter: peermirror_oci::ReferenceFilter) -> HandlerConfig {
+        HandlerConfig {
+            filter,
+            uploads: self.uploads,
+            in_flight: self.in_flight.clone(),
+        }
+    }
+}
+
 /// Entry points for the fuzz targets in `fuzz/` (built with `--cfg
 /// fuzzing` by cargo fuzz only): the parsers of input from the network,
 /// which must answer every input with a value or an error.

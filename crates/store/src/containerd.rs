@@ -39,17 +39,48 @@ use super::catalog::{self, Catalog, DocumentCache, ImageRecord};
 use super::{BlobBody, BlobInfo, ContentStore, StoreError, StoreHealth};
 use peermirror_oci::{Descriptor, Digest, Reference, ReferenceFilter};
 
-/// How to reach containerd and what to read from it.
-#[derive(Debug, Clone)]
-pub struct ContainerdConfig {
+/// Which containerd and namespace: all that `peermirror import` needs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ContainerdEndpoint {
     /// containerd's gRPC socket.
+    #[arg(
+        long = "containerd-sock",
+        value_name = "CONTAINERD_SOCK",
+        env = "PEERMIRROR_CONTAINERD_SOCK",
+        default_value = "/run/containerd/containerd.sock"
+    )]
     pub socket: PathBuf,
-    /// The namespace whose images are served (`k8s.io` for kubelet).
+
+    /// containerd namespace whose images are served (kubelet uses k8s.io).
+    #[arg(
+        long = "containerd-namespace",
+        value_name = "CONTAINERD_NAMESPACE",
+        env = "PEERMIRROR_CONTAINERD_NAMESPACE",
+        default_value = "k8s.io"
+    )]
     pub namespace: String,
-    /// The content store root (`…/io.containerd.content.v1.content`); asked
-    /// from containerd when not set.
+}
+
+/// How to reach containerd and what to read from it: the store's settings,
+/// which are also its flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ContainerdConfig {
+    #[command(flatten)]
+    pub endpoint: ContainerdEndpoint,
+
+    /// containerd's content store root (the directory holding `blobs/sha256`).
+    /// Asked from containerd when not set. When its files cannot be read,
+    /// blobs are streamed through containerd's gRPC API instead.
+    #[arg(
+        long = "containerd-content-path",
+        value_name = "CONTAINERD_CONTENT_PATH",
+        env = "PEERMIRROR_CONTAINERD_CONTENT_PATH"
+    )]
     pub content_path: Option<PathBuf>,
-    /// How often the catalog is rebuilt even without events.
+
+    /// How often the image list is re-read even without containerd events
+    /// (containerd 1.6 sends none when its garbage collector removes content).
+    #[arg(long, env = "PEERMIRROR_RESYNC_INTERVAL", default_value = "60s", value_parser = peermirror_net::flags::parse_duration)]
     pub resync_interval: Duration,
 }
 
@@ -137,7 +168,10 @@ impl ContainerdStore {
         filter: ReferenceFilter,
         gauges: StoreGauges,
     ) -> Arc<ContainerdStore> {
-        let channel = unix_channel(config.socket.clone(), Some(Duration::from_secs(30)));
+        let channel = unix_channel(
+            config.endpoint.socket.clone(),
+            Some(Duration::from_secs(30)),
+        );
         let blobs_dir = config
             .content_path
             .as_ref()
@@ -171,7 +205,7 @@ impl ContainerdStore {
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
-        if let Ok(value) = self.config.namespace.parse() {
+        if let Ok(value) = self.config.endpoint.namespace.parse() {
             request.metadata_mut().insert("containerd-namespace", value);
         }
         request
@@ -208,7 +242,7 @@ impl ContainerdStore {
         let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
         let filter = format!(
             r#"namespace=="{}",topic~="^/(images|content)/""#,
-            self.config.namespace
+            self.config.endpoint.namespace
         );
         loop {
             let mut client = EventsClient::new(self.channel.clone());
@@ -246,7 +280,7 @@ impl ContainerdStore {
                             }
                         }
                     }
-                    tracing::warn!(socket = %self.config.socket.display(), "lost containerd's event stream; reconnecting");
+                    tracing::warn!(socket = %self.config.endpoint.socket.display(), "lost containerd's event stream; reconnecting");
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot subscribe to containerd events");
@@ -269,7 +303,7 @@ impl ContainerdStore {
                 Ok(()) => {
                     backoff.reset();
                     if logged_unreachable {
-                        tracing::info!(socket = %self.config.socket.display(), "containerd is reachable again");
+                        tracing::info!(socket = %self.config.endpoint.socket.display(), "containerd is reachable again");
                         logged_unreachable = false;
                     }
                     self.config.resync_interval
@@ -327,7 +361,7 @@ impl ContainerdStore {
             .health
             .send_if_modified(|h| !std::mem::replace(&mut h.synced, true));
         if first {
-            tracing::info!(namespace = %self.config.namespace, images = images.len(), tags, blobs, "catalog built");
+            tracing::info!(namespace = %self.config.endpoint.namespace, images = images.len(), tags, blobs, "catalog built");
         } else if changed {
             tracing::debug!(tags, blobs, "catalog changed");
         }

@@ -26,7 +26,7 @@ use peermirror_oci::{Descriptor, Digest, Reference};
 pub use catalog::{
     Catalog, ContentEntry, ImageRecord, RegistryCounts, register_spegel_catalog_gauges,
 };
-pub use containerd::{ContainerdConfig, ContainerdStore, StoreGauges};
+pub use containerd::{ContainerdConfig, ContainerdEndpoint, ContainerdStore, StoreGauges};
 pub use memory::MemoryStore;
 
 #[derive(Debug, thiserror::Error)]

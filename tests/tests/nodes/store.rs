@@ -40,8 +40,10 @@ async fn the_containerd_store_behaves_like_a_content_store() -> Result<()> {
     let world = tokio::task::block_in_place(World::new)?;
     let store = ContainerdStore::new(
         ContainerdConfig {
-            socket: world.containerd.socket.clone(),
-            namespace: world.containerd.namespace.clone(),
+            endpoint: peermirror_store::ContainerdEndpoint {
+                socket: world.containerd.socket.clone(),
+                namespace: world.containerd.namespace.clone(),
+            },
             content_path: None,
             resync_interval: Duration::from_secs(2),
         },

@@ -85,8 +85,8 @@ pub(super) async fn spawn_background(
     }
     if let Some(dir) = &config.import_dir {
         let importer = peermirror_store::import::Importer::new(
-            &config.containerd.socket,
-            &config.containerd.namespace,
+            &config.containerd.endpoint.socket,
+            &config.containerd.endpoint.namespace,
         );
         tasks.spawn_infallible(
             stage,

@@ -12,17 +12,16 @@ pub use config::{DaemonConfig, DaemonError};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use libp2p::pnet::PreSharedKey;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::status::{NodeFacts, NodeStatus};
-use peermirror_dataplane::{Admission, Dataplane, DetachOnDrop};
+use peermirror_dataplane::{Admission, Dataplane, DetachOnDrop, measure_upload_rate};
 use peermirror_metrics::{DataplaneLabels, Metrics};
 use peermirror_mirror::Mirror;
 use peermirror_net::tls::TlsState;
-use peermirror_registry::{FileBodies, Handler, HandlerConfig, Server, UploadRate};
+use peermirror_registry::{FileBodies, Handler, Server, UploadRate};
 use peermirror_routing::bootstrap::{self, Bootstrap};
 use peermirror_routing::identity;
 use peermirror_routing::p2p::{self, P2pConfig, P2pCounters, P2pRouter};
@@ -33,12 +32,7 @@ use supervisor::{Policy, Supervisor};
 /// cannot do without stops (then it returns that task's error).
 pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<(), DaemonError> {
     // Every input file is read before anything is written.
-    let psk = config
-        .p2p
-        .psk_file
-        .as_deref()
-        .map(identity::load_psk)
-        .transpose()?;
+    let psk = config.p2p.load_psk()?;
     let tls = config.tls.clone().map(TlsState::load).transpose()?;
     let mut prometheus = Registry::default();
     let metrics = Metrics::with_compat(&mut prometheus, config.status.metrics_compat);
@@ -48,32 +42,24 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
         .is_configured()
         .then(|| Bootstrap::new(config.bootstrap.clone(), source_gauges))
         .transpose()?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| DaemonError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
     // Each registry connection may hold a socket, a file and a pipe pair;
     // the status and P2P ports and containerd need a few hundred more.
     let needed = config.registry.server.max_connections.max(1) as u64 * 4 + 512;
     peermirror_net::raise_open_file_limit(needed);
-    let keypair = identity::load_or_create(&config.data_dir)?;
+    let keypair = node_identity(&config.data_dir)?;
     // The dataplane before any socket: a socket's cgroup is fixed when it
     // is created. From here on every return detaches it, a failed start too.
     let dataplane = Dataplane::start_as_configured(&config.dataplane)?;
     let _detach = DetachOnDrop(dataplane.clone());
-    let registry_listener = listen("registry", config.registry.registry_addr).await?;
-    let metrics_listener = listen("metrics", config.status.metrics_addr).await?;
-    let files = FileBodies::choose_for(
-        config.registry.serving_path,
-        config.registry.uploads.total,
-        &metrics,
-    )
-    .await
-    .map_err(DaemonError::IoUring)?;
+    let registry_listener = listen("registry port", config.registry.registry_addr).await?;
+    let status_listener = listen("status port", config.status.status_addr).await?;
+    let files = FileBodies::choose_for(&config.registry, &metrics)
+        .await
+        .map_err(DaemonError::IoUring)?;
     announce_mode(
         &config,
         &metrics,
-        psk.as_ref(),
+        psk.is_none(),
         dataplane.is_some(),
         tls.is_some(),
     );
@@ -103,13 +89,10 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     )?;
     tasks.spawn_infallible(background, "p2p router", Policy::Essential, router_loop);
     if let Some(admission) = &admission {
-        let stop = tasks.stop_token(background);
-        tasks.spawn(
-            background,
-            "admission",
-            Policy::Essential,
-            admission.clone().run(events_rx, stop),
-        );
+        let admit = admission
+            .clone()
+            .run(events_rx, tasks.stop_token(background));
+        tasks.spawn(background, "admission", Policy::Essential, admit);
     }
 
     let store = ContainerdStore::new(
@@ -134,37 +117,21 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     let mirror = Mirror::with_tls(Arc::new(router.clone()), config.mirror.clone(), tls.clone());
     let upload_rate = UploadRate::default();
     if let (Some(dp), Some(admission)) = (&dataplane, &admission) {
-        tasks.spawn_infallible(
-            background,
-            "upload rate",
-            Policy::Auxiliary,
-            peermirror_dataplane::measure_upload_rate(
-                dp.clone(),
-                admission.clone(),
-                {
-                    let rate = upload_rate.clone();
-                    move |bytes_per_second| rate.set(bytes_per_second)
-                },
-                tasks.stop_token(background),
-            ),
-        );
+        let (dp, admission, rate) = (dp.clone(), admission.clone(), upload_rate.clone());
+        let stop = tasks.stop_token(background);
+        let sample = measure_upload_rate(dp, admission, move |b| rate.set(b), stop);
+        tasks.spawn_infallible(background, "upload rate", Policy::Auxiliary, sample);
     }
-    let handler = Arc::new(
-        Handler::new(
-            store.clone(),
-            Some(mirror.clone()),
-            HandlerConfig {
-                filter: config.filter.clone(),
-                uploads: config.registry.uploads,
-                in_flight: config.registry.in_flight.clone(),
-            },
-            metrics.clone(),
-        )
-        .with_peers(Arc::new(FollowingPeers(router.clone())))
-        .with_upload_rate(upload_rate),
-    );
+    let handler = Handler::new(
+        store.clone(),
+        Some(mirror.clone()),
+        config.registry.handler_config(config.filter.clone()),
+        metrics.clone(),
+    )
+    .with_peers(Arc::new(FollowingPeers(router.clone())))
+    .with_upload_rate(upload_rate);
     let server = Server::build(
-        handler,
+        Arc::new(handler),
         config.registry.server.clone(),
         metrics.clone(),
         files.clone(),
@@ -172,46 +139,39 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     );
     tracing::info!(
         registry = %local(&registry_listener),
-        metrics = %local(&metrics_listener),
+        status = %local(&status_listener),
         peer_id = %router.peer_id(),
         serving_path = %files.path(),
-        containerd = %config.containerd.socket.display(),
-        namespace = %config.containerd.namespace,
+        containerd = %config.containerd.endpoint.socket.display(),
+        namespace = %config.containerd.endpoint.namespace,
         "peermirror started"
     );
     let stop = tasks.stop_token(serving);
-    tasks.spawn_infallible(
-        serving,
-        "registry server",
-        Policy::Essential,
-        server.serve(registry_listener, stop),
-    );
+    let serve = server.serve(registry_listener, stop);
+    tasks.spawn_infallible(serving, "registry server", Policy::Essential, serve);
 
+    let facts = NodeFacts {
+        registry_addr: config.registry.registry_addr,
+        serving_path: files.path(),
+        containerd_socket: config.containerd.endpoint.socket.clone(),
+        namespace: config.containerd.endpoint.namespace.clone(),
+        dataplane_mode: config.dataplane.mode,
+        dataplane_attached: dataplane.is_some(),
+    };
     let status = Arc::new(NodeStatus {
         store,
         router,
         admission,
         bootstrap,
         health: tasks.health(),
-        facts: NodeFacts {
-            registry_addr: config.registry.registry_addr,
-            serving_path: files.path(),
-            containerd_socket: config.containerd.socket.clone(),
-            namespace: config.containerd.namespace.clone(),
-            dataplane_mode: config.dataplane.mode,
-            dataplane_attached: dataplane.is_some(),
-        },
+        facts,
         debug: config.status.debug_access(),
         mirror,
         measuring: tokio::sync::Semaphore::new(1),
     });
     let stop = tasks.stop_token(status_stage);
-    tasks.spawn_infallible(
-        status_stage,
-        "status server",
-        Policy::Essential,
-        crate::status::server::serve(metrics_listener, Arc::new(prometheus), status, stop),
-    );
+    let serve = crate::status::server::serve(status_listener, Arc::new(prometheus), status, stop);
+    tasks.spawn_infallible(status_stage, "status server", Policy::Essential, serve);
 
     let result = tasks.run(shutdown).await;
     drop(_detach);
@@ -220,21 +180,15 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
 }
 
 /// Sets the gauges that describe how the node runs, and says what is unsafe.
-fn announce_mode(
-    config: &DaemonConfig,
-    metrics: &Metrics,
-    psk: Option<&PreSharedKey>,
-    dataplane: bool,
-    tls: bool,
-) {
-    metrics.p2p_open_network.set(i64::from(psk.is_none()));
+fn announce_mode(config: &DaemonConfig, metrics: &Metrics, open: bool, dataplane: bool, tls: bool) {
+    metrics.p2p_open_network.set(i64::from(open));
     metrics
         .dataplane_active
         .get_or_create(&DataplaneLabels {
             mode: config.dataplane.mode.as_str().to_string(),
         })
         .set(i64::from(dataplane));
-    if psk.is_none() {
+    if open {
         tracing::warn!(
             "RUNNING AN OPEN P2P NETWORK (--insecure-open-network): any host that reaches the P2P port can join, \
              learn what this node holds and have its announcements trusted. Use --psk-file in production."
@@ -243,11 +197,20 @@ fn announce_mode(
     if !tls && !dataplane {
         tracing::warn!(
             registry = %config.registry.registry_addr,
-            namespace = %config.containerd.namespace,
+            namespace = %config.containerd.endpoint.namespace,
             "the registry port is open: any host that can reach it can read every image of this containerd namespace. \
              Protect it with mTLS (--tls-cert, --tls-key, --tls-client-ca) or the kernel boundary (--dataplane)."
         );
     }
+}
+
+/// The node's P2P identity, kept in the data directory (created here).
+fn node_identity(data_dir: &std::path::Path) -> Result<libp2p::identity::Keypair, DaemonError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| DaemonError::DataDir {
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
+    Ok(identity::load_or_create(data_dir)?)
 }
 
 /// Binds `addr` for the port `what`.

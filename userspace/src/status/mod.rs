@@ -51,8 +51,15 @@ const WEB_PAGE: &str = include_str!("debug.html");
 #[derive(Debug, Clone, clap::Args)]
 pub struct StatusArgs {
     /// Address of the /metrics, /healthz, /readyz and /debug endpoints.
-    #[arg(long, env = "PEERMIRROR_METRICS_ADDR", default_value = ":9090", value_parser = peermirror_net::flags::parse_listen_addr)]
-    pub metrics_addr: std::net::SocketAddr,
+    // The flag keeps its older name.
+    #[arg(
+        long = "metrics-addr",
+        value_name = "METRICS_ADDR",
+        env = "PEERMIRROR_METRICS_ADDR",
+        default_value = ":9090",
+        value_parser = peermirror_net::flags::parse_listen_addr
+    )]
+    pub status_addr: std::net::SocketAddr,
 
     /// Serve the debug endpoints (/debug, which shows image names, digests
     /// and peer addresses). They answer loopback, connected peers and

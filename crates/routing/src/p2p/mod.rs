@@ -113,6 +113,14 @@ pub struct P2pSettings {
 }
 
 impl P2pSettings {
+    /// The preshared key read from `--psk-file`; `None` for an open network.
+    pub fn load_psk(&self) -> Result<Option<PreSharedKey>, crate::identity::IdentityError> {
+        self.psk_file
+            .as_deref()
+            .map(crate::identity::load_psk)
+            .transpose()
+    }
+
     /// The multiaddrs the P2P port listens on: `[::]` or `0.0.0.0` listen
     /// on every address of both families.
     pub fn listen(&self) -> Vec<Multiaddr> {
