@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use libp2p::{Multiaddr, PeerId};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -28,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::status::server::{Readiness, Status};
+use peermirror_net::acceptor::{Acceptor, AcceptorConfig, HttpDeadlines, serve_http1};
 use peermirror_net::tls::{TlsFiles, TlsState};
 
 /// The path nodes list and register under.
@@ -38,8 +38,14 @@ const MAX_NODES: usize = 10_000;
 const MAX_ADDRS: usize = 16;
 /// Largest registration body.
 const MAX_BODY: usize = 64 << 10;
-/// Connections served at once; beyond, a connection is closed at once.
+/// Connections served at once from other hosts; beyond, a connection is
+/// closed at once.
 const MAX_CONNECTIONS: usize = 256;
+/// Of those, from one host (one IPv4 address or IPv6 /64) at most: every
+/// node opens one at a time.
+const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
+/// Connections only the bootstrapper's own host may use.
+const RESERVED_FOR_LOCAL: usize = 8;
 /// A connection that sends nothing, or reads nothing of its answer, for
 /// this long is closed (the TLS handshake included).
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -272,57 +278,40 @@ async fn handle(table: &Table, req: Request<hyper::body::Incoming>) -> Response<
     }
 }
 
-/// Serves the mTLS port until `shutdown`.
+/// Serves the mTLS port until `shutdown`. Handshakes are bounded per
+/// source and in time: a host that never proves a certificate holds at
+/// most [`MAX_CONNECTIONS_PER_SOURCE`] slots, each for [`IO_TIMEOUT`].
 async fn serve(
     listener: TcpListener,
     tls: Arc<TlsState>,
     table: Arc<Table>,
     shutdown: CancellationToken,
 ) {
-    let cap = peermirror_net::ConnectionCap::new(MAX_CONNECTIONS);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Some(slot) = cap.try_admit() else {
-            continue;
-        };
-        let (tls, table) = (tls.clone(), table.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            let io = peermirror_net::Deadlined::new(stream, IO_TIMEOUT, IO_TIMEOUT);
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
-            let stream = match tokio::time::timeout(IO_TIMEOUT, acceptor.accept(io)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    table.counters.handshake_failures.inc();
-                    tracing::info!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    table.counters.handshake_failures.inc();
-                    return;
-                }
-            };
+    let mut config = AcceptorConfig::new(
+        "bootstrapper",
+        MAX_CONNECTIONS,
+        MAX_CONNECTIONS_PER_SOURCE,
+        RESERVED_FOR_LOCAL,
+    );
+    config.tls = Some(tls);
+    config.handshake_timeout = IO_TIMEOUT;
+    config.counters.handshake_failures = table.counters.handshake_failures.clone();
+    let stop = shutdown.clone();
+    let handle = move |stream, _peer| {
+        let (table, shutdown) = (table.clone(), stop.clone());
+        async move {
             let service = hyper::service::service_fn(move |req| {
                 let table = table.clone();
                 async move { Ok::<_, Infallible>(handle(&table, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(IO_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+            let deadlines = HttpDeadlines {
+                idle: IO_TIMEOUT,
+                request: IO_TIMEOUT,
+            };
+            serve_http1(stream, service, deadlines, &shutdown).await;
+        }
+    };
+    Acceptor::new(config).run(listener, shutdown, handle).await;
 }
 
 /// The status port's view: always ready once serving; the debug page

@@ -5,6 +5,7 @@
 //!
 //! Uses no other peermirror crate.
 
+pub mod acceptor;
 pub mod backoff;
 pub mod flags;
 pub mod tls;
@@ -14,12 +15,10 @@ pub use backoff::Backoff;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 
 /// A connection whose reads and writes fail with `TimedOut` when they make
@@ -116,26 +115,6 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Deadlined<IO> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// At most so many connections at once; beyond, `try_admit` says no.
-#[derive(Clone)]
-pub struct ConnectionCap {
-    slots: Arc<Semaphore>,
-}
-
-impl ConnectionCap {
-    pub fn new(max: usize) -> ConnectionCap {
-        ConnectionCap {
-            slots: Arc::new(Semaphore::new(max.max(1))),
-        }
-    }
-
-    /// A slot for one connection (freed when dropped), or `None` when every
-    /// slot is taken.
-    pub fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
-        self.slots.clone().try_acquire_owned().ok()
     }
 }
 
@@ -253,16 +232,6 @@ mod tests {
         let err = conn.read(&mut buf).await.expect_err("silent");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), Duration::from_secs(30));
-    }
-
-    #[test]
-    fn the_cap_holds_and_frees() {
-        let cap = ConnectionCap::new(2);
-        let a = cap.try_admit().expect("free");
-        let _b = cap.try_admit().expect("free");
-        assert!(cap.try_admit().is_none());
-        drop(a);
-        assert!(cap.try_admit().is_some());
     }
 
     #[test]

@@ -15,15 +15,20 @@ use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::body::{self, FileBodies};
 use super::handler::{Body, Handler, Method, RequestHead, Response};
+use peermirror_net::acceptor::{Acceptor, AcceptorConfig, AcceptorCounters, Stream};
 use peermirror_net::tls::TlsState;
 use prometheus_client::metrics::counter::Counter;
 
 use peermirror_metrics::{self as metrics, Metrics, Source, SourceLabels};
 use peermirror_oci::{FOLLOW_HEADER, MIRRORED_HEADER, OciError};
+
+/// Connections of the registry port that only the node itself (loopback
+/// or its own address: the local containerd) may use, beyond
+/// `--max-connections`.
+pub const RESERVED_FOR_LOCAL: usize = 64;
 
 /// Largest request head accepted (request line plus headers).
 const MAX_HEAD: usize = 16 * 1024;
@@ -129,99 +134,56 @@ impl Server {
         })
     }
 
+    /// The registry port's acceptor: `--max-connections` from other hosts,
+    /// an eighth of them (at least 16) from any one host,
+    /// [`RESERVED_FOR_LOCAL`] more for the node itself (the local
+    /// containerd); a refused client gets a 503 that tells it to try another
+    /// endpoint.
+    fn acceptor(&self) -> AcceptorConfig {
+        let max = self.config.max_connections;
+        let per_source = (max / 8).max(16);
+        let mut acceptor =
+            AcceptorConfig::new("registry port", max, per_source, RESERVED_FOR_LOCAL);
+        let busy = OciError::new(
+            503,
+            peermirror_oci::ErrorCode::TooManyRequests,
+            "too many connections; try another endpoint",
+        )
+        .to_json();
+        let head = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+            busy.len()
+        );
+        acceptor.refusal = Some([head.as_bytes(), &busy[..]].concat().into());
+        acceptor.tls = self.tls.clone();
+        acceptor.handshake_timeout = self.config.header_timeout;
+        acceptor.drain_timeout = self.config.drain_timeout;
+        acceptor.counters = AcceptorCounters {
+            refused: self.metrics.registry_connections_refused.clone(),
+            handshake_failures: self.metrics.tls_handshake_failures.clone(),
+            open: self.metrics.registry_connections.clone(),
+        };
+        acceptor
+    }
+
     /// Accepts connections until `shutdown`, then waits (up to the drain
     /// timeout) for responses in flight.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        let tracker = TaskTracker::new();
-        let cap = peermirror_net::ConnectionCap::new(self.config.max_connections);
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "registry accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = stream.set_nodelay(true);
-            let server = self.clone();
-            let shutdown = shutdown.clone();
-            let Some(slot) = cap.try_admit() else {
-                // Full: say so and close, without a task per refusal piling
-                // up (the answer is one small write, bounded in time).
-                self.metrics.registry_connections_refused.inc();
-                tracker.spawn(async move {
-                    let busy = OciError::new(
-                        503,
-                        peermirror_oci::ErrorCode::TooManyRequests,
-                        "too many connections; try another endpoint",
-                    );
-                    let mut stream = stream;
-                    let body = busy.to_json();
-                    let head = format!(
-                        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
-                        body.len()
-                    );
-                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                        stream.write_all(head.as_bytes()).await?;
-                        stream.write_all(&body).await
-                    })
-                    .await;
-                    drop(server);
-                });
-                continue;
-            };
-            tracker.spawn(async move {
-                let _slot = slot;
-                server.metrics.registry_connections.inc();
-                let result = match &server.tls {
-                    None => server.connection(stream, peer, shutdown).await,
-                    Some(tls) => {
-                        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
-                        match tokio::time::timeout(
-                            server.config.header_timeout,
-                            acceptor.accept(stream),
-                        )
-                        .await
-                        {
-                            Ok(Ok(tls_stream)) => {
-                                server.connection(tls_stream, peer, shutdown).await
-                            }
-                            Ok(Err(e)) => {
-                                server.metrics.tls_handshake_failures.inc();
-                                Err(e)
-                            }
-                            Err(_) => {
-                                server.metrics.tls_handshake_failures.inc();
-                                Err(io::Error::new(
-                                    io::ErrorKind::TimedOut,
-                                    "TLS handshake timed out",
-                                ))
-                            }
-                        }
-                    }
+        let acceptor = Acceptor::new(self.acceptor());
+        let stop = shutdown.clone();
+        let handle = move |stream: Stream, peer: SocketAddr| {
+            let (server, shutdown) = (self.clone(), stop.clone());
+            async move {
+                let result = match stream {
+                    Stream::Plain(tcp) => server.connection(tcp, peer, shutdown).await,
+                    Stream::Tls(tls) => server.connection(*tls, peer, shutdown).await,
                 };
                 if let Err(e) = result {
                     tracing::debug!(%peer, error = %e, "connection ended");
                 }
-                server.metrics.registry_connections.dec();
-            });
-        }
-        drop(listener);
-        tracker.close();
-        if tokio::time::timeout(self.config.drain_timeout, tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                open = tracker.len(),
-                "drain timeout: closing registry connections in flight"
-            );
-        }
+            }
+        };
+        acceptor.run(listener, shutdown, handle).await;
     }
 
     /// Serves requests on one connection until it closes.

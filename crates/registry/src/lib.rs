@@ -17,7 +17,7 @@ pub use body::{FileBodies, ServingPath, ServingPathChoice};
 pub use handler::{
     Body, Handler, HandlerConfig, InFlightConfig, Method, PeerDirectory, RequestHead, Response,
 };
-pub use http::{Conn, Server, ServerConfig};
+pub use http::{Conn, RESERVED_FOR_LOCAL, Server, ServerConfig};
 pub use limits::{UploadLimits, UploadPermit, UploadRate, Uploads};
 
 /// The registry port's settings, as the operator gives them.

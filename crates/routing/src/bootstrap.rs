@@ -6,7 +6,8 @@
 //! last failure is kept for `/readyz`.
 
 use peermirror_net::Backoff;
-use std::net::{IpAddr, SocketAddr};
+use peermirror_net::acceptor::{Acceptor, AcceptorConfig, HttpDeadlines, serve_http1};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -784,37 +785,34 @@ pub fn own_entry(
         .collect()
 }
 
-/// Serves this node's own entry (a JSON array of its multiaddrs with peer
-/// id) for `--http-bootstrap-url` of other nodes.
-/// Serves at most this many connections at once.
+/// Connections the bootstrap entry serves at once from other hosts.
 const MAX_ENTRY_CONNECTIONS: usize = 32;
+/// Of those, from one host at most.
+const MAX_ENTRY_CONNECTIONS_PER_SOURCE: usize = 4;
 /// A connection that sends nothing, or reads nothing of its answer, for
 /// this long is closed.
-const ENTRY_IO_TIMEOUT: Duration = Duration::from_secs(10);
+const ENTRY_DEADLINES: HttpDeadlines = HttpDeadlines {
+    idle: Duration::from_secs(10),
+    request: Duration::from_secs(10),
+};
 
+/// Serves this node's own entry (a JSON array of its multiaddrs with peer
+/// id) for `--http-bootstrap-url` of other nodes.
 pub async fn serve_http(
     listener: TcpListener,
     entry: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
     shutdown: CancellationToken,
 ) {
-    let cap = peermirror_net::ConnectionCap::new(MAX_ENTRY_CONNECTIONS);
-    loop {
-        let (stream, _peer): (TcpStream, SocketAddr) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Some(slot) = cap.try_admit() else {
-            continue;
-        };
-        let entry = entry.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
+    let acceptor = Acceptor::new(AcceptorConfig::new(
+        "bootstrap entry",
+        MAX_ENTRY_CONNECTIONS,
+        MAX_ENTRY_CONNECTIONS_PER_SOURCE,
+        4,
+    ));
+    let stop = shutdown.clone();
+    let handle = move |stream, _peer| {
+        let (entry, shutdown) = (entry.clone(), stop.clone());
+        async move {
             let service = hyper::service::service_fn(move |_req| {
                 let body = serde_json::to_vec(&entry()).unwrap_or_default();
                 async move {
@@ -823,14 +821,10 @@ pub async fn serve_http(
                         .body(Full::new(Bytes::from(body)))
                 }
             });
-            let io = peermirror_net::Deadlined::new(stream, ENTRY_IO_TIMEOUT, ENTRY_IO_TIMEOUT);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(ENTRY_IO_TIMEOUT)
-                .serve_connection(TokioIo::new(io), service)
-                .await;
-        });
-    }
+            serve_http1(stream, service, ENTRY_DEADLINES, &shutdown).await;
+        }
+    };
+    acceptor.run(listener, shutdown, handle).await;
 }
 
 #[cfg(test)]

@@ -243,9 +243,11 @@ async fn connection_floods_and_silent_clients_are_bounded() -> Result<()> {
         SocketAddr::from(([127, 0, 0, 1], port))
     };
     tokio::task::spawn_blocking(move || -> Result<()> {
-        // The registry port: 16 idle connections fill it; the next is told
-        // 503 at once.
-        let idle: Vec<TcpStream> = (0..16)
+        // The registry port: these clients come from loopback, so the
+        // node's reserved room and then the 16 shared connections take them
+        // (a loopback client has no per-source cap); the next is told 503
+        // at once.
+        let idle: Vec<TcpStream> = (0..16 + peermirror_registry::RESERVED_FOR_LOCAL)
             .map(|_| TcpStream::connect(registry))
             .collect::<std::io::Result<_>>()?;
         std::thread::sleep(Duration::from_millis(300));

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use peermirror_metrics::encode;
+use peermirror_net::acceptor::{Acceptor, AcceptorConfig, HttpDeadlines, serve_http1};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -61,46 +61,39 @@ impl DebugResponse {
     }
 }
 
-/// Connections the status port serves at once; beyond, a connection is
-/// closed at once.
+/// Connections the status port serves at once from other hosts; beyond, a
+/// connection is closed at once.
 pub const MAX_STATUS_CONNECTIONS: usize = 64;
-/// A status connection that sends nothing for this long is closed.
-pub const STATUS_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-/// A status client that reads nothing of its response for this long is
-/// disconnected.
-pub const STATUS_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Of those, from one host (a scraper, say) at most.
+pub const MAX_STATUS_CONNECTIONS_PER_SOURCE: usize = 16;
+/// Connections only the node itself may use (the kubelet's probes, which
+/// come from loopback or the node's own address).
+pub const STATUS_RESERVED_FOR_LOCAL: usize = 16;
+/// A status connection that sends nothing for this long is closed; a
+/// client that reads nothing of its response for `request` is disconnected.
+pub const STATUS_DEADLINES: HttpDeadlines = HttpDeadlines {
+    idle: std::time::Duration::from_secs(30),
+    request: std::time::Duration::from_secs(10),
+};
 
 /// Serves `/metrics`, `/healthz`, `/readyz` and `/debug` until `shutdown`,
-/// at most [`MAX_STATUS_CONNECTIONS`] connections at once, each bounded by
-/// [`STATUS_IDLE_TIMEOUT`] and [`STATUS_WRITE_TIMEOUT`].
+/// within the caps and deadlines above.
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     status: Arc<dyn Status>,
     shutdown: CancellationToken,
 ) {
-    let cap = peermirror_net::ConnectionCap::new(MAX_STATUS_CONNECTIONS);
-    loop {
-        let (stream, peer): (_, SocketAddr) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics listener accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Some(slot) = cap.try_admit() else {
-            tracing::debug!(%peer, "status port full; closing a connection");
-            continue;
-        };
-        let registry = registry.clone();
-        let status = status.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
+    let acceptor = Acceptor::new(AcceptorConfig::new(
+        "status port",
+        MAX_STATUS_CONNECTIONS,
+        MAX_STATUS_CONNECTIONS_PER_SOURCE,
+        STATUS_RESERVED_FOR_LOCAL,
+    ));
+    let stop = shutdown.clone();
+    let handle = move |stream, peer: SocketAddr| {
+        let (registry, status, shutdown) = (registry.clone(), status.clone(), stop.clone());
+        async move {
             let client = peer.ip().to_canonical();
             let service = hyper::service::service_fn(move |req| {
                 let registry = registry.clone();
@@ -109,19 +102,10 @@ pub async fn serve(
                     Ok::<_, Infallible>(respond(&req, client, &registry, status.as_ref()).await)
                 }
             });
-            let io =
-                peermirror_net::Deadlined::new(stream, STATUS_IDLE_TIMEOUT, STATUS_WRITE_TIMEOUT);
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(io), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
-            }
-        });
-    }
+            serve_http1(stream, service, STATUS_DEADLINES, &shutdown).await;
+        }
+    };
+    acceptor.run(listener, shutdown, handle).await;
 }
 
 fn text(code: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
