@@ -9,8 +9,7 @@ use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, Response};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use peermirror_net::client::{ClientTls, DialError, dial, http1};
 
 use peermirror_oci::MIRRORED_HEADER;
 
@@ -90,39 +89,23 @@ impl Connection {
         timeouts: Timeouts,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<Connection, AttemptError> {
-        let connect = async {
-            let stream = TcpStream::connect(addr)
-                .await
-                .map_err(|source| AttemptError::Connect { addr, source })?;
-            let _ = stream.set_nodelay(true);
-            Ok::<_, AttemptError>(stream)
-        };
-        let stream = tokio::time::timeout(timeouts.connect, connect)
+        // Peers are dialled by IP: their certificate carries IP SANs.
+        let tls = tls.map(|config| ClientTls {
+            config,
+            name: rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+        });
+        let after = timeouts.connect;
+        let stream = dial(addr, tls, after).await.map_err(|e| match e {
+            DialError::Connect(source) => AttemptError::Connect { addr, source },
+            DialError::Tls(source) => AttemptError::Tls { addr, source },
+            DialError::Timeout(_) => AttemptError::ConnectTimeout { addr, after },
+        })?;
+        // Large reads: blob bodies arrive in few, big frames (fewer wakeups,
+        // hash updates and writes per gigabyte).
+        let sender = tokio::time::timeout(after, http1(stream, Some(READ_BUFFER)))
             .await
-            .map_err(|_| AttemptError::ConnectTimeout {
-                addr,
-                after: timeouts.connect,
-            })??;
-        let handshake = async {
-            match tls {
-                None => http_handshake(TokioIo::new(stream), addr).await,
-                Some(config) => {
-                    // Peers are dialled by IP: their certificate carries IP SANs.
-                    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-                    let tls_stream = tokio_rustls::TlsConnector::from(config)
-                        .connect(name, stream)
-                        .await
-                        .map_err(|source| AttemptError::Tls { addr, source })?;
-                    http_handshake(TokioIo::new(tls_stream), addr).await
-                }
-            }
-        };
-        let sender = tokio::time::timeout(timeouts.connect, handshake)
-            .await
-            .map_err(|_| AttemptError::ConnectTimeout {
-                addr,
-                after: timeouts.connect,
-            })??;
+            .map_err(|_| AttemptError::ConnectTimeout { addr, after })?
+            .map_err(|source| AttemptError::Http { addr, source })?;
         Ok(Connection { addr, sender })
     }
 
@@ -172,26 +155,4 @@ impl Connection {
                 after: header,
             })?
     }
-}
-
-async fn http_handshake<IO>(
-    io: IO,
-    addr: SocketAddr,
-) -> Result<SendRequest<Empty<Bytes>>, AttemptError>
-where
-    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    // Large reads: blob bodies arrive in few, big frames (fewer wakeups,
-    // hash updates and writes per gigabyte).
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .read_buf_exact_size(Some(READ_BUFFER))
-        .handshake(io)
-        .await
-        .map_err(|source| AttemptError::Http { addr, source })?;
-    tokio::spawn(async move {
-        // Ends when the sender is dropped and the last body is finished or
-        // dropped.
-        let _ = conn.await;
-    });
-    Ok(sender)
 }

@@ -7,6 +7,7 @@
 
 pub mod acceptor;
 pub mod backoff;
+pub mod client;
 pub mod flags;
 pub mod tls;
 

@@ -7,16 +7,16 @@
 
 use peermirror_net::Backoff;
 use peermirror_net::acceptor::{Acceptor, AcceptorConfig, HttpDeadlines, serve_http1};
+use peermirror_net::client::{ClientTls, Dialled, dial, http1};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::rt::TokioIo;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::p2p::P2pRouter;
@@ -319,7 +319,15 @@ impl HttpClient {
         }
         let url = &self.parsed;
         let exchange = async {
-            let stream = TcpStream::connect(&url.authority)
+            let tls = match &self.tls {
+                Some(tls) => Some(ClientTls {
+                    config: tls.client_config(),
+                    name: rustls::pki_types::ServerName::try_from(url.host.clone())
+                        .map_err(|e| self.http_err(chain(&e)))?,
+                }),
+                None => None,
+            };
+            let stream = dial(url.authority.as_str(), tls, HTTP_TIMEOUT)
                 .await
                 .map_err(|e| self.http_err(chain(&e)))?;
             let mut request = hyper::Request::builder()
@@ -332,36 +340,21 @@ impl HttpClient {
             let request = request
                 .body(Full::new(Bytes::from(body.unwrap_or_default())))
                 .map_err(|e| self.http_err(chain(&e)))?;
-            match &self.tls {
-                Some(tls) => {
-                    let name = rustls::pki_types::ServerName::try_from(url.host.clone())
-                        .map_err(|e| self.http_err(chain(&e)))?;
-                    let stream = tokio_rustls::TlsConnector::from(tls.client_config())
-                        .connect(name, stream)
-                        .await
-                        .map_err(|e| self.http_err(format!("TLS: {}", chain(&e))))?;
-                    self.exchange(stream, request).await
-                }
-                None => self.exchange(stream, request).await,
-            }
+            self.exchange(stream, request).await
         };
         tokio::time::timeout(HTTP_TIMEOUT, exchange)
             .await
             .map_err(|_| self.http_err(format!("no answer within {HTTP_TIMEOUT:?}")))?
     }
 
-    async fn exchange<S>(
+    async fn exchange(
         &self,
-        stream: S,
+        stream: Dialled,
         request: hyper::Request<Full<Bytes>>,
-    ) -> Result<(hyper::StatusCode, Bytes), BootstrapError>
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    ) -> Result<(hyper::StatusCode, Bytes), BootstrapError> {
+        let mut sender = http1(stream, None)
             .await
             .map_err(|e| self.http_err(chain(&e)))?;
-        tokio::spawn(conn);
         let response = sender
             .send_request(request)
             .await
