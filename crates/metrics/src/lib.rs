@@ -461,47 +461,35 @@ pub fn register_computed_gauges(
 }
 
 /// A budget for log lines that may come in floods: at most `burst` lines,
-/// refilled at `per_second`; what was held back is counted and reported by
-/// the next line that passes.
+/// refilled at `per_second` (a `governor` rate limiter); what was held back
+/// is counted and reported by the next line that passes.
 pub struct LogBudget {
-    state: std::sync::Mutex<BudgetState>,
-    burst: f64,
-    per_second: f64,
-}
-
-struct BudgetState {
-    tokens: f64,
-    last: std::time::Instant,
-    suppressed: u64,
+    limiter: governor::DefaultDirectRateLimiter,
+    suppressed: std::sync::atomic::AtomicU64,
 }
 
 impl LogBudget {
     pub fn new(burst: u32, per_second: u32) -> LogBudget {
+        let at_least_one =
+            |n: u32| std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
+        let quota =
+            governor::Quota::per_second(at_least_one(per_second)).allow_burst(at_least_one(burst));
         LogBudget {
-            state: std::sync::Mutex::new(BudgetState {
-                tokens: f64::from(burst),
-                last: std::time::Instant::now(),
-                suppressed: 0,
-            }),
-            burst: f64::from(burst),
-            per_second: f64::from(per_second),
+            limiter: governor::RateLimiter::direct(quota),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
     /// `Some(lines held back since the last one)` when a line may be
     /// written now; `None` when it must be dropped.
     pub fn take(&self) -> Option<u64> {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
-        let refill = now.duration_since(s.last).as_secs_f64() * self.per_second;
-        s.tokens = (s.tokens + refill).min(self.burst);
-        s.last = now;
-        if s.tokens >= 1.0 {
-            s.tokens -= 1.0;
-            Some(std::mem::take(&mut s.suppressed))
-        } else {
-            s.suppressed += 1;
-            None
+        use std::sync::atomic::Ordering::Relaxed;
+        match self.limiter.check() {
+            Ok(()) => Some(self.suppressed.swap(0, Relaxed)),
+            Err(_) => {
+                self.suppressed.fetch_add(1, Relaxed);
+                None
+            }
         }
     }
 }
@@ -697,5 +685,22 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("peermirror_mirror_requests_total"));
+    }
+
+    #[test]
+    fn a_log_flood_passes_its_burst_then_reports_what_it_held_back() {
+        let budget = LogBudget::new(3, 1);
+        for _ in 0..3 {
+            assert_eq!(budget.take(), Some(0));
+        }
+        for _ in 0..5 {
+            assert_eq!(budget.take(), None);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(
+            budget.take(),
+            Some(5),
+            "the next line says how many were held back"
+        );
     }
 }

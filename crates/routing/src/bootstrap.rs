@@ -225,31 +225,34 @@ struct Url {
 }
 
 fn split_url(url: &str) -> Option<Url> {
-    let (https, rest) = match url.strip_prefix("https://") {
-        Some(rest) => (true, rest),
-        None => (false, url.strip_prefix("http://")?),
+    let uri: hyper::Uri = url.parse().ok()?;
+    let https = match uri.scheme_str()? {
+        "https" => true,
+        "http" => false,
+        _ => return None,
     };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.is_empty() || authority.contains('@') {
+    let authority = uri.authority()?;
+    if authority.as_str().contains('@') {
         return None;
     }
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !authority.ends_with(']') => (h, Some(p.parse::<u16>().ok()?)),
-        _ => (authority, None),
-    };
+    // `[::1]` keeps its brackets in the authority, not in the name.
+    let host = authority.host();
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     if bare.is_empty() {
         return None;
     }
-    let port = port.unwrap_or(if https { 443 } else { 80 });
+    // `http::Uri` takes a port beyond 65535 for none at all.
+    let port = match authority.port_u16() {
+        Some(port) => port,
+        None if authority.as_str() != host => return None,
+        None if https => 443,
+        None => 80,
+    };
     Some(Url {
         https,
         authority: format!("{host}:{port}"),
         host: bare.to_string(),
-        path: path.to_string(),
+        path: uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
     })
 }
 
