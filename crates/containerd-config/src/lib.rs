@@ -22,16 +22,18 @@
 //!   when the CRI plugin (kubelet's pulls) would ignore these files, or would
 //!   leave nothing to share.
 
+mod backup;
+mod check;
 pub mod k3s;
 pub mod registries_yaml;
+mod render;
+
+use backup::*;
+pub use check::{Finding, check_config_text, check_containerd_config};
+use render::*;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-
-use toml_edit::{Array, DocumentMut, Item, Table, value};
-
-use peermirror_oci::DOCKER_HUB;
 
 /// The directory (inside the config path) holding the originals.
 pub const BACKUP_DIR: &str = ".peermirror-backup";
@@ -89,40 +91,6 @@ impl ConfigureOptions {
     }
 }
 
-/// Writes a CA and a client certificate pair into a `hosts.toml` table.
-fn write_ca_and_client(table: &mut Table, ca: Option<&Path>, client: Option<(&Path, &Path)>) {
-    if let Some(ca) = ca {
-        table["ca"] = value(ca.to_string_lossy().as_ref());
-    }
-    if let Some((cert, key)) = client {
-        let mut pair = Array::new();
-        pair.push(cert.to_string_lossy().as_ref());
-        pair.push(key.to_string_lossy().as_ref());
-        let mut pairs = Array::new();
-        pairs.push(pair);
-        table["client"] = value(pairs);
-    }
-}
-
-/// Writes a K3s TLS block into a `hosts.toml` table (the top level for the
-/// registry's server, a host table for a mirror).
-fn write_tls(table: &mut Table, tls: &registries_yaml::Tls) {
-    let client = tls.cert_file.as_deref().zip(tls.key_file.as_deref());
-    write_ca_and_client(table, tls.ca_file.as_deref(), client);
-    if tls.insecure_skip_verify {
-        table["skip_verify"] = value(true);
-    }
-}
-
-/// containerd's duration syntax (`1500ms`, `3s`).
-fn go_duration(d: std::time::Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
@@ -166,188 +134,6 @@ pub struct Report {
     pub removed: Vec<PathBuf>,
     /// Files the user edited after peermirror wrote them: left in place.
     pub kept: Vec<PathBuf>,
-}
-
-/// Which registries are managed, and which of them had a file before.
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-struct State {
-    /// Registry folder name → whether a `hosts.toml` existed before.
-    managed: std::collections::BTreeMap<String, Original>,
-}
-
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct Original {
-    had_file: bool,
-    had_dir: bool,
-    /// The original `hosts.toml` was a symlink to this target.
-    #[serde(default)]
-    symlink: Option<PathBuf>,
-    /// sha256 of the `hosts.toml` peermirror last wrote (absent in state
-    /// files of older versions: then edits cannot be told apart).
-    #[serde(default)]
-    written: Option<String>,
-}
-
-fn fingerprint(bytes: &[u8]) -> String {
-    peermirror_oci::Digest::of(bytes).to_string()
-}
-
-/// Whether the file at `path` is not what peermirror last wrote there.
-fn edited(path: &Path, original: &Original) -> bool {
-    match (&original.written, std::fs::symlink_metadata(path)) {
-        (Some(written), Ok(meta)) if meta.is_file() => std::fs::read(path)
-            .map(|b| &fingerprint(&b) != written)
-            .unwrap_or(true),
-        // Replaced by a link or a directory: not ours any more.
-        (Some(_), Ok(_)) => true,
-        // Deleted, or written by an older version: nothing to lose.
-        _ => false,
-    }
-}
-
-fn read_state(config_path: &Path) -> Result<State, ConfigError> {
-    let path = config_path.join(BACKUP_DIR).join(STATE_FILE);
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ConfigError::State {
-            path,
-            reason: e.to_string(),
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-        Err(source) => Err(ConfigError::Io { path, source }),
-    }
-}
-
-/// Writes `bytes` to `path` atomically (temporary file, fsync, rename). The
-/// temporary is created new (`O_EXCL`) without following a symlink
-/// (`O_NOFOLLOW`); a leftover of an interrupted run is removed first. A
-/// symlink at `path` itself is replaced, not followed.
-fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<(), ConfigError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("peermirror-tmp");
-    let write = || -> std::io::Result<()> {
-        match std::fs::remove_file(&tmp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .mode(mode.unwrap_or(0o644))
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        if let Some(mode) = mode {
-            // Exactly this mode, whatever the umask.
-            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-        }
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(io_err(path))
-}
-
-fn write_state(config_path: &Path, state: &State) -> Result<(), ConfigError> {
-    let dir = config_path.join(BACKUP_DIR);
-    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    let bytes = serde_json::to_vec_pretty(state).map_err(|e| ConfigError::State {
-        path: dir.join(STATE_FILE),
-        reason: e.to_string(),
-    })?;
-    write_atomic(&dir.join(STATE_FILE), &bytes, None)
-}
-
-/// The server containerd uses for a registry when `hosts.toml` names none.
-fn default_server(registry: &str) -> Option<String> {
-    match registry {
-        DEFAULT_HOST => None,
-        DOCKER_HUB => Some("https://registry-1.docker.io".to_string()),
-        other => Some(format!("https://{other}")),
-    }
-}
-
-fn string_array<'a>(items: impl IntoIterator<Item = &'a str>) -> Array {
-    items.into_iter().collect()
-}
-
-/// The `hosts.toml` peermirror wants for `registry`, given the original file.
-pub(crate) fn render(
-    registry: &str,
-    opts: &ConfigureOptions,
-    original: Option<&str>,
-) -> Result<String, String> {
-    let original: Option<DocumentMut> = original
-        .map(str::parse)
-        .transpose()
-        .map_err(|e: toml_edit::TomlError| e.to_string())?;
-    let mut doc = DocumentMut::new();
-    let server = original
-        .as_ref()
-        .and_then(|o| o.get("server"))
-        .and_then(Item::as_str)
-        .map(str::to_string)
-        .or_else(|| default_server(registry));
-    if let Some(server) = server {
-        doc["server"] = value(server);
-    }
-    if let Some(tls) = opts.server_tls.get(registry) {
-        write_tls(doc.as_table_mut(), tls);
-    }
-    if opts.disable_default_endpoint {
-        // The server entry is always tried last by containerd; without the
-        // pull and resolve capabilities it is never asked for an image.
-        doc["capabilities"] = value(string_array(["push"]));
-    }
-    let mut hosts = Table::new();
-    hosts.set_implicit(true);
-    let capabilities = if opts.resolve_tags {
-        vec!["pull", "resolve"]
-    } else {
-        vec!["pull"]
-    };
-    for target in &opts.mirror_targets {
-        let mut t = Table::new();
-        t["capabilities"] = value(string_array(capabilities.iter().copied()));
-        if let Some(tls) = &opts.tls {
-            write_ca_and_client(
-                &mut t,
-                Some(&tls.ca),
-                Some((&tls.client_cert, &tls.client_key)),
-            );
-        }
-        if let Some(timeout) = opts.dial_timeout {
-            t["dial_timeout"] = value(go_duration(timeout));
-        }
-        hosts.insert(target, Item::Table(t));
-    }
-    for endpoint in opts.endpoints.get(registry).into_iter().flatten() {
-        if hosts.contains_key(&endpoint.url) {
-            continue;
-        }
-        let mut t = Table::new();
-        t["capabilities"] = value(string_array(capabilities.iter().copied()));
-        if endpoint.override_path {
-            t["override_path"] = value(true);
-        }
-        if let Some(tls) = &endpoint.tls {
-            write_tls(&mut t, tls);
-        }
-        hosts.insert(&endpoint.url, Item::Table(t));
-    }
-    if opts.prepend_existing
-        && let Some(existing) = original
-            .as_ref()
-            .and_then(|o| o.get("host"))
-            .and_then(Item::as_table)
-    {
-        for (name, item) in existing.iter() {
-            if !hosts.contains_key(name) {
-                hosts.insert(name, item.clone());
-            }
-        }
-    }
-    doc.insert("host", Item::Table(hosts));
-    Ok(format!("{HEADER}{doc}"))
 }
 
 fn validate(opts: &ConfigureOptions) -> Result<Vec<String>, ConfigError> {
@@ -484,62 +270,6 @@ pub fn configure(opts: &ConfigureOptions) -> Result<Report, ConfigError> {
     Ok(report)
 }
 
-/// Puts `registry`'s original back; `false` when the file was edited since
-/// peermirror wrote it, and is left as it is (its original stays in the
-/// backup).
-fn restore_one(
-    config_path: &Path,
-    registry: &str,
-    original: &Original,
-    report: &mut Report,
-) -> Result<bool, ConfigError> {
-    let dir = config_path.join(registry);
-    let file = dir.join("hosts.toml");
-    if edited(&file, original) {
-        report.kept.push(file);
-        return Ok(false);
-    }
-    let saved = config_path
-        .join(BACKUP_DIR)
-        .join(registry)
-        .join("hosts.toml");
-    if let Some(target) = &original.symlink {
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        match std::fs::remove_file(&file) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(ConfigError::Io { path: file, source }),
-        }
-        std::os::unix::fs::symlink(target, &file).map_err(io_err(&file))?;
-        report.restored.push(file);
-        let _ = std::fs::remove_file(&saved);
-        let _ = std::fs::remove_dir(saved.parent().unwrap_or(&saved));
-    } else if original.had_file {
-        let bytes = std::fs::read(&saved).map_err(io_err(&saved))?;
-        let mode = std::fs::metadata(&saved).map_err(io_err(&saved))?;
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        write_atomic(
-            &file,
-            &bytes,
-            Some(std::os::unix::fs::PermissionsExt::mode(&mode.permissions())),
-        )?;
-        report.restored.push(file);
-        let _ = std::fs::remove_file(&saved);
-        let _ = std::fs::remove_dir(saved.parent().unwrap_or(&saved));
-    } else {
-        match std::fs::remove_file(&file) {
-            Ok(()) => report.removed.push(file),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(ConfigError::Io { path: file, source }),
-        }
-        if !original.had_dir {
-            // Only if empty: anything the user put there since stays.
-            let _ = std::fs::remove_dir(&dir);
-        }
-    }
-    Ok(true)
-}
-
 /// Puts back every original file and removes the backup.
 pub fn cleanup(config_path: &Path) -> Result<Report, ConfigError> {
     let mut state = read_state(config_path)?;
@@ -569,87 +299,6 @@ pub fn cleanup(config_path: &Path) -> Result<Report, ConfigError> {
         }
     }
     Ok(report)
-}
-
-/// A problem with containerd's configuration, in plain words.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding(pub String);
-
-/// Reads containerd's `config.toml` and says what would keep kubelet's pulls
-/// (the CRI plugin) from using peermirror, or leave this node nothing to
-/// share. Supports config versions 2 (containerd 1.x) and 3 (2.x).
-pub fn check_containerd_config(config_file: &Path, certs_d: &Path) -> Vec<Finding> {
-    match std::fs::read_to_string(config_file) {
-        Ok(text) => check_config_text(&text, config_file, certs_d),
-        Err(e) => vec![Finding(format!(
-            "cannot read {} ({e}); with its built-in defaults containerd 1.x's CRI plugin does not read {} at all: \
-             kubelet's pulls will not use peermirror until `config_path` is set",
-            config_file.display(),
-            certs_d.display()
-        ))],
-    }
-}
-
-/// [`check_containerd_config`] on the text of `config_file`.
-pub fn check_config_text(text: &str, config_file: &Path, certs_d: &Path) -> Vec<Finding> {
-    let doc: DocumentMut = match text.parse() {
-        Ok(d) => d,
-        Err(e) => {
-            return vec![Finding(format!(
-                "{} is not valid TOML: {e}",
-                config_file.display()
-            ))];
-        }
-    };
-    let plugin = |name: &str| doc.get("plugins").and_then(|p| p.get(name));
-    let (registry, discard) = if let Some(images) = plugin("io.containerd.cri.v1.images") {
-        (
-            images.get("registry"),
-            images.get("discard_unpacked_layers"),
-        )
-    } else {
-        let cri = plugin("io.containerd.grpc.v1.cri");
-        (
-            cri.and_then(|c| c.get("registry")),
-            cri.and_then(|c| c.get("containerd"))
-                .and_then(|c| c.get("discard_unpacked_layers")),
-        )
-    };
-    let mut findings = Vec::new();
-    let config_path = registry
-        .and_then(|r| r.get("config_path"))
-        .and_then(Item::as_str)
-        .unwrap_or("");
-    let wanted = certs_d.to_string_lossy();
-    if config_path.is_empty() {
-        findings.push(Finding(format!(
-            "{}: the CRI plugin's registry `config_path` is not set, so kubelet's pulls ignore {wanted}. \
-             Set `config_path = \"{wanted}\"` in the [plugins.\"io.containerd.grpc.v1.cri\".registry] table \
-             (containerd 2.x: [plugins.\"io.containerd.cri.v1.images\".registry]) and restart containerd.",
-            config_file.display()
-        )));
-    } else if !config_path.split(':').any(|p| Path::new(p) == certs_d) {
-        findings.push(Finding(format!(
-            "{}: the CRI plugin reads registry hosts from {config_path}, not {wanted}: write there \
-             (--containerd-registry-config-path {config_path}) or change `config_path`.",
-            config_file.display()
-        )));
-    }
-    if registry.and_then(|r| r.get("mirrors")).is_some() {
-        findings.push(Finding(format!(
-            "{}: the legacy `mirrors` table is set in the CRI registry configuration; containerd does not accept it \
-             together with `config_path`. Move those mirrors into hosts.toml files and remove the table.",
-            config_file.display()
-        )));
-    }
-    if discard.and_then(Item::as_bool) == Some(true) {
-        findings.push(Finding(format!(
-            "{}: `discard_unpacked_layers = true` deletes layers once they are unpacked, so this node has nothing \
-             to share with its peers. Set it to false.",
-            config_file.display()
-        )));
-    }
-    findings
 }
 
 /// Entry points for the fuzz targets in `fuzz/` (built with `--cfg
@@ -719,6 +368,7 @@ pub mod fuzzing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use toml_edit::DocumentMut;
 
     fn opts(dir: &Path, registries: &[&str]) -> ConfigureOptions {
         ConfigureOptions {

@@ -1,0 +1,155 @@
+//! The originals kept under `.peermirror-backup/`, the state that lists
+//! them, and writing files without following planted symlinks.
+
+use crate::{BACKUP_DIR, ConfigError, Report, STATE_FILE, io_err};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Which registries are managed, and which of them had a file before.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct State {
+    /// Registry folder name → whether a `hosts.toml` existed before.
+    pub(crate) managed: std::collections::BTreeMap<String, Original>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Original {
+    pub(crate) had_file: bool,
+    pub(crate) had_dir: bool,
+    /// The original `hosts.toml` was a symlink to this target.
+    #[serde(default)]
+    pub(crate) symlink: Option<PathBuf>,
+    /// sha256 of the `hosts.toml` peermirror last wrote (absent in state
+    /// files of older versions: then edits cannot be told apart).
+    #[serde(default)]
+    pub(crate) written: Option<String>,
+}
+
+pub(crate) fn fingerprint(bytes: &[u8]) -> String {
+    peermirror_oci::Digest::of(bytes).to_string()
+}
+
+/// Whether the file at `path` is not what peermirror last wrote there.
+pub(crate) fn edited(path: &Path, original: &Original) -> bool {
+    match (&original.written, std::fs::symlink_metadata(path)) {
+        (Some(written), Ok(meta)) if meta.is_file() => std::fs::read(path)
+            .map(|b| &fingerprint(&b) != written)
+            .unwrap_or(true),
+        // Replaced by a link or a directory: not ours any more.
+        (Some(_), Ok(_)) => true,
+        // Deleted, or written by an older version: nothing to lose.
+        _ => false,
+    }
+}
+
+pub(crate) fn read_state(config_path: &Path) -> Result<State, ConfigError> {
+    let path = config_path.join(BACKUP_DIR).join(STATE_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ConfigError::State {
+            path,
+            reason: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+        Err(source) => Err(ConfigError::Io { path, source }),
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename). The
+/// temporary is created new (`O_EXCL`) without following a symlink
+/// (`O_NOFOLLOW`); a leftover of an interrupted run is removed first. A
+/// symlink at `path` itself is replaced, not followed.
+pub(crate) fn write_atomic(
+    path: &Path,
+    bytes: &[u8],
+    mode: Option<u32>,
+) -> Result<(), ConfigError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("peermirror-tmp");
+    let write = || -> std::io::Result<()> {
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(mode.unwrap_or(0o644))
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        if let Some(mode) = mode {
+            // Exactly this mode, whatever the umask.
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        }
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(io_err(path))
+}
+
+pub(crate) fn write_state(config_path: &Path, state: &State) -> Result<(), ConfigError> {
+    let dir = config_path.join(BACKUP_DIR);
+    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let bytes = serde_json::to_vec_pretty(state).map_err(|e| ConfigError::State {
+        path: dir.join(STATE_FILE),
+        reason: e.to_string(),
+    })?;
+    write_atomic(&dir.join(STATE_FILE), &bytes, None)
+}
+
+/// Puts `registry`'s original back; `false` when the file was edited since
+/// peermirror wrote it, and is left as it is (its original stays in the
+/// backup).
+pub(crate) fn restore_one(
+    config_path: &Path,
+    registry: &str,
+    original: &Original,
+    report: &mut Report,
+) -> Result<bool, ConfigError> {
+    let dir = config_path.join(registry);
+    let file = dir.join("hosts.toml");
+    if edited(&file, original) {
+        report.kept.push(file);
+        return Ok(false);
+    }
+    let saved = config_path
+        .join(BACKUP_DIR)
+        .join(registry)
+        .join("hosts.toml");
+    if let Some(target) = &original.symlink {
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        match std::fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(ConfigError::Io { path: file, source }),
+        }
+        std::os::unix::fs::symlink(target, &file).map_err(io_err(&file))?;
+        report.restored.push(file);
+        let _ = std::fs::remove_file(&saved);
+        let _ = std::fs::remove_dir(saved.parent().unwrap_or(&saved));
+    } else if original.had_file {
+        let bytes = std::fs::read(&saved).map_err(io_err(&saved))?;
+        let mode = std::fs::metadata(&saved).map_err(io_err(&saved))?;
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        write_atomic(
+            &file,
+            &bytes,
+            Some(std::os::unix::fs::PermissionsExt::mode(&mode.permissions())),
+        )?;
+        report.restored.push(file);
+        let _ = std::fs::remove_file(&saved);
+        let _ = std::fs::remove_dir(saved.parent().unwrap_or(&saved));
+    } else {
+        match std::fs::remove_file(&file) {
+            Ok(()) => report.removed.push(file),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(ConfigError::Io { path: file, source }),
+        }
+        if !original.had_dir {
+            // Only if empty: anything the user put there since stays.
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+    Ok(true)
+}
