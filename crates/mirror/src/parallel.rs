@@ -39,17 +39,10 @@ use super::journal::Outcome;
 use super::transfer::{Delivery, Transfer, TransferError};
 use super::{content_range, header};
 use peermirror_oci::{ByteRange, ContentRange, UPLOAD_RATE_HEADER};
+use peermirror_protocol::segments::{Delivered, Schedule, Standing};
 use peermirror_routing::Peer;
 
-/// Bytes one request asks one holder for.
-pub(super) const SEGMENT: u64 = 4 << 20;
-/// Uploads to other hosts (bytes per second) below which no holder counts
-/// as busy.
-const BUSY_FLOOR: u64 = 32 << 20;
-/// How long a segment runs before its holder's speed is compared with
-/// another's.
-const JUDGE_AFTER: Duration = Duration::from_millis(100);
-
+pub(super) use peermirror_protocol::segments::SEGMENT;
 /// What a worker tells the relay.
 enum Event {
     /// A response head arrived, with what the holder says it uploads.
@@ -69,67 +62,13 @@ enum Event {
     Failed { worker: usize, reason: String },
 }
 
-/// The relay's view of one worker.
+/// The relay's handle on one worker (its schedule is in [`Schedule`]).
 struct Slot {
     peer: Peer,
-    /// Where its next segment is sent; `None` once retired (the worker ends
-    /// when it sees the channel closed).
+    /// Where its next segment is sent; `None` once it is to stop (the
+    /// worker ends when it sees the channel closed).
     segments: Option<mpsc::Sender<Range<u64>>>,
     task: AbortHandle,
-    /// The segment it fetches, and the next byte of it expected.
-    current: Option<Range<u64>>,
-    pos: u64,
-    /// Whether it failed or was stopped (its late events are ignored).
-    dead: bool,
-    /// What the holder said it uploads to other hosts, bytes per second.
-    upload_rate: Option<u64>,
-    /// When its current segment was handed out.
-    segment_started: Instant,
-    /// Bytes per second of its last complete segment: its upload to us.
-    our_rate: u64,
-    /// Bytes received since the last speed check.
-    window_bytes: u64,
-    /// Whether it delivered any byte (a contributor to the blob).
-    contributed: bool,
-}
-
-impl Slot {
-    fn working(&self) -> bool {
-        !self.dead && self.segments.is_some()
-    }
-
-    /// What the holder uploads to hosts other than this one.
-    fn load_from_others(&self) -> u64 {
-        self.upload_rate.unwrap_or(0).saturating_sub(self.our_rate)
-    }
-}
-
-/// The spans nobody fetches yet, by first byte.
-#[derive(Debug, Default)]
-struct Todo(BTreeMap<u64, u64>);
-
-impl Todo {
-    fn give_back(&mut self, span: Range<u64>) {
-        if span.start < span.end {
-            self.0.insert(span.start, span.end);
-        }
-    }
-
-    /// The lowest unfetched segment, if it starts before `limit`.
-    fn take(&mut self, limit: u64) -> Option<Range<u64>> {
-        let (&start, &end) = self.0.iter().next()?;
-        if start >= limit {
-            return None;
-        }
-        self.0.remove(&start);
-        let cut = end.min(start + SEGMENT);
-        self.give_back(cut..end);
-        Some(start..cut)
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// What a worker needs to fetch from its holder.
@@ -305,23 +244,17 @@ impl Worker {
 
 /// The relay's state while several holders fetch.
 struct Fetch {
+    schedule: Schedule,
     slots: Vec<Slot>,
     tasks: JoinSet<()>,
     events: mpsc::Sender<Event>,
-    todo: Todo,
     /// Bytes received ahead of the next byte to send, by offset.
     ready: BTreeMap<u64, Bytes>,
-    /// How far past the next byte to send segments are handed out.
-    window: u64,
     /// Workers that may still be started (bounds the holders tried).
     spawns_left: usize,
 }
 
 impl Fetch {
-    fn working(&self) -> usize {
-        self.slots.iter().filter(|s| s.working()).count()
-    }
-
     fn spawn(&mut self, transfer: &Transfer, peer: Peer, first: Option<(Incoming, Range<u64>)>) {
         let id = self.slots.len();
         let (segments, receiver) = mpsc::channel(1);
@@ -335,106 +268,37 @@ impl Fetch {
             events: self.events.clone(),
         };
         let current = first.as_ref().map(|(_, segment)| segment.clone());
-        let pos = current.as_ref().map_or(0, |s| s.start);
         let task = self.tasks.spawn(worker.run(first, receiver));
+        let added = self.schedule.add(current, Instant::now());
+        debug_assert_eq!(added, id);
         self.slots.push(Slot {
             peer,
             segments: Some(segments),
             task,
-            current,
-            pos,
-            dead: false,
-            upload_rate: None,
-            segment_started: Instant::now(),
-            our_rate: 0,
-            window_bytes: 0,
-            contributed: false,
         });
         self.spawns_left = self.spawns_left.saturating_sub(1);
     }
 
-    /// Stops a worker and gives its unfinished span back.
+    /// Stops a worker; its unfinished span goes back to the schedule.
     fn stop(&mut self, i: usize) {
+        self.schedule.stop(i);
         let slot = &mut self.slots[i];
-        if slot.dead {
-            return;
-        }
-        slot.dead = true;
         slot.segments = None;
         slot.task.abort();
-        if let Some(segment) = slot.current.take() {
-            self.todo.give_back(slot.pos..segment.end);
-        }
     }
 
-    /// Hands a segment to every idle worker, within the window after `next`
-    /// (the next byte to send).
+    /// Passes on the segments the schedule hands out, within the window
+    /// after `next` (the next byte to send).
     fn assign(&mut self, next: u64) {
-        for i in 0..self.slots.len() {
-            let slot = &self.slots[i];
-            if !slot.working() || slot.current.is_some() {
-                continue;
-            }
-            let Some(segment) = self.todo.take(next.saturating_add(self.window)) else {
-                return;
-            };
-            let slot = &mut self.slots[i];
-            let sent = slot
+        for (i, segment) in self.schedule.assign(next, Instant::now()) {
+            let sent = self.slots[i]
                 .segments
                 .as_ref()
-                .is_some_and(|s| s.try_send(segment.clone()).is_ok());
-            if sent {
-                slot.pos = segment.start;
-                slot.current = Some(segment);
-                slot.segment_started = Instant::now();
-            } else {
+                .is_some_and(|s| s.try_send(segment).is_ok());
+            if !sent {
                 // The worker is gone (its failure is on its way).
-                self.todo.give_back(segment);
+                self.schedule.unsent(i);
             }
-        }
-    }
-
-    /// The worker that holds back the client's body (its segment holds
-    /// `next`, the next byte to send) while an idle worker has been more
-    /// than twice as fast: the idle one should take the rest of that
-    /// segment. Otherwise a slow holder would stall the others behind the
-    /// window, and the end of the blob would wait for it.
-    fn straggler(&self, next: u64) -> Option<usize> {
-        let fastest_idle = self
-            .slots
-            .iter()
-            .filter(|s| s.working() && s.current.is_none())
-            .map(|s| s.our_rate)
-            .max()?;
-        let (i, slot) = self.slots.iter().enumerate().find(|(_, s)| {
-            !s.dead
-                && s.current
-                    .as_ref()
-                    .is_some_and(|c| c.start <= next && next < c.end)
-        })?;
-        let started = slot.current.as_ref().map_or(slot.pos, |c| c.start);
-        let elapsed = slot.segment_started.elapsed();
-        if elapsed < JUDGE_AFTER {
-            return None;
-        }
-        let rate = ((slot.pos - started) as f64 / elapsed.as_secs_f64()) as u64;
-        (fastest_idle > rate.saturating_mul(2)).then_some(i)
-    }
-
-    /// Whether worker `i`'s holder uploads much more to other hosts than
-    /// another holder working on this blob.
-    fn busy(&self, i: usize) -> bool {
-        let load = self.slots[i].load_from_others();
-        let least = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(j, s)| *j != i && s.working())
-            .map(|(_, s)| s.load_from_others())
-            .min();
-        match least {
-            Some(least) => load > BUSY_FLOOR && load > least.saturating_mul(2),
-            None => false,
         }
     }
 }
@@ -453,23 +317,21 @@ impl Transfer {
         let config = self.mirror.config.clone();
         let peers = config.parallel_peers.max(2);
         let (events, mut inbox) = mpsc::channel(2 * peers);
+        // The current peer finishes its first segment from the body it sends.
+        let first_cut = self.end.min(self.pos + SEGMENT);
         let mut fetch = Fetch {
+            schedule: Schedule::new(first_cut..self.end, SEGMENT * (peers as u64 + 1)),
             slots: Vec::new(),
             tasks: JoinSet::new(),
             events,
-            todo: Todo::default(),
             ready: BTreeMap::new(),
-            window: SEGMENT * (peers as u64 + 1),
             spawns_left: peers + config.max_attempts,
         };
         tracing::info!(digest = %self.digest, first = %self.peer.addr, helper = %helper.addr, from = self.pos, end = self.end, "fetching from several holders at once");
-        // The current peer finishes its first segment from the body it sends.
-        let first_cut = self.end.min(self.pos + SEGMENT);
-        fetch.todo.give_back(first_cut..self.end);
         fetch.spawn(self, self.peer.clone(), Some((body, self.pos..first_cut)));
         // Its bytes so far are in the client's body already.
-        fetch.slots[0].contributed = true;
-        fetch.slots[0].upload_rate = self.peer_upload_rate;
+        fetch.schedule.contributed(0);
+        fetch.schedule.upload_rate(0, self.peer_upload_rate);
         fetch.spawn(self, helper, None);
 
         let stall = config.stall_timeout;
@@ -478,16 +340,16 @@ impl Transfer {
         speed_check.reset();
         loop {
             fetch.assign(self.pos);
-            if let Some(slow) = fetch.straggler(self.pos) {
-                let slot = &fetch.slots[slow];
-                tracing::info!(digest = %self.digest, peer = %slot.peer.addr, pos = slot.pos, "holder much slower than another; the faster one takes its bytes");
+            if let Some(slow) = fetch.schedule.straggler(self.pos, Instant::now()) {
+                let (peer, pos) = (&fetch.slots[slow].peer, fetch.schedule.holder(slow).pos);
+                tracing::info!(digest = %self.digest, peer = %peer.addr, pos, "holder much slower than another; the faster one takes its bytes");
                 fetch.stop(slow);
                 fetch.assign(self.pos);
             }
             if self.pos == self.end {
                 return self.finish(delivery, contributors).await;
             }
-            if fetch.working() == 0 && !self.recruit(&mut fetch, true).await {
+            if fetch.schedule.working() == 0 && !self.recruit(&mut fetch, true).await {
                 delivery.fail(self.exhausted()).await;
                 return Outcome::Failed;
             }
@@ -514,28 +376,27 @@ impl Transfer {
                 Event::Head {
                     worker,
                     upload_rate,
-                } => fetch.slots[worker].upload_rate = upload_rate,
+                } => fetch.schedule.upload_rate(worker, upload_rate),
                 Event::Data {
                     worker,
                     offset,
                     bytes,
                 } => {
-                    let slot = &mut fetch.slots[worker];
-                    if slot.dead {
-                        continue;
-                    }
-                    if offset != slot.pos || slot.current.is_none() {
-                        // Cannot happen with an honest worker; never mix
-                        // bytes whose place is in doubt.
-                        tracing::warn!(peer = %slot.peer.addr, offset, expected = slot.pos, "segment bytes out of place; dropping the holder");
-                        fetch.stop(worker);
-                        continue;
-                    }
-                    slot.pos += bytes.len() as u64;
-                    slot.window_bytes += bytes.len() as u64;
-                    if !slot.contributed {
-                        slot.contributed = true;
-                        contributors.push(slot.peer.clone());
+                    let peer = &fetch.slots[worker].peer;
+                    match fetch.schedule.delivered(worker, offset, bytes.len() as u64) {
+                        Delivered::Accepted { first } => {
+                            if first {
+                                contributors.push(peer.clone());
+                            }
+                        }
+                        Delivered::Ignored => continue,
+                        Delivered::OutOfPlace { expected } => {
+                            // Cannot happen with an honest worker; never mix
+                            // bytes whose place is in doubt.
+                            tracing::warn!(peer = %peer.addr, offset, expected, "segment bytes out of place; dropping the holder");
+                            fetch.stop(worker);
+                            continue;
+                        }
                     }
                     fetch.ready.insert(offset, bytes);
                     while let Some(bytes) = fetch.ready.remove(&self.pos) {
@@ -546,24 +407,21 @@ impl Transfer {
                     }
                 }
                 Event::SegmentDone { worker } => {
-                    let slot = &mut fetch.slots[worker];
-                    if let Some(segment) = slot.current.take() {
-                        let secs = slot.segment_started.elapsed().as_secs_f64().max(1e-6);
-                        slot.our_rate = ((segment.end - segment.start) as f64 / secs) as u64;
-                    }
-                    if fetch.busy(worker) {
+                    if fetch.schedule.segment_done(worker, Instant::now()) {
+                        let upload_rate = fetch.schedule.holder(worker).upload_rate;
                         let slot = &mut fetch.slots[worker];
-                        tracing::debug!(peer = %slot.peer.addr, upload_rate = ?slot.upload_rate, "holder is busy uploading to others; using it less");
+                        tracing::debug!(peer = %slot.peer.addr, ?upload_rate, "holder is busy uploading to others; using it less");
                         slot.segments = None;
                     }
-                    if fetch.working() < peers && !fetch.todo.is_empty() {
+                    if fetch.schedule.working() < peers && fetch.schedule.has_todo() {
                         self.recruit(&mut fetch, false).await;
                     }
                 }
                 Event::Failed { worker, reason } => {
-                    let slot = &fetch.slots[worker];
-                    if !slot.dead {
-                        tracing::info!(digest = %self.digest, peer = %slot.peer.addr, pos = slot.pos, %reason, "holder failed mid-segment; another takes its bytes");
+                    let holder = fetch.schedule.holder(worker);
+                    if holder.standing != Standing::Stopped {
+                        let (peer, pos) = (&fetch.slots[worker].peer, holder.pos);
+                        tracing::info!(digest = %self.digest, peer = %peer.addr, pos, %reason, "holder failed mid-segment; another takes its bytes");
                         fetch.stop(worker);
                     }
                 }
@@ -587,24 +445,16 @@ impl Transfer {
             let Some(peer) = self.candidates.next_or_relookup(patience).await else {
                 break;
             };
-            if fetch
-                .slots
-                .iter()
-                .any(|s| s.peer.id == peer.id && s.working())
-            {
+            let working =
+                |(i, s): (usize, &Slot)| fetch.schedule.holder(i).working() && s.peer.id == peer.id;
+            if fetch.slots.iter().enumerate().any(working) {
                 continue;
             }
             fetch.spawn(self, peer, None);
             return true;
         }
         // Nobody else: a holder retired for being busy is better than none.
-        if wait
-            && let Some(i) = fetch
-                .slots
-                .iter()
-                .position(|s| !s.dead && s.segments.is_none())
-        {
-            fetch.slots[i].dead = true;
+        if wait && let Some(i) = fetch.schedule.take_back_retired() {
             let peer = fetch.slots[i].peer.clone();
             fetch.spawn(self, peer, None);
             return true;
@@ -615,48 +465,14 @@ impl Transfer {
     /// Stops workers that delivered less than the minimum speed since the
     /// last check, while another holder can take their bytes.
     async fn check_speeds(&mut self, fetch: &mut Fetch, min_window_bytes: u64) {
-        let slow: Vec<usize> = (0..fetch.slots.len())
-            .filter(|&i| {
-                let s = &fetch.slots[i];
-                s.working() && s.current.is_some() && s.window_bytes < min_window_bytes
-            })
-            .collect();
+        let slow = fetch.schedule.below_speed(min_window_bytes);
         for i in slow {
-            let others = fetch.working() > 1;
+            let others = fetch.schedule.working() > 1;
             if others || self.recruit(fetch, false).await {
-                let slot = &fetch.slots[i];
-                tracing::info!(digest = %self.digest, peer = %slot.peer.addr, bytes = slot.window_bytes, "holder below the minimum speed; another takes its bytes");
+                let peer = &fetch.slots[i].peer;
+                tracing::info!(digest = %self.digest, peer = %peer.addr, "holder below the minimum speed; another takes its bytes");
                 fetch.stop(i);
             }
         }
-        for slot in &mut fetch.slots {
-            slot.window_bytes = 0;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn todo_hands_out_segments_in_order_within_the_limit() {
-        let mut todo = Todo::default();
-        todo.give_back(0..10 * SEGMENT + 5);
-        assert_eq!(todo.take(u64::MAX), Some(0..SEGMENT));
-        assert_eq!(todo.take(SEGMENT), None, "beyond the window");
-        assert_eq!(todo.take(SEGMENT + 1), Some(SEGMENT..2 * SEGMENT));
-        // A span given back goes first.
-        todo.give_back(100..SEGMENT);
-        assert_eq!(todo.take(u64::MAX), Some(100..SEGMENT));
-        let mut last = 0;
-        while let Some(s) = todo.take(u64::MAX) {
-            assert!(s.start >= last && s.end - s.start <= SEGMENT);
-            last = s.end;
-        }
-        assert_eq!(last, 10 * SEGMENT + 5);
-        assert!(todo.is_empty());
-        todo.give_back(7..7);
-        assert!(todo.is_empty(), "an empty span is nothing to fetch");
     }
 }

@@ -7,3 +7,4 @@
 //! Uses [`peermirror_oci`] (digests) only.
 
 pub mod fanout;
+pub mod segments;
