@@ -19,11 +19,14 @@ use tokio::sync::mpsc;
 use super::journal::Outcome;
 use super::{Candidates, Mirror, client, content_range};
 use peermirror_oci::{ByteRange, ContentRange, Digest, Hasher};
+use peermirror_protocol::source::{Received, SourceRules, SourceWatch};
 use peermirror_routing::Peer;
 
-/// How often a one-peer transfer looks for a second holder (to switch to
-/// parallel segments).
-const RECHECK: Duration = Duration::from_millis(100);
+/// The time for the protocol's state machines, from tokio's clock (which
+/// tests may pause).
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
 
 /// Why a relayed body ended early. The client's response is cut short.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -104,12 +107,6 @@ impl HashWorker {
 
 /// Chunks buffered between the peer and the client.
 const CHANNEL_CHUNKS: usize = 8;
-
-/// Bytes relayed from the first peer before other holders are asked too.
-/// The channel to the client holds at most `CHANNEL_CHUNKS` chunks of the
-/// client's 512 KiB read buffer (4 MiB) plus the chunk held back: past
-/// 8 MiB relayed, the client has read at least 3.5 MiB.
-const PARALLEL_AFTER: u64 = 8 << 20;
 
 pub(super) fn start(transfer: Transfer) -> BoxStream<'static, Result<Bytes, TransferError>> {
     let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
@@ -195,17 +192,16 @@ impl Transfer {
         });
     }
 
-    /// Whether the rest may be fetched from several holders at once: a
-    /// large remainder of a complete blob (an in-flight one has one source),
-    /// once the client has read a few MiB. containerd 2.1's parallel
-    /// layer fetch sends `bytes=N-` requests that it drops after one chunk:
-    /// those must not set several holders sending.
-    fn may_go_parallel(&self) -> bool {
+    /// What the source watch goes by (see [`SourceWatch`]).
+    fn source_rules(&self) -> SourceRules {
         let config = &self.mirror.config;
-        self.followed.is_none()
-            && config.parallel_peers > 1
-            && self.pos - self.first >= PARALLEL_AFTER
-            && self.end - self.pos >= config.parallel_min_size.max(1)
+        SourceRules {
+            stall: config.stall_timeout,
+            min_speed: config.min_speed,
+            parallel_peers: config.parallel_peers,
+            parallel_min_size: config.parallel_min_size,
+            followed: self.followed.is_some(),
+        }
     }
 
     /// Relays the body until the end, the client leaves or no peer can
@@ -215,20 +211,16 @@ impl Transfer {
             delivery.fail(self.exhausted()).await;
             return Outcome::Failed;
         };
-        let stall = self.mirror.config.stall_timeout;
-        let min_window_bytes = (self.mirror.config.min_speed as f64 * stall.as_secs_f64()) as u64;
-        let mut window_start = tokio::time::Instant::now();
-        let mut window_bytes = 0u64;
-        // When another holder was last looked for (at once the first time).
-        let mut parallel_checked: Option<tokio::time::Instant> = None;
+        let mut watch =
+            SourceWatch::new(self.source_rules(), self.first, self.pos, self.end, now());
+        let stall = watch.stall();
         loop {
-            if self.may_go_parallel() && parallel_checked.is_none_or(|at| at.elapsed() >= RECHECK) {
-                parallel_checked = Some(tokio::time::Instant::now());
-                if let Some(helper) = self.candidates.next(Duration::ZERO).await {
-                    return self
-                        .relay_parallel(body, helper, delivery, contributors)
-                        .await;
-                }
+            if watch.look_for_helper(now())
+                && let Some(helper) = self.candidates.next(Duration::ZERO).await
+            {
+                return self
+                    .relay_parallel(body, helper, delivery, contributors)
+                    .await;
             }
             let next = tokio::select! {
                 _ = delivery.closed() => Next::ClientGone,
@@ -253,8 +245,8 @@ impl Transfer {
                 }
                 Next::Data(data) if data.is_empty() => {}
                 Next::Data(data) => {
-                    let room = self.end - self.pos;
-                    if data.len() as u64 > room {
+                    let received = watch.received(data.len() as u64, now());
+                    if received == Received::Overrun {
                         // Nothing of this chunk is used; another peer resumes.
                         match self.switch(contributors, "peer sent more than asked").await {
                             Some(b) => body = b,
@@ -263,31 +255,23 @@ impl Transfer {
                                 return Outcome::Failed;
                             }
                         }
+                        watch.switched(now());
                         continue;
                     }
-                    self.pos += data.len() as u64;
-                    window_bytes += data.len() as u64;
+                    self.pos = watch.pos();
                     if delivery.push(data).await.is_err() {
                         return Outcome::Abandoned;
                     }
                     // Too slow while someone else may be faster: switch.
-                    if window_start.elapsed() >= stall {
-                        if window_bytes < min_window_bytes && self.pos < self.end {
-                            let reason = format!(
-                                "{window_bytes} bytes in {stall:?}, below the minimum speed"
-                            );
-                            if let Some(next) =
-                                self.candidates.next_or_relookup(Duration::ZERO).await
-                            {
-                                tracing::info!(digest = %self.digest, peer = %self.peer.addr, %reason, "trying a faster peer");
-                                // If it cannot take over, the slow peer goes on.
-                                if let Some(b) = self.resume_from(next, contributors).await {
-                                    body = b;
-                                }
-                            }
+                    if let Received::DeliverThenTryFaster { bytes } = received
+                        && let Some(next) = self.candidates.next_or_relookup(Duration::ZERO).await
+                    {
+                        let reason = format!("{bytes} bytes in {stall:?}, below the minimum speed");
+                        tracing::info!(digest = %self.digest, peer = %self.peer.addr, %reason, "trying a faster peer");
+                        // If it cannot take over, the slow peer goes on.
+                        if let Some(b) = self.resume_from(next, contributors).await {
+                            body = b;
                         }
-                        window_start = tokio::time::Instant::now();
-                        window_bytes = 0;
                     }
                 }
                 Next::End if self.pos == self.end => {
@@ -305,8 +289,7 @@ impl Transfer {
                             return Outcome::Failed;
                         }
                     }
-                    window_start = tokio::time::Instant::now();
-                    window_bytes = 0;
+                    watch.switched(now());
                 }
             }
         }

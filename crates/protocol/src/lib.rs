@@ -8,3 +8,4 @@
 
 pub mod fanout;
 pub mod segments;
+pub mod source;
