@@ -1,7 +1,10 @@
 //! Sockets, TLS and retries that every server and client of the daemon
-//! shares: a connection that must keep making progress, a cap on
-//! connections at once, the addresses of this node's interfaces, and
-//! certificate files turned into rustls configurations ([`tls`]).
+//! shares: the one accept loop of every server port ([`acceptor`]), the one
+//! way to dial a server ([`client`]), one backoff with jitter
+//! ([`backoff`]), a connection that must keep making progress, the
+//! addresses of this node's interfaces, the parsers of flag values
+//! ([`flags`]), and certificate files turned into rustls configurations
+//! ([`tls`]).
 //!
 //! Uses no other peermirror crate.
 

@@ -4,6 +4,10 @@
 //! clocks, no async runtime: this crate depends on neither tokio nor
 //! libp2p, so that it cannot do I/O.
 //!
+//! - [`fanout`]: the rendezvous of a digest that many nodes miss at once;
+//! - [`segments`]: the segments of one blob among several holders;
+//! - [`source`]: when to leave the one source a blob is relayed from.
+//!
 //! Uses [`peermirror_oci`] (digests) only.
 
 pub mod fanout;
