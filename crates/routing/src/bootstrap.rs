@@ -1,9 +1,19 @@
 //! Finding the first peers: a static list, the A/AAAA records of a DNS name
 //! (a Kubernetes headless service), or a JSON list fetched over HTTP or
-//! HTTPS with a client certificate (a bootstrapper, see
-//! [`crate::bootstrapper`]). The bootstrap loop retries with backoff until
-//! the routing table has a peer, and again whenever it becomes empty; its
-//! last failure is kept for `/readyz`.
+//! HTTPS with a client certificate (from a bootstrapper). The bootstrap
+//! loop retries with backoff until the routing table has a peer, and again
+//! whenever it becomes empty; its last failure is kept for `/readyz`.
+//!
+//! Four things are called bootstrap, each by one name in code and docs:
+//! - the **bootstrap source** (this module, `--bootstrap-kind`): where a
+//!   node finds its first peers;
+//! - the **bootstrap entry** ([`serve_entry`], `--http-bootstrap-addr`):
+//!   the list of its own addresses a node serves for other nodes' HTTP
+//!   sources;
+//! - the **bootstrapper** (`peermirror bootstrapper`): the mTLS server that
+//!   nodes register with and read the others from;
+//! - Kademlia's **bootstrap** ([`P2pRouter::bootstrap`]): a lookup of the
+//!   node's own id that fills its routing table once it has a peer.
 
 use peermirror_net::Backoff;
 use peermirror_net::acceptor::{Acceptor, AcceptorConfig, HttpDeadlines, serve_http1};
@@ -794,7 +804,7 @@ const ENTRY_DEADLINES: HttpDeadlines = HttpDeadlines {
 
 /// Serves this node's own entry (a JSON array of its multiaddrs with peer
 /// id) for `--http-bootstrap-url` of other nodes.
-pub async fn serve_http(
+pub async fn serve_entry(
     listener: TcpListener,
     entry: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
     shutdown: CancellationToken,
@@ -954,7 +964,7 @@ mod tests {
                     .into(),
             ]
         });
-        tokio::spawn(serve_http(listener, entry, shutdown.clone()));
+        tokio::spawn(serve_entry(listener, entry, shutdown.clone()));
         let got = discover(&BootstrapConfig::Http {
             url: format!("http://{addr}/"),
             tls: None,
@@ -976,7 +986,7 @@ mod tests {
         let bad_entry: Arc<dyn Fn() -> Vec<String> + Send + Sync> =
             Arc::new(|| vec!["not a multiaddr".into()]);
         let stop = CancellationToken::new();
-        tokio::spawn(serve_http(bad, bad_entry, stop.clone()));
+        tokio::spawn(serve_entry(bad, bad_entry, stop.clone()));
         let err = discover(&BootstrapConfig::Http {
             url: format!("http://{bad_addr}/"),
             tls: None,

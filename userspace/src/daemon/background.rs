@@ -80,7 +80,7 @@ pub(super) async fn spawn_background(
             stage,
             "bootstrap entry server",
             Policy::Auxiliary,
-            bootstrap::serve_http(listener, entry, stop.clone()),
+            bootstrap::serve_entry(listener, entry, stop.clone()),
         );
     }
     if let Some(dir) = &config.import_dir {
