@@ -3,13 +3,10 @@
 //! mirror's peer connections and the bootstrap client both use it.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::client::conn::http1::SendRequest;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, ToSocketAddrs};
 
 /// TLS towards a server: the client configuration and the name its
@@ -21,10 +18,7 @@ pub struct ClientTls {
 }
 
 /// A connection this node opened.
-pub enum Dialled {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
+pub type Dialled = crate::MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// Which step of [`dial`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -83,46 +77,6 @@ where
         let _ = conn.await;
     });
     Ok(sender)
-}
-
-impl AsyncRead for Dialled {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Dialled::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Dialled::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Dialled {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Dialled::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Dialled::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Dialled::Plain(s) => Pin::new(s).poll_flush(cx),
-            Dialled::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Dialled::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Dialled::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
 }
 
 #[cfg(test)]
