@@ -211,11 +211,10 @@ impl Transfer {
             delivery.fail(self.exhausted()).await;
             return Outcome::Failed;
         };
-        let mut watch =
-            SourceWatch::new(self.source_rules(), self.first, self.pos, self.end, now());
+        let mut watch = SourceWatch::new(self.source_rules(), now());
         let stall = watch.stall();
         loop {
-            if watch.look_for_helper(now())
+            if watch.look_for_helper(self.first, self.pos, self.end, now())
                 && let Some(helper) = self.candidates.next(Duration::ZERO).await
             {
                 return self
@@ -245,7 +244,7 @@ impl Transfer {
                 }
                 Next::Data(data) if data.is_empty() => {}
                 Next::Data(data) => {
-                    let received = watch.received(data.len() as u64, now());
+                    let received = watch.received(data.len() as u64, self.pos, self.end, now());
                     if received == Received::Overrun {
                         // Nothing of this chunk is used; another peer resumes.
                         match self.switch(contributors, "peer sent more than asked").await {
@@ -258,7 +257,7 @@ impl Transfer {
                         watch.switched(now());
                         continue;
                     }
-                    self.pos = watch.pos();
+                    self.pos += data.len() as u64;
                     if delivery.push(data).await.is_err() {
                         return Outcome::Abandoned;
                     }

@@ -47,14 +47,12 @@ pub enum Received {
     Overrun,
 }
 
-/// Where the relay stands with its current source.
+/// Where the relay stands with its current source. The positions are the
+/// relay's own (`first` asked for, `pos` the next byte to relay, `end`);
+/// the watch keeps only what it measures.
 #[derive(Debug, Clone)]
 pub struct SourceWatch {
     rules: SourceRules,
-    /// The first byte asked for, the next byte to relay, the end.
-    first: u64,
-    pos: u64,
-    end: u64,
     window_start: Instant,
     window_bytes: u64,
     /// When another holder was last looked for.
@@ -62,27 +60,13 @@ pub struct SourceWatch {
 }
 
 impl SourceWatch {
-    /// Watches a relay of `first..end`, of which `pos` was relayed.
-    pub fn new(rules: SourceRules, first: u64, pos: u64, end: u64, now: Instant) -> SourceWatch {
+    pub fn new(rules: SourceRules, now: Instant) -> SourceWatch {
         SourceWatch {
             rules,
-            first,
-            pos,
-            end,
             window_start: now,
             window_bytes: 0,
             parallel_checked: None,
         }
-    }
-
-    /// The next byte to relay.
-    pub fn pos(&self) -> u64 {
-        self.pos
-    }
-
-    /// Whether every byte was relayed.
-    pub fn complete(&self) -> bool {
-        self.pos == self.end
     }
 
     /// How long the source may stay silent now.
@@ -95,11 +79,11 @@ impl SourceWatch {
     /// read a few MiB, at most every [`RECHECK`]. (containerd 2.1's parallel
     /// layer fetch sends `bytes=N-` requests that it drops after one chunk:
     /// those must not set several holders sending.) Records the look.
-    pub fn look_for_helper(&mut self, now: Instant) -> bool {
+    pub fn look_for_helper(&mut self, first: u64, pos: u64, end: u64, now: Instant) -> bool {
         let large = !self.rules.followed
             && self.rules.parallel_peers > 1
-            && self.pos - self.first >= PARALLEL_AFTER
-            && self.end - self.pos >= self.rules.parallel_min_size.max(1);
+            && pos - first >= PARALLEL_AFTER
+            && end - pos >= self.rules.parallel_min_size.max(1);
         let due = self
             .parallel_checked
             .is_none_or(|at| now.saturating_duration_since(at) >= RECHECK);
@@ -109,12 +93,13 @@ impl SourceWatch {
         large && due
     }
 
-    /// `len` bytes from the source.
-    pub fn received(&mut self, len: u64, now: Instant) -> Received {
-        if len > self.end - self.pos {
+    /// `len` bytes from the source, to be relayed at `pos` of a body that
+    /// ends at `end`. Unless they are an overrun, the relay passes them on
+    /// and moves `pos` past them.
+    pub fn received(&mut self, len: u64, pos: u64, end: u64, now: Instant) -> Received {
+        if len > end - pos {
             return Received::Overrun;
         }
-        self.pos += len;
         self.window_bytes += len;
         if now.saturating_duration_since(self.window_start) < self.rules.stall {
             return Received::Deliver;
@@ -122,7 +107,7 @@ impl SourceWatch {
         let bytes = std::mem::take(&mut self.window_bytes);
         self.window_start = now;
         let min_bytes = (self.rules.min_speed as f64 * self.rules.stall.as_secs_f64()) as u64;
-        if bytes < min_bytes && !self.complete() {
+        if bytes < min_bytes && pos + len < end {
             Received::DeliverThenTryFaster { bytes }
         } else {
             Received::Deliver
@@ -155,36 +140,64 @@ mod tests {
     fn a_slow_source_is_named_once_per_window_and_overruns_are_refused() {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let mut w = SourceWatch::new(rules(), 0, 0, 10_000, t0);
-        assert_eq!(w.received(100, at(500)), Received::Deliver);
+        let end = 10_000;
+        let mut w = SourceWatch::new(rules(), t0);
+        let mut pos = 0;
+        let mut receive = |w: &mut SourceWatch, len: u64, ms: u64| {
+            let r = w.received(len, pos, end, at(ms));
+            if r != Received::Overrun {
+                pos += len;
+            }
+            (r, pos)
+        };
+        assert_eq!(receive(&mut w, 100, 500).0, Received::Deliver);
         assert_eq!(
-            w.received(100, at(1000)),
+            receive(&mut w, 100, 1000).0,
             Received::DeliverThenTryFaster { bytes: 200 }
         );
-        assert_eq!(w.received(100, at(1500)), Received::Deliver, "a new window");
-        assert_eq!(w.received(5000, at(2000)), Received::Deliver, "fast enough");
-        assert_eq!(w.received(4701, at(2100)), Received::Overrun);
-        assert_eq!(w.pos(), 5300, "an overrun relays nothing");
+        assert_eq!(
+            receive(&mut w, 100, 1500).0,
+            Received::Deliver,
+            "a new window"
+        );
+        assert_eq!(
+            receive(&mut w, 5000, 2000).0,
+            Received::Deliver,
+            "fast enough"
+        );
+        assert_eq!(
+            receive(&mut w, 4701, 2100),
+            (Received::Overrun, 5300),
+            "an overrun relays nothing"
+        );
         w.switched(at(3000));
-        assert_eq!(w.received(4700, at(4000)), Received::Deliver);
-        assert!(w.complete());
+        assert_eq!(receive(&mut w, 4700, 4000), (Received::Deliver, end));
     }
 
     #[test]
     fn helpers_are_looked_for_once_the_client_reads_and_at_most_every_recheck() {
         let t0 = Instant::now();
         let end = 64 << 20;
-        let mut w = SourceWatch::new(rules(), 0, 0, end, t0);
-        assert!(!w.look_for_helper(t0), "the client has read nothing yet");
-        assert_eq!(w.received(PARALLEL_AFTER, t0), Received::Deliver);
-        assert!(w.look_for_helper(t0));
-        assert!(!w.look_for_helper(t0 + RECHECK / 2), "not again so soon");
-        assert!(w.look_for_helper(t0 + RECHECK));
+        let mut w = SourceWatch::new(rules(), t0);
+        assert!(
+            !w.look_for_helper(0, 0, end, t0),
+            "the client has read nothing yet"
+        );
+        let pos = PARALLEL_AFTER;
+        assert!(w.look_for_helper(0, pos, end, t0));
+        assert!(
+            !w.look_for_helper(0, pos, end, t0 + RECHECK / 2),
+            "not again so soon"
+        );
+        assert!(w.look_for_helper(0, pos, end, t0 + RECHECK));
         let followed = SourceRules {
             followed: true,
             ..rules()
         };
-        let mut w = SourceWatch::new(followed, 0, PARALLEL_AFTER, end, t0);
-        assert!(!w.look_for_helper(t0), "an in-flight blob has one source");
+        let mut w = SourceWatch::new(followed, t0);
+        assert!(
+            !w.look_for_helper(0, pos, end, t0),
+            "an in-flight blob has one source"
+        );
     }
 }
