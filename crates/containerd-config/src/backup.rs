@@ -23,17 +23,27 @@ pub(crate) struct Original {
     /// files of older versions: then edits cannot be told apart).
     #[serde(default)]
     pub(crate) written: Option<String>,
+    /// sha256 of a `hosts.toml` peermirror was about to write when it last
+    /// stopped: recorded before the file is written, so that a kill or a
+    /// full disk between the two writes cannot make peermirror's own file
+    /// look edited by the user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) pending: Option<String>,
 }
 
 pub(crate) fn fingerprint(bytes: &[u8]) -> String {
     peermirror_oci::Digest::of(bytes).to_string()
 }
 
-/// Whether the file at `path` is not what peermirror last wrote there.
+/// Whether the file at `path` is neither what peermirror last wrote there
+/// nor what it was about to write.
 pub(crate) fn edited(path: &Path, original: &Original) -> bool {
     match (&original.written, std::fs::symlink_metadata(path)) {
         (Some(written), Ok(meta)) if meta.is_file() => std::fs::read(path)
-            .map(|b| &fingerprint(&b) != written)
+            .map(|b| {
+                let print = fingerprint(&b);
+                &print != written && original.pending.as_ref() != Some(&print)
+            })
             .unwrap_or(true),
         // Replaced by a link or a directory: not ours any more.
         (Some(_), Ok(_)) => true,
@@ -66,6 +76,8 @@ pub(crate) fn write_atomic(
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("peermirror-tmp");
     let write = || -> std::io::Result<()> {
+        #[cfg(test)]
+        fault::before_write()?;
         match std::fs::remove_file(&tmp) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -152,4 +164,31 @@ pub(crate) fn restore_one(
         }
     }
     Ok(true)
+}
+
+/// A fault-injection hook for the tests: stops every write after the next
+/// `n`, as a kill or a full disk would between two steps.
+#[cfg(test)]
+pub(crate) mod fault {
+    use std::cell::Cell;
+
+    thread_local! {
+        static WRITES_LEFT: Cell<Option<usize>> = const { Cell::new(None) };
+    }
+
+    /// Lets `n` more writes happen on this thread (`None`: no limit).
+    pub(crate) fn allow(n: Option<usize>) {
+        WRITES_LEFT.with(|w| w.set(n));
+    }
+
+    pub(super) fn before_write() -> std::io::Result<()> {
+        WRITES_LEFT.with(|w| match w.get() {
+            Some(0) => Err(std::io::Error::other("injected fault before a write")),
+            Some(n) => {
+                w.set(Some(n - 1));
+                Ok(())
+            }
+            None => Ok(()),
+        })
+    }
 }

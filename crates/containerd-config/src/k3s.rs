@@ -52,11 +52,24 @@ struct State {
     had_file: bool,
     /// sha256 of the `registries.yaml` peermirror last wrote.
     written: Option<String>,
+    /// sha256 of a `registries.yaml` peermirror was about to write when it
+    /// last stopped (recorded before the file is written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending: Option<String>,
     /// Each `certs.d` directory peermirror wrote or removed, and whether it
     /// held a `hosts.toml` before (then saved under `certs.d/` in the
     /// backup).
     #[serde(default)]
     certs: std::collections::BTreeMap<String, bool>,
+}
+
+impl State {
+    /// Whether `current` (the file's bytes, `None` when it is absent) is
+    /// neither what peermirror last wrote nor what it was about to write.
+    fn edited(&self, current: Option<&[u8]>) -> bool {
+        let now = current.map(fingerprint);
+        self.written.is_some() && now != self.written && (now.is_none() || now != self.pending)
+    }
 }
 
 fn backup_dir(registries_yaml: &Path) -> PathBuf {
@@ -381,8 +394,7 @@ pub fn configure(opts: &K3sOptions) -> Result<Report, ConfigError> {
     let current = read_optional(path)?;
     let mut state = match read_state(path)? {
         Some(state) => {
-            let now = current.as_deref().map(fingerprint);
-            if state.written.is_some() && now != state.written {
+            if state.edited(current.as_deref()) {
                 return Err(ConfigError::Edited {
                     path: path.clone(),
                     original: if state.had_file {
@@ -403,8 +415,7 @@ pub fn configure(opts: &K3sOptions) -> Result<Report, ConfigError> {
             }
             let state = State {
                 had_file: current.is_some(),
-                written: None,
-                certs: Default::default(),
+                ..State::default()
             };
             write_state(path, &state)?;
             state
@@ -424,9 +435,18 @@ pub fn configure(opts: &K3sOptions) -> Result<Report, ConfigError> {
     let plan = plan(&opts.config_path, &parse_lenient(&wanted, path)?)?;
     save_certs(&opts.config_path, path, &plan, &mut state)?;
     let mut report = Report::default();
+    let print = fingerprint(wanted.as_bytes());
     if current.as_deref() == Some(wanted.as_bytes()) {
         report.unchanged.push(path.clone());
     } else {
+        // Recorded before the file is written (see `State::pending`).
+        if state.pending.as_ref() != Some(&print) {
+            if let Some(bytes) = &current {
+                state.written = Some(fingerprint(bytes));
+            }
+            state.pending = Some(print.clone());
+            write_state(path, &state)?;
+        }
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
@@ -438,7 +458,8 @@ pub fn configure(opts: &K3sOptions) -> Result<Report, ConfigError> {
         write_atomic(path, wanted.as_bytes(), Some(mode))?;
         report.written.push(path.clone());
     }
-    state.written = Some(fingerprint(wanted.as_bytes()));
+    state.written = Some(print);
+    state.pending = None;
     write_state(path, &state)?;
     apply(&opts.config_path, plan, &mut report)?;
     Ok(report)
@@ -455,7 +476,7 @@ pub fn cleanup(registries_yaml: &Path, config_path: &Path) -> Result<Report, Con
     let backup_root = backup_dir(registries_yaml);
     let backup = backup_root.join("registries.yaml");
     let current = read_optional(registries_yaml)?;
-    let edited = state.written.is_some() && current.as_deref().map(fingerprint) != state.written;
+    let edited = state.edited(current.as_deref());
     let text = if edited {
         report.kept.push(registries_yaml.to_path_buf());
         current.unwrap_or_default()
@@ -553,6 +574,53 @@ configs:
             registries_yaml::parse(&again, yaml_path()).expect("parses"),
             yaml
         );
+    }
+
+    /// As for `hosts.toml`: a kill or a full disk between any two writes of
+    /// a render leaves a `registries.yaml` that peermirror still knows as
+    /// its own, and `cleanup` puts the user's original back.
+    #[test]
+    fn an_interrupted_render_never_looks_edited() {
+        let original =
+            "mirrors:\n  docker.io:\n    endpoint:\n      - \"https://mirror.example.com\"\n";
+        for stop_after in 0.. {
+            let mut finished = false;
+            for cleanup_first in [false, true] {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let yaml = dir.path().join("registries.yaml");
+                std::fs::write(&yaml, original).expect("write");
+                let opts = |target: &str| K3sOptions {
+                    registries_yaml: yaml.clone(),
+                    config_path: dir.path().join("certs.d"),
+                    registries: vec!["docker.io".into()],
+                    mirror_targets: vec![target.into()],
+                };
+                configure(&opts("http://127.0.0.1:5000")).expect("configure");
+                let second = opts("http://127.0.0.1:5001");
+                crate::backup::fault::allow(Some(stop_after));
+                finished = configure(&second).is_ok();
+                crate::backup::fault::allow(None);
+                let step = format!("stopped after {stop_after} writes");
+                if !cleanup_first {
+                    configure(&second).unwrap_or_else(|e| panic!("{step}: configure: {e}"));
+                    let text = std::fs::read_to_string(&yaml).expect("read");
+                    assert!(text.contains("127.0.0.1:5001"), "{step}: {text}");
+                }
+                let report = cleanup(&yaml, &second.config_path)
+                    .unwrap_or_else(|e| panic!("{step}: cleanup: {e}"));
+                assert!(report.kept.is_empty(), "{step}: kept {:?}", report.kept);
+                assert_eq!(
+                    std::fs::read_to_string(&yaml).expect("read"),
+                    original,
+                    "{step}"
+                );
+                assert!(!backup_dir(&yaml).exists(), "{step}");
+            }
+            if finished {
+                assert!(stop_after >= 2, "{stop_after} writes");
+                break;
+            }
+        }
     }
 
     #[test]

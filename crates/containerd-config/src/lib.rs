@@ -230,6 +230,7 @@ pub fn configure(opts: &ConfigureOptions) -> Result<Report, ConfigError> {
                         had_dir,
                         symlink: link,
                         written: None,
+                        pending: None,
                     },
                 );
                 write_state(&opts.config_path, &state)?;
@@ -250,21 +251,36 @@ pub fn configure(opts: &ConfigureOptions) -> Result<Report, ConfigError> {
                 path: original_path.clone(),
                 reason,
             })?;
+        let print = fingerprint(rendered.as_bytes());
         let regular = std::fs::symlink_metadata(&file).is_ok_and(|m| m.is_file());
-        let current = std::fs::read_to_string(&file).ok();
-        if regular && current.as_deref() == Some(rendered.as_str()) {
+        let on_disk = regular.then(|| std::fs::read(&file).ok()).flatten();
+        let unchanged = on_disk.as_deref() == Some(rendered.as_bytes());
+        // What is about to be written is recorded first, beside what is on
+        // disk now, and only then the file: whatever step a kill or a full
+        // disk interrupts, the file on disk is one the state knows.
+        if let Some(original) = state.managed.get_mut(registry)
+            && !unchanged
+            && original.pending.as_ref() != Some(&print)
+        {
+            if let Some(bytes) = &on_disk {
+                original.written = Some(fingerprint(bytes));
+            }
+            original.pending = Some(print.clone());
+            write_state(&opts.config_path, &state)?;
+        }
+        if unchanged {
             report.unchanged.push(file);
         } else {
             std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
             write_atomic(&file, rendered.as_bytes(), Some(0o644))?;
             report.written.push(file);
         }
-        if let Some(original) = state.managed.get_mut(registry) {
-            let print = fingerprint(rendered.as_bytes());
-            if original.written.as_ref() != Some(&print) {
-                original.written = Some(print);
-                write_state(&opts.config_path, &state)?;
-            }
+        if let Some(original) = state.managed.get_mut(registry)
+            && (original.written.as_ref() != Some(&print) || original.pending.is_some())
+        {
+            original.written = Some(print);
+            original.pending = None;
+            write_state(&opts.config_path, &state)?;
         }
     }
     Ok(report)
@@ -402,6 +418,68 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A kill or a full disk between any two writes of a render, the first
+    /// or a later one with other options, leaves files that peermirror
+    /// still knows as its own: the next `configure` goes on, and `cleanup`
+    /// (right away, or after it) puts the user's original back.
+    #[test]
+    fn an_interrupted_render_never_looks_edited() {
+        const REGISTRY: &str = "registry.example.com";
+        let original = "server = \"https://registry.example.com\"\n# the user's\n";
+        let first = opts(Path::new("/"), &[REGISTRY]);
+        let mut second = first.clone();
+        second.resolve_tags = false;
+        for interrupted in [0, 1] {
+            for stop_after in 0.. {
+                let mut finished = false;
+                for cleanup_first in [false, true] {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    let file = dir.path().join(REGISTRY).join("hosts.toml");
+                    std::fs::create_dir_all(file.parent().expect("dir")).expect("mkdir");
+                    std::fs::write(&file, original).expect("write");
+                    let runs = [&first, &second];
+                    for (i, o) in runs.iter().enumerate().take(interrupted + 1) {
+                        let o = ConfigureOptions {
+                            config_path: dir.path().to_path_buf(),
+                            ..(*o).clone()
+                        };
+                        if i == interrupted {
+                            backup::fault::allow(Some(stop_after));
+                            finished = configure(&o).is_ok();
+                            backup::fault::allow(None);
+                        } else {
+                            configure(&o).expect("configure");
+                        }
+                    }
+                    let step = format!("run {interrupted} stopped after {stop_after} writes");
+                    if !cleanup_first {
+                        let o = ConfigureOptions {
+                            config_path: dir.path().to_path_buf(),
+                            ..runs[interrupted].clone()
+                        };
+                        configure(&o).unwrap_or_else(|e| panic!("{step}: configure: {e}"));
+                        let text = std::fs::read_to_string(&file).expect("read");
+                        assert!(text.contains("127.0.0.1:5000"), "{step}: {text}");
+                        assert_eq!(text.contains("resolve"), o.resolve_tags, "{step}: {text}");
+                    }
+                    let report = cleanup(dir.path()).unwrap_or_else(|e| panic!("{step}: {e}"));
+                    assert!(report.kept.is_empty(), "{step}: kept {:?}", report.kept);
+                    assert_eq!(
+                        std::fs::read_to_string(&file).expect("read"),
+                        original,
+                        "{step}"
+                    );
+                    assert!(!dir.path().join(BACKUP_DIR).exists(), "{step}");
+                }
+                if finished {
+                    // Every step of this run was interrupted once.
+                    assert!(stop_after >= 2, "run {interrupted}: {stop_after} writes");
+                    break;
+                }
+            }
+        }
     }
 
     #[test]
