@@ -35,21 +35,35 @@ pub(crate) fn fingerprint(bytes: &[u8]) -> String {
     peermirror_oci::Digest::of(bytes).to_string()
 }
 
-/// Whether the file at `path` is neither what peermirror last wrote there
-/// nor what it was about to write.
-pub(crate) fn edited(path: &Path, original: &Original) -> bool {
-    match (&original.written, std::fs::symlink_metadata(path)) {
-        (Some(written), Ok(meta)) if meta.is_file() => std::fs::read(path)
-            .map(|b| {
-                let print = fingerprint(&b);
-                &print != written && original.pending.as_ref() != Some(&print)
-            })
-            .unwrap_or(true),
-        // Replaced by a link or a directory: not ours any more.
-        (Some(_), Ok(_)) => true,
-        // Deleted, or written by an older version: nothing to lose.
-        _ => false,
+/// Whether the file at `path` is not peermirror's: neither what it last
+/// wrote there, nor what it was about to write, nor the original it keeps
+/// at `saved` (put back by a `cleanup` that was interrupted).
+pub(crate) fn edited(path: &Path, original: &Original, saved: &Path) -> bool {
+    let Some(written) = &original.written else {
+        // Written by an older version: edits cannot be told apart.
+        return false;
+    };
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        // Deleted: nothing to lose.
+        return false;
+    };
+    if meta.is_symlink() {
+        // Only the user's own link, put back, is not a change.
+        return original.symlink.is_none() || std::fs::read_link(path).ok() != original.symlink;
     }
+    if !meta.is_file() {
+        return true;
+    }
+    let Ok(bytes) = std::fs::read(path) else {
+        return true;
+    };
+    let print = fingerprint(&bytes);
+    let restored = || {
+        original.had_file
+            && original.symlink.is_none()
+            && std::fs::read(saved).is_ok_and(|b| b == bytes)
+    };
+    &print != written && original.pending.as_ref() != Some(&print) && !restored()
 }
 
 pub(crate) fn read_state(config_path: &Path) -> Result<State, ConfigError> {
@@ -112,7 +126,16 @@ pub(crate) fn write_state(config_path: &Path, state: &State) -> Result<(), Confi
 
 /// Puts `registry`'s original back; `false` when the file was edited since
 /// peermirror wrote it, and is left as it is (its original stays in the
-/// backup).
+/// backup). The saved original stays too, until the caller has recorded
+/// the registry as no longer managed and calls [`forget_original`]: a run
+/// interrupted in between finds the file equal to it, so not edited.
+/// Removes the saved original of a registry that is no longer managed.
+pub(crate) fn forget_original(config_path: &Path, registry: &str) {
+    let saved = config_path.join(BACKUP_DIR).join(registry);
+    let _ = std::fs::remove_file(saved.join("hosts.toml"));
+    let _ = std::fs::remove_dir(&saved);
+}
+
 pub(crate) fn restore_one(
     config_path: &Path,
     registry: &str,
@@ -121,14 +144,14 @@ pub(crate) fn restore_one(
 ) -> Result<bool, ConfigError> {
     let dir = config_path.join(registry);
     let file = dir.join("hosts.toml");
-    if edited(&file, original) {
-        report.kept.push(file);
-        return Ok(false);
-    }
     let saved = config_path
         .join(BACKUP_DIR)
         .join(registry)
         .join("hosts.toml");
+    if edited(&file, original, &saved) {
+        report.kept.push(file);
+        return Ok(false);
+    }
     if let Some(target) = &original.symlink {
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         match std::fs::remove_file(&file) {
@@ -138,8 +161,6 @@ pub(crate) fn restore_one(
         }
         std::os::unix::fs::symlink(target, &file).map_err(io_err(&file))?;
         report.restored.push(file);
-        let _ = std::fs::remove_file(&saved);
-        let _ = std::fs::remove_dir(saved.parent().unwrap_or(&saved));
     } else if original.had_file {
         let bytes = std::fs::read(&saved).map_err(io_err(&saved))?;
         let mode = std::fs::metadata(&saved).map_err(io_err(&saved))?;
@@ -150,8 +171,6 @@ pub(crate) fn restore_one(
             Some(std::os::unix::fs::PermissionsExt::mode(&mode.permissions())),
         )?;
         report.restored.push(file);
-        let _ = std::fs::remove_file(&saved);
-        let _ = std::fs::remove_dir(saved.parent().unwrap_or(&saved));
     } else {
         match std::fs::remove_file(&file) {
             Ok(()) => report.removed.push(file),

@@ -65,10 +65,15 @@ struct State {
 
 impl State {
     /// Whether `current` (the file's bytes, `None` when it is absent) is
-    /// neither what peermirror last wrote nor what it was about to write.
-    fn edited(&self, current: Option<&[u8]>) -> bool {
+    /// not peermirror's: neither what it last wrote, nor what it was about
+    /// to write, nor the `original` it keeps (put back by a `cleanup` that
+    /// was interrupted).
+    fn edited(&self, current: Option<&[u8]>, original: Option<&[u8]>) -> bool {
         let now = current.map(fingerprint);
-        self.written.is_some() && now != self.written && (now.is_none() || now != self.pending)
+        self.written.is_some()
+            && now != self.written
+            && (now.is_none() || now != self.pending)
+            && (current.is_none() || !self.had_file || current != original)
     }
 }
 
@@ -394,7 +399,12 @@ pub fn configure(opts: &K3sOptions) -> Result<Report, ConfigError> {
     let current = read_optional(path)?;
     let mut state = match read_state(path)? {
         Some(state) => {
-            if state.edited(current.as_deref()) {
+            let original = if state.had_file {
+                read_optional(&backup)?
+            } else {
+                None
+            };
+            if state.edited(current.as_deref(), original.as_deref()) {
                 return Err(ConfigError::Edited {
                     path: path.clone(),
                     original: if state.had_file {
@@ -476,7 +486,12 @@ pub fn cleanup(registries_yaml: &Path, config_path: &Path) -> Result<Report, Con
     let backup_root = backup_dir(registries_yaml);
     let backup = backup_root.join("registries.yaml");
     let current = read_optional(registries_yaml)?;
-    let edited = state.edited(current.as_deref());
+    let original = if state.had_file {
+        read_optional(&backup)?
+    } else {
+        None
+    };
+    let edited = state.edited(current.as_deref(), original.as_deref());
     let text = if edited {
         report.kept.push(registries_yaml.to_path_buf());
         current.unwrap_or_default()
@@ -577,48 +592,62 @@ configs:
     }
 
     /// As for `hosts.toml`: a kill or a full disk between any two writes of
-    /// a render leaves a `registries.yaml` that peermirror still knows as
-    /// its own, and `cleanup` puts the user's original back.
+    /// a later render or of `cleanup` leaves a `registries.yaml` that
+    /// peermirror still knows as its own, and `cleanup` puts the user's
+    /// original back.
     #[test]
-    fn an_interrupted_render_never_looks_edited() {
+    fn an_interrupted_run_never_looks_edited() {
         let original =
             "mirrors:\n  docker.io:\n    endpoint:\n      - \"https://mirror.example.com\"\n";
-        for stop_after in 0.. {
-            let mut finished = false;
-            for cleanup_first in [false, true] {
-                let dir = tempfile::tempdir().expect("tempdir");
-                let yaml = dir.path().join("registries.yaml");
-                std::fs::write(&yaml, original).expect("write");
-                let opts = |target: &str| K3sOptions {
-                    registries_yaml: yaml.clone(),
-                    config_path: dir.path().join("certs.d"),
-                    registries: vec!["docker.io".into()],
-                    mirror_targets: vec![target.into()],
-                };
-                configure(&opts("http://127.0.0.1:5000")).expect("configure");
-                let second = opts("http://127.0.0.1:5001");
-                crate::backup::fault::allow(Some(stop_after));
-                finished = configure(&second).is_ok();
-                crate::backup::fault::allow(None);
-                let step = format!("stopped after {stop_after} writes");
-                if !cleanup_first {
-                    configure(&second).unwrap_or_else(|e| panic!("{step}: configure: {e}"));
-                    let text = std::fs::read_to_string(&yaml).expect("read");
-                    assert!(text.contains("127.0.0.1:5001"), "{step}: {text}");
+        for interrupt_cleanup in [false, true] {
+            for stop_after in 0.. {
+                let mut finished = false;
+                for configure_again in [true, false] {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    let yaml = dir.path().join("registries.yaml");
+                    std::fs::write(&yaml, original).expect("write");
+                    let opts = |target: &str| K3sOptions {
+                        registries_yaml: yaml.clone(),
+                        config_path: dir.path().join("certs.d"),
+                        registries: vec!["docker.io".into()],
+                        mirror_targets: vec![target.into()],
+                    };
+                    configure(&opts("http://127.0.0.1:5000")).expect("configure");
+                    let second = opts("http://127.0.0.1:5001");
+                    if interrupt_cleanup {
+                        configure(&second).expect("configure");
+                    }
+                    crate::backup::fault::allow(Some(stop_after));
+                    finished = if interrupt_cleanup {
+                        cleanup(&yaml, &second.config_path).is_ok()
+                    } else {
+                        configure(&second).is_ok()
+                    };
+                    crate::backup::fault::allow(None);
+                    let step = format!("stopped after {stop_after} writes");
+                    if configure_again {
+                        configure(&second).unwrap_or_else(|e| panic!("{step}: configure: {e}"));
+                        let text = std::fs::read_to_string(&yaml).expect("read");
+                        assert!(text.contains("127.0.0.1:5001"), "{step}: {text}");
+                    }
+                    let report = cleanup(&yaml, &second.config_path)
+                        .unwrap_or_else(|e| panic!("{step}: cleanup: {e}"));
+                    assert!(report.kept.is_empty(), "{step}: kept {:?}", report.kept);
+                    assert_eq!(
+                        std::fs::read_to_string(&yaml).expect("read"),
+                        original,
+                        "{step}"
+                    );
+                    assert!(!backup_dir(&yaml).exists(), "{step}");
+                    assert!(
+                        !second.config_path.join("docker.io").exists(),
+                        "{step}: certs.d keeps what peermirror wrote"
+                    );
                 }
-                let report = cleanup(&yaml, &second.config_path)
-                    .unwrap_or_else(|e| panic!("{step}: cleanup: {e}"));
-                assert!(report.kept.is_empty(), "{step}: kept {:?}", report.kept);
-                assert_eq!(
-                    std::fs::read_to_string(&yaml).expect("read"),
-                    original,
-                    "{step}"
-                );
-                assert!(!backup_dir(&yaml).exists(), "{step}");
-            }
-            if finished {
-                assert!(stop_after >= 2, "{stop_after} writes");
-                break;
+                if finished {
+                    assert!(stop_after >= 1, "{stop_after} writes");
+                    break;
+                }
             }
         }
     }

@@ -184,8 +184,9 @@ pub fn configure(opts: &ConfigureOptions) -> Result<Report, ConfigError> {
             && restore_one(&opts.config_path, &registry, &original, &mut report)?
         {
             state.managed.remove(&registry);
+            write_state(&opts.config_path, &state)?;
+            forget_original(&opts.config_path, &registry);
         }
-        write_state(&opts.config_path, &state)?;
     }
 
     for registry in &registries {
@@ -193,7 +194,7 @@ pub fn configure(opts: &ConfigureOptions) -> Result<Report, ConfigError> {
         let file = dir.join("hosts.toml");
         let original_path = backup_root.join(registry).join("hosts.toml");
         match state.managed.get(registry) {
-            Some(original) if edited(&file, original) => {
+            Some(original) if edited(&file, original, &original_path) => {
                 return Err(ConfigError::Edited {
                     path: file,
                     original: if original.had_file {
@@ -297,6 +298,7 @@ pub fn cleanup(config_path: &Path) -> Result<Report, ConfigError> {
         {
             state.managed.remove(&registry);
             write_state(config_path, &state)?;
+            forget_original(config_path, &registry);
         }
     }
     if !state.managed.is_empty() {
@@ -420,45 +422,56 @@ mod tests {
         out
     }
 
-    /// A kill or a full disk between any two writes of a render, the first
-    /// or a later one with other options, leaves files that peermirror
-    /// still knows as its own: the next `configure` goes on, and `cleanup`
-    /// (right away, or after it) puts the user's original back.
+    /// A kill or a full disk between any two writes of `configure` (the
+    /// first render, or a later one with other options) or of `cleanup`
+    /// leaves files that peermirror still knows as its own. Afterwards
+    /// `configure` goes on, and `cleanup` (right away, or after that
+    /// `configure`) puts the user's original back.
     #[test]
-    fn an_interrupted_render_never_looks_edited() {
+    fn an_interrupted_run_never_looks_edited() {
         const REGISTRY: &str = "registry.example.com";
         let original = "server = \"https://registry.example.com\"\n# the user's\n";
         let first = opts(Path::new("/"), &[REGISTRY]);
         let mut second = first.clone();
         second.resolve_tags = false;
-        for interrupted in [0, 1] {
+        // The runs before the interrupted one, which is last.
+        let sequences: [&[Option<&ConfigureOptions>]; 3] = [
+            &[Some(&first)],
+            &[Some(&first), Some(&second)],
+            &[Some(&first), Some(&second), None],
+        ];
+        for runs in sequences {
+            let last = runs.len() - 1;
+            let latest = runs.iter().rev().flatten().next().expect("a configure");
             for stop_after in 0.. {
                 let mut finished = false;
-                for cleanup_first in [false, true] {
+                for configure_again in [true, false] {
                     let dir = tempfile::tempdir().expect("tempdir");
+                    let here = |o: &ConfigureOptions| ConfigureOptions {
+                        config_path: dir.path().to_path_buf(),
+                        ..o.clone()
+                    };
                     let file = dir.path().join(REGISTRY).join("hosts.toml");
                     std::fs::create_dir_all(file.parent().expect("dir")).expect("mkdir");
                     std::fs::write(&file, original).expect("write");
-                    let runs = [&first, &second];
-                    for (i, o) in runs.iter().enumerate().take(interrupted + 1) {
-                        let o = ConfigureOptions {
-                            config_path: dir.path().to_path_buf(),
-                            ..(*o).clone()
-                        };
-                        if i == interrupted {
+                    for (i, run) in runs.iter().enumerate() {
+                        if i == last {
                             backup::fault::allow(Some(stop_after));
-                            finished = configure(&o).is_ok();
-                            backup::fault::allow(None);
+                        }
+                        let result = match run {
+                            Some(o) => configure(&here(o)).map(drop),
+                            None => cleanup(dir.path()).map(drop),
+                        };
+                        backup::fault::allow(None);
+                        if i == last {
+                            finished = result.is_ok();
                         } else {
-                            configure(&o).expect("configure");
+                            result.expect("an uninterrupted run");
                         }
                     }
-                    let step = format!("run {interrupted} stopped after {stop_after} writes");
-                    if !cleanup_first {
-                        let o = ConfigureOptions {
-                            config_path: dir.path().to_path_buf(),
-                            ..runs[interrupted].clone()
-                        };
+                    let step = format!("run {last} stopped after {stop_after} writes");
+                    if configure_again {
+                        let o = here(latest);
                         configure(&o).unwrap_or_else(|e| panic!("{step}: configure: {e}"));
                         let text = std::fs::read_to_string(&file).expect("read");
                         assert!(text.contains("127.0.0.1:5000"), "{step}: {text}");
@@ -474,8 +487,8 @@ mod tests {
                     assert!(!dir.path().join(BACKUP_DIR).exists(), "{step}");
                 }
                 if finished {
-                    // Every step of this run was interrupted once.
-                    assert!(stop_after >= 2, "run {interrupted}: {stop_after} writes");
+                    // Every write of this run was interrupted once.
+                    assert!(stop_after >= 2, "run {last}: {stop_after} writes");
                     break;
                 }
             }
