@@ -607,7 +607,8 @@ impl ContentStore for ContainerdStore {
     async fn in_flight(&self, digest: &Digest, wait: Duration) -> Option<super::ingest::InFlight> {
         // `<root>/blobs/sha256` → `<root>`.
         let root = self.blobs_dir()?.parent()?.parent()?.to_path_buf();
-        super::ingest::wait_for(root, *digest, wait).await
+        let namespace = self.config.endpoint.namespace.clone();
+        super::ingest::wait_for(root, namespace, *digest, wait).await
     }
 
     fn catalog(&self) -> watch::Receiver<Arc<Catalog>> {

@@ -47,14 +47,26 @@ pub struct InFlight {
     blob: PathBuf,
 }
 
-/// The ingest `ref` names this digest: `<kind>-sha256:<hex>` (containerd's
-/// `remotes.MakeRefKey`), or the digest itself.
-fn ref_names(reference: &str, digest: &str) -> bool {
-    let reference = reference.trim();
-    reference == digest
-        || reference
-            .strip_suffix(digest)
-            .is_some_and(|head| head.ends_with('-'))
+/// The ingest's `ref` file holds containerd's own key for it,
+/// `<namespace>/<sequence>/<client ref>` (its metadata store writes one per
+/// namespace), and the client's ref names the digest: `<kind>-sha256:<hex>`
+/// (containerd's `remotes.MakeRefKey`), or the digest itself. Only an ingest
+/// of the served namespace counts: what another namespace fetches is not
+/// this node's to serve.
+fn ref_names(reference: &str, namespace: &str, digest: &str) -> bool {
+    let Some((ns, rest)) = reference.trim().split_once('/') else {
+        return false;
+    };
+    let Some((sequence, client_ref)) = rest.split_once('/') else {
+        return false;
+    };
+    ns == namespace
+        && !sequence.is_empty()
+        && sequence.bytes().all(|b| b.is_ascii_digit())
+        && (client_ref == digest
+            || client_ref
+                .strip_suffix(digest)
+                .is_some_and(|head| head.ends_with('-')))
 }
 
 fn read_small(path: &Path) -> Option<String> {
@@ -65,10 +77,10 @@ fn read_small(path: &Path) -> Option<String> {
     Some(text)
 }
 
-/// Looks for an ingest of `digest` under `content_root`: the one written
-/// furthest when there are several (one per namespace). `None` when there
-/// is none with a known total yet.
-pub fn find(content_root: &Path, digest: &Digest) -> Option<InFlight> {
+/// Looks for an ingest of `digest` in `namespace` under `content_root`: the
+/// one written furthest when there are several. `None` when there is none
+/// with a known total yet.
+pub fn find(content_root: &Path, namespace: &str, digest: &Digest) -> Option<InFlight> {
     let wanted = digest.to_string();
     let blob = content_root.join("blobs").join("sha256").join(digest.hex());
     let entries = std::fs::read_dir(content_root.join("ingest")).ok()?;
@@ -78,7 +90,7 @@ pub fn find(content_root: &Path, digest: &Digest) -> Option<InFlight> {
         let Some(reference) = read_small(&dir.join("ref")) else {
             continue;
         };
-        if !ref_names(&reference, &wanted) {
+        if !ref_names(&reference, namespace, &wanted) {
             continue;
         }
         let Some(total) = read_small(&dir.join("total")).and_then(|t| t.trim().parse().ok()) else {
@@ -107,11 +119,17 @@ pub fn find(content_root: &Path, digest: &Digest) -> Option<InFlight> {
 
 /// Waits up to `wait` for an ingest of `digest` to appear (a node told to
 /// fetch it opens its ingest within milliseconds of its peermirror's 404).
-pub async fn wait_for(content_root: PathBuf, digest: Digest, wait: Duration) -> Option<InFlight> {
+pub async fn wait_for(
+    content_root: PathBuf,
+    namespace: String,
+    digest: Digest,
+    wait: Duration,
+) -> Option<InFlight> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let root = content_root.clone();
-        let found = tokio::task::spawn_blocking(move || find(&root, &digest))
+        let ns = namespace.clone();
+        let found = tokio::task::spawn_blocking(move || find(&root, &ns, &digest))
             .await
             .ok()
             .flatten();
@@ -259,6 +277,8 @@ mod tests {
     use futures::StreamExt;
     use std::io::Write;
 
+    const NS: &str = "k8s.io";
+
     struct Root {
         dir: tempfile::TempDir,
     }
@@ -317,23 +337,43 @@ mod tests {
     }
 
     #[test]
-    fn refs_name_their_digest() {
+    fn refs_name_their_digest_in_the_served_namespace() {
         let d = "sha256:ab";
-        assert!(ref_names("layer-sha256:ab", d));
-        assert!(ref_names("config-sha256:ab\n", d));
-        assert!(ref_names("sha256:ab", d));
-        assert!(!ref_names("layer-sha256:abc", d));
-        assert!(!ref_names("layersha256:ab", d));
-        assert!(!ref_names("", d));
+        assert!(ref_names("k8s.io/1/layer-sha256:ab", NS, d));
+        assert!(ref_names("k8s.io/12/config-sha256:ab\n", NS, d));
+        assert!(ref_names("k8s.io/3/sha256:ab", NS, d));
+        assert!(!ref_names("k8s.io/1/layer-sha256:abc", NS, d));
+        assert!(!ref_names("k8s.io/1/layersha256:ab", NS, d));
+        assert!(!ref_names("", NS, d));
+        // Another namespace's ingest, or no namespace at all.
+        assert!(!ref_names("default/1/layer-sha256:ab", NS, d));
+        assert!(!ref_names("k8s.io.x/1/layer-sha256:ab", NS, d));
+        assert!(!ref_names("layer-sha256:ab", NS, d));
+        assert!(!ref_names("k8s.io/layer-sha256:ab", NS, d));
+        assert!(!ref_names("k8s.io//layer-sha256:ab", NS, d));
+        assert!(!ref_names("k8s.io/x1/layer-sha256:ab", NS, d));
     }
 
     #[tokio::test]
     async fn a_growing_ingest_is_followed_to_its_commit() {
         let root = Root::new();
         let (bytes, digest) = blob(3 << 20);
-        root.ingest("other", "layer-sha256:00", Some(5));
-        let dir = root.ingest("x", &format!("layer-{digest}"), Some(bytes.len() as u64));
-        let found = find(root.path(), &digest).expect("found");
+        root.ingest("other", "k8s.io/1/layer-sha256:00", Some(5));
+        // The same digest, written by another namespace: further along,
+        // but not followed.
+        let elsewhere = root.ingest(
+            "z",
+            &format!("default/1/layer-{digest}"),
+            Some(bytes.len() as u64),
+        );
+        std::fs::write(elsewhere.join("data"), &bytes[..1 << 20]).expect("write");
+        let dir = root.ingest(
+            "x",
+            &format!("{NS}/1/layer-{digest}"),
+            Some(bytes.len() as u64),
+        );
+        let found = find(root.path(), NS, &digest).expect("found");
+        assert_eq!(found.data, dir.join("data"), "another namespace's ingest");
         assert_eq!(found.total, bytes.len() as u64);
         let stream = found.stream(0, bytes.len() as u64, Duration::from_secs(5));
         let writer = {
@@ -366,9 +406,9 @@ mod tests {
     async fn a_range_waits_for_its_bytes() {
         let root = Root::new();
         let (bytes, digest) = blob(100_000);
-        let dir = root.ingest("x", &format!("layer-{digest}"), Some(100_000));
+        let dir = root.ingest("x", &format!("{NS}/1/layer-{digest}"), Some(100_000));
         std::fs::write(dir.join("data"), &bytes[..60_000]).expect("write");
-        let stream = find(root.path(), &digest).expect("found").stream(
+        let stream = find(root.path(), NS, &digest).expect("found").stream(
             50_000,
             70_000,
             Duration::from_secs(5),
@@ -388,9 +428,9 @@ mod tests {
         let (bytes, digest) = blob(10_000);
         // Everything written, never committed (a corrupt ingest whose commit
         // containerd refused looks the same).
-        let dir = root.ingest("x", &format!("layer-{digest}"), Some(10_000));
+        let dir = root.ingest("x", &format!("{NS}/1/layer-{digest}"), Some(10_000));
         std::fs::write(dir.join("data"), &bytes).expect("write");
-        let stream = find(root.path(), &digest).expect("found").stream(
+        let stream = find(root.path(), NS, &digest).expect("found").stream(
             0,
             10_000,
             Duration::from_millis(200),
@@ -403,13 +443,14 @@ mod tests {
         ));
 
         // Aborted mid-way (`Content.Abort` removes the ingest).
-        let dir = root.ingest("y", &format!("layer-{digest}"), Some(10_000));
+        let dir = root.ingest("y", &format!("{NS}/1/layer-{digest}"), Some(10_000));
         std::fs::write(dir.join("data"), &bytes[..4_000]).expect("write");
         let _ = std::fs::remove_dir_all(root.path().join("ingest/x"));
-        let stream =
-            find(root.path(), &digest)
-                .expect("found")
-                .stream(0, 10_000, Duration::from_secs(30));
+        let stream = find(root.path(), NS, &digest).expect("found").stream(
+            0,
+            10_000,
+            Duration::from_secs(30),
+        );
         let collector = tokio::spawn(collect(stream));
         tokio::time::sleep(Duration::from_millis(50)).await;
         std::fs::remove_dir_all(&dir).expect("abort");
@@ -424,16 +465,17 @@ mod tests {
     async fn no_ingest_no_total_or_another_digest_is_not_found() {
         let root = Root::new();
         let (_, digest) = blob(10);
-        assert!(find(root.path(), &digest).is_none());
-        root.ingest("x", &format!("layer-{digest}"), None);
-        assert!(find(root.path(), &digest).is_none());
+        assert!(find(root.path(), NS, &digest).is_none());
+        root.ingest("x", &format!("{NS}/1/layer-{digest}"), None);
+        assert!(find(root.path(), NS, &digest).is_none());
         let (_, other) = blob(11);
-        root.ingest("y", &format!("layer-{other}"), Some(11));
-        assert!(find(root.path(), &digest).is_none());
+        root.ingest("y", &format!("{NS}/2/layer-{other}"), Some(11));
+        assert!(find(root.path(), NS, &digest).is_none());
         let started = Instant::now();
         assert!(
             wait_for(
                 root.path().to_path_buf(),
+                NS.to_string(),
                 digest,
                 Duration::from_millis(100)
             )

@@ -267,15 +267,22 @@ fn step_3b_the_leaders_ingest_is_aborted_mid_blob(
     Ok(())
 }
 
-/// A fake ingest of `layer` in `node`'s content store: its ref and total
-/// are right, its bytes are not the blob's, and nobody will commit it.
-fn plant_corrupt_ingest(node: &ClusterNode, digest: &str, size: u64) -> Result<std::path::PathBuf> {
+/// A fake ingest of `layer` in `node`'s content store, written for
+/// containerd `namespace`: its ref and total are right, its bytes are not
+/// the blob's, and nobody will commit it.
+fn plant_corrupt_ingest(
+    node: &ClusterNode,
+    namespace: &str,
+    digest: &str,
+    size: u64,
+) -> Result<std::path::PathBuf> {
     let dir = node
         .containerd
         .content_root()
-        .join("ingest/planted-by-test");
+        .join(format!("ingest/planted-by-test-{namespace}"));
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("ref"), format!("layer-{digest}"))?;
+    // containerd's own key: `<namespace>/<sequence>/<the client's ref>`.
+    std::fs::write(dir.join("ref"), format!("{namespace}/1/layer-{digest}"))?;
     std::fs::write(dir.join("total"), size.to_string())?;
     std::fs::write(dir.join("data"), vec![0x5a; size as usize])?;
     Ok(dir)
@@ -286,7 +293,8 @@ fn plant_corrupt_ingest(node: &ClusterNode, digest: &str, size: u64) -> Result<s
 ///    a short body; a real pull on that node afterwards succeeds.
 /// 5. A plain client (no peer, no certificate) asking for a blob that is
 ///    only in `ingest/` gets 404, with the follow header or without; a peer
-///    with the header gets the in-flight bytes.
+///    with the header gets the in-flight bytes, but only from an ingest of
+///    the served containerd namespace.
 fn step_4_a_corrupt_ingest_is_never_completed(
     c: &mut Cluster,
     im: &Images,
@@ -294,7 +302,8 @@ fn step_4_a_corrupt_ingest_is_never_completed(
 ) -> Result<()> {
     let layer = im.corrupt.biggest_layer().clone();
     let (n5, n6) = (&c.nodes[4], &c.nodes[5]);
-    let planted = plant_corrupt_ingest(n5, &layer.digest, layer.size)?;
+    // First only another namespace's ingest of the layer.
+    let elsewhere = plant_corrupt_ingest(n5, "default", &layer.digest, layer.size)?;
     let path = format!(
         "/v2/{}/blobs/{}?ns={}",
         im.corrupt.repo, layer.digest, im.upstream
@@ -317,12 +326,23 @@ fn step_4_a_corrupt_ingest_is_never_completed(
             r.status
         );
     }
-    let as_peer = n6.host.ns.via().request(
-        n5.registry_addr(),
-        "HEAD",
-        &path,
-        &[("x-peermirror-follow", "1"), ("x-peermirror-mirrored", "1")],
-    )?;
+    let follow = || {
+        n6.host.ns.via().request(
+            n5.registry_addr(),
+            "HEAD",
+            &path,
+            &[("x-peermirror-follow", "1"), ("x-peermirror-mirrored", "1")],
+        )
+    };
+    let as_peer = follow()?;
+    ensure!(
+        as_peer.status == 404,
+        "a peer was served another namespace's ingest: {}",
+        as_peer.status
+    );
+    std::fs::remove_dir_all(elsewhere)?;
+    let planted = plant_corrupt_ingest(n5, "k8s.io", &layer.digest, layer.size)?;
+    let as_peer = follow()?;
     ensure!(
         as_peer.status == 200,
         "a peer following n5's ingest got {}",
