@@ -135,6 +135,30 @@ pub fn server_cert(stream: &TlsStream) -> Option<Vec<u8>> {
         .map(|c| c.to_vec())
 }
 
+/// `PUT` each `(path, body)` in turn over one TLS connection kept alive;
+/// the status of each.
+pub fn put_all(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    requests: impl IntoIterator<Item = (String, Vec<u8>)>,
+) -> Result<Vec<u16>> {
+    let mut stream = connect(addr, config)?;
+    let mut buffer = Vec::new();
+    let mut statuses = Vec::new();
+    for (path, body) in requests {
+        // One write: a head and a body sent apart wait for a delayed ACK.
+        let mut request = format!(
+            "PUT {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(&body);
+        stream.write_all(&request)?;
+        statuses.push(read_response(&mut stream, false, &mut buffer)?.status);
+    }
+    Ok(statuses)
+}
+
 /// `GET path` over a fresh TLS connection.
 pub fn get(addr: SocketAddr, config: Arc<rustls::ClientConfig>, path: &str) -> Result<Response> {
     let mut stream = connect(addr, config)?;

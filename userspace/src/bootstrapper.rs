@@ -9,6 +9,13 @@
 //! configured CA; the certificate files are reloaded when they change, so
 //! a CA rotation needs no restart. `/healthz`, `/readyz` and `/metrics` are
 //! on a separate plain status port (kubelet's probes carry no certificate).
+//!
+//! A holder of a client certificate is trusted to register, not to fill
+//! the table: each certificate holds at most `--max-entries-per-certificate`
+//! entries (a newer registration replaces its least recently renewed one),
+//! and the document served is trimmed to what nodes read
+//! ([`peermirror_routing::bootstrap::MAX_DOCUMENT`]), most recently renewed
+//! entries first.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -27,7 +34,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::status::server::{Readiness, Status};
-use peermirror_net::acceptor::{Acceptor, AcceptorConfig, HttpDeadlines, serve_http1};
+use peermirror_net::MaybeTls;
+use peermirror_net::acceptor::{Acceptor, AcceptorConfig, HttpDeadlines, Stream, serve_http1};
 use peermirror_net::tls::{TlsFiles, TlsState};
 
 /// The path nodes list and register under.
@@ -57,6 +65,8 @@ pub struct BootstrapperConfig {
     pub tls: TlsFiles,
     /// How long an entry lives without renewal.
     pub entry_ttl: Duration,
+    /// Entries one client certificate may hold at once.
+    pub max_entries_per_certificate: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,9 +81,16 @@ pub enum BootstrapperError {
     },
 }
 
+/// Who registered an entry: the SHA-256 of the client certificate the
+/// registration came with.
+type Identity = String;
+
 struct Entry {
     addrs: Vec<String>,
     expires: Instant,
+    /// When it was last registered or renewed.
+    renewed: Instant,
+    identity: Identity,
 }
 
 #[derive(Default)]
@@ -81,6 +98,8 @@ struct Counters {
     nodes: Gauge,
     registrations: Counter,
     refused_registrations: Counter,
+    replaced_entries: Counter,
+    listed: Gauge,
     lists: Counter,
     handshake_failures: Counter,
 }
@@ -100,6 +119,16 @@ impl Counters {
             "Registrations refused (malformed, or the table is full)",
             c.refused_registrations.clone(),
         );
+        r.register(
+            "replaced_entries",
+            "Entries replaced by a registration of another peer with the same client certificate (over --max-entries-per-certificate)",
+            c.replaced_entries.clone(),
+        );
+        r.register(
+            "listed",
+            "Nodes in the last bootstrap document served (the most recently renewed that fit in what nodes read)",
+            c.listed.clone(),
+        );
         r.register("lists", "Bootstrap documents served", c.lists.clone());
         r.register(
             "tls_handshake_failures",
@@ -113,6 +142,7 @@ impl Counters {
 /// The registered nodes.
 pub struct Table {
     ttl: Duration,
+    per_identity: usize,
     entries: Mutex<HashMap<PeerId, Entry>>,
     counters: Arc<Counters>,
 }
@@ -127,9 +157,10 @@ struct Registration {
 }
 
 impl Table {
-    fn new(ttl: Duration, counters: Arc<Counters>) -> Table {
+    fn new(ttl: Duration, per_identity: usize, counters: Arc<Counters>) -> Table {
         Table {
             ttl,
+            per_identity: per_identity.max(1),
             entries: Mutex::new(HashMap::new()),
             counters,
         }
@@ -146,8 +177,15 @@ impl Table {
         self.counters.nodes.set(entries.len() as i64);
     }
 
-    /// Registers or renews `peer` from a request body.
-    fn register(&self, peer: &str, body: &[u8], now: Instant) -> Result<(), (StatusCode, String)> {
+    /// Registers or renews `peer` from a request body that came with the
+    /// client certificate `identity`.
+    fn register(
+        &self,
+        peer: &str,
+        body: &[u8],
+        identity: &str,
+        now: Instant,
+    ) -> Result<(), (StatusCode, String)> {
         let bad = |why: String| (StatusCode::BAD_REQUEST, why);
         let peer: PeerId = peer.parse().map_err(|_| {
             bad(format!(
@@ -184,8 +222,29 @@ impl Table {
             if !dialable {
                 return Err(bad(format!("{a:?} is not an IP and TCP address")));
             }
+            let other = addr.iter().any(|p| match p {
+                libp2p::multiaddr::Protocol::P2p(id) => id != peer,
+                _ => false,
+            });
+            if other {
+                return Err(bad(format!("{a:?} names another peer")));
+            }
         }
         let mut entries = self.entries();
+        // The certificate's other entries: at its cap, the least recently
+        // renewed one makes room.
+        let held: Vec<(PeerId, Instant)> = entries
+            .iter()
+            .filter(|(id, e)| **id != peer && e.identity == identity)
+            .map(|(id, e)| (*id, e.renewed))
+            .collect();
+        if held.len() >= self.per_identity
+            && let Some((oldest, _)) = held.iter().min_by_key(|(_, renewed)| *renewed)
+        {
+            entries.remove(oldest);
+            self.counters.replaced_entries.inc();
+            tracing::debug!(replaced = %oldest, by = %peer, "entry replaced by another of the same certificate");
+        }
         if !entries.contains_key(&peer) && entries.len() >= MAX_NODES {
             return Err((
                 StatusCode::INSUFFICIENT_STORAGE,
@@ -197,22 +256,38 @@ impl Table {
             Entry {
                 addrs: reg.addrs,
                 expires: now + self.ttl,
+                renewed: now,
+                identity: identity.to_string(),
             },
         );
         self.counters.nodes.set(entries.len() as i64);
         Ok(())
     }
 
-    /// The live entries, as Spegel's bootstrap document.
+    /// The live entries, as Spegel's bootstrap document: the most recently
+    /// renewed first, as many as fit in what nodes read.
     fn document(&self, now: Instant) -> Vec<u8> {
         self.expire(now);
         let entries = self.entries();
-        let mut list: Vec<serde_json::Value> = entries
-            .iter()
-            .map(|(id, e)| serde_json::json!({ "ID": id.to_string(), "Addrs": e.addrs }))
-            .collect();
-        list.sort_by(|a, b| a["ID"].as_str().cmp(&b["ID"].as_str()));
-        serde_json::to_vec(&list).unwrap_or_else(|_| b"[]".to_vec())
+        let mut live: Vec<(&PeerId, &Entry)> = entries.iter().collect();
+        live.sort_by(|a, b| b.1.renewed.cmp(&a.1.renewed).then(a.0.cmp(b.0)));
+        let mut doc = b"[".to_vec();
+        let mut listed = 0;
+        for (id, e) in live {
+            let entry = serde_json::json!({ "ID": id.to_string(), "Addrs": e.addrs }).to_string();
+            // The comma (or the closing bracket) and the closing bracket.
+            if doc.len() + entry.len() + 2 > peermirror_routing::bootstrap::MAX_DOCUMENT {
+                break;
+            }
+            if listed > 0 {
+                doc.push(b',');
+            }
+            doc.extend_from_slice(entry.as_bytes());
+            listed += 1;
+        }
+        doc.push(b']');
+        self.counters.listed.set(listed);
+        doc
     }
 }
 
@@ -234,7 +309,14 @@ fn error(code: StatusCode, message: String) -> Response<Full<Bytes>> {
     )
 }
 
-async fn handle(table: &Table, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+/// Serves one request on a connection whose client presented the
+/// certificate `identity` (`None`: no certificate, which the TLS
+/// configuration does not let through; refused all the same).
+async fn handle(
+    table: &Table,
+    identity: Option<&str>,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let now = Instant::now();
     match (req.method().clone(), path.as_str()) {
@@ -244,6 +326,13 @@ async fn handle(table: &Table, req: Request<hyper::body::Incoming>) -> Response<
         }
         (Method::PUT, p) if p.starts_with(PATH) && p[PATH.len()..].starts_with('/') => {
             let peer = p[PATH.len() + 1..].to_string();
+            let Some(identity) = identity else {
+                table.counters.refused_registrations.inc();
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "a registration needs a client certificate".into(),
+                );
+            };
             let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(_) => {
@@ -254,7 +343,7 @@ async fn handle(table: &Table, req: Request<hyper::body::Incoming>) -> Response<
                     );
                 }
             };
-            match table.register(&peer, &body, now) {
+            match table.register(&peer, &body, identity, now) {
                 Ok(()) => {
                     table.counters.registrations.inc();
                     let ttl = table.ttl.as_secs();
@@ -297,12 +386,21 @@ async fn serve(
     config.handshake_timeout = IO_TIMEOUT;
     config.counters.handshake_failures = table.counters.handshake_failures.clone();
     let stop = shutdown.clone();
-    let handle = move |stream, _peer| {
+    let handle = move |stream: Stream, _peer| {
         let (table, shutdown) = (table.clone(), stop.clone());
+        let identity: Option<Arc<str>> = match &stream {
+            MaybeTls::Tls(tls) => tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|leaf| peermirror_oci::Digest::of(leaf.as_ref()).to_string().into()),
+            MaybeTls::Plain(_) => None,
+        };
         async move {
             let service = hyper::service::service_fn(move |req| {
-                let table = table.clone();
-                async move { Ok::<_, Infallible>(handle(&table, req).await) }
+                let (table, identity) = (table.clone(), identity.clone());
+                async move { Ok::<_, Infallible>(handle(&table, identity.as_deref(), req).await) }
             });
             let deadlines = HttpDeadlines {
                 idle: IO_TIMEOUT,
@@ -365,11 +463,16 @@ pub async fn run(
     let status_listener = listen(config.status_addr).await?;
     let mut registry = Registry::default();
     let counters = Counters::register(&mut registry);
-    let table = Arc::new(Table::new(config.entry_ttl, counters));
+    let table = Arc::new(Table::new(
+        config.entry_ttl,
+        config.max_entries_per_certificate,
+        counters,
+    ));
     tracing::info!(
         addr = %listener.local_addr().map_or(config.listen_addr, |a| a),
         status = %status_listener.local_addr().map_or(config.status_addr, |a| a),
         ttl = ?config.entry_ttl,
+        per_certificate = config.max_entries_per_certificate,
         "bootstrapper started"
     );
     let status = Arc::new(BootstrapperStatus {
@@ -406,7 +509,20 @@ mod tests {
     use super::*;
 
     fn table(ttl: Duration) -> Table {
-        Table::new(ttl, Arc::new(Counters::default()))
+        Table::new(ttl, 1, Arc::new(Counters::default()))
+    }
+
+    fn body(addrs: &[String]) -> Vec<u8> {
+        serde_json::json!({ "Addrs": addrs })
+            .to_string()
+            .into_bytes()
+    }
+
+    fn listed(t: &Table, now: Instant) -> Vec<String> {
+        let doc: Vec<serde_json::Value> = serde_json::from_slice(&t.document(now)).expect("json");
+        doc.iter()
+            .map(|e| e["ID"].as_str().expect("ID").to_string())
+            .collect()
     }
 
     fn id() -> PeerId {
@@ -421,11 +537,12 @@ mod tests {
         let start = Instant::now();
         let (a, b) = (id(), id());
         let body = |id: &PeerId| format!(r#"{{"ID":"{id}","Addrs":["/ip4/10.0.0.1/tcp/5001"]}}"#);
-        t.register(&a.to_string(), body(&a).as_bytes(), start)
+        t.register(&a.to_string(), body(&a).as_bytes(), "cert-a", start)
             .expect("a");
         t.register(
             &b.to_string(),
             br#"{"Addrs":["/ip6/fd00::2/tcp/5001"]}"#,
+            "cert-b",
             start,
         )
         .expect("b, without an ID");
@@ -440,6 +557,7 @@ mod tests {
         t.register(
             &a.to_string(),
             body(&a).as_bytes(),
+            "cert-a",
             start + Duration::from_secs(50),
         )
         .expect("renew");
@@ -471,14 +589,93 @@ mod tests {
             ),
             (
                 a.to_string(),
+                format!(r#"{{"Addrs":["/ip4/10.0.0.1/tcp/1/p2p/{other}"]}}"#),
+            ),
+            (
+                a.to_string(),
                 serde_json::json!({ "Addrs": vec!["/ip4/10.0.0.1/tcp/1"; 17] }).to_string(),
             ),
         ];
         for (peer, body) in cases {
-            let e = t.register(&peer, body.as_bytes(), now).expect_err(&body);
+            let e = t
+                .register(&peer, body.as_bytes(), "cert", now)
+                .expect_err(&body);
             assert_eq!(e.0, StatusCode::BAD_REQUEST, "{body}: {}", e.1);
             assert!(e.1.len() < 200 && e.1.is_ascii(), "{}", e.1);
         }
         assert_eq!(t.document(now), b"[]");
+    }
+
+    /// One certificate holds at most its cap of entries: a registration of
+    /// another peer replaces its least recently renewed one, and leaves
+    /// other certificates' entries alone.
+    #[test]
+    fn a_certificate_holds_at_most_its_cap_of_entries() {
+        let t = Table::new(Duration::from_secs(60), 2, Arc::new(Counters::default()));
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let addr = vec!["/ip4/10.0.0.1/tcp/5001".to_string()];
+        let [p1, p2, p3, p4, q] = [id(), id(), id(), id(), id()];
+        t.register(&q.to_string(), &body(&addr), "y", at(0))
+            .expect("q");
+        for (i, p) in [p1, p2, p3].iter().enumerate() {
+            t.register(&p.to_string(), &body(&addr), "x", at(1 + i as u64))
+                .expect("x");
+        }
+        let mut now = listed(&t, at(4));
+        now.sort();
+        let mut want = vec![q.to_string(), p2.to_string(), p3.to_string()];
+        want.sort();
+        assert_eq!(now, want, "p1 made room for p3");
+        // p2 renews: p3 is now the least recently renewed of x's.
+        t.register(&p2.to_string(), &body(&addr), "x", at(5))
+            .expect("renew");
+        t.register(&p4.to_string(), &body(&addr), "x", at(6))
+            .expect("p4");
+        let now = listed(&t, at(7));
+        assert_eq!(now, [p4.to_string(), p2.to_string(), q.to_string()]);
+        assert_eq!(t.counters.replaced_entries.get(), 2);
+        // A peer that registers with another certificate moves to it.
+        t.register(&p2.to_string(), &body(&addr), "y", at(8))
+            .expect("moved");
+        t.register(&p1.to_string(), &body(&addr), "x", at(9))
+            .expect("p1 again");
+        assert_eq!(t.counters.replaced_entries.get(), 2, "x held only p4");
+        assert_eq!(listed(&t, at(10)).len(), 4);
+    }
+
+    /// A table larger than nodes read is served trimmed, most recently
+    /// renewed first, and every node can read what it is served.
+    #[test]
+    fn the_document_always_fits_what_nodes_read() {
+        let t = Table::new(
+            Duration::from_secs(600),
+            10_000,
+            Arc::new(Counters::default()),
+        );
+        let start = Instant::now();
+        let addrs: Vec<String> = (0..MAX_ADDRS)
+            .map(|j| format!("/ip6/fd00:6666:6666:6666:6666:6666:6666:{j:x}/tcp/65535"))
+            .collect();
+        let peers: Vec<PeerId> = (0..2_300).map(|_| id()).collect();
+        for (i, p) in peers.iter().enumerate() {
+            let now = start + Duration::from_millis(i as u64);
+            t.register(&p.to_string(), &body(&addrs), "shared", now)
+                .expect("register");
+        }
+        let now = start + Duration::from_secs(10);
+        let doc = t.document(now);
+        assert!(
+            doc.len() <= peermirror_routing::bootstrap::MAX_DOCUMENT,
+            "{} bytes",
+            doc.len()
+        );
+        let ids = listed(&t, now);
+        assert!(ids.len() < peers.len(), "nothing was trimmed");
+        assert_eq!(t.counters.listed.get(), ids.len() as i64);
+        assert_eq!(ids[0], peers[peers.len() - 1].to_string());
+        assert!(!ids.contains(&peers[0].to_string()), "the oldest stayed");
+        let addrs = peermirror_routing::bootstrap::parse_entries(&doc).expect("parses");
+        assert!(!addrs.is_empty());
     }
 }

@@ -82,6 +82,18 @@ pub struct Bootstrapper {
     #[arg(long, env = "PEERMIRROR_BOOTSTRAPPER_ENTRY_TTL", default_value = "3m", value_parser = parse_duration)]
     pub entry_ttl: Duration,
 
+    /// Entries one client certificate may hold at once; a registration of
+    /// another peer beyond replaces that certificate's least recently
+    /// renewed entry. Raise it to the node count where nodes share one
+    /// certificate (say, from one Secret).
+    #[arg(
+        long,
+        env = "PEERMIRROR_BOOTSTRAPPER_MAX_ENTRIES_PER_CERTIFICATE",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..=10_000)
+    )]
+    pub max_entries_per_certificate: u32,
+
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -93,6 +105,7 @@ impl Bootstrapper {
             status_addr: self.status_addr,
             tls: peermirror_net::tls::TlsFiles::from_secret_dir(&self.cert_dir),
             entry_ttl: self.entry_ttl.max(Duration::from_secs(3)),
+            max_entries_per_certificate: self.max_entries_per_certificate as usize,
         }
     }
 }

@@ -183,8 +183,9 @@ pub enum BootstrapError {
     Body { url: String, reason: String },
 }
 
-/// Largest bootstrap document accepted.
-const MAX_BODY: usize = 1 << 20;
+/// Largest bootstrap document a node reads; `peermirror bootstrapper`
+/// serves no more than this.
+pub const MAX_DOCUMENT: usize = 1 << 20;
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The peers to dial, according to `config` (an HTTP source is checked
@@ -318,7 +319,7 @@ impl HttpClient {
         }
     }
 
-    /// One request; the status and the body (at most [`MAX_BODY`]).
+    /// One request; the status and the body (at most [`MAX_DOCUMENT`]).
     async fn send(
         &self,
         method: hyper::Method,
@@ -373,7 +374,7 @@ impl HttpClient {
             .await
             .map_err(|e| self.http_err(chain(&e)))?;
         let status = response.status();
-        let body = Limited::new(response.into_body(), MAX_BODY)
+        let body = Limited::new(response.into_body(), MAX_DOCUMENT)
             .collect()
             .await
             .map(|b| b.to_bytes())
@@ -449,9 +450,17 @@ enum Document {
 
 /// Most addresses taken from one bootstrap document.
 const MAX_ENTRIES: usize = 1024;
+/// Most addresses taken for one peer.
+const MAX_ADDRS_PER_PEER: usize = 4;
 
 /// The peers of a bootstrap document in any of the accepted formats (see
 /// [`Document`]); an `ID` is added to addresses that lack a `/p2p/` part.
+///
+/// The document may come from a source that anyone with a certificate can
+/// write to, so neither its order nor its size decides who is dialled: the
+/// peers are taken in a random order, one address of each in turn, at most
+/// [`MAX_ADDRS_PER_PEER`] each and [`MAX_ENTRIES`] in all. Entries that list
+/// many addresses, or whose ids sort first, cannot fill the list.
 pub fn parse_entries(body: &[u8]) -> Result<Vec<Multiaddr>, String> {
     let doc: Document = serde_json::from_slice(body).map_err(|_| {
         "not a JSON array of multiaddrs, nor Spegel's {\"ID\", \"Addrs\"} entries".to_string()
@@ -461,7 +470,10 @@ pub fn parse_entries(body: &[u8]) -> Result<Vec<Multiaddr>, String> {
         Document::Infos(infos) => infos,
         Document::Info(info) => vec![info],
     };
-    let mut out = Vec::new();
+    // Addresses grouped by peer (an address without a peer id is a group
+    // of its own), in the document's order within each group.
+    let mut groups: Vec<Vec<Multiaddr>> = Vec::new();
+    let mut by_peer: std::collections::HashMap<PeerId, usize> = std::collections::HashMap::new();
     for info in infos {
         let id = info
             .id
@@ -475,15 +487,44 @@ pub fn parse_entries(body: &[u8]) -> Result<Vec<Multiaddr>, String> {
             let mut addr: Multiaddr = text
                 .parse()
                 .map_err(|e| format!("{:?}: {e}", peermirror_oci::excerpt(&text)))?;
-            if let Some(id) = id
-                && !addr.iter().any(|p| matches!(p, Protocol::P2p(_)))
-            {
-                addr.push(Protocol::P2p(id));
+            let peer = addr.iter().find_map(|p| match p {
+                Protocol::P2p(peer) => Some(peer),
+                _ => None,
+            });
+            let peer = match (peer, id) {
+                // An entry's address for another peer: not taken (it would
+                // let one entry stand for many peers).
+                (Some(peer), Some(id)) if peer != id => continue,
+                (None, Some(id)) => {
+                    addr.push(Protocol::P2p(id));
+                    Some(id)
+                }
+                (peer, _) => peer,
+            };
+            match peer {
+                Some(peer) => {
+                    let group = *by_peer.entry(peer).or_insert_with(|| {
+                        groups.push(Vec::new());
+                        groups.len() - 1
+                    });
+                    if groups[group].len() < MAX_ADDRS_PER_PEER {
+                        groups[group].push(addr);
+                    }
+                }
+                None => groups.push(vec![addr]),
             }
+        }
+    }
+    rand::seq::SliceRandom::shuffle(groups.as_mut_slice(), &mut rand::thread_rng());
+    let mut out = Vec::new();
+    for round in 0..MAX_ADDRS_PER_PEER {
+        for group in &groups {
             if out.len() >= MAX_ENTRIES {
                 return Ok(out);
             }
-            out.push(addr);
+            if let Some(addr) = group.get(round) {
+                out.push(addr.clone());
+            }
         }
     }
     Ok(out)
@@ -870,12 +911,15 @@ mod tests {
             r#"[{{"ID":"{id}","Addrs":["/ip4/10.0.0.1/tcp/5001","/ip4/10.0.0.2/tcp/5001/p2p/{id}"]}},{{"Addrs":["/ip4/10.0.0.3/tcp/5001"]}}]"#
         );
         let old = format!(r#"{{"ID":"{id}","Addrs":["/ip4/10.0.0.1/tcp/5001"]}}"#);
+        // Sorted: the peers come in a random order.
         let texts = |b: &str| -> Vec<String> {
-            parse_entries(b.as_bytes())
+            let mut texts: Vec<String> = parse_entries(b.as_bytes())
                 .expect("valid")
                 .iter()
                 .map(|a| a.to_string())
-                .collect()
+                .collect();
+            texts.sort();
+            texts
         };
         let with_id = format!("/ip4/10.0.0.1/tcp/5001/p2p/{id}");
         assert_eq!(texts(&ours), std::slice::from_ref(&with_id));
@@ -902,6 +946,65 @@ mod tests {
             .collect();
         let many = serde_json::to_vec(&many).expect("json");
         assert_eq!(parse_entries(&many).expect("valid").len(), MAX_ENTRIES);
+    }
+
+    /// 64 entries of 16 addresses each, whose ids sort before the real
+    /// node's, once filled the 1,024 addresses a node dials; the real node
+    /// at the end was never dialled.
+    #[test]
+    fn junk_entries_cannot_crowd_out_a_real_node() {
+        let peer = || {
+            libp2p::identity::Keypair::generate_ed25519()
+                .public()
+                .to_peer_id()
+                .to_string()
+        };
+        let mut junk: Vec<String> = (0..64).map(|_| peer()).collect();
+        junk.sort();
+        let mut entries: Vec<serde_json::Value> = junk
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let addrs: Vec<String> = (0..16)
+                    .map(|j| format!("/ip4/10.66.{i}.{j}/tcp/5001"))
+                    .collect();
+                serde_json::json!({ "ID": id, "Addrs": addrs })
+            })
+            .collect();
+        // An entry whose addresses name other peers counts as one peer
+        // with none of them.
+        let others: Vec<String> = (0..16)
+            .map(|j| format!("/ip4/10.67.0.{j}/tcp/5001/p2p/{}", peer()))
+            .collect();
+        entries.push(serde_json::json!({ "ID": peer(), "Addrs": others }));
+        let real = peer();
+        entries.push(serde_json::json!({ "ID": real, "Addrs": ["/ip4/10.0.0.1/tcp/5001"] }));
+        let doc = serde_json::to_vec(&entries).expect("json");
+        for _ in 0..20 {
+            let addrs = parse_entries(&doc).expect("valid");
+            assert!(
+                addrs.iter().any(|a| a.to_string().ends_with(&real)),
+                "the real node is not among {} addresses",
+                addrs.len()
+            );
+            assert_eq!(addrs.len(), 64 * MAX_ADDRS_PER_PEER + 1);
+        }
+        // More peers than fit: one address of each before a second of any.
+        let many: Vec<serde_json::Value> = (0..2 * MAX_ENTRIES)
+            .map(|i| {
+                serde_json::json!({
+                    "ID": peer(),
+                    "Addrs": [format!("/ip4/10.1.{}.{}/tcp/1", i / 250, i % 250), "/ip4/10.2.0.1/tcp/1"],
+                })
+            })
+            .collect();
+        let addrs = parse_entries(&serde_json::to_vec(&many).expect("json")).expect("valid");
+        assert_eq!(addrs.len(), MAX_ENTRIES);
+        assert!(
+            addrs
+                .iter()
+                .all(|a| a.to_string().starts_with("/ip4/10.1."))
+        );
     }
 
     #[test]

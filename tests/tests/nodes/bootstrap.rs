@@ -53,6 +53,15 @@ struct Bootstrapper {
 
 impl Bootstrapper {
     fn start(dir: &Path, certs: &SecretDir) -> Result<Bootstrapper> {
+        Self::start_with(dir, certs, "6s", &[])
+    }
+
+    fn start_with(
+        dir: &Path,
+        certs: &SecretDir,
+        ttl: &str,
+        extra: &[&str],
+    ) -> Result<Bootstrapper> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut cmd = Command::new(peermirror_bin());
@@ -61,7 +70,9 @@ impl Bootstrapper {
             .args(["--metrics-addr", &metrics.to_string()])
             .arg("--cert-dir")
             .arg(&certs.dir)
-            .args(["--entry-ttl", "6s", "--log-level", "debug"]);
+            .args(["--entry-ttl", ttl, "--log-level", "debug"])
+            .args(extra);
+        std::fs::create_dir_all(dir)?;
         let proc = Proc::spawn("bootstrapper", cmd, &dir.join("bootstrapper.log"))?;
         let b = Bootstrapper {
             proc,
@@ -282,5 +293,151 @@ fn nodes_bootstrap_over_mtls_through_a_ca_rotation() -> Result<()> {
         reason.trim()
     );
     drop(d.proc.terminate(Duration::from_secs(10)));
+    Ok(())
+}
+
+/// Registers `count` made-up peers with one certificate, each with 16
+/// addresses of about 100 bytes (together more than the 1 MiB nodes read);
+/// every registration is accepted.
+fn register_junk(
+    bootstrapper: &Bootstrapper,
+    ca: &Ca,
+    cert: &NodeCert,
+    count: usize,
+) -> Result<()> {
+    let requests = (0..count).map(|i| {
+        let id = libp2p_peer_id();
+        let addrs: Vec<String> = (0..16)
+            .map(|j| {
+                format!(
+                    "/ip4/127.66.{}.{}/tcp/{}/p2p/{id}",
+                    i / 250,
+                    i % 250,
+                    40000 + j
+                )
+            })
+            .collect();
+        (
+            format!("/bootstrap-nodes/{id}"),
+            serde_json::json!({ "ID": id, "Addrs": addrs })
+                .to_string()
+                .into_bytes(),
+        )
+    });
+    let started = std::time::Instant::now();
+    let statuses = pki::put_all(
+        bootstrapper.addr,
+        pki::client_config(&ca.pem, Some(cert))?,
+        requests,
+    )?;
+    println!(
+        "bootstrap: {count} junk registrations took {:.1?}",
+        started.elapsed()
+    );
+    ensure!(
+        statuses.iter().all(|s| *s == 200),
+        "junk registrations refused: {:?}",
+        statuses
+            .iter()
+            .filter(|s| **s != 200)
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+/// A made-up peer id (of a fresh ed25519 key).
+fn libp2p_peer_id() -> String {
+    libp2p::identity::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id()
+        .to_string()
+}
+
+/// A holder of one client certificate cannot crowd the real nodes out of
+/// the bootstrap document: by default its registrations replace each other,
+/// and where nodes share a certificate (so its cap is raised) the document
+/// is trimmed to what nodes read, newest first, and nodes dial the entries
+/// in a random order.
+#[test]
+fn junk_registrations_cannot_crowd_out_the_real_nodes() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
+    const JUNK: usize = 800;
+    let world = World::new()?;
+    let root = world.path("pki");
+    let ca = Ca::new("cluster CA")?;
+    let seed = SecretDir::new(&root, "bootstrapper")?;
+    let junk = SecretDir::new(&root, "junk")?;
+    let n1 = SecretDir::new(&root, "node-1")?;
+    let n2 = SecretDir::new(&root, "node-2")?;
+    for d in [&seed, &junk, &n1, &n2] {
+        d.trust(&[&ca])?;
+    }
+    seed.issue(&ca)?;
+    let junk_cert = junk.issue(&ca)?;
+    n1.issue(&ca)?;
+    n2.issue(&ca)?;
+    let probe = SecretDir::new(&root, "probe")?.issue(&ca)?;
+
+    // One certificate, one entry (the default): each registration replaced
+    // the one before. Entries live 10 minutes: the junk is not renewed.
+    let one = Bootstrapper::start_with(&world.path("seed-1"), &seed, "10m", &[])?;
+    register_junk(&one, &ca, &junk_cert, JUNK)?;
+    let listed = one.listed(&ca, &probe)?;
+    ensure!(
+        listed.len() == 1,
+        "one certificate holds {} entries",
+        listed.len()
+    );
+    let replaced = one.metric("peermirror_bootstrapper_replaced_entries_total")?;
+    ensure!(replaced == (JUNK - 1) as f64, "{replaced} entries replaced");
+    println!("bootstrap: {JUNK} registrations with one certificate left 1 entry");
+    drop(one);
+
+    // A certificate shared by the nodes (its cap raised): the junk would
+    // make a document of more than 1 MiB.
+    let shared = Bootstrapper::start_with(
+        &world.path("seed-2"),
+        &seed,
+        "10m",
+        &["--max-entries-per-certificate", "10000"],
+    )?;
+    register_junk(&shared, &ca, &junk_cert, JUNK)?;
+    let r = pki::get(
+        shared.addr,
+        pki::client_config(&ca.pem, Some(&probe))?,
+        "/bootstrap-nodes",
+    )?;
+    ensure!(r.status == 200, "GET /bootstrap-nodes: {}", r.status);
+    ensure!(
+        r.body.len() <= 1 << 20,
+        "a document of {} bytes, more than nodes read",
+        r.body.len()
+    );
+    let served: Vec<serde_json::Value> = serde_json::from_slice(&r.body)?;
+    ensure!(
+        served.len() < JUNK,
+        "nothing trimmed: {} entries",
+        served.len()
+    );
+    // Two real nodes register after the junk and find each other.
+    let mut a = node(&world, "a", &shared, &n1)?;
+    let mut b = node(&world, "b", &shared, &n2)?;
+    a.wait_ready(Duration::from_secs(60))
+        .with_context(|| a.proc.log_tail(30))?;
+    b.wait_ready(Duration::from_secs(60))
+        .with_context(|| b.proc.log_tail(30))?;
+    let listed = shared.listed(&ca, &probe)?;
+    let (id_a, id_b) = (a.peer_id()?, b.peer_id()?);
+    let first: Vec<&String> = listed.iter().take(2).collect();
+    ensure!(
+        first.contains(&&id_a) && first.contains(&&id_b),
+        "the real nodes are not listed first: {first:?}"
+    );
+    println!(
+        "bootstrap: {JUNK} junk entries under a shared certificate: {} of {} bytes served, the real nodes found each other",
+        served.len(),
+        r.body.len()
+    );
     Ok(())
 }
