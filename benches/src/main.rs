@@ -14,6 +14,7 @@ mod clients;
 mod dht;
 mod fanout;
 mod measure;
+mod tags;
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -685,7 +686,7 @@ fn report(rows: &[Row], pulls: &[PullRow]) -> String {
 
 /// The parts `cargo xtask bench [part]` can run; no part runs them all.
 const PARTS: &[&str] = &[
-    "serving", "clients", "memory", "cluster", "dht", "fanout", "late",
+    "serving", "clients", "memory", "cluster", "dht", "fanout", "late", "tags",
 ];
 
 fn main() -> Result<()> {
@@ -749,6 +750,13 @@ fn run_parts(only: Option<&str>) -> Result<()> {
     }
     if only == Some("late") {
         text.push_str(&fanout::late_bench()?);
+    }
+    if wanted("tags") {
+        let _ = writeln!(
+            text,
+            "\nTags: a manifest asked by tag, each tag once (cold lookups), 4 nodes:\n"
+        );
+        text.push_str(&tags::bench()?);
     }
     println!("\n{text}");
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(

@@ -138,6 +138,39 @@ impl ClusterNode {
         self.start_peermirror()
     }
 
+    /// The digest this node's containerd records for the image `reference`.
+    pub fn image_digest(&self, reference: &str) -> Result<String> {
+        let out = self
+            .containerd
+            .ctr(&["images", "ls", &format!("name=={reference}")])?;
+        out.lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().nth(2))
+            .map(str::to_string)
+            .with_context(|| format!("{}: no image {reference}: {out}", self.name))
+    }
+
+    /// Waits until this node announces at least `keys` keys (digests and
+    /// tags) and every announcement is stored in the DHT.
+    pub fn wait_announced(&self, keys: usize, timeout: Duration) -> Result<()> {
+        self.pm().wait_metric(
+            &format!("{} to announce {keys} keys", self.name),
+            "peermirror_advertised_keys",
+            &[],
+            timeout,
+            |n| n >= keys as f64,
+        )?;
+        self.pm()
+            .wait_metric(
+                &format!("{}'s announcements to be stored", self.name),
+                "peermirror_advertise_pending_keys",
+                &[],
+                timeout,
+                |pending| pending == 0.0,
+            )
+            .map(drop)
+    }
+
     /// The content digests this node's containerd holds.
     pub fn content(&self) -> Result<Vec<String>> {
         self.containerd.content_digests()

@@ -30,10 +30,15 @@ pub fn run() -> Result<()> {
         "starting a 3-node cluster: network namespaces, containerd with CRI, peermirror, an upstream registry",
     );
     let key = [0x42; 32];
+    // The cluster becomes air-gapped in step 4, and node-b then pulls by
+    // tag from the only node that holds the image: that takes
+    // `--tag-resolution single-holder` (by default two hosts must agree).
     let spec = |name: &str| NodeSpec {
         name: name.to_string(),
         psk: key,
-        extra: vec!["--log-level".into(), "info".into()],
+        extra: ["--log-level", "info", "--tag-resolution", "single-holder"]
+            .map(String::from)
+            .to_vec(),
     };
     let mut cluster = Cluster::start(&[spec("node-a"), spec("node-b"), spec("node-c")])?;
     cluster.wait_ready(&["node-a", "node-b", "node-c"], Duration::from_secs(60))?;

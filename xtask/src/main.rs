@@ -62,8 +62,8 @@ enum Cmd {
     Bench {
         /// `serving`, `clients` (only the real-client rounds of `serving`),
         /// `memory` (only its peak RSS with 8 and 64 clients), `cluster`,
-        /// `dht`, `fanout` or `late` (only the fan-out's late puller) to run
-        /// only that part.
+        /// `dht`, `fanout`, `late` (only the fan-out's late puller) or
+        /// `tags` (what tag agreement adds to a lookup) to run only that part.
         part: Option<String>,
     },
 }

@@ -57,6 +57,14 @@ pub enum Source {
     InFlight,
 }
 
+/// Why a tag that peers hold was not answered from them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TagLabels {
+    /// `disagreement` (hosts stated different digests) or `single_host`
+    /// (fewer hosts than needed answered).
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MirrorLabels {
     /// The registry of the request (`ns`), or `unknown`.
@@ -207,6 +215,7 @@ pub struct Metrics {
     pub uring_in_flight: Gauge,
     pub uring_idle_pipes: Gauge,
     pub upload_rejections: Counter,
+    pub tags_not_agreed: Family<TagLabels, Counter>,
     pub tls_handshake_failures: Counter,
     pub dataplane_active: Family<DataplaneLabels, Gauge>,
     spegel: Option<SpegelMetrics>,
@@ -237,6 +246,7 @@ impl Metrics {
             uring_in_flight: Gauge::default(),
             uring_idle_pipes: Gauge::default(),
             upload_rejections: Counter::default(),
+            tags_not_agreed: Family::default(),
             tls_handshake_failures: Counter::default(),
             dataplane_active: Family::default(),
             spegel,
@@ -296,6 +306,11 @@ impl Metrics {
             "upload_rejections",
             "Blob requests answered 503 because the upload limits were reached",
             metrics.upload_rejections.clone(),
+        );
+        r.register(
+            "mirror_tags_not_agreed",
+            "Tags that peers hold, answered as misses because too few hosts agreed on their digest",
+            metrics.tags_not_agreed.clone(),
         );
         r.register(
             "tls_handshake_failures",

@@ -29,6 +29,8 @@ pub enum Outcome {
     Corrupt,
     /// The client went away before the end.
     Abandoned,
+    /// Holders of a tag answered, but too few hosts agreed on one digest.
+    NotAgreed,
 }
 
 /// A peer as the debug page names it.
@@ -124,7 +126,7 @@ impl Journal {
     pub fn record(&self, entry: Entry<'_>) {
         let counter = match entry.outcome {
             Outcome::Hit => &self.hits,
-            Outcome::Miss => &self.misses,
+            Outcome::Miss | Outcome::NotAgreed => &self.misses,
             Outcome::Failed | Outcome::Corrupt | Outcome::Abandoned => &self.failed,
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -173,6 +175,14 @@ impl Journal {
                 ms = r.duration_ms,
                 suppressed,
                 "miss: holders were found and none answered; the client goes to its next endpoint"
+            ),
+            Outcome::NotAgreed => tracing::info!(
+                kind = r.kind,
+                key = %r.key,
+                peers = ?peers,
+                ms = r.duration_ms,
+                suppressed,
+                "miss: the holders of this tag did not agree on its digest (two hosts must); the client goes to its next endpoint"
             ),
             outcome => tracing::info!(
                 kind = r.kind,

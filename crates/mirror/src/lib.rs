@@ -18,11 +18,14 @@
 //!   is held back until the digest is confirmed; on a mismatch the client gets
 //!   a short body and the peers that sent the bytes are not used again for
 //!   that digest. Manifests are verified before any header is sent.
+//! - A tag, which no digest checks, is answered only when two hosts agree on
+//!   it (see `tags`).
 
 mod client;
 pub mod journal;
 pub mod measure;
 mod parallel;
+mod tags;
 mod transfer;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -38,6 +41,7 @@ use hyper::body::Incoming;
 use libp2p::PeerId;
 
 pub use client::{AttemptError, Timeouts};
+pub use tags::TagResolution;
 pub use transfer::TransferError;
 
 use peermirror_net::tls::TlsState;
@@ -118,6 +122,26 @@ pub struct MirrorConfig {
         value_name = "MIRROR_PARALLEL_MIN_SIZE", env = "PEERMIRROR_MIRROR_PARALLEL_MIN_SIZE", default_value = "32M", value_parser = peermirror_net::flags::parse_size)]
     pub parallel_min_size: u64,
 
+    /// How tags are answered through peers: `agreement` (two hosts, an
+    /// IPv4 address or IPv6 /64 each, state the same digest and none states
+    /// another), `single-holder` (one is enough: air-gapped clusters whose
+    /// images are imported on one node) or `off` (tags are left to the
+    /// registry, as `configure-containerd --resolve-tags false` does).
+    #[arg(
+        long = "tag-resolution",
+        value_name = "TAG_RESOLUTION",
+        env = "PEERMIRROR_TAG_RESOLUTION",
+        value_enum,
+        default_value_t = TagResolution::Agreement
+    )]
+    pub tag_resolution: TagResolution,
+
+    /// How long a tag lookup that found a holder waits for the answers that
+    /// settle it (a second host) before it is a miss.
+    #[arg(long = "mirror-tag-timeout",
+        value_name = "MIRROR_TAG_TIMEOUT", env = "PEERMIRROR_MIRROR_TAG_TIMEOUT", default_value = "500ms", value_parser = peermirror_net::flags::parse_duration)]
+    pub tag_timeout: Duration,
+
     /// How long a peer that sent corrupt bytes is avoided for that digest.
     #[arg(skip = Duration::from_secs(3600))]
     pub bad_peer_ttl: Duration,
@@ -149,6 +173,8 @@ impl Default for MirrorConfig {
             follow_header_timeout: Duration::from_secs(5),
             parallel_peers: 4,
             parallel_min_size: 32 << 20,
+            tag_resolution: TagResolution::Agreement,
+            tag_timeout: Duration::from_millis(500),
         }
     }
 }
@@ -162,6 +188,9 @@ pub enum MirrorMiss {
     AllFailed { tried: usize },
     /// A peer holds the blob, and the requested range is outside it.
     Unsatisfiable { size: u64 },
+    /// Holders of a tag answered, but not enough hosts stated one digest
+    /// (`hosts` answered, stating `digests` different ones).
+    TagNotAgreed { hosts: usize, digests: usize },
 }
 
 /// A blob response from a peer, ready to be relayed.
@@ -298,6 +327,11 @@ impl Candidates {
         }
     }
 
+    /// Whether the lookup is over and every peer it found was taken.
+    pub(crate) fn is_over(&self) -> bool {
+        self.lookup.is_none() && self.queue.is_empty()
+    }
+
     /// Like [`Candidates::next`], but when the lookup is over, looks again
     /// for holders that appeared since (peers already tried stay skipped).
     pub(crate) async fn next_or_relookup(&mut self, wait: Duration) -> Option<Peer> {
@@ -345,6 +379,11 @@ impl Mirror {
         })
     }
 
+    /// How tags are answered through peers.
+    pub fn tag_resolution(&self) -> TagResolution {
+        self.config.tag_resolution
+    }
+
     /// The last requests and the totals since start.
     pub fn journal(&self) -> &journal::Journal {
         &self.journal
@@ -354,8 +393,9 @@ impl Mirror {
         let outcome = match miss {
             MirrorMiss::NoProvider => journal::Outcome::Miss,
             MirrorMiss::AllFailed { .. } => journal::Outcome::Failed,
-            // A peer answered: the range is outside the blob.
-            MirrorMiss::Unsatisfiable { .. } => return,
+            // A peer answered: the range is outside the blob; or the tag
+            // lookup recorded what the hosts said.
+            MirrorMiss::Unsatisfiable { .. } | MirrorMiss::TagNotAgreed { .. } => return,
         };
         self.journal.record(journal::Entry {
             kind,
@@ -602,7 +642,8 @@ impl Mirror {
         })
     }
 
-    /// Fetches a manifest by tag or digest and verifies it before returning.
+    /// Fetches a manifest by tag (see [`TagResolution`]) or digest and
+    /// verifies it before returning.
     pub async fn manifest(
         self: &Arc<Self>,
         name: &Name,
@@ -610,21 +651,26 @@ impl Mirror {
         reference: &ManifestReference,
     ) -> Result<MirroredManifest, MirrorMiss> {
         let started = Instant::now();
-        let (key, wanted) = match reference {
-            ManifestReference::Digest(d) => (d.to_string(), Some(*d)),
-            ManifestReference::Tag(_) => {
-                let Some(key) = registry_reference.and_then(Reference::tagged_name) else {
-                    return Err(MirrorMiss::NoProvider);
-                };
-                (key, None)
-            }
-        };
-        let mut candidates = self.candidates(&key, wanted);
         let path = Route::Manifest {
             name: name.clone(),
             reference: reference.clone(),
         }
         .to_path();
+        let wanted = match reference {
+            ManifestReference::Digest(d) => *d,
+            ManifestReference::Tag(_) => {
+                let Some(key) = registry_reference.and_then(Reference::tagged_name) else {
+                    return Err(MirrorMiss::NoProvider);
+                };
+                let result = self.manifest_by_tag(key.clone(), path, started).await;
+                if let Err(miss) = &result {
+                    self.record_miss("manifest", key, miss, started);
+                }
+                return result;
+            }
+        };
+        let key = wanted.to_string();
+        let mut candidates = self.candidates(&key, Some(wanted));
         let headers = [("accept", MANIFEST_ACCEPT.to_string())];
         // A manifest is small: a peer that cannot deliver it within this
         // is replaced, and the whole request is bounded too (containerd
@@ -661,13 +707,10 @@ impl Mirror {
                     }
                 };
                 let actual = Digest::of(&bytes);
-                if wanted.is_some_and(|w| w != actual) || header_digest.is_some_and(|h| h != actual)
-                {
-                    tracing::warn!(peer = %peer.addr, %actual, expected = ?wanted.or(header_digest), "peer sent a manifest that does not match its digest");
+                if wanted != actual || header_digest.is_some_and(|h| h != actual) {
+                    tracing::warn!(peer = %peer.addr, %actual, expected = %wanted, "peer sent a manifest that does not match its digest");
                     self.bad.mark(&actual, &peer.id, self.config.bad_peer_ttl);
-                    if let Some(w) = wanted {
-                        self.bad.mark(&w, &peer.id, self.config.bad_peer_ttl);
-                    }
+                    self.bad.mark(&wanted, &peer.id, self.config.bad_peer_ttl);
                     continue;
                 }
                 // What the verified bytes say they are, not what the peer's

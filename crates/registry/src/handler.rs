@@ -14,7 +14,7 @@ use futures::TryStreamExt;
 
 use super::limits::{UploadLimits, UploadPermit, UploadRate, Uploads};
 use peermirror_metrics::{self as metrics, Metrics, Source};
-use peermirror_mirror::{Mirror, MirrorMiss};
+use peermirror_mirror::{Mirror, MirrorMiss, TagResolution};
 use peermirror_oci::manifest::{self, Kind, MAX_MANIFEST_SIZE, OCTET_STREAM};
 use peermirror_oci::{
     ByteRange, ContentRange, Descriptor, Digest, ManifestReference, Name, OciError, RangeRequest,
@@ -366,6 +366,17 @@ impl Handler {
             Some(ManifestReference::Tag(tag)) => Some(tag),
             _ => None,
         };
+        // `--tag-resolution off`: the node's containerd resolves tags at the
+        // registry (peers asking for this node's own view still get it).
+        if tag.is_some()
+            && !mirrored
+            && self
+                .mirror
+                .as_ref()
+                .is_some_and(|m| m.tag_resolution() == TagResolution::Off)
+        {
+            return Scope::Excluded;
+        }
         let key = name
             .reference(tag)
             .map(|r| r.filter_key())
@@ -449,6 +460,17 @@ impl Handler {
             }
             Err(miss) => {
                 self.count_mirror(name, "manifest", false, None);
+                if let MirrorMiss::TagNotAgreed { digests, .. } = miss {
+                    let reason = if digests > 1 {
+                        "disagreement"
+                    } else {
+                        "single_host"
+                    };
+                    self.metrics
+                        .tags_not_agreed
+                        .get_or_create(&peermirror_metrics::TagLabels { reason })
+                        .inc();
+                }
                 tracing::debug!(?miss, "manifest not found on peers");
                 Err(OciError::manifest_unknown())
             }
@@ -923,6 +945,40 @@ mod tests {
         assert_eq!(r.status, 200);
         assert_eq!(header(&r, "content-type"), Some(OCI_MANIFEST));
         assert_eq!(body(r).await, f.manifest);
+    }
+
+    #[tokio::test]
+    async fn tag_resolution_off_leaves_the_local_clients_tags_to_the_registry() {
+        let f = fixture().await;
+        let router = peermirror_routing::MemoryRouter::new();
+        let mirror = Mirror::new(
+            router,
+            peermirror_mirror::MirrorConfig {
+                tag_resolution: TagResolution::Off,
+                ..Default::default()
+            },
+        );
+        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+        let handler = Handler::new(
+            f.store.clone(),
+            Some(mirror),
+            HandlerConfig::default(),
+            metrics,
+        );
+        let by_tag = "/v2/app/manifests/1?ns=docker.io";
+        // The node's containerd: a miss although the tag is here ...
+        let r = handler.handle(&get(by_tag)).await;
+        assert_eq!(r.status, 404);
+        assert_eq!(error_code(&r), "MANIFEST_UNKNOWN");
+        // ... digests still answered ...
+        let by_digest = format!("/v2/app/manifests/{}?ns=docker.io", f.index_desc.digest);
+        assert_eq!(handler.handle(&get(&by_digest)).await.status, 200);
+        // ... and a peer asking for this node's view gets it.
+        let mirrored = RequestHead {
+            mirrored: true,
+            ..get(by_tag)
+        };
+        assert_eq!(handler.handle(&mirrored).await.status, 200);
     }
 
     #[tokio::test]

@@ -41,11 +41,28 @@ async fn real_peer(store: Arc<MemoryStore>) -> (SocketAddr, Metrics, Cancellatio
     real_peer_uploading(store, None).await
 }
 
+/// peermirror's registry server over a memory store, on a loopback address
+/// of its own (a host of its own, as far as tag agreement counts).
+async fn real_peer_at(
+    store: Arc<MemoryStore>,
+    ip: [u8; 4],
+) -> (SocketAddr, Metrics, CancellationToken) {
+    real_peer_on(store, None, std::net::Ipv4Addr::from(ip)).await
+}
+
 /// peermirror's registry server over a memory store, telling peers that it
 /// uploads `upload_rate` bytes per second.
 async fn real_peer_uploading(
     store: Arc<MemoryStore>,
     upload_rate: Option<u64>,
+) -> (SocketAddr, Metrics, CancellationToken) {
+    real_peer_on(store, upload_rate, std::net::Ipv4Addr::LOCALHOST).await
+}
+
+async fn real_peer_on(
+    store: Arc<MemoryStore>,
+    upload_rate: Option<u64>,
+    ip: std::net::Ipv4Addr,
 ) -> (SocketAddr, Metrics, CancellationToken) {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut registry);
@@ -57,7 +74,7 @@ async fn real_peer_uploading(
         Handler::new(store, None, HandlerConfig::default(), metrics.clone()).with_upload_rate(rate),
     );
     let server = Server::new(handler, ServerConfig::default(), metrics.clone());
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
     tokio::spawn(server.serve(listener, shutdown.clone()));
@@ -564,12 +581,13 @@ async fn manifests_are_verified_before_use() {
         router.add(&key, peer("forger", fake.addr));
         router.add(&key, peer("real", real));
     }
-    let mirror = Mirror::new(router, fast_config());
-    let reference = Reference::tagged(
-        "docker.io".parse().expect("registry"),
-        "app".parse().expect("repo"),
-        "1".parse().expect("tag"),
-    );
+    // One real holder: the air-gapped setting answers from one host.
+    let config = MirrorConfig {
+        tag_resolution: TagResolution::SingleHolder,
+        ..fast_config()
+    };
+    let mirror = Mirror::new(router, config);
+    let reference = app_1();
     let by_tag = mirror
         .manifest(
             &name(),
@@ -587,6 +605,130 @@ async fn manifests_are_verified_before_use() {
         .await
         .expect("hit");
     assert_eq!(by_digest.bytes, manifest);
+}
+
+fn app_1() -> Reference {
+    Reference::tagged(
+        "docker.io".parse().expect("registry"),
+        "app".parse().expect("repo"),
+        "1".parse().expect("tag"),
+    )
+}
+
+/// A memory store holding an image of one layer of `len` random bytes,
+/// tagged `docker.io/library/app:1`.
+async fn store_tagging_app_1(len: usize) -> (Arc<MemoryStore>, Descriptor) {
+    let store = Arc::new(MemoryStore::new());
+    let layer = store.add_blob(LAYER, random_blob(len)).await;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": layer, "layers": [layer],
+    }))
+    .expect("json");
+    let desc = store.add_blob(OCI_MANIFEST, manifest).await;
+    store
+        .set_image("docker.io/library/app:1", desc.clone())
+        .await;
+    (store, desc)
+}
+
+/// Asks `mirror` for `app:1` by tag.
+async fn by_tag(mirror: &Arc<Mirror>) -> Result<MirroredManifest, MirrorMiss> {
+    mirror
+        .manifest(
+            &name(),
+            Some(&app_1()),
+            &ManifestReference::Tag("1".parse().expect("tag")),
+        )
+        .await
+}
+
+#[tokio::test]
+async fn a_tag_is_answered_when_two_hosts_agree_and_not_otherwise() {
+    let (same, image) = store_tagging_app_1(100).await;
+    let (other, other_image) = store_tagging_app_1(200).await;
+    // Hosts 127.0.0.2 and .3 hold the image; .4 tags another image app:1;
+    // .5 runs two peers (one host).
+    let (a, _, _s1) = real_peer_at(same.clone(), [127, 0, 0, 2]).await;
+    let (b, _, _s2) = real_peer_at(same.clone(), [127, 0, 0, 3]).await;
+    let (liar, _, _s3) = real_peer_at(other, [127, 0, 0, 4]).await;
+    let (c1, _, _s4) = real_peer_at(same.clone(), [127, 0, 0, 5]).await;
+    let (c2, _, _s5) = real_peer_at(same, [127, 0, 0, 5]).await;
+    let key = "docker.io/library/app:1";
+    let mirror_of = |peers: &[(&str, SocketAddr)], resolution: TagResolution| {
+        let router = MemoryRouter::new();
+        for (n, addr) in peers {
+            router.add(key, peer(n, *addr));
+        }
+        let config = MirrorConfig {
+            tag_resolution: resolution,
+            ..fast_config()
+        };
+        Mirror::new(router, config)
+    };
+    use TagResolution::*;
+
+    // Two hosts agree: answered, with the bytes both stated.
+    let hit = by_tag(&mirror_of(&[("a", a), ("b", b)], Agreement))
+        .await
+        .expect("two hosts agree");
+    assert_eq!(hit.descriptor.digest, image.digest);
+
+    // They disagree: a miss, whoever answers first.
+    for peers in [[("liar", liar), ("a", a)], [("a", a), ("liar", liar)]] {
+        let miss = by_tag(&mirror_of(&peers, Agreement)).await.err();
+        assert_eq!(
+            miss,
+            Some(MirrorMiss::TagNotAgreed {
+                hosts: 2,
+                digests: 2
+            }),
+            "{peers:?}"
+        );
+    }
+    // With a third host that disagrees, the answer is the agreed image
+    // (when two agreed before the third answered) or a miss: never the
+    // third's.
+    for _ in 0..10 {
+        match by_tag(&mirror_of(&[("liar", liar), ("a", a), ("b", b)], Agreement)).await {
+            Ok(hit) => assert_eq!(hit.descriptor.digest, image.digest),
+            Err(miss) => assert!(
+                matches!(miss, MirrorMiss::TagNotAgreed { digests: 2, .. }),
+                "{miss:?}"
+            ),
+        }
+    }
+
+    // The only holder, be it honest or not: a miss by default ...
+    for only in [("a", a), ("liar", liar)] {
+        let miss = by_tag(&mirror_of(&[only], Agreement)).await.err();
+        assert_eq!(
+            miss,
+            Some(MirrorMiss::TagNotAgreed {
+                hosts: 1,
+                digests: 1
+            })
+        );
+    }
+    // ... and so are two peers on one host.
+    let miss = by_tag(&mirror_of(&[("c1", c1), ("c2", c2)], Agreement))
+        .await
+        .err();
+    assert_eq!(
+        miss,
+        Some(MirrorMiss::TagNotAgreed {
+            hosts: 1,
+            digests: 1
+        })
+    );
+
+    // The air-gapped setting takes one holder.
+    let hit = by_tag(&mirror_of(&[("liar", liar)], SingleHolder))
+        .await
+        .expect("single holder");
+    assert_eq!(hit.descriptor.digest, other_image.digest);
+    // `off` asks nobody.
+    let miss = by_tag(&mirror_of(&[("a", a), ("b", b)], Off)).await.err();
+    assert_eq!(miss, Some(MirrorMiss::NoProvider));
 }
 
 #[tokio::test]

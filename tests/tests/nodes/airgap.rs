@@ -16,8 +16,16 @@ use peermirror_tests::services::peermirror_bin;
 
 const KEY: [u8; 32] = [0x44; 32];
 
+/// An air-gapped node: a tag one node imported is answered from that node
+/// alone (`--tag-resolution single-holder`).
 fn spec(name: &str, extra: &[String]) -> NodeSpec {
-    let wait = ["--mirror-resolve-timeout".to_string(), "2s".to_string()];
+    let wait = [
+        "--mirror-resolve-timeout",
+        "2s",
+        "--tag-resolution",
+        "single-holder",
+    ]
+    .map(String::from);
     NodeSpec {
         name: name.to_string(),
         psk: KEY,

@@ -22,11 +22,16 @@ const OTHER_KEY: [u8; 32] = [0x22; 32];
 const PROVIDER_TTL: Duration = Duration::from_secs(15);
 const MIB: u64 = 1 << 20;
 
+/// A node of this air-gapped cluster: the upstream goes away in step 2,
+/// and tags are then answered by the one node that holds them
+/// (`--tag-resolution single-holder`; the default is `tags`' test).
 fn spec(name: &str, psk: [u8; 32]) -> NodeSpec {
     NodeSpec::new(
         name,
         psk,
         &[
+            "--tag-resolution",
+            "single-holder",
             "--provider-ttl",
             "15s",
             "--reannounce-interval",

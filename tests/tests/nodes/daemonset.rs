@@ -260,8 +260,13 @@ fn the_image_runs_as_the_daemonset_says_and_serves_an_air_gapped_pull() -> Resul
         .context("image")?
         .to_string();
 
-    let mut cluster =
-        Cluster::start(&[NodeSpec::new("a", KEY, &[]), NodeSpec::new("b", KEY, &[])])?;
+    // Node b pulls by tag an image that only node a holds: an air-gapped
+    // node, answering a tag from one holder (`--tag-resolution
+    // single-holder`; the container on a serves whoever asks).
+    let mut cluster = Cluster::start(&[
+        NodeSpec::new("a", KEY, &[]),
+        NodeSpec::new("b", KEY, &["--tag-resolution", "single-holder"]),
+    ])?;
     cluster.wait_ready(&["a", "b"], Duration::from_secs(60))?;
     // An image for node a only, never in any registry, named under one of
     // the DaemonSet's registries.

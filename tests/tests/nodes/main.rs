@@ -18,5 +18,6 @@ mod serving;
 mod single_node;
 mod spread;
 mod store;
+mod tags;
 mod tls;
 mod uninstall;

@@ -25,8 +25,14 @@ const MIB: usize = 1 << 20;
 fn spec(name: &str, extra: &[&str]) -> NodeSpec {
     // The upstream is gone for the pulls: a first lookup on a cold routing
     // table may take longer than the 20 ms default before containerd would
-    // go to an upstream that is not there.
-    let wait = ["--mirror-resolve-timeout", "2s"];
+    // go to an upstream that is not there; and the tag is held by one node
+    // (the air-gapped setting answers it).
+    let wait = [
+        "--mirror-resolve-timeout",
+        "2s",
+        "--tag-resolution",
+        "single-holder",
+    ];
     NodeSpec {
         name: name.to_string(),
         psk: KEY,
