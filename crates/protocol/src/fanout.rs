@@ -15,11 +15,17 @@
 //!
 //! A follower that gets nothing from its source says so in its next ask
 //! (`failed`): a failed leader ends the digest's entry (the next asker
-//! leads), a failed follower leaves the tree. A leader that holds the blob
-//! (it announces it in the DHT) says so (`done`), which ends the entry too:
-//! later misses of the digest are not sent to a fetch that is over. Entries
-//! expire `lease` after they were last touched, and there are at most
-//! [`MAX_ENTRIES`].
+//! leads), a failed follower leaves the tree. Only a member that follows
+//! that source is believed: a peer cannot unseat a leader it does not
+//! follow. A leader that holds the blob (it announces it in the DHT) says
+//! so (`done`), which ends the entry too: later misses of the digest are
+//! not sent to a fetch that is over.
+//!
+//! Entries expire `lease` after they were last touched. There are at most
+//! [`MAX_ENTRIES`], and one asker leads at most [`MAX_LED_PER_ASKER`] of
+//! them; when the board is full, a new entry takes the place of the oldest
+//! one that nobody follows, so asks for made-up digests cannot push out a
+//! fan-out that is under way.
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -39,8 +45,13 @@ impl<T: Copy + Eq + Hash + Display + FromStr + std::fmt::Debug> NodeId for T {}
 /// The request-response protocol of the fan-out.
 pub const PROTOCOL: &str = "/peermirror/fanout/1.0.0";
 
-/// Most digests tracked at once; the oldest entry goes first.
+/// Most digests tracked at once.
 pub const MAX_ENTRIES: usize = 4096;
+
+/// Most entries one asker leads at once: a node that misses more digests
+/// of this rendezvous at one moment is refused (it goes upstream without
+/// the fan-out).
+pub const MAX_LED_PER_ASKER: usize = 256;
 
 /// "I miss this digest."
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,7 +157,13 @@ impl<P: NodeId> Board<P> {
             return Reply::Refused;
         }
         let failed = ask.failed.as_deref().and_then(|f| f.parse::<P>().ok());
+        // Only the asker's own source can be reported as failed.
+        let followed = self
+            .trees
+            .get(&ask.digest)
+            .and_then(|t| t.position(&asker).map(|i| t.members[i].source));
         if let Some(failed) = failed
+            && followed == Some(Some(failed))
             && let Some(tree) = self.trees.get_mut(&ask.digest)
         {
             if tree.members.first().is_some_and(|m| m.peer == failed) {
@@ -156,13 +173,26 @@ impl<P: NodeId> Board<P> {
                 tree.remove(&failed);
             }
         }
-        if !self.trees.contains_key(&ask.digest) && self.trees.len() >= MAX_ENTRIES {
-            let oldest = self
+        if !self.trees.contains_key(&ask.digest) {
+            // The asker would lead a new entry.
+            let led = self
                 .trees
-                .iter()
-                .min_by_key(|(_, t)| t.touched)
-                .map(|(k, _)| k.clone());
-            if let Some(k) = oldest {
+                .values()
+                .filter(|t| t.members.first().is_some_and(|m| m.peer == asker))
+                .count();
+            if led >= MAX_LED_PER_ASKER {
+                return Reply::Refused;
+            }
+            if self.trees.len() >= MAX_ENTRIES {
+                let unfollowed = self
+                    .trees
+                    .iter()
+                    .filter(|(_, t)| t.members.len() <= 1)
+                    .min_by_key(|(_, t)| t.touched)
+                    .map(|(k, _)| k.clone());
+                let Some(k) = unfollowed else {
+                    return Reply::Refused;
+                };
                 self.trees.remove(&k);
             }
         }
@@ -314,19 +344,84 @@ mod tests {
             done: false,
         };
         assert_eq!(board.assign(a, &bad, now), Reply::Refused);
+        let later = now + Duration::from_secs(11);
         for i in 0..(MAX_ENTRIES + 10) {
-            let digest = format!("sha256:{i:064x}");
-            board.assign(
-                a,
+            let digest = digest(1000 + i);
+            // Askers enough that none reaches its own bound.
+            let asker = 100 + (i / MAX_LED_PER_ASKER) as PeerId;
+            let reply = board.assign(
+                asker,
                 &Ask {
                     digest,
                     failed: None,
                     done: false,
                 },
-                now + Duration::from_secs(11),
+                later,
+            );
+            assert_eq!(reply, Reply::Lead);
+        }
+        assert_eq!(board.len(), MAX_ENTRIES);
+    }
+
+    fn digest(i: usize) -> String {
+        format!("sha256:{i:064x}")
+    }
+
+    fn lead(board: &mut Board<PeerId>, asker: PeerId, digest: String, now: Instant) -> Reply {
+        let ask = Ask {
+            digest,
+            failed: None,
+            done: false,
+        };
+        board.assign(asker, &ask, now)
+    }
+
+    #[test]
+    fn only_a_follower_of_a_source_can_report_it_failed() {
+        let now = Instant::now();
+        let mut board = Board::<PeerId>::new(1, Duration::from_secs(60));
+        let [a, b, c, x] = ids();
+        assert_eq!(board.assign(a, &ask(None), now), Reply::Lead);
+        assert_eq!(follows(&board.assign(b, &ask(None), now)), a);
+        // X follows nobody: its reports of the leader and of B change
+        // nothing, and it is placed as anyone else (behind B).
+        assert_eq!(follows(&board.assign(x, &ask(Some(a)), now)), b);
+        assert_eq!(follows(&board.assign(c, &ask(Some(b)), now)), x);
+        assert_eq!(follows(&board.assign(b, &ask(None), now)), a);
+        // B follows A: its report is believed, and B leads.
+        assert_eq!(board.assign(b, &ask(Some(a)), now), Reply::Lead);
+    }
+
+    #[test]
+    fn one_asker_leads_a_bounded_number_of_entries_and_cannot_push_out_a_fan_out() {
+        let now = Instant::now();
+        let mut board = Board::<PeerId>::new(4, Duration::from_secs(60));
+        // A real fan-out: a leads, b follows.
+        let (a, b) = (1, 2);
+        assert_eq!(board.assign(a, &ask(None), now), Reply::Lead);
+        assert_eq!(follows(&board.assign(b, &ask(None), now)), a);
+        // One asker asking for made-up digests is refused past its bound.
+        let flooder = 3;
+        for i in 0..MAX_LED_PER_ASKER {
+            assert_eq!(
+                lead(&mut board, flooder, digest(1000 + i), now),
+                Reply::Lead
+            );
+        }
+        assert_eq!(lead(&mut board, flooder, digest(5000), now), Reply::Refused);
+        // Many askers fill the board and keep asking: the fan-out under
+        // way stays, and its next asker follows it.
+        for i in 0..(2 * MAX_ENTRIES) {
+            let asker = 10 + (i / MAX_LED_PER_ASKER) as PeerId;
+            lead(
+                &mut board,
+                asker,
+                digest(10_000 + i),
+                now + Duration::from_millis(1),
             );
         }
         assert_eq!(board.len(), MAX_ENTRIES);
+        assert_eq!(follows(&board.assign(4, &ask(None), now)), a);
     }
 
     #[test]
