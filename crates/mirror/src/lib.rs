@@ -52,7 +52,7 @@ use peermirror_oci::{
     ByteRange, ContentRange, Descriptor, Digest, FOLLOW_HEADER, ManifestReference, Name, Reference,
     Route, UPLOAD_RATE_HEADER,
 };
-use peermirror_routing::{Fanout, Peer, Router};
+use peermirror_routing::{Asker, Fanout, Peer, Router};
 
 /// Time limits and policies of mirroring.
 #[derive(Debug, Clone, clap::Args)]
@@ -536,13 +536,29 @@ impl Mirror {
         }
     }
 
-    /// Fetches a blob (or the requested range of it) from a peer.
+    /// Fetches a blob (or the requested range of it) from a peer, for this
+    /// node's containerd: a blob no node holds may be this node's to fetch
+    /// (the fan-out's lead).
     pub async fn blob(
         self: &Arc<Self>,
         name: &Name,
         digest: &Digest,
         range: Option<ByteRange>,
         head: bool,
+    ) -> Result<MirroredBlob, MirrorMiss> {
+        self.blob_for(name, digest, range, head, Asker::Node).await
+    }
+
+    /// Fetches a blob (or the requested range of it) from a peer for
+    /// `asker`: anyone but this node's containerd only follows a fan-out
+    /// under way, and never leads one (nobody would fetch it).
+    pub async fn blob_for(
+        self: &Arc<Self>,
+        name: &Name,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        head: bool,
+        asker: Asker,
     ) -> Result<MirroredBlob, MirrorMiss> {
         let started = Instant::now();
         let mut candidates = self.candidates(&digest.to_string(), Some(*digest));
@@ -569,7 +585,7 @@ impl Mirror {
             Ok(answer) => answer,
             // Nobody holds it: maybe somebody is fetching it right now.
             Err(MirrorMiss::NoProvider) if !head => {
-                match self.follow(digest, &path, &headers, range).await {
+                match self.follow(digest, &path, &headers, range, asker).await {
                     Some(answer) => {
                         followed = Some(answer.0.id);
                         answer
@@ -628,6 +644,7 @@ impl Mirror {
                     candidates,
                     deadline: tokio::time::Instant::now() + self.config.total_timeout,
                     followed,
+                    asker,
                 }))
             }
         };
@@ -762,13 +779,14 @@ impl Mirror {
         path: &str,
         headers: &[(&str, String)],
         range: Option<ByteRange>,
+        asker: Asker,
     ) -> Option<(Peer, BlobAnswer)> {
         let mut failed = None;
         // A source that cannot serve is reported, and the next answer tried.
         for _ in 0..3 {
             let answer = tokio::time::timeout(
                 self.config.fanout_timeout,
-                self.router.fanout(digest, failed),
+                self.router.fanout(digest, failed, asker),
             )
             .await
             .ok()
@@ -850,12 +868,12 @@ impl Mirror {
 
     /// Tells the rendezvous that a followed source stopped delivering, so
     /// that this node is placed again (it may be told to fetch it itself).
-    pub(crate) fn follow_failed(self: &Arc<Self>, digest: Digest, source: PeerId) {
+    pub(crate) fn follow_failed(self: &Arc<Self>, digest: Digest, source: PeerId, asker: Asker) {
         let me = self.clone();
         tokio::spawn(async move {
             let answer = tokio::time::timeout(
                 me.config.fanout_timeout,
-                me.router.fanout(&digest, Some(source)),
+                me.router.fanout(&digest, Some(source), asker),
             )
             .await;
             tracing::debug!(%digest, %source, ?answer, "fan-out: reported a source that stopped");

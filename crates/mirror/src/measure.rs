@@ -204,7 +204,11 @@ async fn fetch_blob(
         mib_per_s: None,
         error: None,
     };
-    match mirror.blob(name, digest, None, false).await {
+    // A measurement is nobody's pull: it never leads a fan-out.
+    match mirror
+        .blob_for(name, digest, None, false, peermirror_routing::Asker::Other)
+        .await
+    {
         Err(miss) => blob.error = Some(format!("{miss:?}")),
         Ok(m) => {
             blob.peer = Some(PeerRef::from(&m.peer));

@@ -65,6 +65,8 @@ pub(super) struct Transfer {
     /// The source this transfer follows (an in-flight blob on a peer the
     /// fan-out rendezvous named), if it does.
     pub followed: Option<libp2p::PeerId>,
+    /// Who asked: anyone but this node's containerd never leads a fan-out.
+    pub asker: peermirror_routing::Asker,
 }
 
 /// Chunks queued for the hashing thread (each at most the client's read
@@ -177,7 +179,7 @@ impl Transfer {
         if let Some(source) = self.followed
             && matches!(outcome, Outcome::Failed | Outcome::Corrupt)
         {
-            self.mirror.follow_failed(self.digest, source);
+            self.mirror.follow_failed(self.digest, source, self.asker);
         }
         self.mirror.journal.record(super::journal::Entry {
             kind: "blob",

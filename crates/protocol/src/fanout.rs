@@ -65,6 +65,11 @@ pub struct Ask {
     /// has done its work (new askers find the blob in the DHT).
     #[serde(default)]
     pub done: bool,
+    /// The asker's containerd is not going to fetch the blob (the request
+    /// came from another host, or measures): place it behind a fetch under
+    /// way, never as a leader, and make no entry for it.
+    #[serde(default)]
+    pub follow_only: bool,
 }
 
 /// What the asker is to do.
@@ -174,6 +179,9 @@ impl<P: NodeId> Board<P> {
             }
         }
         if !self.trees.contains_key(&ask.digest) {
+            if ask.follow_only {
+                return Reply::Refused;
+            }
             // The asker would lead a new entry.
             let led = self
                 .trees
@@ -272,6 +280,7 @@ mod tests {
             digest: D.to_string(),
             failed: failed.map(|p| p.to_string()),
             done: false,
+            follow_only: false,
         }
     }
 
@@ -342,6 +351,7 @@ mod tests {
             digest: "../etc/passwd".into(),
             failed: None,
             done: false,
+            follow_only: false,
         };
         assert_eq!(board.assign(a, &bad, now), Reply::Refused);
         let later = now + Duration::from_secs(11);
@@ -355,6 +365,7 @@ mod tests {
                     digest,
                     failed: None,
                     done: false,
+                    follow_only: false,
                 },
                 later,
             );
@@ -372,8 +383,26 @@ mod tests {
             digest,
             failed: None,
             done: false,
+            follow_only: false,
         };
         board.assign(asker, &ask, now)
+    }
+
+    #[test]
+    fn an_asker_that_will_not_fetch_follows_but_never_leads() {
+        let now = Instant::now();
+        let mut board = Board::<PeerId>::new(4, Duration::from_secs(60));
+        let [a, x] = ids();
+        let follow_only = Ask {
+            follow_only: true,
+            ..ask(None)
+        };
+        // Nothing under way: no entry, and the next real miss leads.
+        assert_eq!(board.assign(x, &follow_only, now), Reply::Refused);
+        assert!(board.is_empty());
+        assert_eq!(board.assign(a, &ask(None), now), Reply::Lead);
+        // A fetch under way: it follows.
+        assert_eq!(follows(&board.assign(x, &follow_only, now)), a);
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub struct RequestHead {
     /// The connection is mTLS with a verified client certificate.
     pub certified: bool,
     pub client: SocketAddr,
+    /// The client is this node (loopback, or the address it reached): its
+    /// containerd. Only its misses may lead a fan-out.
+    pub from_node: bool,
 }
 
 /// A response body.
@@ -296,26 +299,19 @@ impl Handler {
                 };
                 let follow = self.may_follow(req).await;
                 let rate = self.upload_rate.get().filter(|_| req.mirrored);
-                self.blob(
-                    &name,
-                    &digest,
-                    req.range.as_deref(),
-                    req.method,
-                    scope,
-                    follow,
-                )
-                .await
-                .map(|mut response| {
-                    response.permit = permit;
-                    if let Some(rate) = rate
-                        && matches!(response.status, 200 | 206)
-                    {
+                self.blob(&name, &digest, req, scope, follow)
+                    .await
+                    .map(|mut response| {
+                        response.permit = permit;
+                        if let Some(rate) = rate
+                            && matches!(response.status, 200 | 206)
+                        {
+                            response
+                                .headers
+                                .push((UPLOAD_RATE_HEADER, rate.to_string()));
+                        }
                         response
-                            .headers
-                            .push((UPLOAD_RATE_HEADER, rate.to_string()));
-                    }
-                    response
-                })
+                    })
             }
         };
         match result {
@@ -544,14 +540,20 @@ impl Handler {
         &self,
         name: &Name,
         digest: &Digest,
-        range: Option<&str>,
-        method: Method,
+        req: &RequestHead,
         scope: Scope,
         follow: bool,
     ) -> Result<Response, OciError> {
         if matches!(scope, Scope::Excluded) {
             return Err(OciError::blob_unknown());
         }
+        let (range, method) = (req.range.as_deref(), req.method);
+        // Only the node's own containerd fetches what nobody holds.
+        let asker = if req.from_node {
+            peermirror_routing::Asker::Node
+        } else {
+            peermirror_routing::Asker::Other
+        };
         let range = match range.map(parse_range_header).transpose() {
             Ok(Some(RangeRequest::Single(r))) => Ok(Some(r)),
             Ok(Some(RangeRequest::Multiple)) | Ok(None) => Ok(None),
@@ -590,7 +592,7 @@ impl Handler {
             Err(message) => return Ok(range_not_satisfiable(message, None)),
         };
         match mirror
-            .blob(name, digest, range, method == Method::Head)
+            .blob_for(name, digest, range, method == Method::Head, asker)
             .await
         {
             Ok(m) => {
@@ -872,6 +874,7 @@ mod tests {
             follow: false,
             certified: false,
             client: "127.0.0.1:1".parse().expect("addr"),
+            from_node: true,
         }
     }
 
@@ -979,6 +982,38 @@ mod tests {
             ..get(by_tag)
         };
         assert_eq!(handler.handle(&mirrored).await.status, 200);
+    }
+
+    #[tokio::test]
+    async fn only_the_nodes_own_misses_may_lead_a_fan_out() {
+        let f = fixture().await;
+        let router = peermirror_routing::MemoryRouter::new();
+        let mirror = Mirror::new(router.clone(), Default::default());
+        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+        let handler = Handler::new(
+            f.store.clone(),
+            Some(mirror),
+            HandlerConfig::default(),
+            metrics,
+        );
+        let missing = format!(
+            "/v2/app/blobs/{}?ns=docker.io",
+            Digest::of(b"nobody has it")
+        );
+        // The node's containerd (loopback) ...
+        assert_eq!(handler.handle(&get(&missing)).await.status, 404);
+        // ... and another host, which may only follow.
+        let other = RequestHead {
+            client: "10.0.0.9:40000".parse().expect("addr"),
+            from_node: false,
+            ..get(&missing)
+        };
+        assert_eq!(handler.handle(&other).await.status, 404);
+        use peermirror_routing::Asker;
+        assert_eq!(
+            router.fanout_askers(),
+            [(None, Asker::Node), (None, Asker::Other)]
+        );
     }
 
     #[tokio::test]

@@ -174,9 +174,14 @@ impl Server {
         let handle = move |stream: Stream, peer: SocketAddr| {
             let (server, shutdown) = (self.clone(), stop.clone());
             async move {
+                let local = match &stream {
+                    Stream::Plain(tcp) => tcp.local_addr().ok(),
+                    Stream::Tls(tls) => tls.get_ref().0.local_addr().ok(),
+                };
+                let from_node = peermirror_net::acceptor::is_local(local, peer);
                 let result = match stream {
-                    Stream::Plain(tcp) => server.connection(tcp, peer, shutdown).await,
-                    Stream::Tls(tls) => server.connection(*tls, peer, shutdown).await,
+                    Stream::Plain(tcp) => server.connection(tcp, peer, from_node, shutdown).await,
+                    Stream::Tls(tls) => server.connection(*tls, peer, from_node, shutdown).await,
                 };
                 if let Err(e) = result {
                     tracing::debug!(%peer, error = %e, "connection ended");
@@ -186,11 +191,13 @@ impl Server {
         acceptor.run(listener, shutdown, handle).await;
     }
 
-    /// Serves requests on one connection until it closes.
+    /// Serves requests on one connection until it closes; `from_node`: the
+    /// client is this node itself (see [`RequestHead::from_node`]).
     pub async fn connection<C: Conn>(
         &self,
         mut conn: C,
         peer: SocketAddr,
+        from_node: bool,
         shutdown: CancellationToken,
     ) -> io::Result<()> {
         let mut buf = BytesMut::with_capacity(4096);
@@ -215,6 +222,7 @@ impl Server {
                 // Every mTLS client showed a certificate of the cluster's CA.
                 certified: self.tls.is_some(),
                 client: peer,
+                from_node,
             };
             let mut response = self.handler.handle(&head).await;
             // A request with a body is not something a registry client sends

@@ -49,6 +49,16 @@ pub struct Peer {
     pub addr: SocketAddr,
 }
 
+/// Who misses a blob that the fan-out is asked about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asker {
+    /// This node's containerd: it fetches the blob when told to lead.
+    Node,
+    /// Anyone else (another host, a measurement): nobody here will fetch
+    /// it, so it may follow a fetch under way but never lead one.
+    Other,
+}
+
 /// What the fan-out rendezvous says about a digest no node holds yet (see
 /// [`p2p::rendezvous`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,7 +157,12 @@ pub trait Router: Send + Sync + 'static {
     /// holds; `failed` is a source this node was told to follow that did not
     /// deliver. `None`: no answer (fan-out off, or no rendezvous reachable):
     /// behave as without fan-out.
-    async fn fanout(&self, _digest: &Digest, _failed: Option<PeerId>) -> Option<Fanout> {
+    async fn fanout(
+        &self,
+        _digest: &Digest,
+        _failed: Option<PeerId>,
+        _asker: Asker,
+    ) -> Option<Fanout> {
         None
     }
 
@@ -159,6 +174,9 @@ pub trait Router: Send + Sync + 'static {
     }
 }
 
+/// The `failed` and asker of one fan-out ask (as [`MemoryRouter`] records).
+pub type FanoutAsk = (Option<PeerId>, Asker);
+
 /// An in-memory router for tests: keys map to fixed peers; the status
 /// follows what it is told as the real one does (the first round is stored
 /// once the initial keys are handed over).
@@ -167,8 +185,8 @@ pub struct MemoryRouter {
     advertised: Mutex<BTreeSet<String>>,
     status: watch::Sender<RouterStatus>,
     /// The fan-out answers to give, in order (then `None`), and the
-    /// `failed` of every ask.
-    fanout: Mutex<(VecDeque<Fanout>, Vec<Option<PeerId>>)>,
+    /// `failed` and asker of every ask.
+    fanout: Mutex<(VecDeque<Fanout>, Vec<FanoutAsk>)>,
 }
 
 impl MemoryRouter {
@@ -192,6 +210,11 @@ impl MemoryRouter {
 
     /// The `failed` of every fan-out ask so far.
     pub fn fanout_asks(&self) -> Vec<Option<PeerId>> {
+        self.fanout_askers().into_iter().map(|(f, _)| f).collect()
+    }
+
+    /// The `failed` and asker of every fan-out ask so far.
+    pub fn fanout_askers(&self) -> Vec<FanoutAsk> {
         self.fanout
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -257,9 +280,14 @@ impl Router for MemoryRouter {
         Box::pin(futures::stream::iter(peers))
     }
 
-    async fn fanout(&self, _digest: &Digest, failed: Option<PeerId>) -> Option<Fanout> {
+    async fn fanout(
+        &self,
+        _digest: &Digest,
+        failed: Option<PeerId>,
+        asker: Asker,
+    ) -> Option<Fanout> {
         let mut fanout = self.fanout.lock().unwrap_or_else(|e| e.into_inner());
-        fanout.1.push(failed);
+        fanout.1.push((failed, asker));
         fanout.0.pop_front()
     }
 

@@ -38,6 +38,7 @@ struct Images {
     killed: TestImage,
     aborted: TestImage,
     corrupt: TestImage,
+    phantom: TestImage,
 }
 
 impl Images {
@@ -60,13 +61,14 @@ fn a_first_deploy_fetches_each_blob_from_upstream_about_once() -> Result<()> {
     peermirror_tests::fanout::wait_full_mesh(&cluster, Duration::from_secs(60))?;
     let images = images(&mut cluster)?;
     let link = UpstreamLink::cap(&cluster, "400mbit")?;
-    let steps: [(&str, Step); 6] = [
+    let steps: [(&str, Step); 7] = [
         ("1", step_1_eight_nodes_pull_at_once),
         ("2", step_2_cri_pulls_at_once),
         ("3", step_3_the_leaders_containerd_dies_mid_blob),
         ("3b", step_3b_the_leaders_ingest_is_aborted_mid_blob),
         ("4 and 5", step_4_a_corrupt_ingest_is_never_completed),
         ("6", step_6_a_late_puller_fetches_from_several_holders),
+        ("7", step_7_only_a_nodes_own_miss_leads),
     ];
     for (n, step) in steps {
         step(&mut cluster, &images, &link).with_context(|| format!("step {n}"))?;
@@ -85,8 +87,9 @@ fn images(cluster: &mut Cluster) -> Result<Images> {
     let killed = l.add_image("fan/killed", "v4", &[layer(96 * MIB, false)])?;
     let aborted = l.add_image("fan/aborted", "v6", &[layer(96 * MIB, false)])?;
     let corrupt = l.add_image("fan/corrupt", "v5", &[layer(8 * MIB, false)])?;
+    let phantom = l.add_image("fan/phantom", "v7", &[layer(8 * MIB, false)])?;
     l.finish()?;
-    for image in [&solo, &fan, &cri, &killed, &aborted, &corrupt] {
+    for image in [&solo, &fan, &cri, &killed, &aborted, &corrupt, &phantom] {
         cluster.upstream.push(&cluster.layout, image)?;
     }
     Ok(Images {
@@ -97,6 +100,7 @@ fn images(cluster: &mut Cluster) -> Result<Images> {
         killed,
         aborted,
         corrupt,
+        phantom,
     })
 }
 
@@ -466,6 +470,43 @@ fn step_6_a_late_puller_fetches_from_several_holders(
         rate.and_then(|v| v.parse::<u64>().ok()).is_some(),
         "n1 told no upload rate: {:?}",
         r.headers
+    );
+    Ok(())
+}
+
+/// 7. Only a node's own containerd may lead a fan-out: another host asking
+///    n7's registry port for a layer nobody holds does not make n7 its
+///    leader (n7's containerd fetches nothing), so n2's containerd, missing
+///    it next, leads it itself instead of being sent to follow n7.
+fn step_7_only_a_nodes_own_miss_leads(
+    c: &mut Cluster,
+    im: &Images,
+    _link: &UpstreamLink,
+) -> Result<()> {
+    let layer = im.phantom.biggest_layer().clone();
+    let (n2, n7, n8) = (&c.nodes[1], &c.nodes[6], &c.nodes[7]);
+    let path = format!(
+        "/v2/{}/blobs/{}?ns={}",
+        im.phantom.repo, layer.digest, im.upstream
+    );
+    // From n8's namespace to n7's address: a host other than n7.
+    let r = n8.host.ns.via().get(n7.registry_addr(), &path, &[])?;
+    ensure!(
+        r.status == 404,
+        "n7 answered {} for a layer nobody holds",
+        r.status
+    );
+    n2.ctr_pull(&im.up(&im.phantom))?;
+    n2.assert_has(&c.layout, &im.phantom)?;
+    let log = std::fs::read_to_string(&n2.pm().proc.log)?;
+    let sent: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&layer.digest) && l.contains("fan-out source cannot serve"))
+        .collect();
+    ensure!(
+        sent.is_empty(),
+        "n2 was sent to follow a node that fetched nothing:\n{}",
+        sent.join("\n")
     );
     Ok(())
 }

@@ -321,8 +321,9 @@ impl EventLoop {
             Command::Fanout {
                 digest,
                 failed,
+                asker,
                 reply,
-            } => self.ask_rendezvous(digest, failed, reply),
+            } => self.ask_rendezvous(digest, failed, asker, reply),
         }
     }
 
@@ -348,6 +349,7 @@ impl EventLoop {
         &mut self,
         digest: String,
         failed: Option<PeerId>,
+        asker: crate::Asker,
         reply: oneshot::Sender<Option<Fanout>>,
     ) {
         // Alone, there is nobody to follow and nobody to lead: no entry is
@@ -361,6 +363,7 @@ impl EventLoop {
             digest,
             failed: failed.map(|p| p.to_string()),
             done: false,
+            follow_only: asker == crate::Asker::Other,
         };
         let local = *self.swarm.local_peer_id();
         if rendezvous == local {
@@ -393,6 +396,7 @@ impl EventLoop {
                 digest: key.clone(),
                 failed: None,
                 done: true,
+                follow_only: false,
             };
             if rendezvous == local {
                 self.board.assign(local, &ask, Instant::now());

@@ -286,6 +286,7 @@ enum Command {
     Fanout {
         digest: String,
         failed: Option<PeerId>,
+        asker: super::Asker,
         reply: oneshot::Sender<Option<super::Fanout>>,
     },
 }
@@ -398,11 +399,13 @@ impl Router for P2pRouter {
         &self,
         digest: &peermirror_oci::Digest,
         failed: Option<PeerId>,
+        asker: super::Asker,
     ) -> Option<super::Fanout> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Fanout {
             digest: digest.to_string(),
             failed,
+            asker,
             reply,
         })
         .await
