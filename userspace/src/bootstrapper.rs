@@ -233,15 +233,20 @@ impl Table {
         let mut entries = self.entries();
         // The certificate's other entries: at its cap, the least recently
         // renewed one makes room.
-        let held: Vec<(PeerId, Instant)> = entries
+        let (mut held, mut oldest) = (0, None::<(PeerId, Instant)>);
+        for (id, e) in entries
             .iter()
             .filter(|(id, e)| **id != peer && e.identity == identity)
-            .map(|(id, e)| (*id, e.renewed))
-            .collect();
-        if held.len() >= self.per_identity
-            && let Some((oldest, _)) = held.iter().min_by_key(|(_, renewed)| *renewed)
         {
-            entries.remove(oldest);
+            held += 1;
+            if oldest.is_none_or(|(_, renewed)| e.renewed < renewed) {
+                oldest = Some((*id, e.renewed));
+            }
+        }
+        if held >= self.per_identity
+            && let Some((oldest, _)) = oldest
+        {
+            entries.remove(&oldest);
             self.counters.replaced_entries.inc();
             tracing::debug!(replaced = %oldest, by = %peer, "entry replaced by another of the same certificate");
         }
