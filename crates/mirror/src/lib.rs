@@ -409,6 +409,27 @@ impl Mirror {
         });
     }
 
+    /// A verified manifest from `peers`, in the journal.
+    fn record_manifest_hit(
+        &self,
+        key: String,
+        peers: &[Peer],
+        bytes: &Bytes,
+        resolve_time: Duration,
+        started: Instant,
+    ) {
+        self.journal.record(journal::Entry {
+            kind: "manifest",
+            key,
+            outcome: journal::Outcome::Hit,
+            peers,
+            bytes: bytes.len() as u64,
+            resolve: Some(resolve_time),
+            duration: started.elapsed(),
+            verified: Some(true),
+        });
+    }
+
     /// The client TLS configuration for the next connection (it follows
     /// certificate rotations).
     pub(crate) fn client_tls(&self) -> Option<Arc<rustls::ClientConfig>> {
@@ -737,16 +758,13 @@ impl Mirror {
                     tracing::debug!(peer = %peer.addr, "peer sent a document that is no manifest");
                     continue;
                 };
-                self.journal.record(journal::Entry {
-                    kind: "manifest",
-                    key: key.clone(),
-                    outcome: journal::Outcome::Hit,
-                    peers: std::slice::from_ref(&peer),
-                    bytes: bytes.len() as u64,
-                    resolve: Some(resolve_time),
-                    duration: started.elapsed(),
-                    verified: Some(true),
-                });
+                self.record_manifest_hit(
+                    key.clone(),
+                    std::slice::from_ref(&peer),
+                    &bytes,
+                    resolve_time,
+                    started,
+                );
                 return Ok(MirroredManifest {
                     peer,
                     descriptor: Descriptor {

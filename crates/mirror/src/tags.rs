@@ -140,16 +140,7 @@ impl Mirror {
             }
             if let Some(digest) = votes.settled(needed) {
                 let (peer, descriptor, bytes) = votes.manifests.remove(&digest).expect("voted");
-                self.journal.record(journal::Entry {
-                    kind: "manifest",
-                    key,
-                    outcome: journal::Outcome::Hit,
-                    peers: &votes.peers,
-                    bytes: bytes.len() as u64,
-                    resolve: Some(resolve_time),
-                    duration: started.elapsed(),
-                    verified: Some(true),
-                });
+                self.record_manifest_hit(key, &votes.peers, &bytes, resolve_time, started);
                 return Ok(MirroredManifest {
                     peer,
                     descriptor,

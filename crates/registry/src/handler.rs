@@ -865,6 +865,19 @@ mod tests {
         }
     }
 
+    impl Fixture {
+        /// A handler over the fixture's store that mirrors through `mirror`.
+        fn handler_with(&self, mirror: Arc<Mirror>) -> Handler {
+            let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+            Handler::new(
+                self.store.clone(),
+                Some(mirror),
+                HandlerConfig::default(),
+                metrics,
+            )
+        }
+    }
+
     fn get(target: &str) -> RequestHead {
         RequestHead {
             method: Method::Get,
@@ -961,13 +974,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
-        let handler = Handler::new(
-            f.store.clone(),
-            Some(mirror),
-            HandlerConfig::default(),
-            metrics,
-        );
+        let handler = f.handler_with(mirror);
         let by_tag = "/v2/app/manifests/1?ns=docker.io";
         // The node's containerd: a miss although the tag is here ...
         let r = handler.handle(&get(by_tag)).await;
@@ -988,14 +995,7 @@ mod tests {
     async fn only_the_nodes_own_misses_may_lead_a_fan_out() {
         let f = fixture().await;
         let router = peermirror_routing::MemoryRouter::new();
-        let mirror = Mirror::new(router.clone(), Default::default());
-        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
-        let handler = Handler::new(
-            f.store.clone(),
-            Some(mirror),
-            HandlerConfig::default(),
-            metrics,
-        );
+        let handler = f.handler_with(Mirror::new(router.clone(), Default::default()));
         let missing = format!(
             "/v2/app/blobs/{}?ns=docker.io",
             Digest::of(b"nobody has it")

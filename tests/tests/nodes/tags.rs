@@ -85,35 +85,35 @@ fn a_keyed_peer_cannot_decide_what_a_tag_means() -> Result<()> {
     // Its image's three digests, its tag and app's.
     b.wait_announced(5, ANNOUNCED)?;
 
+    // A pull of app's tag on `node` resolves at the registry, and `node`
+    // counts why its peers' answer was not taken.
+    let resolves_at_the_registry = |node: &ClusterNode, reason: &str| -> Result<()> {
+        node.cri_pull(&app_ref)
+            .with_context(|| format!("{}: pulling app", node.name))?;
+        let got = node.image_digest(&app_ref)?;
+        ensure!(
+            got == app.root.digest,
+            "{} resolved {app_ref} to {got} (b's image is {forged_digest}), not the registry's {}",
+            node.name,
+            app.root.digest
+        );
+        ensure!(
+            not_agreed(node, reason) >= 1.0,
+            "{} did not count a tag not agreed on ({reason}); single host: {}, disagreement: {}",
+            node.name,
+            not_agreed(node, "single_host"),
+            not_agreed(node, "disagreement")
+        );
+        Ok(())
+    };
+
     // 2. b is the only holder: a does not take its word for the tag.
     let a = cluster.node("a");
-    a.cri_pull(&app_ref).context("a: pulling app")?;
-    let got = a.image_digest(&app_ref)?;
-    ensure!(
-        got == app.root.digest,
-        "a resolved {app_ref} to {got} (b's image is {forged_digest}), not the registry's {}",
-        app.root.digest
-    );
-    ensure!(
-        not_agreed(a, "single_host") >= 1.0,
-        "a did not count the tag that only b held"
-    );
+    resolves_at_the_registry(a, "single_host")?;
     a.wait_announced(4, ANNOUNCED)?;
 
     // 3. a and b disagree: c resolves at the registry.
-    let c = cluster.node("c");
-    c.cri_pull(&app_ref).context("c: pulling app")?;
-    let got = c.image_digest(&app_ref)?;
-    ensure!(
-        got == app.root.digest,
-        "c resolved {app_ref} to {got}, not the registry's {}",
-        app.root.digest
-    );
-    ensure!(
-        not_agreed(c, "disagreement") >= 1.0,
-        "c did not count the disagreement (single host: {})",
-        not_agreed(c, "single_host")
-    );
+    resolves_at_the_registry(cluster.node("c"), "disagreement")?;
 
     // 4. A tag that two hosts agree on comes from them: a and c pull it
     // from the registry, which then stops; d pulls it by tag.
