@@ -56,6 +56,9 @@ pub struct ClusterNode {
     pub dataplane: DataplaneSlot,
     spec: NodeSpec,
     bootstrap: Option<String>,
+    /// Where the next start's registry port listens, when not on every
+    /// address at [`REGISTRY_PORT`].
+    registry_bind: Option<SocketAddr>,
 }
 
 impl ClusterNode {
@@ -105,7 +108,9 @@ impl ClusterNode {
             PeermirrorOptions {
                 netns: Some(&self.host.ns),
                 // Both families, as the default `:5000` does.
-                registry: SocketAddr::from(([0u16; 8], REGISTRY_PORT)),
+                registry: self
+                    .registry_bind
+                    .unwrap_or(SocketAddr::from(([0u16; 8], REGISTRY_PORT))),
                 metrics: any(METRICS_PORT),
                 router: any(ROUTER_PORT),
                 extra: &extra_refs,
@@ -116,6 +121,12 @@ impl ClusterNode {
         pm.metrics = SocketAddr::from((self.host.ip, METRICS_PORT));
         self.peermirror = Some(pm);
         Ok(())
+    }
+
+    /// Where the next start's registry port listens (`None`: every
+    /// address, [`REGISTRY_PORT`]).
+    pub fn set_registry_bind(&mut self, addr: Option<SocketAddr>) {
+        self.registry_bind = addr;
     }
 
     /// The bootstrap peer the next start dials (`None`: none).
@@ -313,6 +324,7 @@ impl Cluster {
                 dataplane: DataplaneSlot::new()?,
                 spec: spec.clone(),
                 bootstrap,
+                registry_bind: None,
             };
             node.start_peermirror()?;
             nodes.push(node);

@@ -9,6 +9,7 @@ pub mod fanout;
 pub mod http;
 pub mod image;
 pub mod k3s;
+pub mod liar;
 pub mod manifests;
 pub mod netns;
 pub mod pki;

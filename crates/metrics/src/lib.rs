@@ -65,6 +65,15 @@ pub struct TagLabels {
     pub reason: &'static str,
 }
 
+/// What became of a holder that sent part of a blob that did not match
+/// its digest.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CorruptHolderLabels {
+    /// `liar` (it sent wrong bytes: avoided for that blob) or `cleared` (an
+    /// audit showed its bytes were right).
+    pub verdict: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MirrorLabels {
     /// The registry of the request (`ns`), or `unknown`.
@@ -216,6 +225,7 @@ pub struct Metrics {
     pub uring_idle_pipes: Gauge,
     pub upload_rejections: Counter,
     pub tags_not_agreed: Family<TagLabels, Counter>,
+    pub corrupt_holders: Family<CorruptHolderLabels, Counter>,
     pub tls_handshake_failures: Counter,
     pub dataplane_active: Family<DataplaneLabels, Gauge>,
     spegel: Option<SpegelMetrics>,
@@ -247,6 +257,7 @@ impl Metrics {
             uring_idle_pipes: Gauge::default(),
             upload_rejections: Counter::default(),
             tags_not_agreed: Family::default(),
+            corrupt_holders: Family::default(),
             tls_handshake_failures: Counter::default(),
             dataplane_active: Family::default(),
             spegel,
@@ -311,6 +322,11 @@ impl Metrics {
             "mirror_tags_not_agreed",
             "Tags that peers hold, answered as misses because too few hosts agreed on their digest",
             metrics.tags_not_agreed.clone(),
+        );
+        r.register(
+            "mirror_corrupt_holders",
+            "Holders that sent part of a blob that did not match its digest: liar (sent wrong bytes, avoided for that blob) or cleared (an audit showed their bytes right)",
+            metrics.corrupt_holders.clone(),
         );
         r.register(
             "tls_handshake_failures",

@@ -21,6 +21,7 @@
 //! - A tag, which no digest checks, is answered only when two hosts agree on
 //!   it (see `tags`).
 
+mod blame;
 mod client;
 pub mod journal;
 pub mod measure;
@@ -235,6 +236,11 @@ impl BadPeers {
             .is_some_and(|at| at.elapsed() < ttl)
     }
 
+    fn forget(&self, digest: &Digest, peer: &PeerId) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.remove(&(*digest, *peer));
+    }
+
     fn mark(&self, digest: &Digest, peer: &PeerId, ttl: Duration) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if entries.len() >= MAX_BAD_ENTRIES {
@@ -251,6 +257,7 @@ pub struct Mirror {
     router: Arc<dyn Router>,
     config: MirrorConfig,
     bad: BadPeers,
+    audits: blame::Audits,
     /// When set, peers are reached over mTLS with this node's certificate.
     tls: Option<Arc<TlsState>>,
     journal: journal::Journal,
@@ -373,10 +380,22 @@ impl Mirror {
             router,
             config,
             bad: BadPeers::default(),
+            audits: blame::Audits::default(),
             tls,
             journal: journal::Journal::default(),
             stopped: Mutex::default(),
         })
+    }
+
+    /// Counts, in `counter`, the holders of corrupt copies by verdict.
+    pub fn count_corrupt_holders(
+        &self,
+        counter: prometheus_client::metrics::family::Family<
+            peermirror_metrics::CorruptHolderLabels,
+            prometheus_client::metrics::counter::Counter,
+        >,
+    ) {
+        let _ = self.audits.counter.set(counter);
     }
 
     /// How tags are answered through peers.
@@ -900,6 +919,11 @@ impl Mirror {
 
     pub(crate) fn mark_bad(&self, digest: &Digest, peer: &Peer) {
         self.bad.mark(digest, &peer.id, self.config.bad_peer_ttl);
+    }
+
+    /// An audit showed that `peer` sent only right bytes of `digest`.
+    pub(crate) fn trust_again(&self, digest: &Digest, peer: &Peer) {
+        self.bad.forget(digest, &peer.id);
     }
 }
 

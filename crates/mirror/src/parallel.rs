@@ -36,7 +36,7 @@ use tokio::task::{AbortHandle, JoinSet};
 
 use super::client::{Connection, Timeouts};
 use super::journal::Outcome;
-use super::transfer::{Delivery, Transfer, TransferError};
+use super::transfer::{Delivery, Transfer, TransferError, sender};
 use super::{content_range, header};
 use peermirror_oci::{ByteRange, ContentRange, UPLOAD_RATE_HEADER};
 use peermirror_protocol::segments::{Delivered, Schedule, Standing};
@@ -248,8 +248,9 @@ struct Fetch {
     slots: Vec<Slot>,
     tasks: JoinSet<()>,
     events: mpsc::Sender<Event>,
-    /// Bytes received ahead of the next byte to send, by offset.
-    ready: BTreeMap<u64, Bytes>,
+    /// Bytes received ahead of the next byte to send, by offset, with
+    /// their sender (see [`sender`]).
+    ready: BTreeMap<u64, (Bytes, usize)>,
     /// Workers that may still be started (bounds the holders tried).
     spawns_left: usize,
 }
@@ -398,10 +399,12 @@ impl Transfer {
                             continue;
                         }
                     }
-                    fetch.ready.insert(offset, bytes);
-                    while let Some(bytes) = fetch.ready.remove(&self.pos) {
+                    fetch
+                        .ready
+                        .insert(offset, (bytes, sender(contributors, peer)));
+                    while let Some((bytes, from)) = fetch.ready.remove(&self.pos) {
                         self.pos += bytes.len() as u64;
-                        if delivery.push(bytes).await.is_err() {
+                        if delivery.push(bytes, from).await.is_err() {
                             return Outcome::Abandoned;
                         }
                     }

@@ -17,8 +17,8 @@ use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
 use super::journal::Outcome;
-use super::{Candidates, Mirror, client, content_range};
-use peermirror_oci::{ByteRange, ContentRange, Digest, Hasher};
+use super::{Candidates, Mirror, blame, client, content_range};
+use peermirror_oci::{ByteRange, ContentRange, Digest};
 use peermirror_protocol::source::{Received, SourceRules, SourceWatch};
 use peermirror_routing::Peer;
 
@@ -69,44 +69,6 @@ pub(super) struct Transfer {
     pub asker: peermirror_routing::Asker,
 }
 
-/// Chunks queued for the hashing thread (each at most the client's read
-/// buffer, 512 KiB): bounds what a relay holds while the hash catches up.
-const HASH_QUEUE: usize = 8;
-
-/// Hashes a relayed blob on a blocking thread, beside the network I/O: the
-/// chunks are shared with the client's stream (`Bytes`), never copied, and
-/// the relay waits for the hash only for the last chunk it holds back.
-struct HashWorker {
-    chunks: mpsc::Sender<Bytes>,
-    digest: tokio::sync::oneshot::Receiver<Digest>,
-}
-
-impl HashWorker {
-    fn start() -> HashWorker {
-        let (chunks, mut rx) = mpsc::channel::<Bytes>(HASH_QUEUE);
-        let (tx, digest) = tokio::sync::oneshot::channel();
-        tokio::task::spawn_blocking(move || {
-            let mut hasher = Hasher::new();
-            while let Some(chunk) = rx.blocking_recv() {
-                hasher.update(&chunk);
-            }
-            let _ = tx.send(hasher.finish());
-        });
-        HashWorker { chunks, digest }
-    }
-
-    async fn update(&mut self, chunk: Bytes) {
-        // The thread only stops when the sender is dropped.
-        let _ = self.chunks.send(chunk).await;
-    }
-
-    /// The digest of every chunk given; `None` if the thread was lost.
-    async fn finish(self) -> Option<Digest> {
-        drop(self.chunks);
-        self.digest.await.ok()
-    }
-}
-
 /// Chunks buffered between the peer and the client.
 const CHANNEL_CHUNKS: usize = 8;
 
@@ -129,7 +91,7 @@ enum Next {
 /// the digest is confirmed.
 pub(super) struct Delivery {
     tx: mpsc::Sender<Result<Bytes, TransferError>>,
-    hasher: Option<HashWorker>,
+    hasher: Option<blame::HashWorker>,
     held: Option<Bytes>,
 }
 
@@ -140,16 +102,17 @@ impl Delivery {
     fn new(tx: mpsc::Sender<Result<Bytes, TransferError>>, verify: bool) -> Delivery {
         Delivery {
             tx,
-            hasher: verify.then(HashWorker::start),
+            hasher: verify.then(blame::HashWorker::start),
             held: None,
         }
     }
 
-    /// Hands on the next bytes of the body.
-    pub(super) async fn push(&mut self, data: Bytes) -> Result<(), ClientGone> {
+    /// Hands on the next bytes of the body, sent by `sender` (see
+    /// [`sender`]).
+    pub(super) async fn push(&mut self, data: Bytes, sender: usize) -> Result<(), ClientGone> {
         let to_send = match &mut self.hasher {
             Some(h) => {
-                h.update(data.clone()).await;
+                h.update(data.clone(), sender).await;
                 self.held.replace(data)
             }
             None => Some(data),
@@ -169,6 +132,16 @@ impl Delivery {
     pub(super) async fn closed(&self) {
         self.tx.closed().await
     }
+}
+
+/// Who sent bytes, as the hashing of spans knows them: the place of the
+/// first of `contributors` that is `peer` (a peer resumed from twice is one
+/// sender).
+pub(super) fn sender(contributors: &[Peer], peer: &Peer) -> usize {
+    contributors
+        .iter()
+        .position(|p| p.id == peer.id)
+        .unwrap_or(contributors.len())
 }
 
 impl Transfer {
@@ -260,7 +233,8 @@ impl Transfer {
                         continue;
                     }
                     self.pos += data.len() as u64;
-                    if delivery.push(data).await.is_err() {
+                    let from = sender(contributors, &self.peer);
+                    if delivery.push(data, from).await.is_err() {
                         return Outcome::Abandoned;
                     }
                     // Too slow while someone else may be faster: switch.
@@ -305,16 +279,33 @@ impl Transfer {
         contributors: &[Peer],
     ) -> Outcome {
         if let Some(h) = delivery.hasher.take() {
-            let Some(actual) = h.finish().await else {
+            let Some(hashed) = h.finish().await else {
                 tracing::error!(digest = %self.digest, "the hashing thread was lost; withholding the end of the body");
                 delivery.fail(self.exhausted()).await;
                 return Outcome::Failed;
             };
+            let actual = hashed.digest;
             if actual != self.digest {
                 tracing::warn!(digest = %self.digest, %actual, peers = ?contributors.iter().map(|p| p.addr).collect::<Vec<_>>(), "corrupt blob from peer; withholding the end of the body");
-                for p in contributors {
-                    self.mirror.mark_bad(&self.digest, p);
+                // Each holder once; spans name them by their place in it.
+                let mut holders: Vec<Peer> = Vec::new();
+                for p in contributors.iter() {
+                    if !holders.iter().any(|h| h.id == p.id) {
+                        holders.push(p.clone());
+                    }
                 }
+                let mut spans = hashed.spans;
+                for span in &mut spans {
+                    let id = contributors[span.sender].id;
+                    span.sender = holders.iter().position(|h| h.id == id).unwrap_or(0);
+                }
+                blame::corrupt_transfer(
+                    &self.mirror,
+                    self.digest,
+                    self.path.clone(),
+                    holders,
+                    spans,
+                );
                 delivery
                     .fail(TransferError::DigestMismatch {
                         digest: self.digest,

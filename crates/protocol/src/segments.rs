@@ -96,9 +96,16 @@ impl Holder {
         self.standing == Standing::Working
     }
 
-    /// What the holder uploads to hosts other than this one.
-    fn load_from_others(&self) -> u64 {
-        self.upload_rate.unwrap_or(0).saturating_sub(self.our_rate)
+    /// What the holder uploads to hosts other than this one, when its claim
+    /// can be believed: this node has measured the holder's own speed (one
+    /// finished segment), and the holder claims at least half of it (its
+    /// upload includes what it sends here). A holder that says it uploads
+    /// nothing while it sends bytes here is not believed, so it cannot make
+    /// the others look busy and draw every segment to itself.
+    fn load_from_others(&self) -> Option<u64> {
+        let claim = self.upload_rate?;
+        (self.our_rate > 0 && claim >= self.our_rate / 2)
+            .then(|| claim.saturating_sub(self.our_rate))
     }
 }
 
@@ -297,15 +304,18 @@ impl Schedule {
     }
 
     /// Whether holder `i` uploads much more to other hosts than another
-    /// holder working on this blob.
+    /// holder working on this blob (claims that cannot be believed count
+    /// for neither side).
     fn busy(&self, i: usize) -> bool {
-        let load = self.holders[i].load_from_others();
+        let Some(load) = self.holders[i].load_from_others() else {
+            return false;
+        };
         let least = self
             .holders
             .iter()
             .enumerate()
             .filter(|(j, h)| *j != i && h.working())
-            .map(|(_, h)| h.load_from_others())
+            .filter_map(|(_, h)| h.load_from_others())
             .min();
         match least {
             Some(least) => load > BUSY_FLOOR && load > least.saturating_mul(2),
@@ -396,15 +406,46 @@ mod tests {
         let mut s = Schedule::new(0..8 * SEGMENT, 8 * SEGMENT);
         let (a, b) = (s.add(None, t0), s.add(None, t0));
         s.upload_rate(a, Some(10 * BUSY_FLOOR));
-        s.upload_rate(b, Some(0));
+        // b sends a segment a second, and says so: it uploads to nobody else.
+        s.upload_rate(b, Some(SEGMENT));
         assert_eq!(s.assign(0, t0).len(), 2);
+        s.delivered(b, SEGMENT, SEGMENT);
+        assert!(!s.segment_done(b, t0 + Duration::from_secs(1)));
         s.delivered(a, 0, SEGMENT);
         assert!(s.segment_done(a, t0 + Duration::from_secs(1)), "a is busy");
         assert_eq!(s.holder(a).standing, Standing::Retired);
-        assert!(s.assign(0, t0).is_empty(), "a retired takes nothing more");
+        assert!(
+            s.assign(0, t0).iter().all(|(i, _)| *i != a),
+            "a retired takes nothing more"
+        );
         s.stop(b);
         assert_eq!(s.take_back_retired(), Some(a));
         assert_eq!(s.take_back_retired(), None);
+    }
+
+    #[test]
+    fn a_claim_of_no_upload_that_contradicts_what_arrives_is_not_believed() {
+        let t0 = Instant::now();
+        let second = t0 + Duration::from_secs(1);
+        let busy_and_liar = |liar_claim: u64, liar_delivers: bool| {
+            let mut s = Schedule::new(0..8 * SEGMENT, 8 * SEGMENT);
+            let (a, b) = (s.add(None, t0), s.add(None, t0));
+            s.upload_rate(a, Some(10 * BUSY_FLOOR));
+            s.upload_rate(b, Some(liar_claim));
+            s.assign(0, t0);
+            if liar_delivers {
+                s.delivered(b, SEGMENT, SEGMENT);
+                s.segment_done(b, second);
+            }
+            s.delivered(a, 0, SEGMENT);
+            s.segment_done(a, second)
+        };
+        // b sends a segment a second but says it uploads nothing.
+        assert!(!busy_and_liar(0, true), "b's claim was believed");
+        // Nothing measured of b yet: its claim is no reference either.
+        assert!(!busy_and_liar(0, false), "an unmeasured claim was believed");
+        // The same claim that covers what b sends here is believed.
+        assert!(busy_and_liar(SEGMENT, true));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! ([`peermirror_tests::turn`]).
 
 mod airgap;
+mod blame;
 mod bootstrap;
 mod cluster;
 mod daemonset;
