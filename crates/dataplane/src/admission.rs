@@ -13,6 +13,13 @@
 //!   fetching from us keeps its admission through that).
 //! - This node's own interface addresses are admitted as they change.
 //!
+//! - Admissions are bounded: at most [`MAX_ADDRESSES_PER_PEER`] per peer (a
+//!   peer cycling source addresses, as a host with an IPv6 /64 can, replaces
+//!   its oldest), and at most [`MAX_ADMITTED`] in all, below what the
+//!   kernel's map holds. When full, the oldest address of a disconnected
+//!   peer goes first, then the oldest of the peer with the most addresses:
+//!   a flood of addresses never keeps a new peer out.
+//!
 //! Events and the periodic upkeep are handled by one task, in order, so a
 //! revocation can never undo an admission made after it was decided.
 
@@ -29,6 +36,12 @@ use tokio_util::sync::CancellationToken;
 use super::{Dataplane, DataplaneError};
 use peermirror_metrics::{BoundaryDrops, PeerTraffic, TrafficSource};
 use peermirror_routing::p2p::PeerEvent;
+
+/// Most addresses admitted for one peer at once.
+pub const MAX_ADDRESSES_PER_PEER: usize = 8;
+/// Most peer addresses admitted at once: the kernel's map (`pm_admitted`)
+/// holds 16,384, and this node's own addresses are kept there too.
+pub const MAX_ADMITTED: usize = 16_384 - 1_024;
 
 /// How often own addresses and expired admissions are looked at.
 const UPKEEP: Duration = Duration::from_secs(5);
@@ -90,20 +103,101 @@ struct State {
     peers: HashMap<PeerId, BTreeSet<IpAddr>>,
     /// Addresses whose last peer disconnected, and since when.
     disconnected: HashMap<IpAddr, Instant>,
+    /// Every admitted peer address (of both maps above), and when it was
+    /// last admitted: what is evicted first.
+    since: HashMap<IpAddr, Instant>,
     own: HashSet<IpAddr>,
+}
+
+impl State {
+    fn used_by_another(&self, ip: &IpAddr, peer: &PeerId) -> bool {
+        self.peers
+            .iter()
+            .any(|(other, ips)| other != peer && ips.contains(ip))
+    }
+
+    fn oldest<'a>(&self, ips: impl Iterator<Item = &'a IpAddr>) -> Option<IpAddr> {
+        ips.min_by_key(|ip| self.since.get(ip).copied()).copied()
+    }
+
+    /// Takes `ip` from `peer`; `Some(ip)` when no peer holds it any more
+    /// (then it is to be revoked).
+    fn take_from(&mut self, peer: &PeerId, ip: IpAddr) -> Option<IpAddr> {
+        if let Some(ips) = self.peers.get_mut(peer) {
+            ips.remove(&ip);
+        }
+        if self.used_by_another(&ip, peer) {
+            return None;
+        }
+        self.since.remove(&ip);
+        Some(ip)
+    }
+
+    /// Makes room for one more address when all are taken: the oldest
+    /// address of a disconnected peer, else the oldest of the peer with
+    /// the most addresses, never `keep` (the one just admitted). The
+    /// address to revoke (`None` when it is still another peer's); `Err`
+    /// when nothing can go.
+    fn evict_one(&mut self, keep: IpAddr) -> Result<Option<IpAddr>, ()> {
+        if let Some(ip) = self.oldest(self.disconnected.keys()) {
+            self.disconnected.remove(&ip);
+            self.since.remove(&ip);
+            return Ok(Some(ip));
+        }
+        let (peer, ips) = self
+            .peers
+            .iter()
+            .filter(|(_, ips)| ips.iter().any(|ip| *ip != keep))
+            .max_by_key(|(_, ips)| ips.len())
+            .ok_or(())?;
+        let peer = *peer;
+        let ip = self
+            .oldest(ips.iter().filter(|ip| **ip != keep))
+            .ok_or(())?;
+        Ok(self.take_from(&peer, ip))
+    }
+}
+
+/// How many addresses the policy admits (see [`MAX_ADMITTED`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub per_peer: usize,
+    pub total: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            per_peer: MAX_ADDRESSES_PER_PEER,
+            total: MAX_ADMITTED,
+        }
+    }
 }
 
 pub struct Admission {
     boundary: Arc<dyn Boundary>,
     ttl: Duration,
+    limits: Limits,
     state: Mutex<State>,
 }
 
 impl Admission {
     pub fn new(boundary: Arc<dyn Boundary>, ttl: Duration) -> Arc<Admission> {
+        Self::with_limits(boundary, ttl, Limits::default())
+    }
+
+    pub fn with_limits(
+        boundary: Arc<dyn Boundary>,
+        ttl: Duration,
+        limits: Limits,
+    ) -> Arc<Admission> {
         Arc::new(Admission {
             boundary,
             ttl,
+            limits: Limits {
+                per_peer: limits.per_peer.max(1),
+                total: limits.total.max(1),
+            },
             state: Mutex::default(),
         })
     }
@@ -135,10 +229,33 @@ impl Admission {
         let mut state = self.lock();
         match event {
             PeerEvent::Connected { peer, ip } => {
-                state.peers.entry(peer).or_default().insert(ip);
+                let fresh = state.peers.entry(peer).or_default().insert(ip);
                 state.disconnected.remove(&ip);
+                state.since.insert(ip, Instant::now());
+                let mut revoke = Vec::new();
+                let held = state.peers.get(&peer).map_or(0, BTreeSet::len);
+                if fresh && held > self.limits.per_peer {
+                    let others = state.peers[&peer].iter().filter(|i| **i != ip);
+                    if let Some(oldest) = state.oldest(others) {
+                        revoke.extend(state.take_from(&peer, oldest));
+                    }
+                }
+                while state.since.len() > self.limits.total {
+                    match state.evict_one(ip) {
+                        Ok(evicted) => revoke.extend(evicted),
+                        Err(()) => break,
+                    }
+                }
                 drop(state);
+                if !revoke.is_empty() {
+                    tracing::debug!(%peer, ?revoke, "admissions full: revoking the oldest addresses");
+                }
                 self.admit(&[ip]);
+                for ip in revoke {
+                    if let Err(e) = self.boundary.revoke(ip) {
+                        tracing::warn!(%ip, error = %e, "cannot revoke an admission");
+                    }
+                }
             }
             PeerEvent::Disconnected { peer } => {
                 let Some(admitted) = state.peers.remove(&peer) else {
@@ -175,6 +292,7 @@ impl Admission {
                 .collect();
             for ip in &expired {
                 state.disconnected.remove(ip);
+                state.since.remove(ip);
             }
             // Admissions the policy does not know of (left by an earlier
             // run, or by anyone else writing the map) expire by their
@@ -439,6 +557,82 @@ mod tests {
         r.stale.lock().expect("lock").insert(ip("10.9.9.9"));
         adm.upkeep(HashSet::new());
         assert_eq!(admitted(&r), [ip("10.0.0.1"), ip("10.8.8.8")].into());
+    }
+
+    fn v6(i: u32) -> IpAddr {
+        IpAddr::V6(std::net::Ipv6Addr::new(
+            0xfd00,
+            0,
+            0,
+            0,
+            0,
+            0,
+            (i >> 16) as u16,
+            i as u16,
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_cycling_source_addresses_keeps_only_its_newest() {
+        let (r, adm) = setup();
+        let (honest, keyed) = (PeerId::random(), PeerId::random());
+        adm.handle(PeerEvent::Connected {
+            peer: honest,
+            ip: ip("10.0.0.1"),
+        });
+        for i in 0..10_000 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            adm.handle(PeerEvent::Connected {
+                peer: keyed,
+                ip: v6(i),
+            });
+        }
+        let newest: BTreeSet<IpAddr> = (10_000 - MAX_ADDRESSES_PER_PEER as u32..10_000)
+            .map(v6)
+            .chain([ip("10.0.0.1")])
+            .collect();
+        assert_eq!(admitted(&r), newest);
+        assert_eq!(adm.admitted()[&keyed].len(), MAX_ADDRESSES_PER_PEER);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_full_the_disconnected_go_first_then_the_peer_with_the_most() {
+        let recorded = Arc::new(Recorded::default());
+        let limits = Limits {
+            per_peer: 4,
+            total: 6,
+        };
+        let adm = Admission::with_limits(recorded.clone(), Duration::from_secs(600), limits);
+        let r = &recorded;
+        let (gone, many, one, new) = (
+            PeerId::random(),
+            PeerId::random(),
+            PeerId::random(),
+            PeerId::random(),
+        );
+        let connect = |peer, i| {
+            adm.handle(PeerEvent::Connected { peer, ip: v6(i) });
+        };
+        connect(gone, 1);
+        adm.handle(PeerEvent::Disconnected { peer: gone });
+        tokio::time::advance(Duration::from_secs(1)).await;
+        connect(one, 2);
+        for i in 10..14 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            connect(many, i);
+        }
+        assert_eq!(admitted(r).len(), 6);
+        // Full: a new peer's address replaces the disconnected one...
+        connect(new, 20);
+        assert!(!admitted(r).contains(&v6(1)));
+        assert!(admitted(r).contains(&v6(20)));
+        // ... then the oldest of the peer with the most addresses.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        connect(new, 21);
+        assert_eq!(
+            admitted(r),
+            [v6(2), v6(11), v6(12), v6(13), v6(20), v6(21)].into()
+        );
     }
 
     #[test]
