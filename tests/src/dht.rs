@@ -295,3 +295,22 @@ impl SchedulingProbe {
         late
     }
 }
+
+/// The transport of a peermirror node, for test clients that speak P2P
+/// themselves: TCP, the preshared key, noise, yamux.
+pub fn keyed_transport(
+    key: &Keypair,
+    psk: [u8; 32],
+) -> Result<libp2p::core::transport::Boxed<(libp2p::PeerId, libp2p::core::muxing::StreamMuxerBox)>>
+{
+    use libp2p::core::transport::Transport;
+    let psk = PreSharedKey::new(psk);
+    Ok(
+        libp2p::tcp::tokio::Transport::new(libp2p::tcp::Config::default())
+            .and_then(move |socket, _| libp2p::pnet::PnetConfig::new(psk).handshake(socket))
+            .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+            .authenticate(libp2p::noise::Config::new(key)?)
+            .multiplex(libp2p::yamux::Config::default())
+            .boxed(),
+    )
+}

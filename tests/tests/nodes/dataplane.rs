@@ -152,6 +152,135 @@ fn in_netns<T: Send + 'static>(
     .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
 }
 
+/// Connects to `target` as one keyed peer (`key`) from each of `sources`
+/// in turn (the route to the target names the source), keeping the first
+/// connection and the two newest open, as a host cycling the addresses of
+/// its IPv6 prefix would. Runs inside the caller's namespace; the number
+/// of connections established.
+fn cycle_sources(
+    key: libp2p::identity::Keypair,
+    target: libp2p::Multiaddr,
+    target_ip: Ipv6Addr,
+    sources: Vec<Ipv6Addr>,
+) -> Result<usize> {
+    use futures::StreamExt;
+    use libp2p::swarm::SwarmEvent;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut anchor = None;
+        let mut newest = std::collections::VecDeque::new();
+        let mut established = 0;
+        for source in sources {
+            run(Command::new("ip").args([
+                "-6",
+                "route",
+                "replace",
+                &format!("{target_ip}/128"),
+                "dev",
+                "eth0",
+                "src",
+                &source.to_string(),
+            ]))?;
+            let mut swarm = libp2p::Swarm::new(
+                peermirror_tests::dht::keyed_transport(&key, KEY)?,
+                libp2p::swarm::dummy::Behaviour,
+                key.public().to_peer_id(),
+                libp2p::swarm::Config::with_tokio_executor()
+                    .with_idle_connection_timeout(Duration::from_secs(120)),
+            );
+            swarm.dial(target.clone())?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let task = tokio::spawn(async move {
+                let mut tx = Some(tx);
+                loop {
+                    match swarm.select_next_some().await {
+                        SwarmEvent::ConnectionEstablished { .. } => {
+                            if let Some(tx) = tx.take() {
+                                let _ = tx.send(Ok(()));
+                            }
+                        }
+                        SwarmEvent::OutgoingConnectionError { error, .. } => {
+                            if let Some(tx) = tx.take() {
+                                let _ = tx.send(Err(error.to_string()));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            });
+            match tokio::time::timeout(Duration::from_secs(10), rx).await {
+                Ok(Ok(Ok(()))) => established += 1,
+                other => anyhow::bail!("connecting from {source}: {other:?}"),
+            }
+            if anchor.is_none() {
+                anchor = Some(task);
+                continue;
+            }
+            newest.push_back(task);
+            if newest.len() > 2
+                && let Some(old) = newest.pop_front()
+            {
+                old.abort();
+            }
+        }
+        // A moment for the node to see the last one before all close.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(established)
+    })
+}
+
+/// A keyed host that connects from one address after another (a /64 holds
+/// plenty) is admitted on its newest eight only: the kernel's map cannot be
+/// filled that way, so new peers are always admitted.
+#[test]
+fn a_keyed_peer_cycling_source_addresses_is_admitted_on_its_newest_few() -> Result<()> {
+    let _turn = peermirror_tests::turn::take(module_path!());
+    let mut cluster = Cluster::start(&[spec("a", KEY, &["--admission-ttl", "60s"])])?;
+    let cycler = cluster.network.add_host(60)?;
+    cluster.wait_ready(&["a"], Duration::from_secs(60))?;
+    let a = cluster.node("a");
+    let a_ip: Ipv6Addr = "fd89::1".parse()?;
+    a.host
+        .ns
+        .ip(&["-6", "addr", "add", "fd89::1/64", "dev", "eth0", "nodad"])?;
+    let sources: Vec<Ipv6Addr> = (0..12u16)
+        .map(|i| Ipv6Addr::new(0xfd89, 0, 0, 0, 0, 0, 1, i))
+        .collect();
+    for s in &sources {
+        cycler.ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{s}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+    }
+    let a_id = a.pm().peer_id()?;
+    let target: libp2p::Multiaddr = format!("/ip6/{a_ip}/tcp/{ROUTER_PORT}/p2p/{a_id}").parse()?;
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let all = sources.clone();
+    let established = in_netns(&cycler.ns, move || cycle_sources(key, target, a_ip, all))?;
+    ensure!(established == sources.len(), "{established} connections");
+    let key_of =
+        |ip: &Ipv6Addr| -> Vec<u64> { ip.octets().iter().map(|b| u64::from(*b)).collect() };
+    let admitted = admitted(&a.dataplane.bpffs)?;
+    let of_cycler: Vec<Ipv6Addr> = sources
+        .iter()
+        .filter(|s| admitted.contains(&key_of(s)))
+        .copied()
+        .collect();
+    ensure!(
+        of_cycler == sources[sources.len() - 8..],
+        "admitted of the cycling peer's {} addresses: {of_cycler:?}",
+        sources.len()
+    );
+    Ok(())
+}
+
 /// An IPv6 extension header of 8 bytes holding only padding (PadN); the
 /// kernel fills in its next-header byte.
 const PADDING_EXT_HEADER: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];

@@ -9,12 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use futures::StreamExt;
-use libp2p::core::transport::Transport;
-use libp2p::core::upgrade::Version;
 use libp2p::kad::{self, Quorum, Record, RecordKey};
-use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, identity, noise, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, identity};
 use peermirror_tests::World;
 use peermirror_tests::image::layer;
 use peermirror_tests::process::wait_for;
@@ -34,13 +31,7 @@ struct Flooder {
 fn flooder(psk: [u8; 32]) -> Result<libp2p::Swarm<Flooder>> {
     let key = identity::Keypair::generate_ed25519();
     let id = key.public().to_peer_id();
-    let psk = PreSharedKey::new(psk);
-    let transport = tcp::tokio::Transport::new(tcp::Config::default())
-        .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
-        .upgrade(Version::V1Lazy)
-        .authenticate(noise::Config::new(&key)?)
-        .multiplex(yamux::Config::default())
-        .boxed();
+    let transport = peermirror_tests::dht::keyed_transport(&key, psk)?;
     let store = kad::store::MemoryStore::with_config(
         id,
         kad::store::MemoryStoreConfig {
