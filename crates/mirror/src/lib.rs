@@ -123,6 +123,14 @@ pub struct MirrorConfig {
         value_name = "MIRROR_PARALLEL_MIN_SIZE", env = "PEERMIRROR_MIRROR_PARALLEL_MIN_SIZE", default_value = "32M", value_parser = peermirror_net::flags::parse_size)]
     pub parallel_min_size: u64,
 
+    /// Memory (K, M, G) the relays of blobs fetched from several holders at
+    /// once may hold in all (each holds up to `(peers + 1) × 4 MiB` of
+    /// segments ahead of its client). A relay that finds none left stays
+    /// on one holder.
+    #[arg(long = "mirror-relay-memory",
+        value_name = "MIRROR_RELAY_MEMORY", env = "PEERMIRROR_MIRROR_RELAY_MEMORY", default_value = "64M", value_parser = peermirror_net::flags::parse_size)]
+    pub relay_memory: u64,
+
     /// How tags are answered through peers: `agreement` (two hosts, an
     /// IPv4 address or IPv6 /64 each, state the same digest and none states
     /// another), `single-holder` (one is enough: air-gapped clusters whose
@@ -174,6 +182,7 @@ impl Default for MirrorConfig {
             follow_header_timeout: Duration::from_secs(5),
             parallel_peers: 4,
             parallel_min_size: 32 << 20,
+            relay_memory: 64 << 20,
             tag_resolution: TagResolution::Agreement,
             tag_timeout: Duration::from_millis(500),
         }
@@ -265,6 +274,8 @@ pub struct Mirror {
     /// answer naming one again is treated as failed at once (the report to
     /// the rendezvous may still be on its way when containerd retries).
     stopped: Mutex<HashMap<Digest, (PeerId, Instant)>>,
+    /// What is left of `--mirror-relay-memory`, in KiB.
+    relay_room: Arc<tokio::sync::Semaphore>,
 }
 
 /// How long a followed source that stopped is not followed again.
@@ -378,12 +389,17 @@ impl Mirror {
         };
         Arc::new(Mirror {
             router,
-            config,
             bad: BadPeers::default(),
             audits: blame::Audits::default(),
             tls,
             journal: journal::Journal::default(),
             stopped: Mutex::default(),
+            relay_room: Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(config.relay_memory >> 10)
+                    .unwrap_or(usize::MAX)
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
+            config,
         })
     }
 
@@ -919,6 +935,13 @@ impl Mirror {
 
     pub(crate) fn mark_bad(&self, digest: &Digest, peer: &Peer) {
         self.bad.mark(digest, &peer.id, self.config.bad_peer_ttl);
+    }
+
+    /// Room for `bytes` more relay memory, held until the permit is
+    /// dropped; `None` when `--mirror-relay-memory` is taken.
+    pub(crate) fn relay_room(&self, bytes: u64) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        self.relay_room.clone().try_acquire_many_owned(kib).ok()
     }
 
     /// An audit showed that `peer` sent only right bytes of `digest`.

@@ -304,7 +304,25 @@ impl Fetch {
     }
 }
 
+/// The most segment bytes a relay from `peers` holders holds ahead of its
+/// client: the window segments are handed out in.
+fn window(peers: usize) -> u64 {
+    SEGMENT * (peers.max(2) as u64 + 1)
+}
+
 impl Transfer {
+    /// Room in `--mirror-relay-memory` for a relay from several holders;
+    /// `None` (the relay stays on one holder) when it is taken.
+    pub(super) fn parallel_room(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let room = self
+            .mirror
+            .relay_room(window(self.mirror.config.parallel_peers));
+        if room.is_none() {
+            tracing::debug!(digest = %self.digest, "relay memory taken by others; staying on one holder");
+        }
+        room
+    }
+
     /// Relays the rest of the blob from several holders: the current peer,
     /// whose `body` streams from `self.pos`, and `helper`, then others as
     /// the lookup finds them, up to the configured number.
@@ -312,6 +330,8 @@ impl Transfer {
         &mut self,
         body: Incoming,
         helper: Peer,
+        // Held while the segments are fetched.
+        _room: tokio::sync::OwnedSemaphorePermit,
         delivery: &mut Delivery,
         contributors: &mut Vec<Peer>,
     ) -> Outcome {
@@ -321,7 +341,7 @@ impl Transfer {
         // The current peer finishes its first segment from the body it sends.
         let first_cut = self.end.min(self.pos + SEGMENT);
         let mut fetch = Fetch {
-            schedule: Schedule::new(first_cut..self.end, SEGMENT * (peers as u64 + 1)),
+            schedule: Schedule::new(first_cut..self.end, window(peers)),
             slots: Vec::new(),
             tasks: JoinSet::new(),
             events,

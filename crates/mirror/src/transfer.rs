@@ -190,10 +190,11 @@ impl Transfer {
         let stall = watch.stall();
         loop {
             if watch.look_for_helper(self.first, self.pos, self.end, now())
+                && let Some(room) = self.parallel_room()
                 && let Some(helper) = self.candidates.next(Duration::ZERO).await
             {
                 return self
-                    .relay_parallel(body, helper, delivery, contributors)
+                    .relay_parallel(body, helper, room, delivery, contributors)
                     .await;
             }
             let next = tokio::select! {

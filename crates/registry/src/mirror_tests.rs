@@ -1141,6 +1141,59 @@ async fn busy_holders_are_used_less() {
 }
 
 #[tokio::test]
+async fn relays_from_several_holders_share_a_bounded_memory() {
+    // Two blobs (`random_blob` is the same for the same size).
+    let first = holders(48 << 20, 3, 0).await;
+    let second = holders(40 << 20, 3, 0).await;
+    for (i, addr) in second.addrs.iter().enumerate() {
+        first.router.add(
+            &second.digest.to_string(),
+            peer(&format!("second{i}"), *addr),
+        );
+    }
+    // Room for one relay's window: 3 holders, (3 + 1) × 4 MiB.
+    let config = MirrorConfig {
+        relay_memory: 16 << 20,
+        ..parallel_config()
+    };
+    let mirror = Mirror::new(first.router.clone(), config);
+    let segments =
+        |h: &Holders| -> u64 { h.metrics.iter().map(|m| requests_with_status(m, 206)).sum() };
+    // The first relay goes parallel, and its client stops reading.
+    let m = mirror
+        .blob(&name(), &first.digest, None, false)
+        .await
+        .expect("hit");
+    let mut body = m.body.expect("body");
+    let mut got = Vec::new();
+    while got.len() < 8 << 20 {
+        got.extend_from_slice(&body.next().await.expect("more").expect("bytes"));
+    }
+    let mut waited = 0;
+    while segments(&first) == 0 && waited < 100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    assert!(segments(&first) > 0, "the first relay did not go parallel");
+    // Meanwhile the second stays on one holder.
+    let (bytes, err) = fetch_whole(&mirror, &second.digest).await;
+    assert!(err.is_none() && bytes[..] == second.blob[..], "{err:?}");
+    assert_eq!(
+        segments(&second),
+        0,
+        "the second relay took memory it had not"
+    );
+    // Once the first is done, the room is back.
+    let (rest, err) = drain(body).await;
+    assert!(err.is_none(), "{err:?}");
+    got.extend_from_slice(&rest);
+    assert!(got[..] == first.blob[..], "the first relay's bytes differ");
+    let (bytes, err) = fetch_whole(&mirror, &second.digest).await;
+    assert!(err.is_none() && bytes[..] == second.blob[..], "{err:?}");
+    assert!(segments(&second) > 0, "the room did not come back");
+}
+
+#[tokio::test]
 async fn a_holder_failing_mid_segment_gives_its_bytes_to_another() {
     let h = holders(24 << 20, 1, 0).await;
     let half = fake_peer(Behaviour::Ranged {
