@@ -15,6 +15,7 @@ mod k3s;
 mod load;
 mod observe;
 mod readiness;
+mod relays;
 mod serving;
 mod single_node;
 mod spread;
