@@ -89,13 +89,24 @@ pub(super) fn read_archive(file: std::fs::File, tx: &mpsc::Sender<Msg>) -> Resul
     let mut archive = tar::Archive::new(stream);
     let mut small_total = 0u64;
     let mut any = false;
-    for entry in archive.entries().map_err(|e| e.to_string())? {
+    // Raw entries: long names and PAX headers are read here, bounded,
+    // instead of whole into memory by the tar reader.
+    let mut ext = Extensions::default();
+    for entry in archive.entries().map_err(|e| e.to_string())?.raw(true) {
         let mut entry = entry.map_err(|e| format!("reading the tar stream: {e}"))?;
         any = true;
-        let path = normalize(&String::from_utf8_lossy(&entry.path_bytes()));
+        if ext.take_from(&mut entry)? {
+            continue;
+        }
+        let (long_path, long_link) = ext.for_entry();
+        let path = normalize(&String::from_utf8_lossy(
+            &long_path.unwrap_or_else(|| entry.path_bytes().into_owned()),
+        ));
         let kind = entry.header().entry_type();
         if kind.is_symlink() || kind.is_hard_link() {
-            let Some(target) = entry.link_name_bytes() else {
+            let Some(target) =
+                long_link.or_else(|| entry.link_name_bytes().map(|l| l.into_owned()))
+            else {
                 continue;
             };
             let target = String::from_utf8_lossy(&target).to_string();
@@ -178,6 +189,73 @@ pub(super) fn read_archive(file: std::fs::File, tx: &mpsc::Sender<Msg>) -> Resul
         return Err("no files in it (empty, or not a tar archive)".to_string());
     }
     Ok(())
+}
+
+/// The most bytes a header extension (GNU long name or link, PAX header)
+/// may hold: paths are at most 4 KiB on Linux.
+pub(super) const MAX_HEADER_EXTENSION: u64 = 64 << 10;
+
+/// Header extensions read so far, for the entry that follows them.
+#[derive(Default)]
+struct Extensions {
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+    pax_path: Option<Vec<u8>>,
+    pax_link: Option<Vec<u8>>,
+}
+
+impl Extensions {
+    /// Reads `entry` when it is a header extension (`true`: it is no file);
+    /// an extension over [`MAX_HEADER_EXTENSION`] refuses the archive.
+    fn take_from<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<bool, String> {
+        let kind = entry.header().entry_type();
+        let extension = kind.is_gnu_longname()
+            || kind.is_gnu_longlink()
+            || kind.is_pax_local_extensions()
+            || kind.is_pax_global_extensions();
+        if !extension {
+            return Ok(false);
+        }
+        let size = entry.size();
+        if size > MAX_HEADER_EXTENSION {
+            return Err(format!(
+                "a tar header extension of {size} bytes (at most {MAX_HEADER_EXTENSION})"
+            ));
+        }
+        let mut data = Vec::with_capacity(size as usize);
+        entry
+            .read_to_end(&mut data)
+            .map_err(|e| format!("reading a tar header extension: {e}"))?;
+        let trimmed = || {
+            let end = data.iter().position(|b| *b == 0).unwrap_or(data.len());
+            data[..end].to_vec()
+        };
+        if kind.is_gnu_longname() {
+            self.long_name = Some(trimmed());
+        } else if kind.is_gnu_longlink() {
+            self.long_link = Some(trimmed());
+        } else if kind.is_pax_local_extensions() {
+            for record in tar::PaxExtensions::new(&data) {
+                let record = record.map_err(|e| format!("a PAX header: {e}"))?;
+                match record.key_bytes() {
+                    b"path" => self.pax_path = Some(record.value_bytes().to_vec()),
+                    b"linkpath" => self.pax_link = Some(record.value_bytes().to_vec()),
+                    _ => {}
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// The path and link target the extensions give the next entry (PAX
+    /// over GNU), and forgets them.
+    fn for_entry(&mut self) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        let taken = std::mem::take(self);
+        (
+            taken.pax_path.or(taken.long_name),
+            taken.pax_link.or(taken.long_link),
+        )
+    }
 }
 
 #[derive(Deserialize)]

@@ -636,6 +636,33 @@ mod tests {
         (names, result.err())
     }
 
+    /// A GNU long name of 1 GiB, compressed to a few KiB: refused at its
+    /// header, never read into memory.
+    #[test]
+    fn a_long_name_bomb_is_refused_at_its_header() {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_path("././@LongLink").expect("test input");
+        h.set_size(1 << 30);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let mut zst = zstd::stream::write::Encoder::new(Vec::new(), 1).expect("test input");
+        std::io::Write::write_all(&mut zst, h.as_bytes()).expect("test input");
+        let zeros = vec![b'a'; 1 << 20];
+        for _ in 0..1024 {
+            std::io::Write::write_all(&mut zst, &zeros).expect("test input");
+        }
+        let bomb = zst.finish().expect("test input");
+        assert!(bomb.len() < 1 << 20, "{} bytes on disk", bomb.len());
+        let (names, err) = read_all(bomb);
+        assert!(names.is_empty());
+        let err = err.expect("refused");
+        assert!(
+            err.contains("header extension of 1073741824 bytes"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn archives_in_every_compression() {
         let data = b"hello";
@@ -663,6 +690,22 @@ mod tests {
             let (_, err) = read_all(plain[..cut].to_vec());
             assert!(err.is_some(), "plain tar cut at {cut}");
         }
+        // A name longer than the header holds (a GNU long-name entry), and
+        // one given by a PAX header.
+        let long = format!("{}/index.json", "d".repeat(300));
+        let (names, err) = read_all(tar_of(&[(&long, b"{}")]));
+        assert_eq!((names, err), (vec![long.clone()], None));
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("path", long.as_bytes())])
+            .expect("test input");
+        let mut h = tar::Header::new_ustar();
+        h.set_size(2);
+        h.set_mode(0o644);
+        h.set_path("short").expect("test input");
+        h.set_cksum();
+        b.append(&h, &b"{}"[..]).expect("test input");
+        let (names, err) = read_all(b.into_inner().expect("test input"));
+        assert_eq!((names, err), (vec![long], None));
         let liar = tar_of(&[(&format!("blobs/sha256/{}", "b".repeat(64)), data)]);
         assert!(read_all(liar).1.expect("test input").contains("digest"));
         assert!(read_all(Vec::new()).1.is_some());
