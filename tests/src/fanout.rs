@@ -80,6 +80,43 @@ fn parse_sent(out: &str) -> Option<u64> {
         .ok()
 }
 
+/// What each node's log says about the fan-out of `digests` (asks,
+/// answers, leads, sources that could not serve, misses): printed when a
+/// first deploy took more from the upstream than it should have.
+pub fn fanout_story(cluster: &Cluster, digests: &[&str]) -> String {
+    const KEYWORDS: &[&str] = &[
+        "fan-out",
+        "following",
+        "not found",
+        "no holder",
+        "cut short",
+        "resuming",
+    ];
+    let mut story = String::new();
+    for node in &cluster.nodes {
+        let Some(pm) = node.peermirror.as_ref() else {
+            continue;
+        };
+        let log = std::fs::read_to_string(&pm.proc.log).unwrap_or_default();
+        for digest in digests {
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains(digest) && KEYWORDS.iter().any(|k| l.contains(k)))
+                .collect();
+            story.push_str(&format!(
+                "-- {} on {digest} ({} lines)\n",
+                node.name,
+                lines.len()
+            ));
+            for line in lines.iter().take(12) {
+                story.push_str(line);
+                story.push('\n');
+            }
+        }
+    }
+    story
+}
+
 /// Bytes in a containerd's ingests now.
 pub fn ingest_bytes(content_root: &Path) -> u64 {
     std::fs::read_dir(content_root.join("ingest"))

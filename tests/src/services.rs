@@ -733,4 +733,28 @@ impl Peermirror {
         }
         Ok(sum)
     }
+
+    /// The recent mirrored requests of `/debug/api/requests` (newest last),
+    /// as JSON objects (`key`, `outcome`, `peers`, `verified`, …).
+    pub fn recent_requests(&self) -> Result<Vec<serde_json::Value>> {
+        let r = self.via.get(self.metrics, "/debug/api/requests", &[])?;
+        if r.status != 200 {
+            bail!("/debug/api/requests answered {}", r.status);
+        }
+        let api: serde_json::Value = serde_json::from_slice(&r.body)?;
+        Ok(api["recent"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// The registry addresses of the peers that sent one recent request's
+    /// bytes, in order.
+    pub fn request_peers(&self, request: &serde_json::Value) -> Vec<String> {
+        request["peers"]
+            .as_array()
+            .map(|p| {
+                p.iter()
+                    .filter_map(|p| p["addr"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }

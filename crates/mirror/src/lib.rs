@@ -290,7 +290,8 @@ pub(crate) struct Candidates {
     router: Arc<dyn Router>,
     key: String,
     lookup: Option<BoxStream<'static, Peer>>,
-    looked_up: Instant,
+    /// When the last lookup started (tokio's clock, which tests may pause).
+    looked_up: tokio::time::Instant,
     queue: VecDeque<Peer>,
     seen: HashSet<PeerId>,
     skip: Box<dyn Fn(&Peer) -> bool + Send>,
@@ -310,7 +311,7 @@ impl Candidates {
             router,
             key,
             lookup: Some(lookup),
-            looked_up: Instant::now(),
+            looked_up: tokio::time::Instant::now(),
             queue: VecDeque::new(),
             seen: HashSet::new(),
             skip,
@@ -358,11 +359,42 @@ impl Candidates {
             && self.looked_up.elapsed() >= RELOOKUP_INTERVAL
         {
             self.lookup = Some(self.router.lookup(&self.key));
-            self.looked_up = Instant::now();
+            self.looked_up = tokio::time::Instant::now();
         }
         self.next(wait).await
     }
+
+    /// The holder to resume from after the current one failed mid-body:
+    /// the next one found, else one that appeared since, looked up again
+    /// past the lookup caches (at most every [`FRESH_LOOKUP_INTERVAL`])
+    /// until `budget` runs out. `None`: no holder is left.
+    pub(crate) async fn next_after_failure(&mut self, budget: Duration) -> Option<Peer> {
+        let deadline = tokio::time::Instant::now() + budget;
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            if self.lookup.is_none() && self.queue.is_empty() {
+                let due = self.looked_up + FRESH_LOOKUP_INTERVAL;
+                if now < due {
+                    tokio::time::sleep_until(due.min(deadline)).await;
+                    continue;
+                }
+                tracing::debug!(key = %self.key, "looking again for holders");
+                self.lookup = Some(self.router.lookup_fresh(&self.key));
+                self.looked_up = now;
+            }
+            if let Some(peer) = self.next(deadline - now).await {
+                return Some(peer);
+            }
+        }
+    }
 }
+
+/// Shortest time between two fresh lookups of a transfer that lost its
+/// holder.
+const FRESH_LOOKUP_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Holders that answered `404` (stale records) that one request may skip
 /// past, per attempt of its budget.

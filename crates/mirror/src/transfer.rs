@@ -340,13 +340,22 @@ impl Transfer {
     /// body, or `None` when no peer could.
     async fn switch(&mut self, contributors: &mut Vec<Peer>, reason: &str) -> Option<Incoming> {
         tracing::info!(digest = %self.digest, peer = %self.peer.addr, pos = self.pos, reason, "peer failed mid-body; resuming from another");
-        let wait = self
+        // The body has begun: a client that is cut short may not retry the
+        // rest (containerd 2.1 does not), so holders that appeared since
+        // the lookup are worth waiting for, as long as a stalled peer is.
+        let budget = self
             .mirror
             .config
-            .resolve_timeout
-            .max(Duration::from_millis(100));
+            .stall_timeout
+            .max(self.mirror.config.resolve_timeout)
+            .min(
+                self.deadline
+                    .saturating_duration_since(tokio::time::Instant::now()),
+            );
+        let give_up = tokio::time::Instant::now() + budget;
         for _ in 0..self.mirror.config.max_attempts {
-            let next = self.candidates.next_or_relookup(wait).await?;
+            let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+            let next = self.candidates.next_after_failure(left).await?;
             if let Some(body) = self.resume_from(next, contributors).await {
                 return Some(body);
             }

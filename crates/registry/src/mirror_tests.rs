@@ -414,6 +414,68 @@ async fn a_peer_dying_mid_body_is_replaced_and_the_transfer_resumes() {
     assert_eq!(requests_with_status(&s.real_metrics, 200), 0);
 }
 
+/// The only holder the lookup found dies mid-body, and the lookup's answer
+/// is cached from before a second holder appeared: the transfer looks again
+/// past the cache and resumes from the new holder, instead of cutting the
+/// body short (which containerd 2.1 does not retry).
+#[tokio::test]
+async fn a_holder_that_appeared_after_the_lookup_resumes_a_failed_transfer() {
+    let s = setup(1 << 20).await;
+    let fake = fake_peer(Behaviour::Truncate {
+        body: s.blob.clone(),
+        after: 300_000,
+    })
+    .await;
+    s.router.add(&s.digest.to_string(), peer("dies", fake.addr));
+    s.router
+        .add_uncached(&s.digest.to_string(), peer("real", s.real));
+    let mirror = Mirror::new(s.router.clone(), fast_config());
+    let m = mirror
+        .blob(&name(), &s.digest, None, false)
+        .await
+        .expect("hit");
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(Bytes::from(bytes), s.blob);
+    // The new holder was asked for the rest only.
+    assert_eq!(requests_with_status(&s.real_metrics, 206), 1);
+    assert_eq!(requests_with_status(&s.real_metrics, 200), 0);
+}
+
+/// When no other holder exists, the transfer gives up once the budget of a
+/// stalled peer has passed, and says which bytes are missing.
+#[tokio::test]
+async fn with_no_holder_left_the_body_is_cut_short_within_the_stall_budget() {
+    let s = setup(1 << 20).await;
+    let fake = fake_peer(Behaviour::Truncate {
+        body: s.blob.clone(),
+        after: 300_000,
+    })
+    .await;
+    s.router.add(&s.digest.to_string(), peer("dies", fake.addr));
+    let config = fast_config();
+    let budget = config.stall_timeout;
+    let mirror = Mirror::new(s.router.clone(), config);
+    let m = mirror
+        .blob(&name(), &s.digest, None, false)
+        .await
+        .expect("hit");
+    let started = Instant::now();
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    let waited = started.elapsed();
+    // (The last chunk of a whole blob is held back until its digest.)
+    assert!(bytes.len() <= 300_000);
+    assert!(
+        matches!(err, Some(TransferError::Exhausted { pos: 300_000, .. })),
+        "{err:?}"
+    );
+    // It looked for new holders for the whole budget, and not much longer.
+    assert!(
+        waited >= budget && waited < budget * 4,
+        "gave up after {waited:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_stalled_peer_is_replaced() {
     let s = setup(1 << 20).await;

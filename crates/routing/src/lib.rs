@@ -20,6 +20,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use futures::StreamExt;
 use futures::stream::BoxStream;
 use libp2p::{Multiaddr, PeerId};
 use sha2::{Digest as _, Sha256};
@@ -153,6 +154,13 @@ pub trait Router: Send + Sync + 'static {
     /// stream ends when the lookup is over; dropping it ends the lookup.
     fn lookup(&self, key: &str) -> BoxStream<'static, Peer>;
 
+    /// Like [`Router::lookup`], but asks the network again instead of
+    /// reusing a recent answer: for a transfer whose holders failed, to find
+    /// holders that appeared since.
+    fn lookup_fresh(&self, key: &str) -> BoxStream<'static, Peer> {
+        self.lookup(key)
+    }
+
     /// Asks the rendezvous of `digest` what to do about a digest no node
     /// holds; `failed` is a source this node was told to follow that did not
     /// deliver. `None`: no answer (fan-out off, or no rendezvous reachable):
@@ -182,6 +190,9 @@ pub type FanoutAsk = (Option<PeerId>, Asker);
 /// once the initial keys are handed over).
 pub struct MemoryRouter {
     providers: Mutex<HashMap<String, Vec<Peer>>>,
+    /// Holders that only a fresh lookup finds (plain lookups answer from a
+    /// cache made before they appeared).
+    uncached: Mutex<HashMap<String, Vec<Peer>>>,
     advertised: Mutex<BTreeSet<String>>,
     status: watch::Sender<RouterStatus>,
     /// The fan-out answers to give, in order (then `None`), and the
@@ -193,6 +204,7 @@ impl MemoryRouter {
     pub fn new() -> Arc<MemoryRouter> {
         Arc::new(MemoryRouter {
             providers: Mutex::default(),
+            uncached: Mutex::default(),
             advertised: Mutex::default(),
             status: watch::Sender::new(RouterStatus::default()),
             fanout: Mutex::default(),
@@ -226,6 +238,14 @@ impl MemoryRouter {
     pub fn add(&self, key: &str, peer: Peer) {
         let mut providers = self.providers.lock().unwrap_or_else(|e| e.into_inner());
         providers.entry(key.to_string()).or_default().push(peer);
+    }
+
+    /// Makes `peer` a holder of `key` that only [`Router::lookup_fresh`]
+    /// finds, as if plain lookups were answered from a cache made before it
+    /// appeared.
+    pub fn add_uncached(&self, key: &str, peer: Peer) {
+        let mut uncached = self.uncached.lock().unwrap_or_else(|e| e.into_inner());
+        uncached.entry(key.to_string()).or_default().push(peer);
     }
 
     /// What this node currently advertises.
@@ -278,6 +298,17 @@ impl Router for MemoryRouter {
             .cloned()
             .unwrap_or_default();
         Box::pin(futures::stream::iter(peers))
+    }
+
+    fn lookup_fresh(&self, key: &str) -> BoxStream<'static, Peer> {
+        let uncached = self
+            .uncached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+            .unwrap_or_default();
+        Box::pin(self.lookup(key).chain(futures::stream::iter(uncached)))
     }
 
     async fn fanout(

@@ -119,25 +119,13 @@ fn only_the_peer_that_sent_wrong_bytes_stays_avoided() -> Result<()> {
     // What c's journal says: b was in the corrupt transfer; every transfer
     // of the layer that succeeded came from a alone.
     let pm = c.pm();
-    let r = pm.via.get(pm.metrics, "/debug/api/requests", &[])?;
-    ensure!(r.status == 200, "/debug/api/requests answered {}", r.status);
-    let api: serde_json::Value = serde_json::from_slice(&r.body)?;
-    let recent = api["recent"].as_array().cloned().unwrap_or_default();
+    let recent = pm.recent_requests()?;
     let layer = image.biggest_layer();
     let of_layer: Vec<&serde_json::Value> = recent
         .iter()
         .filter(|r| r["key"] == layer.digest.as_str())
         .collect();
-    let names = |r: &serde_json::Value| -> Vec<String> {
-        r["peers"]
-            .as_array()
-            .map(|p| {
-                p.iter()
-                    .filter_map(|p| p["addr"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let names = |r: &serde_json::Value| pm.request_peers(r);
     let (a_addr, b_addr) = (
         cluster.node("a").registry_addr().to_string(),
         b_addr.to_string(),

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use peermirror_tests::cluster::{Cluster, ClusterNode, NodeSpec};
-use peermirror_tests::fanout::{UpstreamLink, ingest_bytes, pull_all};
+use peermirror_tests::fanout::{UpstreamLink, fanout_story, ingest_bytes, pull_all};
 use peermirror_tests::image::{TestImage, layer};
 use peermirror_tests::process::wait_for;
 
@@ -145,6 +145,15 @@ fn step_1_eight_nodes_pull_at_once(
         together.as_secs_f64() / alone.as_secs_f64(),
         eight >> 20,
     );
+    if ratio > 1.5 {
+        let digests: Vec<&str> = im
+            .fan
+            .default_platform_blobs
+            .iter()
+            .map(|b| b.digest.as_str())
+            .collect();
+        println!("{}", fanout_story(c, &digests));
+    }
     ensure!(
         ratio <= 1.5,
         "the upstream sent {ratio:.2}× one node's bytes for {NODES} nodes"
@@ -434,10 +443,7 @@ fn step_6_a_late_puller_fetches_from_several_holders(
         "the upstream sent {sent} bytes of an image every peer holds"
     );
     let pm = node.pm();
-    let r = pm.via.get(pm.metrics, "/debug/api/requests", &[])?;
-    ensure!(r.status == 200, "/debug/api/requests answered {}", r.status);
-    let api: serde_json::Value = serde_json::from_slice(&r.body)?;
-    let recent = api["recent"].as_array().cloned().unwrap_or_default();
+    let recent = pm.recent_requests()?;
     for l in &layers {
         let record = recent
             .iter()

@@ -16,6 +16,7 @@ mod load;
 mod observe;
 mod readiness;
 mod relays;
+mod resume;
 mod serving;
 mod single_node;
 mod spread;

@@ -98,13 +98,11 @@ fn slow_local_readers_of_large_blobs_hold_a_bounded_memory() -> Result<()> {
         "c to record the nine relays",
         Duration::from_secs(20),
         || {
-            let r = pm.via.get(pm.metrics, "/debug/api/requests", &[]).ok()?;
-            let api: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
-            let of_layer: Vec<serde_json::Value> = api["recent"]
-                .as_array()?
-                .iter()
+            let of_layer: Vec<serde_json::Value> = pm
+                .recent_requests()
+                .ok()?
+                .into_iter()
                 .filter(|r| r["key"] == layer.as_str())
-                .cloned()
                 .collect();
             (of_layer.len() >= READERS).then_some(of_layer)
         },

@@ -295,9 +295,14 @@ impl EventLoop {
                 self.publish_status();
                 let _ = done.send(());
             }
-            Command::Lookup { key, reply, gone } => {
+            Command::Lookup {
+                key,
+                fresh,
+                reply,
+                gone,
+            } => {
                 let net = net!(self);
-                self.lookups.submit(net, &key, reply, gone);
+                self.lookups.submit(net, &key, fresh, reply, gone);
             }
             Command::Dial(addr) => {
                 if let Err(e) = self.swarm.dial(addr.clone()) {

@@ -94,11 +94,13 @@ impl Lookups {
     }
 
     /// A new lookup of `name`; providers go to `reply`, and `gone` resolves
-    /// when the asker stops listening.
+    /// when the asker stops listening. A `fresh` lookup skips both caches
+    /// (it may still join a query under way: that one is fresh too).
     pub(super) fn submit(
         &mut self,
         net: Net<'_>,
         name: &str,
+        fresh: bool,
         reply: mpsc::Sender<Peer>,
         gone: oneshot::Receiver<()>,
     ) {
@@ -107,7 +109,8 @@ impl Lookups {
         }
         let key = RecordKey::new(&record_key(name));
         let now = Instant::now();
-        if let Some((at, peers)) = self.cache.get(&key)
+        if !fresh
+            && let Some((at, peers)) = self.cache.get(&key)
             && now.duration_since(*at) < self.cache_ttl
         {
             for p in peers {
@@ -115,10 +118,11 @@ impl Lookups {
             }
             return;
         }
-        if self
-            .negative
-            .get(&key)
-            .is_some_and(|at| now.duration_since(*at) < NEGATIVE_TTL)
+        if !fresh
+            && self
+                .negative
+                .get(&key)
+                .is_some_and(|at| now.duration_since(*at) < NEGATIVE_TTL)
         {
             return;
         }
@@ -384,7 +388,13 @@ mod tests {
         for i in 0..total {
             let (tx, rx) = mpsc::channel(4);
             let (guard, gone) = oneshot::channel();
-            l.submit(net(&mut swarm, &peers, &own), &format!("k{i}"), tx, gone);
+            l.submit(
+                net(&mut swarm, &peers, &own),
+                &format!("k{i}"),
+                false,
+                tx,
+                gone,
+            );
             askers.push((rx, guard));
         }
         assert_eq!((l.running.len(), l.queued.len()), (MAX_RUNNING, MAX_QUEUED));
@@ -396,7 +406,7 @@ mod tests {
         // A second lookup of a running key joins it instead of queueing.
         let (tx, _rx) = mpsc::channel(4);
         let (_guard, gone) = oneshot::channel();
-        l.submit(net(&mut swarm, &peers, &own), "k0", tx, gone);
+        l.submit(net(&mut swarm, &peers, &own), "k0", false, tx, gone);
         assert_eq!(l.running.len(), MAX_RUNNING);
         assert_eq!(
             l.running[&l.running_by_key[&RecordKey::new(&record_key("k0"))]]
@@ -431,21 +441,21 @@ mod tests {
         let mut l = Lookups::new(Duration::from_secs(5), Counter::default());
         let (tx, mut rx) = mpsc::channel(4);
         let (_g, gone) = oneshot::channel();
-        l.submit(net(&mut swarm, &peers, &own), "missing", tx, gone);
+        l.submit(net(&mut swarm, &peers, &own), "missing", false, tx, gone);
         let query = *l.running.keys().next().expect("running");
         l.query_done(net(&mut swarm, &peers, &own), query);
         assert!(rx.recv().await.is_none(), "a miss ends the stream");
         // Asked again at once: answered from the negative cache, no query.
         let (tx, mut rx) = mpsc::channel(4);
         let (_g, gone) = oneshot::channel();
-        l.submit(net(&mut swarm, &peers, &own), "missing", tx, gone);
+        l.submit(net(&mut swarm, &peers, &own), "missing", false, tx, gone);
         assert!(l.running.is_empty());
         assert!(rx.recv().await.is_none());
         // A provider record arriving here makes it worth asking again.
         l.invalidate(&RecordKey::new(&record_key("missing")));
         let (tx, _rx) = mpsc::channel(4);
         let (_g, gone) = oneshot::channel();
-        l.submit(net(&mut swarm, &peers, &own), "missing", tx, gone);
+        l.submit(net(&mut swarm, &peers, &own), "missing", false, tx, gone);
         assert_eq!(l.running.len(), 1);
         // The negative entry expires by itself.
         l.invalidate(&RecordKey::new(&record_key("x")));
@@ -453,5 +463,43 @@ mod tests {
             .insert(RecordKey::new(&record_key("old")), Instant::now());
         l.housekeeping(Instant::now() + NEGATIVE_TTL);
         assert!(l.negative.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_fresh_lookup_asks_the_network_despite_the_caches() {
+        let mut swarm = super::super::behaviour::test_swarm();
+        let (peers, own) = (PeerTable::default(), HashSet::new());
+        let mut l = Lookups::new(Duration::from_secs(5), Counter::default());
+        // A miss, remembered.
+        let (tx, _rx) = mpsc::channel(4);
+        let (_g, gone) = oneshot::channel();
+        l.submit(net(&mut swarm, &peers, &own), "k", false, tx, gone);
+        let query = *l.running.keys().next().expect("running");
+        l.query_done(net(&mut swarm, &peers, &own), query);
+        assert!(l.running.is_empty());
+        // A cached answer, too.
+        let holder = Peer {
+            id: PeerId::random(),
+            addr: "127.0.0.1:5000".parse().expect("addr"),
+        };
+        let key = RecordKey::new(&record_key("k"));
+        l.cache.insert(key.clone(), (Instant::now(), vec![holder]));
+        // A plain lookup is answered from the cache, with no query.
+        let (tx, mut rx) = mpsc::channel(4);
+        let (_g, gone) = oneshot::channel();
+        l.submit(net(&mut swarm, &peers, &own), "k", false, tx, gone);
+        assert!(l.running.is_empty());
+        assert!(rx.recv().await.is_some(), "the cached holder");
+        // A fresh one starts a query, and a second fresh one joins it.
+        let (tx, _rx1) = mpsc::channel(4);
+        let (_g1, gone) = oneshot::channel();
+        l.submit(net(&mut swarm, &peers, &own), "k", true, tx, gone);
+        let (tx, _rx2) = mpsc::channel(4);
+        let (_g2, gone) = oneshot::channel();
+        l.submit(net(&mut swarm, &peers, &own), "k", true, tx, gone);
+        assert_eq!(l.running.len(), 1);
+        let q = l.running.values().next().expect("running");
+        assert_eq!(q.key, key);
+        assert_eq!(q.subscribers.len(), 2);
     }
 }

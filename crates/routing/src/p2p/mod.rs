@@ -275,6 +275,8 @@ enum Command {
     },
     Lookup {
         key: String,
+        /// Skip the answer caches (a transfer looks for new holders).
+        fresh: bool,
         reply: mpsc::Sender<Peer>,
         /// Resolves when the asker drops the stream.
         gone: oneshot::Receiver<()>,
@@ -344,27 +346,14 @@ impl P2pRouter {
             .iter()
             .any(|p| p.connection_ips.contains(&ip))
     }
-}
 
-#[async_trait::async_trait]
-impl Router for P2pRouter {
-    async fn advertise(&self, keys: Vec<String>, round: Round) -> Result<(), RouterError> {
-        let (done, taken) = oneshot::channel();
-        self.send(Command::Advertise { keys, round, done }).await?;
-        taken.await.map_err(|_| RouterError::Stopped)
-    }
-
-    async fn withdraw(&self, keys: Vec<String>) -> Result<(), RouterError> {
-        let (done, taken) = oneshot::channel();
-        self.send(Command::Withdraw { keys, done }).await?;
-        taken.await.map_err(|_| RouterError::Stopped)
-    }
-
-    fn lookup(&self, key: &str) -> BoxStream<'static, Peer> {
+    /// A provider lookup of `key`; `fresh` skips the answer caches.
+    fn start_lookup(&self, key: &str, fresh: bool) -> BoxStream<'static, Peer> {
         let (tx, rx) = mpsc::channel(32);
         let (guard, gone) = oneshot::channel();
         let command = Command::Lookup {
             key: key.to_string(),
+            fresh,
             reply: tx,
             gone,
         };
@@ -393,6 +382,29 @@ impl Router for P2pRouter {
                 Box::pin(futures::stream::once(sent).flatten())
             }
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl Router for P2pRouter {
+    async fn advertise(&self, keys: Vec<String>, round: Round) -> Result<(), RouterError> {
+        let (done, taken) = oneshot::channel();
+        self.send(Command::Advertise { keys, round, done }).await?;
+        taken.await.map_err(|_| RouterError::Stopped)
+    }
+
+    async fn withdraw(&self, keys: Vec<String>) -> Result<(), RouterError> {
+        let (done, taken) = oneshot::channel();
+        self.send(Command::Withdraw { keys, done }).await?;
+        taken.await.map_err(|_| RouterError::Stopped)
+    }
+
+    fn lookup(&self, key: &str) -> BoxStream<'static, Peer> {
+        self.start_lookup(key, false)
+    }
+
+    fn lookup_fresh(&self, key: &str) -> BoxStream<'static, Peer> {
+        self.start_lookup(key, true)
     }
 
     async fn fanout(
