@@ -280,7 +280,7 @@ const FUZZ_SECONDS_IN_TEST: u64 = 12;
 /// each newer containerd release: the single-node ones (and airgap imports)
 /// on 1.7, the cluster and mTLS too on 2.1, whose Transfer service reads
 /// `hosts.toml` inside the daemon and does not retry a body cut short
-/// (`resume`).
+/// (`resume`, `crawl`).
 const PER_RELEASE_TESTS: &[(&releases::Release, &[&str])] = &[
     (&releases::NEWER[0], &["single_node", "airgap"]),
     (
@@ -294,6 +294,7 @@ const PER_RELEASE_TESTS: &[(&releases::Release, &[&str])] = &[
             "k3s",
             "uninstall",
             "resume",
+            "crawl",
         ],
     ),
 ];

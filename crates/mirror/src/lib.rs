@@ -87,7 +87,8 @@ pub struct MirrorConfig {
     pub stall_timeout: Duration,
 
     /// Bytes per second (suffixes K, M, G; binary) below which a peer is
-    /// replaced by another holder, measured over the stall timeout.
+    /// replaced by another holder, and an in-flight source (first-deploy
+    /// fan-out) is left, measured over the stall timeout.
     #[arg(long = "mirror-min-speed",
         value_name = "MIRROR_MIN_SPEED", env = "PEERMIRROR_MIRROR_MIN_SPEED", default_value = "1M", value_parser = peermirror_net::flags::parse_size)]
     pub min_speed: u64,
@@ -696,6 +697,7 @@ impl Mirror {
             offset,
             len,
             body,
+            first_bytes,
             upload_rate,
         } = answer;
         let body = match (head, body) {
@@ -729,6 +731,7 @@ impl Mirror {
                     peer: peer.clone(),
                     peer_upload_rate: upload_rate,
                     body: Some(body),
+                    first_bytes,
                     candidates,
                     deadline: tokio::time::Instant::now() + self.config.total_timeout,
                     followed,
@@ -919,6 +922,14 @@ impl Mirror {
                 }),
                 Err(e) => Err(e.to_string()),
             };
+            // Bytes before a response head: a silent source is left while
+            // this node's client can still be told `404`.
+            let answer = match answer {
+                Ok(mut answer) => first_bytes(&mut answer, self.config.stall_timeout)
+                    .await
+                    .map(|()| answer),
+                Err(reason) => Err(reason),
+            };
             match answer {
                 Ok(answer) => {
                     tracing::debug!(%digest, source = %source.addr, "fan-out: following an in-flight blob");
@@ -949,6 +960,38 @@ impl Mirror {
         stopped
             .get(digest)
             .is_some_and(|(p, at)| p == source && at.elapsed() < STOPPED_TTL)
+    }
+
+    /// A followed source is too slow: it is not followed again for
+    /// `digest`, the rendezvous is told, and the in-flight source it names
+    /// instead is returned. `None`: no other source (or no answer).
+    pub(crate) async fn another_source(
+        &self,
+        digest: &Digest,
+        slow: PeerId,
+        asker: Asker,
+    ) -> Option<Peer> {
+        self.note_stopped(*digest, slow);
+        let answer = tokio::time::timeout(
+            self.config.fanout_timeout,
+            self.router.fanout(digest, Some(slow), asker),
+        )
+        .await
+        .ok()
+        .flatten();
+        match answer {
+            Some(Fanout::Follow(next))
+                if next.id != slow
+                    && !self.has_stopped(digest, &next.id)
+                    && !self.bad.is_bad(digest, &next.id, self.config.bad_peer_ttl) =>
+            {
+                Some(next)
+            }
+            other => {
+                tracing::debug!(%digest, ?other, "no other in-flight source");
+                None
+            }
+        }
     }
 
     /// Tells the rendezvous that a followed source stopped delivering, so
@@ -998,8 +1041,44 @@ struct BlobAnswer {
     offset: u64,
     len: u64,
     body: Option<Incoming>,
+    /// The body's first bytes, already read (an in-flight source must send
+    /// some before this node's client gets a response head).
+    first_bytes: Option<Bytes>,
     /// What the peer says it uploads to other hosts, bytes per second.
     upload_rate: Option<u64>,
+}
+
+/// Reads the first bytes of an in-flight source's body, waiting at most
+/// `wait`: a source that sends none is left before the client hears
+/// anything, so that its containerd can still go upstream on a `404`.
+async fn first_bytes(answer: &mut BlobAnswer, wait: Duration) -> Result<(), String> {
+    let Some(body) = answer.body.as_mut() else {
+        return Ok(());
+    };
+    if answer.len == 0 {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(format!("no byte within {wait:?}")),
+            Ok(None) => return Err("the body ended before its first byte".to_string()),
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else {
+                    continue; // trailers
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                if data.len() as u64 > answer.len {
+                    return Err(format!("{} bytes for a body of {}", data.len(), answer.len));
+                }
+                answer.first_bytes = Some(data);
+                return Ok(());
+            }
+        }
+    }
 }
 
 fn header<'a>(response: &'a hyper::Response<Incoming>, name: &str) -> Option<&'a str> {
@@ -1048,6 +1127,7 @@ fn blob_answer(
         offset,
         len,
         body: Some(response.into_body()),
+        first_bytes: None,
         upload_rate,
     })
 }

@@ -60,6 +60,8 @@ pub(super) struct Transfer {
     pub peer_upload_rate: Option<u64>,
     /// The current peer's response body (taken by the relay).
     pub body: Option<Incoming>,
+    /// Bytes of that body read before the relay began (relayed first).
+    pub first_bytes: Option<Bytes>,
     pub candidates: Candidates,
     pub deadline: tokio::time::Instant,
     /// The source this transfer follows (an in-flight blob on a peer the
@@ -188,6 +190,15 @@ impl Transfer {
         };
         let mut watch = SourceWatch::new(self.source_rules(), now());
         let stall = watch.stall();
+        if let Some(data) = self.first_bytes.take() {
+            // Checked against the body's length when it was read.
+            watch.received(data.len() as u64, self.pos, self.end, now());
+            self.pos += data.len() as u64;
+            let from = sender(contributors, &self.peer);
+            if delivery.push(data, from).await.is_err() {
+                return Outcome::Abandoned;
+            }
+        }
         loop {
             if watch.look_for_helper(self.first, self.pos, self.end, now())
                 && let Some(room) = self.parallel_room()
@@ -239,14 +250,32 @@ impl Transfer {
                         return Outcome::Abandoned;
                     }
                     // Too slow while someone else may be faster: switch.
-                    if let Received::DeliverThenTryFaster { bytes } = received
-                        && let Some(next) = self.candidates.next_or_relookup(Duration::ZERO).await
-                    {
+                    if let Received::DeliverThenTryFaster { bytes } = received {
                         let reason = format!("{bytes} bytes in {stall:?}, below the minimum speed");
-                        tracing::info!(digest = %self.digest, peer = %self.peer.addr, %reason, "trying a faster peer");
-                        // If it cannot take over, the slow peer goes on.
-                        if let Some(b) = self.resume_from(next, contributors).await {
-                            body = b;
+                        if let Some(next) = self.candidates.next_or_relookup(Duration::ZERO).await {
+                            tracing::info!(digest = %self.digest, peer = %self.peer.addr, %reason, "trying a faster peer");
+                            // If it cannot take over, the slow peer goes on.
+                            if let Some(b) = self.resume_from(next, contributors, false).await {
+                                body = b;
+                                watch.switched(now());
+                            }
+                        } else if let Some(source) = self.followed {
+                            // An in-flight blob grows no faster than its
+                            // leader's registry link: leave it for another
+                            // in-flight source, or end the body (the
+                            // registry, which the leader reaches, serves
+                            // the rest to this node's containerd).
+                            tracing::info!(digest = %self.digest, peer = %self.peer.addr, %reason, "leaving a slow in-flight source");
+                            match self.another_source(source, contributors).await {
+                                Some(b) => {
+                                    body = b;
+                                    watch.switched(now());
+                                }
+                                None => {
+                                    delivery.fail(self.exhausted()).await;
+                                    return Outcome::Failed;
+                                }
+                            }
                         }
                     }
                 }
@@ -340,44 +369,91 @@ impl Transfer {
     /// body, or `None` when no peer could.
     async fn switch(&mut self, contributors: &mut Vec<Peer>, reason: &str) -> Option<Incoming> {
         tracing::info!(digest = %self.digest, peer = %self.peer.addr, pos = self.pos, reason, "peer failed mid-body; resuming from another");
-        // The body has begun: a client that is cut short may not retry the
-        // rest (containerd 2.1 does not), so holders that appeared since
-        // the lookup are worth waiting for, as long as a stalled peer is.
-        let budget = self
-            .mirror
-            .config
-            .stall_timeout
-            .max(self.mirror.config.resolve_timeout)
-            .min(
-                self.deadline
-                    .saturating_duration_since(tokio::time::Instant::now()),
-            );
+        let config = &self.mirror.config;
+        let budget = if let Some(source) = self.followed {
+            // An in-flight source failed: the rendezvous may name another.
+            // Holders are unlikely (nobody has finished the fetch), so only
+            // a quick look for them follows.
+            if let Some(body) = self.another_source(source, contributors).await {
+                return Some(body);
+            }
+            self.mirror.config.resolve_timeout
+        } else {
+            // The body has begun: a client that is cut short may not retry
+            // the rest (containerd 2.1 does not), so holders that appeared
+            // since the lookup are worth waiting for, as long as a stalled
+            // peer is.
+            config.stall_timeout.max(config.resolve_timeout)
+        };
+        let budget = budget.min(
+            self.deadline
+                .saturating_duration_since(tokio::time::Instant::now()),
+        );
         let give_up = tokio::time::Instant::now() + budget;
         for _ in 0..self.mirror.config.max_attempts {
             let left = give_up.saturating_duration_since(tokio::time::Instant::now());
             let next = self.candidates.next_after_failure(left).await?;
-            if let Some(body) = self.resume_from(next, contributors).await {
+            if let Some(body) = self.resume_from(next, contributors, false).await {
                 return Some(body);
             }
         }
         None
     }
 
-    /// Asks `peer` for the rest (`Range: bytes=<pos>-<end-1>`); when it
-    /// answers correctly it becomes the current peer, and this is its body.
-    async fn resume_from(&mut self, peer: Peer, contributors: &mut Vec<Peer>) -> Option<Incoming> {
-        let timeouts = self.mirror.timeouts();
+    /// The followed `source` is too slow: tells the rendezvous (it is never
+    /// followed again for this digest) and resumes from the in-flight source
+    /// it names instead, if any. `None`: there is none; the rendezvous may
+    /// have handed this node the lead, which its containerd takes when it
+    /// asks again.
+    async fn another_source(
+        &mut self,
+        source: libp2p::PeerId,
+        contributors: &mut Vec<Peer>,
+    ) -> Option<Incoming> {
+        // Reported here, not again when the transfer ends.
+        self.followed = None;
+        let next = self
+            .mirror
+            .another_source(&self.digest, source, self.asker)
+            .await?;
+        let id = next.id;
+        let body = self.resume_from(next, contributors, true).await?;
+        self.followed = Some(id);
+        Some(body)
+    }
+
+    /// Asks `peer` for the rest (`Range: bytes=<pos>-<end-1>`; of its
+    /// in-flight ingest when `follow`); when it answers correctly it becomes
+    /// the current peer, and this is its body.
+    async fn resume_from(
+        &mut self,
+        peer: Peer,
+        contributors: &mut Vec<Peer>,
+        follow: bool,
+    ) -> Option<Incoming> {
+        let timeouts = if follow {
+            client::Timeouts {
+                header: self.mirror.config.follow_header_timeout,
+                ..self.mirror.timeouts()
+            }
+        } else {
+            self.mirror.timeouts()
+        };
         let range = ByteRange::FromTo {
             first: self.pos,
             last: Some(self.end - 1),
         }
         .to_string();
+        let mut headers = vec![("range", range)];
+        if follow {
+            headers.push((peermirror_oci::FOLLOW_HEADER, "1".to_string()));
+        }
         let tls = self.mirror.client_tls();
         let response = match client::request(
             peer.addr,
             Method::GET,
             &self.path,
-            &[("range", range)],
+            &headers,
             timeouts,
             tls,
         )

@@ -1011,6 +1011,99 @@ async fn fanout_lead_is_a_fast_miss_and_follow_streams_the_source() {
     );
 }
 
+/// A followed in-flight source that crawls (its leader's registry link is
+/// slow) is left within the speed window: for the in-flight source the
+/// rendezvous names next, or, when there is none, the body ends (the
+/// registry serves the rest); the slow one is reported and never followed
+/// again for that digest.
+#[tokio::test]
+async fn a_slow_followed_source_is_left_for_another_or_the_body_ends() {
+    let s = setup(1 << 20).await;
+    let config = fast_config();
+    let window = config.stall_timeout;
+    let mirror = Mirror::new(s.router.clone(), config);
+    // 80 KiB/s against a minimum of 1 MiB/s; the next source is a holder
+    // that serves the rest (from its store, as a finished ingest would).
+    let crawl = fake_peer(Behaviour::Slow {
+        body: s.blob.clone(),
+        chunk: 8 << 10,
+    })
+    .await;
+    s.router
+        .answer_fanout(Fanout::Follow(peer("crawl", crawl.addr)));
+    s.router.answer_fanout(Fanout::Follow(peer("next", s.real)));
+    let m = mirror
+        .blob(&name(), &s.digest, None, false)
+        .await
+        .expect("followed");
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(Bytes::from(bytes), s.blob);
+    assert_eq!(s.router.fanout_asks(), [None, Some(id("crawl"))]);
+    assert_eq!(requests_with_status(&s.real_metrics, 206), 1);
+
+    // No other source: the body ends within about two windows, and the
+    // crawling source is not followed again.
+    let digest = s.digest;
+    let crawl2 = fake_peer(Behaviour::Slow {
+        body: s.blob.clone(),
+        chunk: 8 << 10,
+    })
+    .await;
+    let mirror = Mirror::new(s.router.clone(), fast_config());
+    s.router
+        .answer_fanout(Fanout::Follow(peer("crawl2", crawl2.addr)));
+    let started = Instant::now();
+    let m = mirror
+        .blob(&name(), &digest, None, false)
+        .await
+        .expect("followed");
+    let (bytes, err) = drain(m.body.expect("body")).await;
+    let took = started.elapsed();
+    assert!(bytes.len() < s.blob.len());
+    assert!(
+        matches!(err, Some(TransferError::Exhausted { .. })),
+        "{err:?}"
+    );
+    assert!(took < window * 4, "ended after {took:?}");
+    // Asked again, the rendezvous names it again: it is reported, not
+    // followed, and this node fetches the blob itself (a miss).
+    s.router
+        .answer_fanout(Fanout::Follow(peer("crawl2", crawl2.addr)));
+    let miss = mirror.blob(&name(), &digest, None, false).await.err();
+    assert_eq!(miss, Some(MirrorMiss::NoProvider));
+    let asks = s.router.fanout_asks();
+    assert_eq!(
+        asks[2..],
+        [None, Some(id("crawl2")), None, Some(id("crawl2"))]
+    );
+    assert_eq!(crawl2.requests.lock().expect("lock").len(), 1);
+}
+
+/// An in-flight source that answers with a head and then sends nothing is
+/// left before this node answers its client: the request is a `404`
+/// (containerd goes upstream), not a body that never comes.
+#[tokio::test]
+async fn a_silent_followed_source_is_left_before_the_response_head() {
+    let s = setup(1 << 20).await;
+    let config = fast_config();
+    let stall = config.stall_timeout;
+    let mirror = Mirror::new(s.router.clone(), config);
+    let silent = fake_peer(Behaviour::Stall {
+        body: s.blob.clone(),
+        after: 0,
+    })
+    .await;
+    s.router
+        .answer_fanout(Fanout::Follow(peer("silent", silent.addr)));
+    let started = Instant::now();
+    let miss = mirror.blob(&name(), &s.digest, None, false).await.err();
+    let took = started.elapsed();
+    assert_eq!(miss, Some(MirrorMiss::NoProvider));
+    assert!(took >= stall && took < stall * 4, "{took:?}");
+    assert_eq!(s.router.fanout_asks(), [None, Some(id("silent"))]);
+}
+
 #[tokio::test]
 async fn a_fanout_source_that_cannot_serve_is_reported() {
     let s = setup(1 << 20).await;

@@ -7,6 +7,7 @@ mod airgap;
 mod blame;
 mod bootstrap;
 mod cluster;
+mod crawl;
 mod daemonset;
 mod dataplane;
 mod fanout;
