@@ -68,6 +68,14 @@ pub struct TagLabels {
 /// What became of a holder that sent part of a blob that did not match
 /// its digest.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FanoutAnswerLabels {
+    /// `lead` (this node's containerd fetches it), `follow` (streamed from
+    /// a node fetching it), `none` (no rendezvous, or it refused) or `late`
+    /// (no answer within `--fanout-timeout`).
+    pub answer: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CorruptHolderLabels {
     /// `liar` (it sent wrong bytes: avoided for that blob) or `cleared` (an
     /// audit showed its bytes were right).
@@ -226,6 +234,7 @@ pub struct Metrics {
     pub upload_rejections: Counter,
     pub tags_not_agreed: Family<TagLabels, Counter>,
     pub corrupt_holders: Family<CorruptHolderLabels, Counter>,
+    pub fanout_answers: Family<FanoutAnswerLabels, Counter>,
     pub tls_handshake_failures: Counter,
     pub dataplane_active: Family<DataplaneLabels, Gauge>,
     spegel: Option<SpegelMetrics>,
@@ -258,6 +267,7 @@ impl Metrics {
             upload_rejections: Counter::default(),
             tags_not_agreed: Family::default(),
             corrupt_holders: Family::default(),
+            fanout_answers: Family::default(),
             tls_handshake_failures: Counter::default(),
             dataplane_active: Family::default(),
             spegel,
@@ -327,6 +337,11 @@ impl Metrics {
             "mirror_corrupt_holders",
             "Holders that sent part of a blob that did not match its digest: liar (sent wrong bytes, avoided for that blob) or cleared (an audit showed their bytes right)",
             metrics.corrupt_holders.clone(),
+        );
+        r.register(
+            "fanout_answers",
+            "First-deploy fan-out asks (misses of blobs no node holds, reports of failed sources) by the rendezvous' answer: lead, follow, none, or late (no answer within --fanout-timeout)",
+            metrics.fanout_answers.clone(),
         );
         r.register(
             "tls_handshake_failures",

@@ -156,9 +156,11 @@ pub struct MirrorConfig {
     #[arg(skip = Duration::from_secs(3600))]
     pub bad_peer_ttl: Duration,
 
-    /// How long the fan-out rendezvous may take to answer before a blob
-    /// no node holds is answered as a miss, as without fan-out.
-    #[arg(skip = Duration::from_millis(250))]
+    /// How long the first-deploy fan-out's rendezvous may take to answer
+    /// before a blob no node holds is answered as a miss (as without
+    /// fan-out: this node's containerd fetches it upstream).
+    #[arg(help_heading = "Fan-out (first deploy)", long = "fanout-timeout",
+        value_name = "FANOUT_TIMEOUT", env = "PEERMIRROR_FANOUT_TIMEOUT", default_value = "2s", value_parser = peermirror_net::flags::parse_duration)]
     pub fanout_timeout: Duration,
 
     /// How long a followed source may take to send its response head (it
@@ -179,7 +181,7 @@ impl Default for MirrorConfig {
             total_timeout: Duration::from_secs(600),
             max_attempts: 5,
             bad_peer_ttl: Duration::from_secs(3600),
-            fanout_timeout: Duration::from_millis(250),
+            fanout_timeout: Duration::from_secs(2),
             follow_header_timeout: Duration::from_secs(5),
             parallel_peers: 4,
             parallel_min_size: 32 << 20,
@@ -275,6 +277,13 @@ pub struct Mirror {
     /// answer naming one again is treated as failed at once (the report to
     /// the rendezvous may still be on its way when containerd retries).
     stopped: Mutex<HashMap<Digest, (PeerId, Instant)>>,
+    /// The fan-out answers by kind, once the daemon registers the counter.
+    fanout_answers: std::sync::OnceLock<
+        prometheus_client::metrics::family::Family<
+            peermirror_metrics::FanoutAnswerLabels,
+            prometheus_client::metrics::counter::Counter,
+        >,
+    >,
     /// What is left of `--mirror-relay-memory`, in KiB.
     relay_room: Arc<tokio::sync::Semaphore>,
 }
@@ -427,6 +436,7 @@ impl Mirror {
             tls,
             journal: journal::Journal::default(),
             stopped: Mutex::default(),
+            fanout_answers: std::sync::OnceLock::new(),
             relay_room: Arc::new(tokio::sync::Semaphore::new(
                 usize::try_from(config.relay_memory >> 10)
                     .unwrap_or(usize::MAX)
@@ -434,6 +444,46 @@ impl Mirror {
             )),
             config,
         })
+    }
+
+    /// Counts, in `counter`, the fan-out rendezvous' answers.
+    pub fn count_fanout_answers(
+        &self,
+        counter: prometheus_client::metrics::family::Family<
+            peermirror_metrics::FanoutAnswerLabels,
+            prometheus_client::metrics::counter::Counter,
+        >,
+    ) {
+        let _ = self.fanout_answers.set(counter);
+    }
+
+    /// Asks the rendezvous of `digest` (see [`Router::fanout`]) within
+    /// `--fanout-timeout`, and counts its answer.
+    async fn ask_rendezvous(
+        &self,
+        digest: &Digest,
+        failed: Option<PeerId>,
+        asker: Asker,
+    ) -> Option<Fanout> {
+        let answer = tokio::time::timeout(
+            self.config.fanout_timeout,
+            self.router.fanout(digest, failed, asker),
+        )
+        .await;
+        let label = match &answer {
+            Err(_) => {
+                tracing::info!(%digest, timeout = ?self.config.fanout_timeout, "the fan-out rendezvous did not answer in time");
+                "late"
+            }
+            Ok(None) => "none",
+            Ok(Some(Fanout::Lead)) => "lead",
+            Ok(Some(Fanout::Follow(_))) => "follow",
+        };
+        if let Some(c) = self.fanout_answers.get() {
+            c.get_or_create(&peermirror_metrics::FanoutAnswerLabels { answer: label })
+                .inc();
+        }
+        answer.ok().flatten()
     }
 
     /// Counts, in `counter`, the holders of corrupt copies by verdict.
@@ -872,13 +922,7 @@ impl Mirror {
         let mut failed = None;
         // A source that cannot serve is reported, and the next answer tried.
         for _ in 0..3 {
-            let answer = tokio::time::timeout(
-                self.config.fanout_timeout,
-                self.router.fanout(digest, failed, asker),
-            )
-            .await
-            .ok()
-            .flatten();
+            let answer = self.ask_rendezvous(digest, failed, asker).await;
             let source = match answer {
                 // A source that stopped, or that sent corrupt bytes of this
                 // digest (a rendezvous entry outlives the fetch it was made
@@ -972,13 +1016,7 @@ impl Mirror {
         asker: Asker,
     ) -> Option<Peer> {
         self.note_stopped(*digest, slow);
-        let answer = tokio::time::timeout(
-            self.config.fanout_timeout,
-            self.router.fanout(digest, Some(slow), asker),
-        )
-        .await
-        .ok()
-        .flatten();
+        let answer = self.ask_rendezvous(digest, Some(slow), asker).await;
         match answer {
             Some(Fanout::Follow(next))
                 if next.id != slow
@@ -999,11 +1037,7 @@ impl Mirror {
     pub(crate) fn follow_failed(self: &Arc<Self>, digest: Digest, source: PeerId, asker: Asker) {
         let me = self.clone();
         tokio::spawn(async move {
-            let answer = tokio::time::timeout(
-                me.config.fanout_timeout,
-                me.router.fanout(&digest, Some(source), asker),
-            )
-            .await;
+            let answer = me.ask_rendezvous(&digest, Some(source), asker).await;
             tracing::debug!(%digest, %source, ?answer, "fan-out: reported a source that stopped");
         });
     }

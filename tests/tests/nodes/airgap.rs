@@ -66,6 +66,102 @@ fn skopeo_archive(
     .map(drop)
 }
 
+/// `import`, killed (by its PID) if it has not ended within `limit`.
+fn import_within(
+    node: &ClusterNode,
+    archive: &Path,
+    limit: Duration,
+) -> Result<std::process::Output> {
+    let child = Command::new(peermirror_bin())
+        .arg("import")
+        .arg("--containerd-sock")
+        .arg(&node.containerd.socket)
+        .args(["--containerd-namespace", "k8s.io"])
+        .arg(archive)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => Ok(out?),
+        Err(_) => {
+            // SAFETY: kill(2) on the PID of the import this test started.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+            anyhow::bail!("the import of {} ran for over {limit:?}", archive.display())
+        }
+    }
+}
+
+/// The OCI archive `oci_tar` rewritten so that its index.json names an index
+/// of `fan` entries that all name one index of `fan` entries, and so on,
+/// `levels` deep, the last naming the image's manifest: `fan`^`levels`
+/// references, a few MiB on disk (each index under the 4 MiB a manifest
+/// may have).
+fn fanned_archive(oci_tar: &Path, fan: usize, levels: usize, out: &Path) -> Result<()> {
+    use sha2::Digest as _;
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut a = tar::Archive::new(std::fs::File::open(oci_tar)?);
+    for entry in a.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data)?;
+        files.push((path, data));
+    }
+    let index_at = files
+        .iter()
+        .position(|(p, _)| p.trim_start_matches("./") == "index.json")
+        .context("the OCI archive has no index.json")?;
+    let index: serde_json::Value = serde_json::from_slice(&files[index_at].1)?;
+    let top = index["manifests"][0].clone();
+    let mut manifest = top.clone();
+    manifest
+        .as_object_mut()
+        .context("a descriptor")?
+        .remove("annotations");
+    const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    let mut blob = |entries: serde_json::Value| -> Result<serde_json::Value> {
+        let bytes = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": INDEX,
+            "manifests": entries,
+        }))?;
+        let hex = hex::encode(sha2::Sha256::digest(&bytes));
+        let descriptor = serde_json::json!({
+            "mediaType": INDEX,
+            "digest": format!("sha256:{hex}"),
+            "size": bytes.len(),
+        });
+        files.push((format!("blobs/sha256/{hex}"), bytes));
+        Ok(descriptor)
+    };
+    let mut outer = manifest;
+    for _ in 0..levels {
+        outer = blob(serde_json::Value::Array(vec![outer; fan]))?;
+    }
+    outer["annotations"] = top["annotations"].clone();
+    files[index_at].1 = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [outer],
+    }))?;
+    let mut b = tar::Builder::new(std::fs::File::create(out)?);
+    for (path, data) in &files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, path, data.as_slice())?;
+    }
+    b.finish()?;
+    Ok(())
+}
+
 fn image_names(node: &ClusterNode) -> Result<Vec<String>> {
     Ok(node
         .containerd
@@ -138,11 +234,16 @@ fn imported_archives_are_pinned_and_pulled_by_peers_without_the_upstream() -> Re
         b.append_data(&mut h, "etc/some-file", data.as_slice())?;
         std::fs::write(&foreign, b.into_inner()?)?;
     }
+    // 25,000³ references to one manifest: each index is checked once, and
+    // the references are counted (3 × 25,000 is over the bound).
+    let fanned = work.join("fanned.tar");
+    fanned_archive(&oci_tar, 25_000, 3, &fanned)?;
     for (archive, wanted) in [
         (&truncated, "cannot be read as an image archive"),
         (&foreign, "is not an image archive"),
+        (&fanned, "reference more than 65536 descriptors"),
     ] {
-        let out = import(a, archive);
+        let out = import_within(a, archive, Duration::from_secs(120))?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         ensure!(!out.status.success(), "{} was imported", archive.display());
         ensure!(

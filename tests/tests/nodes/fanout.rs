@@ -137,8 +137,16 @@ fn step_1_eight_nodes_pull_at_once(
         node.assert_has(&c.layout, &im.fan)?;
     }
     let ratio = eight as f64 / one as f64;
+    // Rendezvous answers that came too late (each a download from the
+    // upstream).
+    let mut late = 0.0;
+    for node in &c.nodes {
+        late += node
+            .pm()
+            .metric("peermirror_fanout_answers_total", &["answer=\"late\""])?;
+    }
     println!(
-        "fan-out: one node {:.2} s, {} MiB from upstream; {NODES} nodes at once {:.2} s ({:.2}×), {} MiB ({ratio:.2}×)",
+        "fan-out: one node {:.2} s, {} MiB from upstream; {NODES} nodes at once {:.2} s ({:.2}×), {} MiB ({ratio:.2}×); late rendezvous answers: {late}",
         alone.as_secs_f64(),
         one >> 20,
         together.as_secs_f64(),

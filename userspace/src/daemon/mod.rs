@@ -116,6 +116,7 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<()
     }
     let mirror = Mirror::with_tls(Arc::new(router.clone()), config.mirror.clone(), tls.clone());
     mirror.count_corrupt_holders(metrics.corrupt_holders.clone());
+    mirror.count_fanout_answers(metrics.fanout_answers.clone());
     let upload_rate = UploadRate::default();
     if let (Some(dp), Some(admission)) = (&dataplane, &admission) {
         let (dp, admission, rate) = (dp.clone(), admission.clone(), upload_rate.clone());

@@ -190,16 +190,19 @@ impl Importer {
             reason,
         };
         // Every record's content must be complete before any record exists.
-        let mut labels: BTreeMap<Digest, Vec<(String, String)>> = BTreeMap::new();
+        let mut walk = TreeWalk::default();
         for t in &targets {
-            self.check_tree(&archive, &t.media_type, &t.digest, lease, &mut labels, 0)
+            self.check_tree(&archive, &t.media_type, &t.digest, lease, &mut walk, 0)
                 .await
                 .map_err(|e| match e {
                     TreeError::Missing(what) => corrupt(what),
+                    TreeError::TooLarge => corrupt(format!(
+                        "its manifests reference more than {MAX_TREE_REFERENCES} descriptors"
+                    )),
                     TreeError::Grpc(e) => e,
                 })?;
         }
-        for (digest, labels) in &labels {
+        for (digest, labels) in &walk.labels {
             self.set_labels(digest, labels, lease).await?;
         }
         let mut imported = Vec::new();
@@ -329,10 +332,44 @@ impl Importer {
         media_type: &'a str,
         digest: &'a Digest,
         lease: &'a str,
-        labels: &'a mut BTreeMap<Digest, Vec<(String, String)>>,
+        walk: &'a mut TreeWalk,
         depth: u32,
     ) -> futures::future::BoxFuture<'a, Result<(), TreeError>> {
         Box::pin(async move {
+            walk.references += 1;
+            if walk.references > MAX_TREE_REFERENCES {
+                return Err(TreeError::TooLarge);
+            }
+            if let Some(verdict) = walk.checked.get(digest) {
+                return verdict.clone().map_err(TreeError::Missing);
+            }
+            let verdict = self
+                .check_node(archive, media_type, digest, lease, walk, depth)
+                .await;
+            match &verdict {
+                Ok(()) => {
+                    walk.checked.insert(*digest, Ok(()));
+                }
+                Err(TreeError::Missing(what)) => {
+                    walk.checked.insert(*digest, Err(what.clone()));
+                }
+                Err(_) => {}
+            }
+            verdict
+        })
+    }
+
+    /// [`Importer::check_tree`] of a digest not checked before.
+    async fn check_node(
+        &self,
+        archive: &Archive,
+        media_type: &str,
+        digest: &Digest,
+        lease: &str,
+        walk: &mut TreeWalk,
+        depth: u32,
+    ) -> Result<(), TreeError> {
+        {
             if depth > 4 {
                 return Err(TreeError::Missing(format!("{digest} nests too deep")));
             }
@@ -375,7 +412,7 @@ impl Importer {
                         &child.media_type,
                         &child.digest,
                         lease,
-                        labels,
+                        walk,
                         depth + 1,
                     )
                     .await;
@@ -395,9 +432,9 @@ impl Importer {
                     "index {digest} has none of its manifests in it"
                 )));
             }
-            labels.insert(*digest, own);
+            walk.labels.insert(*digest, own);
             Ok(())
-        })
+        }
     }
 
     async fn in_store(&self, digest: &Digest, lease: &str) -> Result<bool, ImportError> {
@@ -490,7 +527,24 @@ impl Importer {
 
 enum TreeError {
     Missing(String),
+    /// The trees reference more than [`MAX_TREE_REFERENCES`] descriptors.
+    TooLarge,
     Grpc(ImportError),
+}
+
+/// Most descriptors the manifest trees of one archive may reference, each
+/// counted every time it is referenced (a real image index references a
+/// few dozen). Every manifest is parsed once, however often referenced.
+const MAX_TREE_REFERENCES: usize = 65_536;
+
+/// What a walk of an archive's manifest trees has found so far.
+#[derive(Default)]
+struct TreeWalk {
+    /// The `containerd.io/gc.ref.content.*` labels of each manifest.
+    labels: BTreeMap<Digest, Vec<(String, String)>>,
+    /// The verdict on every digest checked: complete, or what is missing.
+    checked: HashMap<Digest, Result<(), String>>,
+    references: usize,
 }
 
 impl From<ImportError> for TreeError {
