@@ -427,8 +427,13 @@ fn junk_registrations_cannot_crowd_out_the_real_nodes() -> Result<()> {
         .with_context(|| a.proc.log_tail(30))?;
     b.wait_ready(Duration::from_secs(60))
         .with_context(|| b.proc.log_tail(30))?;
-    let listed = shared.listed(&ca, &probe)?;
+    // A node can be ready (its peer dialled it) before its own
+    // registration went through: wait until both are listed.
     let (id_a, id_b) = (a.peer_id()?, b.peer_id()?);
+    let listed = wait_for("a and b to be registered", Duration::from_secs(30), || {
+        let listed = shared.listed(&ca, &probe).ok()?;
+        (listed.contains(&id_a) && listed.contains(&id_b)).then_some(listed)
+    })?;
     let first: Vec<&String> = listed.iter().take(2).collect();
     ensure!(
         first.contains(&&id_a) && first.contains(&&id_b),

@@ -121,6 +121,22 @@ fn an_operator_sees_the_swarm() -> Result<()> {
         .cri_pull(&reference)
         .context("B's CRI pull")?;
     cluster.node("b").assert_has(&cluster.layout, &image)?;
+    // C asks for the config and both layers at once; A takes two uploads
+    // at a time, so C needs B as a holder too.
+    cluster.node("b").pm().wait_metric(
+        "B to advertise the image",
+        "peermirror_advertised_keys",
+        &[],
+        Duration::from_secs(30),
+        |keys| keys >= 5.0,
+    )?;
+    cluster.node("b").pm().wait_metric(
+        "B's keys to be stored in the DHT",
+        "peermirror_advertise_pending_keys",
+        &[],
+        Duration::from_secs(30),
+        |pending| pending == 0.0,
+    )?;
     cluster
         .node("c")
         .ctr_pull(&reference)
