@@ -65,8 +65,7 @@ pub struct TagLabels {
     pub reason: &'static str,
 }
 
-/// What became of a holder that sent part of a blob that did not match
-/// its digest.
+/// What the first-deploy fan-out's rendezvous answered.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FanoutAnswerLabels {
     /// `lead` (this node's containerd fetches it), `follow` (streamed from
@@ -75,6 +74,8 @@ pub struct FanoutAnswerLabels {
     pub answer: &'static str,
 }
 
+/// What became of a holder that sent part of a blob that did not match
+/// its digest.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CorruptHolderLabels {
     /// `liar` (it sent wrong bytes: avoided for that blob) or `cleared` (an

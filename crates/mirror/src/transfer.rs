@@ -190,15 +190,8 @@ impl Transfer {
         };
         let mut watch = SourceWatch::new(self.source_rules(), now());
         let stall = watch.stall();
-        if let Some(data) = self.first_bytes.take() {
-            // Checked against the body's length when it was read.
-            watch.received(data.len() as u64, self.pos, self.end, now());
-            self.pos += data.len() as u64;
-            let from = sender(contributors, &self.peer);
-            if delivery.push(data, from).await.is_err() {
-                return Outcome::Abandoned;
-            }
-        }
+        // Bytes read before the relay began go the way of any other.
+        let mut first_bytes = self.first_bytes.take();
         loop {
             if watch.look_for_helper(self.first, self.pos, self.end, now())
                 && let Some(room) = self.parallel_room()
@@ -208,21 +201,25 @@ impl Transfer {
                     .relay_parallel(body, helper, room, delivery, contributors)
                     .await;
             }
-            let next = tokio::select! {
-                _ = delivery.closed() => Next::ClientGone,
-                _ = tokio::time::sleep_until(self.deadline) => {
-                    delivery.fail(TransferError::Deadline { digest: self.digest }).await;
-                    return Outcome::Failed;
-                }
-                frame = tokio::time::timeout(stall, body.frame()) => match frame {
-                    Err(_) => Next::Switch(format!("no byte for {stall:?}")),
-                    Ok(None) => Next::End,
-                    Ok(Some(Err(e))) => Next::Switch(e.to_string()),
-                    Ok(Some(Ok(frame))) => match frame.into_data() {
-                        Ok(data) => Next::Data(data),
-                        Err(_) => continue, // trailers
+            let next = if let Some(data) = first_bytes.take() {
+                Next::Data(data)
+            } else {
+                tokio::select! {
+                    _ = delivery.closed() => Next::ClientGone,
+                    _ = tokio::time::sleep_until(self.deadline) => {
+                        delivery.fail(TransferError::Deadline { digest: self.digest }).await;
+                        return Outcome::Failed;
+                    }
+                    frame = tokio::time::timeout(stall, body.frame()) => match frame {
+                        Err(_) => Next::Switch(format!("no byte for {stall:?}")),
+                        Ok(None) => Next::End,
+                        Ok(Some(Err(e))) => Next::Switch(e.to_string()),
+                        Ok(Some(Ok(frame))) => match frame.into_data() {
+                            Ok(data) => Next::Data(data),
+                            Err(_) => continue, // trailers
+                        },
                     },
-                },
+                }
             };
             match next {
                 Next::ClientGone => {
@@ -369,7 +366,6 @@ impl Transfer {
     /// body, or `None` when no peer could.
     async fn switch(&mut self, contributors: &mut Vec<Peer>, reason: &str) -> Option<Incoming> {
         tracing::info!(digest = %self.digest, peer = %self.peer.addr, pos = self.pos, reason, "peer failed mid-body; resuming from another");
-        let config = &self.mirror.config;
         let budget = if let Some(source) = self.followed {
             // An in-flight source failed: the rendezvous may name another.
             // Holders are unlikely (nobody has finished the fetch), so only
@@ -383,6 +379,7 @@ impl Transfer {
             // the rest (containerd 2.1 does not), so holders that appeared
             // since the lookup are worth waiting for, as long as a stalled
             // peer is.
+            let config = &self.mirror.config;
             config.stall_timeout.max(config.resolve_timeout)
         };
         let budget = budget.min(

@@ -185,6 +185,15 @@ pub trait Router: Send + Sync + 'static {
 /// The `failed` and asker of one fan-out ask (as [`MemoryRouter`] records).
 pub type FanoutAsk = (Option<PeerId>, Asker);
 
+/// The holders of `key` in one of [`MemoryRouter`]'s maps.
+fn holders(map: &Mutex<HashMap<String, Vec<Peer>>>, key: &str) -> Vec<Peer> {
+    map.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(key)
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// An in-memory router for tests: keys map to fixed peers; the status
 /// follows what it is told as the real one does (the first round is stored
 /// once the initial keys are handed over).
@@ -290,24 +299,11 @@ impl Router for MemoryRouter {
     }
 
     fn lookup(&self, key: &str) -> BoxStream<'static, Peer> {
-        let peers = self
-            .providers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned()
-            .unwrap_or_default();
-        Box::pin(futures::stream::iter(peers))
+        Box::pin(futures::stream::iter(holders(&self.providers, key)))
     }
 
     fn lookup_fresh(&self, key: &str) -> BoxStream<'static, Peer> {
-        let uncached = self
-            .uncached
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned()
-            .unwrap_or_default();
+        let uncached = holders(&self.uncached, key);
         Box::pin(self.lookup(key).chain(futures::stream::iter(uncached)))
     }
 

@@ -101,21 +101,11 @@ fn an_operator_sees_the_swarm() -> Result<()> {
     let reference = cluster.upstream.reference(&image);
     cluster.node("a").cri_pull(&reference)?;
     cluster.upstream.stop()?;
-    cluster.node("a").pm().wait_metric(
-        "A to advertise the image",
-        "peermirror_advertised_keys",
-        &[],
-        Duration::from_secs(30),
-        // The tag, the manifest, the config and two layers.
-        |keys| keys >= 5.0,
-    )?;
-    cluster.node("a").pm().wait_metric(
-        "A's keys to be stored in the DHT",
-        "peermirror_advertise_pending_keys",
-        &[],
-        Duration::from_secs(30),
-        |pending| pending == 0.0,
-    )?;
+    // The tag, the manifest, the config and two layers.
+    const KEYS: usize = 5;
+    cluster
+        .node("a")
+        .wait_announced(KEYS, Duration::from_secs(30))?;
     cluster
         .node("b")
         .cri_pull(&reference)
@@ -123,20 +113,9 @@ fn an_operator_sees_the_swarm() -> Result<()> {
     cluster.node("b").assert_has(&cluster.layout, &image)?;
     // C asks for the config and both layers at once; A takes two uploads
     // at a time, so C needs B as a holder too.
-    cluster.node("b").pm().wait_metric(
-        "B to advertise the image",
-        "peermirror_advertised_keys",
-        &[],
-        Duration::from_secs(30),
-        |keys| keys >= 5.0,
-    )?;
-    cluster.node("b").pm().wait_metric(
-        "B's keys to be stored in the DHT",
-        "peermirror_advertise_pending_keys",
-        &[],
-        Duration::from_secs(30),
-        |pending| pending == 0.0,
-    )?;
+    cluster
+        .node("b")
+        .wait_announced(KEYS, Duration::from_secs(30))?;
     cluster
         .node("c")
         .ctr_pull(&reference)
