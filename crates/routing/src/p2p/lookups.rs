@@ -141,6 +141,12 @@ impl Lookups {
             self.watch(key, gone);
             return;
         }
+        let mut net = net;
+        if self.running.len() >= MAX_RUNNING && self.queued.len() >= MAX_QUEUED {
+            // Askers that left may not have been noticed yet (their `gone`
+            // waits its turn in the loop): their room goes first.
+            self.drop_abandoned(&mut net);
+        }
         if self.running.len() < MAX_RUNNING {
             self.watch(key.clone(), gone);
             self.start(net, key, vec![reply]);
@@ -151,6 +157,28 @@ impl Lookups {
         } else {
             // Dropping `reply` ends the asker's stream: a miss, at once.
             self.dropped.inc();
+        }
+    }
+
+    /// Ends the lookups and forgets the waiting keys that nobody listens
+    /// to any more.
+    fn drop_abandoned(&mut self, net: &mut Net<'_>) {
+        self.queued_subscribers.retain(|_, subscribers| {
+            subscribers.retain(|s| !s.is_closed());
+            !subscribers.is_empty()
+        });
+        let waiting = &self.queued_subscribers;
+        self.queued.retain(|k| waiting.contains_key(k));
+        let abandoned: Vec<QueryId> = self
+            .running
+            .iter_mut()
+            .filter_map(|(id, q)| {
+                q.subscribers.retain(|s| !s.is_closed());
+                q.subscribers.is_empty().then_some(*id)
+            })
+            .collect();
+        for query in abandoned {
+            self.end(net, query, false);
         }
     }
 
@@ -432,6 +460,41 @@ mod tests {
             "only the lookup somebody waits for runs"
         );
         assert!(l.queued.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_of_askers_that_left_makes_room_before_gone_is_seen() {
+        let mut swarm = super::super::behaviour::test_swarm();
+        let (peers, own) = (PeerTable::default(), HashSet::new());
+        let dropped = Counter::default();
+        let mut l = Lookups::new(Duration::from_secs(5), dropped.clone());
+        let (mut guards, mut streams) = (Vec::new(), Vec::new());
+        for i in 0..MAX_RUNNING + MAX_QUEUED {
+            let (tx, rx) = mpsc::channel(4);
+            let (guard, gone) = oneshot::channel();
+            l.submit(
+                net(&mut swarm, &peers, &own),
+                &format!("k{i}"),
+                false,
+                tx,
+                gone,
+            );
+            guards.push(guard);
+            streams.push(rx);
+        }
+        assert_eq!((l.running.len(), l.queued.len()), (MAX_RUNNING, MAX_QUEUED));
+        // Every asker's stream is dropped; their `gone` is not handled yet
+        // (the loop has not got to it).
+        drop(streams);
+        let (tx, _rx) = mpsc::channel(4);
+        let (_guard, gone) = oneshot::channel();
+        l.submit(net(&mut swarm, &peers, &own), "real", false, tx, gone);
+        assert_eq!(dropped.get(), 0, "the real lookup was dropped");
+        assert_eq!((l.running.len(), l.queued.len()), (1, 0));
+        assert!(
+            l.running_by_key
+                .contains_key(&RecordKey::new(&record_key("real")))
+        );
     }
 
     #[tokio::test]
